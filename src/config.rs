@@ -1,0 +1,214 @@
+//! Configuration: `/etc/crayon/crayon.toml` (or `--config`), every key optional with a documented
+//! default (see `docs/config.md` and `config/crayon.toml`). Unknown keys are rejected so that a typo
+//! never silently falls back to a default. Relative paths are resolved against the config file's folder.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+
+/// Where the service looks when no `--config` / `CRAYON_CONFIG` is given.
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/crayon/crayon.toml";
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub model: ModelConfig,
+    pub runtime: RuntimeConfig,
+    pub generation: GenerationConfig,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ModelConfig {
+    /// Model folder written by `crayon-export` (holds `crayon_model.json`).
+    pub dir: PathBuf,
+    /// Longest sequence (prompt + generated tokens) a request may use.
+    pub max_context: usize,
+}
+
+impl Default for ModelConfig {
+    fn default() -> Self {
+        ModelConfig { dir: PathBuf::from("/usr/share/crayon/models/smollm2-135m-instruct"), max_context: 2048 }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct RuntimeConfig {
+    /// Path of `libonnxruntime.so`. Empty: `$ORT_DYLIB_PATH`, then `libonnxruntime.so.1` on the loader path.
+    pub ort_library: PathBuf,
+    /// Execution providers, tried in order; CPU is always the last resort.
+    /// Known: "tensorrt", "cuda", "qnn", "openvino", "xnnpack", "cpu".
+    pub providers: Vec<String>,
+    /// Threads inside one operator. 0: ONNX Runtime's default (one per physical core).
+    pub intra_threads: usize,
+    /// Graph optimization level: "disable", "basic", "extended" or "all".
+    pub optimization: String,
+}
+
+impl Default for RuntimeConfig {
+    fn default() -> Self {
+        RuntimeConfig {
+            ort_library: PathBuf::new(),
+            providers: vec!["cpu".into()],
+            intra_threads: 0,
+            optimization: "all".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct GenerationConfig {
+    /// Tokens generated at most when a request does not say.
+    pub max_new_tokens: usize,
+    /// 0 means greedy decoding.
+    pub temperature: f32,
+    /// Keep only the k most likely tokens before sampling; 0 disables.
+    pub top_k: usize,
+    /// Keep the smallest set of tokens whose probability reaches p; 1.0 disables.
+    pub top_p: f32,
+    /// Seed for sampling; absent: a fresh random seed per request.
+    pub seed: Option<u64>,
+    /// Strings that end generation (not included in the answer).
+    pub stop: Vec<String>,
+    /// System prompt for chat requests that bring none; empty: the model's template default.
+    pub system_prompt: String,
+}
+
+impl Default for GenerationConfig {
+    fn default() -> Self {
+        GenerationConfig {
+            max_new_tokens: 256,
+            temperature: 0.0,
+            top_k: 0,
+            top_p: 1.0,
+            seed: None,
+            stop: Vec::new(),
+            system_prompt: String::new(),
+        }
+    }
+}
+
+impl Config {
+    /// Reads and validates a config file.
+    pub fn load(path: &Path) -> Result<Config> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| Error::Config { path: path.to_path_buf(), msg: format!("cannot read it: {e}") })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        Config::parse(&text, base).map_err(|msg| Error::Config { path: path.to_path_buf(), msg })
+    }
+
+    /// Parses TOML text; relative paths are taken relative to `base`.
+    pub fn parse(text: &str, base: &Path) -> std::result::Result<Config, String> {
+        let mut cfg: Config = toml::from_str(text).map_err(|e| e.to_string().trim_end().to_string())?;
+        cfg.resolve_paths(base);
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// The file to read: an explicit path, else `$CRAYON_CONFIG`, else the system path if it exists.
+    pub fn locate(explicit: Option<&Path>) -> Option<PathBuf> {
+        if let Some(p) = explicit {
+            return Some(p.to_path_buf());
+        }
+        if let Some(p) = std::env::var_os("CRAYON_CONFIG").filter(|p| !p.is_empty()) {
+            return Some(PathBuf::from(p));
+        }
+        let system = Path::new(DEFAULT_CONFIG_PATH);
+        system.exists().then(|| system.to_path_buf())
+    }
+
+    fn resolve_paths(&mut self, base: &Path) {
+        for p in [&mut self.model.dir, &mut self.runtime.ort_library] {
+            if !p.as_os_str().is_empty() && p.is_relative() {
+                *p = base.join(&*p);
+            }
+        }
+    }
+
+    pub fn validate(&self) -> std::result::Result<(), String> {
+        let g = &self.generation;
+        if !(g.temperature.is_finite() && g.temperature >= 0.0) {
+            return Err(format!("generation.temperature must be >= 0, got {}", g.temperature));
+        }
+        if !(g.top_p > 0.0 && g.top_p <= 1.0) {
+            return Err(format!("generation.top_p must be in (0, 1], got {}", g.top_p));
+        }
+        if g.max_new_tokens == 0 {
+            return Err("generation.max_new_tokens must be at least 1".into());
+        }
+        if self.model.max_context < 2 {
+            return Err(format!("model.max_context must be at least 2, got {}", self.model.max_context));
+        }
+        if g.stop.iter().any(String::is_empty) {
+            return Err("generation.stop must not contain empty strings".into());
+        }
+        for p in &self.runtime.providers {
+            if crate::runtime::Provider::parse(p).is_none() {
+                return Err(format!(
+                    "runtime.providers: unknown provider '{p}' (known: {})",
+                    crate::runtime::Provider::NAMES.join(", ")
+                ));
+            }
+        }
+        if crate::runtime::parse_optimization(&self.runtime.optimization).is_none() {
+            return Err(format!(
+                "runtime.optimization must be one of disable, basic, extended, all; got '{}'",
+                self.runtime.optimization
+            ));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_file_gives_defaults() {
+        assert_eq!(Config::parse("", Path::new("/x")).unwrap(), Config::default());
+    }
+
+    #[test]
+    fn relative_paths_resolve_against_the_config_folder() {
+        let cfg = Config::parse(
+            "[model]\ndir = \"models/m\"\n[runtime]\nort_library = \"/abs/lib.so\"",
+            Path::new("/etc/crayon"),
+        )
+        .unwrap();
+        assert_eq!(cfg.model.dir, PathBuf::from("/etc/crayon/models/m"));
+        assert_eq!(cfg.runtime.ort_library, PathBuf::from("/abs/lib.so"));
+    }
+
+    #[test]
+    fn unknown_keys_are_rejected_with_their_name() {
+        let err = Config::parse("[generation]\ntempreature = 0.5", Path::new(".")).unwrap_err();
+        assert!(err.contains("tempreature"), "{err}");
+    }
+
+    #[test]
+    fn wrong_types_and_ranges_are_rejected() {
+        assert!(Config::parse("[generation]\ntop_p = \"high\"", Path::new(".")).unwrap_err().contains("top_p"));
+        assert!(Config::parse("[generation]\ntop_p = 1.5", Path::new(".")).unwrap_err().contains("top_p"));
+        assert!(Config::parse("[generation]\ntemperature = -1", Path::new(".")).unwrap_err().contains("temperature"));
+        assert!(Config::parse("[runtime]\nproviders = [\"tpu\"]", Path::new(".")).unwrap_err().contains("tpu"));
+        assert!(Config::parse("[runtime]\noptimization = \"max\"", Path::new(".")).unwrap_err().contains("max"));
+        assert!(Config::parse("[generation]\nstop = [\"\"]", Path::new(".")).unwrap_err().contains("stop"));
+    }
+
+    #[test]
+    fn syntax_errors_name_the_line() {
+        let err = Config::parse("[model]\ndir = \n", Path::new(".")).unwrap_err();
+        assert!(err.contains("line 2"), "{err}");
+    }
+
+    #[test]
+    fn missing_file_is_a_config_error_naming_the_path() {
+        let err = Config::load(Path::new("/nonexistent/crayon.toml")).unwrap_err().to_string();
+        assert!(err.contains("/nonexistent/crayon.toml") && err.contains("cannot read"), "{err}");
+    }
+}

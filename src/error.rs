@@ -1,0 +1,56 @@
+//! The library's error type. Every variant says *what* failed, *where* (file or field) and *why*.
+
+use std::path::PathBuf;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A configuration file is missing, unreadable or invalid.
+    #[error("config {path}: {msg}")]
+    Config { path: PathBuf, msg: String },
+
+    /// A file could not be read.
+    #[error("cannot read {what} {path}: {source}")]
+    Io {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+
+    /// A model folder is missing, incomplete or inconsistent.
+    #[error("model {path}: {msg}")]
+    Model { path: PathBuf, msg: String },
+
+    /// The ONNX Runtime shared library could not be loaded.
+    #[error("ONNX Runtime library {path}: {msg}")]
+    RuntimeLibrary { path: PathBuf, msg: String },
+
+    /// ONNX Runtime reported an error while doing `context`.
+    #[error("ONNX Runtime error while {context}: {msg}")]
+    Ort { context: String, msg: String },
+
+    /// The tokenizer could not be loaded or failed on an input.
+    #[error("tokenizer {path}: {msg}")]
+    Tokenizer { path: PathBuf, msg: String },
+
+    /// The chat template could not be compiled or rendered.
+    #[error("chat template: {0}")]
+    Template(String),
+
+    /// A request is malformed or exceeds a limit.
+    #[error("invalid request: {0}")]
+    InvalidRequest(String),
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    pub(crate) fn ort<R>(context: impl Into<String>) -> impl FnOnce(ort::Error<R>) -> Error {
+        let context = context.into();
+        move |e| Error::Ort { context, msg: e.to_string() }
+    }
+
+    pub(crate) fn model(path: impl Into<PathBuf>, msg: impl Into<String>) -> Error {
+        Error::Model { path: path.into(), msg: msg.into() }
+    }
+}

@@ -1,0 +1,439 @@
+//! The generation engine: prompt -> tokens -> prefill -> decode loop with sampling, stop tokens,
+//! stop strings, streaming and cancellation.
+
+use std::ops::ControlFlow;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use ort::session::RunOptions;
+use serde::Serialize;
+
+use crate::chat::{ChatTemplate, Message};
+use crate::config::{Config, GenerationConfig};
+use crate::error::{Error, Result};
+use crate::model::{Decoder, KvCache, ModelFiles, WeightOverride};
+use crate::runtime::{Provider, Runtime};
+use crate::sampler::{Sampler, SamplingParams};
+use crate::tokenizer::{StreamDecoder, Tokenizer};
+
+/// What to continue: a chat (rendered with the model's template) or raw text.
+#[derive(Debug, Clone)]
+pub enum Prompt {
+    Chat(Vec<Message>),
+    Text(String),
+}
+
+#[derive(Debug, Clone)]
+pub struct GenerationParams {
+    pub max_new_tokens: usize,
+    pub sampling: SamplingParams,
+    pub stop: Vec<String>,
+}
+
+impl GenerationParams {
+    pub fn from_config(g: &GenerationConfig) -> GenerationParams {
+        GenerationParams {
+            max_new_tokens: g.max_new_tokens,
+            sampling: SamplingParams { temperature: g.temperature, top_k: g.top_k, top_p: g.top_p, seed: g.seed },
+            stop: g.stop.clone(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FinishReason {
+    /// The model produced an end-of-turn token.
+    Stop,
+    /// A stop string appeared (it is not part of the text).
+    StopString,
+    /// `max_new_tokens` or the context limit was reached.
+    Length,
+    /// The caller cancelled.
+    Cancelled,
+}
+
+/// Per generated token: id and log-probabilities (see [`crate::sampler::Choice`]).
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct TokenInfo {
+    pub id: u32,
+    pub logprob: f32,
+    pub top_logprob: f32,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Generation {
+    pub text: String,
+    pub tokens: Vec<TokenInfo>,
+    pub finish_reason: FinishReason,
+    pub prompt_tokens: usize,
+    #[serde(serialize_with = "as_secs")]
+    pub prefill_time: Duration,
+    #[serde(serialize_with = "as_secs")]
+    pub decode_time: Duration,
+}
+
+fn as_secs<S: serde::Serializer>(d: &Duration, s: S) -> std::result::Result<S::Ok, S::Error> {
+    s.serialize_f64(d.as_secs_f64())
+}
+
+impl Generation {
+    pub fn prefill_tokens_per_s(&self) -> f64 {
+        self.prompt_tokens as f64 / self.prefill_time.as_secs_f64().max(1e-9)
+    }
+
+    /// Decode speed over the tokens that needed a decode step (the first comes from the prefill).
+    pub fn decode_tokens_per_s(&self) -> f64 {
+        self.tokens.len().saturating_sub(1) as f64 / self.decode_time.as_secs_f64().max(1e-9)
+    }
+}
+
+/// Cancels a running generation from any thread, including in the middle of a long prefill
+/// (through ONNX Runtime's run-level terminate flag).
+#[derive(Clone, Default)]
+pub struct CancelToken(Arc<CancelInner>);
+
+#[derive(Default)]
+struct CancelInner {
+    cancelled: AtomicBool,
+    run: Mutex<Option<Arc<RunOptions>>>,
+}
+
+impl CancelToken {
+    pub fn new() -> CancelToken {
+        CancelToken::default()
+    }
+
+    pub fn cancel(&self) {
+        self.0.cancelled.store(true, Ordering::SeqCst);
+        if let Some(ro) = self.0.run.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
+            let _ = ro.terminate();
+        }
+    }
+
+    pub fn is_cancelled(&self) -> bool {
+        self.0.cancelled.load(Ordering::SeqCst)
+    }
+
+    fn attach(&self, ro: Option<Arc<RunOptions>>) {
+        *self.0.run.lock().unwrap_or_else(|p| p.into_inner()) = ro;
+    }
+}
+
+pub struct Engine {
+    files: ModelFiles,
+    decoder: Decoder,
+    tokenizer: Tokenizer,
+    template: ChatTemplate,
+    stop_ids: Vec<u32>,
+    config: Config,
+}
+
+impl Engine {
+    pub fn load(config: &Config) -> Result<Engine> {
+        Engine::load_with_overrides(config, &[])
+    }
+
+    /// Loads the model with some adapter-targetable weights replaced (see [`WeightOverride`]).
+    pub fn load_with_overrides(config: &Config, overrides: &[WeightOverride]) -> Result<Engine> {
+        config.validate().map_err(|msg| Error::Config { path: "(in memory)".into(), msg })?;
+        let files = ModelFiles::open(&config.model.dir)?;
+        let tokenizer = Tokenizer::load(&files.path(&files.manifest.tokenizer))?;
+        if tokenizer.vocab_size() > files.arch.vocab_size {
+            return Err(Error::model(
+                files.path(&files.manifest.tokenizer),
+                format!("tokenizer has {} tokens but the model only {}", tokenizer.vocab_size(), files.arch.vocab_size),
+            ));
+        }
+        let template = ChatTemplate::load(&files.path(&files.manifest.tokenizer_config))?;
+        let runtime = Runtime::get(&config.runtime)?;
+        let decoder = Decoder::load(&files, &runtime, &config.runtime, overrides)?;
+        Ok(Engine {
+            stop_ids: files.manifest.stop_token_ids.clone(),
+            files,
+            decoder,
+            tokenizer,
+            template,
+            config: config.clone(),
+        })
+    }
+
+    pub fn files(&self) -> &ModelFiles {
+        &self.files
+    }
+
+    pub fn tokenizer(&self) -> &Tokenizer {
+        &self.tokenizer
+    }
+
+    pub fn decoder_mut(&mut self) -> &mut Decoder {
+        &mut self.decoder
+    }
+
+    pub fn provider(&self) -> Provider {
+        self.decoder.provider()
+    }
+
+    /// Request parameters from the config's `[generation]` defaults.
+    pub fn default_params(&self) -> GenerationParams {
+        GenerationParams::from_config(&self.config.generation)
+    }
+
+    /// Token ids of the prompt, with the chat template applied for chat prompts.
+    pub fn prompt_ids(&self, prompt: &Prompt) -> Result<Vec<u32>> {
+        let text = match prompt {
+            Prompt::Text(t) => t.clone(),
+            Prompt::Chat(messages) => {
+                let system = &self.config.generation.system_prompt;
+                if !system.is_empty() && messages.first().is_some_and(|m| m.role != "system") {
+                    let mut with_system = vec![Message::new("system", system.clone())];
+                    with_system.extend(messages.iter().cloned());
+                    self.template.render(&with_system)?
+                } else {
+                    self.template.render(messages)?
+                }
+            }
+        };
+        self.tokenizer.encode(&text)
+    }
+
+    /// Generates a continuation. `on_text` receives the answer as it forms (already cut at stop
+    /// strings); returning `ControlFlow::Break` stops generation (finish reason `Cancelled`).
+    pub fn generate(
+        &mut self,
+        prompt: &Prompt,
+        params: &GenerationParams,
+        cancel: &CancelToken,
+        on_text: &mut dyn FnMut(&str) -> ControlFlow<()>,
+    ) -> Result<Generation> {
+        params.sampling.validate()?;
+        if params.stop.iter().any(String::is_empty) {
+            return Err(Error::InvalidRequest("stop strings must not be empty".into()));
+        }
+        let ids = self.prompt_ids(prompt)?;
+        let limit = self.config.model.max_context.min(self.files.arch.max_position_embeddings);
+        if ids.is_empty() {
+            return Err(Error::InvalidRequest("the prompt is empty".into()));
+        }
+        if ids.len() >= limit {
+            return Err(Error::InvalidRequest(format!(
+                "the prompt is {} tokens; the context limit is {limit}",
+                ids.len()
+            )));
+        }
+        let max_new = params.max_new_tokens.min(limit - ids.len());
+        let run_options = Arc::new(RunOptions::new().map_err(Error::ort("creating run options"))?);
+        cancel.attach(Some(run_options.clone()));
+        if cancel.is_cancelled() {
+            let _ = run_options.terminate();
+        }
+        let result = self.run(&ids, max_new, params, cancel, &run_options, on_text);
+        cancel.attach(None);
+        result
+    }
+
+    fn run(
+        &mut self,
+        ids: &[u32],
+        max_new: usize,
+        params: &GenerationParams,
+        cancel: &CancelToken,
+        run_options: &RunOptions,
+        on_text: &mut dyn FnMut(&str) -> ControlFlow<()>,
+    ) -> Result<Generation> {
+        let mut out = Generation {
+            text: String::new(),
+            tokens: Vec::new(),
+            finish_reason: FinishReason::Length,
+            prompt_tokens: ids.len(),
+            prefill_time: Duration::ZERO,
+            decode_time: Duration::ZERO,
+        };
+        let mut cache = self.decoder.new_cache()?;
+        let started = Instant::now();
+        let mut logits = match self.step(ids, &mut cache, cancel, run_options)? {
+            Some(l) => l,
+            None => return Ok(cancelled(out)),
+        };
+        out.prefill_time = started.elapsed();
+        let decode_start = Instant::now();
+        let mut sampler = Sampler::new(params.sampling.clone());
+        let mut stream = StreamDecoder::default();
+        let mut stops = StopStrings::new(&params.stop);
+        let mut emit = |out: &mut Generation, s: &str| -> ControlFlow<()> {
+            if s.is_empty() {
+                return ControlFlow::Continue(());
+            }
+            out.text.push_str(s);
+            on_text(s)
+        };
+        let mut finish = FinishReason::Length;
+        for step in 0..max_new {
+            if cancel.is_cancelled() {
+                finish = FinishReason::Cancelled;
+                break;
+            }
+            let c = sampler.sample(&logits);
+            out.tokens.push(TokenInfo { id: c.token, logprob: c.logprob, top_logprob: c.top_logprob });
+            if self.stop_ids.contains(&c.token) {
+                finish = FinishReason::Stop;
+                break;
+            }
+            let (ready, hit) = stops.push(&stream.push(&self.tokenizer, c.token)?);
+            if emit(&mut out, &ready).is_break() {
+                finish = FinishReason::Cancelled;
+                break;
+            }
+            if hit {
+                finish = FinishReason::StopString;
+                break;
+            }
+            if step + 1 == max_new {
+                break;
+            }
+            match self.step(&[c.token], &mut cache, cancel, run_options)? {
+                Some(l) => logits = l,
+                None => {
+                    finish = FinishReason::Cancelled;
+                    break;
+                }
+            }
+        }
+        if matches!(finish, FinishReason::Stop | FinishReason::Length) {
+            let (ready, _) = stops.push(&stream.flush(&self.tokenizer)?);
+            let _ = emit(&mut out, &ready);
+            let _ = emit(&mut out, &stops.finish());
+        }
+        out.decode_time = decode_start.elapsed();
+        out.finish_reason = finish;
+        Ok(out)
+    }
+
+    /// One forward pass; `None` when it was cut short by cancellation.
+    fn step(
+        &mut self,
+        ids: &[u32],
+        cache: &mut KvCache,
+        cancel: &CancelToken,
+        run_options: &RunOptions,
+    ) -> Result<Option<Vec<f32>>> {
+        match self.decoder.forward(ids, cache, 1, Some(run_options)) {
+            Ok(l) => Ok(Some(l)),
+            Err(_) if cancel.is_cancelled() => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+}
+
+fn cancelled(mut out: Generation) -> Generation {
+    out.finish_reason = FinishReason::Cancelled;
+    out
+}
+
+/// Finds stop strings in streamed text, holding back any tail that could still become one.
+struct StopStrings<'a> {
+    stops: &'a [String],
+    text: String,
+    emitted: usize,
+}
+
+impl<'a> StopStrings<'a> {
+    fn new(stops: &'a [String]) -> Self {
+        StopStrings { stops, text: String::new(), emitted: 0 }
+    }
+
+    /// Adds text; returns what may be released now and whether a stop string was hit.
+    fn push(&mut self, delta: &str) -> (String, bool) {
+        let search_from = floor_char_boundary(&self.text, self.emitted);
+        self.text.push_str(delta);
+        let hit = self.stops.iter().filter_map(|s| self.text[search_from..].find(s.as_str())).min();
+        let end = match hit {
+            Some(pos) => search_from + pos,
+            None => self.text.len() - self.held_back_len(),
+        };
+        let ready = self.text[self.emitted..end].to_string();
+        self.emitted = end;
+        if hit.is_some() {
+            self.text.truncate(end);
+        }
+        (ready, hit.is_some())
+    }
+
+    /// Length of the longest tail of the text that is a proper prefix of a stop string.
+    fn held_back_len(&self) -> usize {
+        let tail = &self.text[self.emitted..];
+        self.stops
+            .iter()
+            .flat_map(|s| s.char_indices().skip(1).map(|(i, _)| &s[..i]).filter(|p| tail.ends_with(p)).map(str::len))
+            .max()
+            .unwrap_or(0)
+    }
+
+    fn finish(&mut self) -> String {
+        let rest = self.text[self.emitted..].to_string();
+        self.emitted = self.text.len();
+        rest
+    }
+}
+
+fn floor_char_boundary(s: &str, mut i: usize) -> usize {
+    i = i.min(s.len());
+    while !s.is_char_boundary(i) {
+        i -= 1;
+    }
+    i
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn feed(stops: &[&str], pieces: &[&str]) -> (Vec<String>, bool, String) {
+        let stops: Vec<String> = stops.iter().map(|s| s.to_string()).collect();
+        let mut m = StopStrings::new(&stops);
+        let mut out = Vec::new();
+        for p in pieces {
+            let (ready, hit) = m.push(p);
+            out.push(ready);
+            if hit {
+                return (out, true, String::new());
+            }
+        }
+        let rest = m.finish();
+        (out, false, rest)
+    }
+
+    #[test]
+    fn stop_string_split_across_tokens_is_cut_and_never_shown() {
+        let (out, hit, _) = feed(&["\nUser:"], &["Hello", " there\n", "Us", "er: next"]);
+        assert!(hit);
+        assert_eq!(out.concat(), "Hello there");
+        assert_eq!(out[1], " there", "the newline may start the stop string: held back");
+    }
+
+    #[test]
+    fn held_back_text_is_released_when_it_stops_matching() {
+        let (out, hit, rest) = feed(&["STOP"], &["a ST", "ART", " b"]);
+        assert!(!hit);
+        assert_eq!(out, vec!["a ", "START", " b"]);
+        assert_eq!(rest, "");
+        let (out, hit, rest) = feed(&["STOP"], &["end ST"]);
+        assert!(!hit);
+        assert_eq!(out.concat() + &rest, "end ST");
+    }
+
+    #[test]
+    fn earliest_of_several_stop_strings_wins() {
+        let (out, hit, _) = feed(&["b", "xyz"], &["aaxyzb"]);
+        assert!(hit);
+        assert_eq!(out.concat(), "aa");
+    }
+
+    #[test]
+    fn multibyte_text_is_handled() {
+        let (out, hit, _) = feed(&["é!"], &["café", " ok", "é", "!"]);
+        assert!(hit);
+        assert_eq!(out.concat(), "café ok");
+    }
+}

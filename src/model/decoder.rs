@@ -1,0 +1,226 @@
+//! The exported decoder graph in an ONNX Runtime session, and its KV cache.
+//!
+//! The cache is the graph's own `present.*` outputs, handed back as the next step's
+//! `past_key_values.*` inputs: ONNX Runtime owns those buffers and nothing is copied on our side.
+
+use std::borrow::Cow;
+use std::sync::Arc;
+
+use ort::session::{RunOptions, Session, SessionInputValue};
+use ort::value::{DynValue, Tensor};
+
+use super::{Architecture, ModelFiles};
+use crate::config::RuntimeConfig;
+use crate::error::{Error, Result};
+use crate::runtime::{Provider, Runtime};
+
+/// Replacement for one adapter-targetable weight (Hugging Face layout [out, in], row-major f32).
+#[derive(Clone)]
+pub struct WeightOverride {
+    pub name: String,
+    pub data: Arc<[f32]>,
+}
+
+/// Keys and values of every layer for the positions processed so far (batch of one).
+pub struct KvCache {
+    values: Vec<DynValue>,
+    len: usize,
+}
+
+impl KvCache {
+    /// Number of positions held.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+pub struct Decoder {
+    session: Session,
+    arch: Architecture,
+    provider: Provider,
+    past_names: Vec<String>,
+    present_names: Vec<String>,
+}
+
+impl Decoder {
+    /// Creates the session. `overrides` replace named weights of the graph (adapter merging).
+    pub fn load(
+        files: &ModelFiles,
+        rt: &Runtime,
+        cfg: &RuntimeConfig,
+        overrides: &[WeightOverride],
+    ) -> Result<Decoder> {
+        let onnx = files.path(&files.manifest.onnx);
+        let (mut builder, provider) = rt.session_builder(cfg)?;
+        for o in overrides {
+            let shape = target_shape(&files.arch, &o.name, files)?;
+            if shape.iter().product::<usize>() != o.data.len() {
+                return Err(Error::InvalidRequest(format!(
+                    "override for {} has {} values, expected {:?}",
+                    o.name,
+                    o.data.len(),
+                    shape
+                )));
+            }
+            let tensor =
+                Tensor::from_array((shape, o.data.to_vec())).map_err(Error::ort("creating a weight tensor"))?;
+            builder = builder
+                .with_initializer(&o.name, Arc::new(tensor.into_dyn()))
+                .map_err(Error::ort(format!("overriding weight {}", o.name)))?;
+        }
+        let session = builder
+            .commit_from_file(&onnx)
+            .map_err(|e| Error::model(&onnx, format!("ONNX Runtime cannot load the graph or its weights: {e}")))?;
+        let n = files.arch.num_hidden_layers;
+        let past_names: Vec<String> =
+            (0..n).flat_map(|i| [format!("past_key_values.{i}.key"), format!("past_key_values.{i}.value")]).collect();
+        let present_names: Vec<String> =
+            (0..n).flat_map(|i| [format!("present.{i}.key"), format!("present.{i}.value")]).collect();
+        check_io(&session, &onnx, &past_names, &present_names)?;
+        tracing::info!(model = %files.dir.display(), provider = %provider, "decoder session ready");
+        Ok(Decoder { session, arch: files.arch.clone(), provider, past_names, present_names })
+    }
+
+    pub fn arch(&self) -> &Architecture {
+        &self.arch
+    }
+
+    /// The execution provider running the graph (CPU takes any node it does not support).
+    pub fn provider(&self) -> Provider {
+        self.provider
+    }
+
+    pub fn new_cache(&self) -> Result<KvCache> {
+        let shape = [1usize, self.arch.num_key_value_heads, 0, self.arch.head_dim];
+        let values = (0..self.past_names.len())
+            .map(|_| Tensor::<f32>::from_array((shape, Vec::<f32>::new())).map(|t| t.into_dyn()))
+            .collect::<std::result::Result<Vec<_>, _>>()
+            .map_err(Error::ort("creating an empty KV cache"))?;
+        Ok(KvCache { values, len: 0 })
+    }
+
+    /// Runs `ids` after the positions already in `cache` and returns the logits of the last `keep`
+    /// positions as `keep` rows of `vocab_size`. On error the cache is left unchanged.
+    pub fn forward(
+        &mut self,
+        ids: &[u32],
+        cache: &mut KvCache,
+        keep: usize,
+        run_options: Option<&RunOptions>,
+    ) -> Result<Vec<f32>> {
+        if ids.is_empty() || keep == 0 || keep > ids.len() {
+            return Err(Error::InvalidRequest(format!("forward: {} ids, keep {keep}", ids.len())));
+        }
+        if let Some(&bad) = ids.iter().find(|&&t| t as usize >= self.arch.vocab_size) {
+            return Err(Error::InvalidRequest(format!(
+                "token id {bad} is outside the vocabulary ({})",
+                self.arch.vocab_size
+            )));
+        }
+        let (s, past) = (ids.len(), cache.len);
+        let total = past + s;
+        let tensor = |shape: [usize; 2], data: Vec<i64>| {
+            Tensor::from_array((shape, data))
+                .map(|t| SessionInputValue::from(t.into_dyn()))
+                .map_err(Error::ort("creating inputs"))
+        };
+        let mut inputs: Vec<(Cow<str>, SessionInputValue)> = vec![
+            ("input_ids".into(), tensor([1, s], ids.iter().map(|&t| i64::from(t)).collect())?),
+            ("attention_mask".into(), tensor([1, total], vec![1; total])?),
+            ("position_ids".into(), tensor([1, s], (past as i64..total as i64).collect())?),
+            (
+                "num_logits_to_keep".into(),
+                Tensor::from_array(([1usize], vec![keep as i64]))
+                    .map(|t| SessionInputValue::from(t.into_dyn()))
+                    .map_err(Error::ort("creating inputs"))?,
+            ),
+        ];
+        for (name, value) in self.past_names.iter().zip(&cache.values) {
+            inputs.push((Cow::Borrowed(name.as_str()), SessionInputValue::from(value)));
+        }
+        let mut outputs = match run_options {
+            Some(ro) => self.session.run_with_options(inputs, ro),
+            None => self.session.run(inputs),
+        }
+        .map_err(Error::ort("running the decoder"))?;
+        let logits = {
+            let value = outputs
+                .get("logits")
+                .ok_or_else(|| Error::Ort { context: "reading outputs".into(), msg: "no 'logits' output".into() })?;
+            let (_, data) = value.try_extract_tensor::<f32>().map_err(Error::ort("reading logits"))?;
+            if data.len() != keep * self.arch.vocab_size {
+                return Err(Error::Ort {
+                    context: "reading logits".into(),
+                    msg: format!("got {} values, expected {keep} x {}", data.len(), self.arch.vocab_size),
+                });
+            }
+            data.to_vec()
+        };
+        let mut next = Vec::with_capacity(self.present_names.len());
+        for name in &self.present_names {
+            next.push(
+                outputs.remove(name.as_str()).ok_or_else(|| Error::Ort {
+                    context: "reading outputs".into(),
+                    msg: format!("no '{name}' output"),
+                })?,
+            );
+        }
+        cache.values = next;
+        cache.len = total;
+        Ok(logits)
+    }
+}
+
+fn check_io(session: &Session, onnx: &std::path::Path, past: &[String], present: &[String]) -> Result<()> {
+    let inputs: Vec<&str> = session.inputs().iter().map(|i| i.name()).collect();
+    let outputs: Vec<&str> = session.outputs().iter().map(|o| o.name()).collect();
+    let need_in = ["input_ids", "attention_mask", "position_ids", "num_logits_to_keep"]
+        .into_iter()
+        .chain(past.iter().map(String::as_str));
+    for name in need_in {
+        if !inputs.contains(&name) {
+            return Err(Error::model(onnx, format!("graph has no input '{name}' (was it exported by crayon-export?)")));
+        }
+    }
+    for name in std::iter::once("logits").chain(present.iter().map(String::as_str)) {
+        if !outputs.contains(&name) {
+            return Err(Error::model(
+                onnx,
+                format!("graph has no output '{name}' (was it exported by crayon-export?)"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Shape [out, in] of an adapter-targetable weight, or an error naming the valid targets.
+fn target_shape(a: &Architecture, name: &str, files: &ModelFiles) -> Result<[usize; 2]> {
+    let unknown = || {
+        Error::InvalidRequest(format!(
+            "'{name}' is not an adapter target of this model (targets look like model.layers.N.{{{}}}.weight, N < {})",
+            files.manifest.adapter_targets.join(","),
+            a.num_hidden_layers
+        ))
+    };
+    let rest = name.strip_prefix("model.layers.").ok_or_else(unknown)?;
+    let (layer, rest) = rest.split_once('.').ok_or_else(unknown)?;
+    let layer: usize = layer.parse().map_err(|_| unknown())?;
+    let target = rest.strip_suffix(".weight").ok_or_else(unknown)?;
+    if layer >= a.num_hidden_layers || !files.manifest.adapter_targets.iter().any(|t| t == target) {
+        return Err(unknown());
+    }
+    let (h, f) = (a.hidden_size, a.intermediate_size);
+    let (q, kv) = (a.num_attention_heads * a.head_dim, a.num_key_value_heads * a.head_dim);
+    Ok(match target {
+        "self_attn.q_proj" => [q, h],
+        "self_attn.k_proj" | "self_attn.v_proj" => [kv, h],
+        "self_attn.o_proj" => [h, q],
+        "mlp.gate_proj" | "mlp.up_proj" => [f, h],
+        "mlp.down_proj" => [h, f],
+        _ => return Err(unknown()),
+    })
+}

@@ -1,0 +1,114 @@
+//! A model folder written by `crayon-export`: manifest, architecture, files. Validation happens here,
+//! before ONNX Runtime sees anything, so that a broken folder gets a precise message.
+
+mod decoder;
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::error::{Error, Result};
+
+pub use decoder::{Decoder, KvCache, WeightOverride};
+
+pub const MANIFEST_FILE: &str = "crayon_model.json";
+const MANIFEST_FORMAT: &str = "crayon-model/1";
+
+/// `crayon_model.json`: what the exporter wrote and how the graph is wired.
+#[derive(Debug, Clone, Deserialize)]
+pub struct Manifest {
+    pub format: String,
+    pub onnx: String,
+    pub weights: String,
+    pub weights_sha256: String,
+    pub tokenizer: String,
+    pub tokenizer_config: String,
+    pub config: String,
+    pub stop_token_ids: Vec<u32>,
+    pub adapter_targets: Vec<String>,
+}
+
+/// The parts of the Hugging Face `config.json` the engine needs.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+pub struct Architecture {
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub num_key_value_heads: usize,
+    pub head_dim: usize,
+    pub max_position_embeddings: usize,
+}
+
+/// A validated model folder: every file present, manifest and architecture parsed.
+#[derive(Debug, Clone)]
+pub struct ModelFiles {
+    pub dir: PathBuf,
+    pub manifest: Manifest,
+    pub arch: Architecture,
+}
+
+impl ModelFiles {
+    pub fn open(dir: &Path) -> Result<ModelFiles> {
+        if !dir.is_dir() {
+            return Err(Error::model(dir, "folder not found (export one with onnx-export, see README)"));
+        }
+        let manifest: Manifest = read_json(&dir.join(MANIFEST_FILE), "model manifest")?;
+        if manifest.format != MANIFEST_FORMAT {
+            return Err(Error::model(
+                dir.join(MANIFEST_FILE),
+                format!("format '{}' is not supported (expected '{MANIFEST_FORMAT}')", manifest.format),
+            ));
+        }
+        let files = ModelFiles {
+            arch: read_json(&dir.join(&manifest.config), "model config")?,
+            dir: dir.to_path_buf(),
+            manifest,
+        };
+        for f in
+            [&files.manifest.onnx, &files.manifest.weights, &files.manifest.tokenizer, &files.manifest.tokenizer_config]
+        {
+            let p = files.dir.join(f);
+            if !p.is_file() {
+                return Err(Error::model(p, "file listed in the manifest is missing"));
+            }
+        }
+        files.check_arch()?;
+        Ok(files)
+    }
+
+    fn check_arch(&self) -> Result<()> {
+        let a = &self.arch;
+        let bad = |msg: String| Err(Error::model(self.dir.join(&self.manifest.config), msg));
+        if a.num_hidden_layers == 0 || a.head_dim == 0 || a.vocab_size == 0 {
+            return bad("num_hidden_layers, head_dim and vocab_size must be positive".into());
+        }
+        if a.num_key_value_heads == 0 || a.num_attention_heads % a.num_key_value_heads != 0 {
+            return bad(format!(
+                "num_attention_heads ({}) must be a multiple of num_key_value_heads ({})",
+                a.num_attention_heads, a.num_key_value_heads
+            ));
+        }
+        if self.manifest.stop_token_ids.iter().any(|&t| t as usize >= a.vocab_size) {
+            return bad(format!("stop_token_ids {:?} fall outside the vocabulary", self.manifest.stop_token_ids));
+        }
+        Ok(())
+    }
+
+    pub fn path(&self, file: &str) -> PathBuf {
+        self.dir.join(file)
+    }
+
+    /// Names of the weights an adapter may replace, e.g. `model.layers.3.self_attn.q_proj.weight`.
+    pub fn target_weight_names(&self) -> Vec<String> {
+        (0..self.arch.num_hidden_layers)
+            .flat_map(|i| self.manifest.adapter_targets.iter().map(move |t| format!("model.layers.{i}.{t}.weight")))
+            .collect()
+    }
+}
+
+pub(crate) fn read_json<T: serde::de::DeserializeOwned>(path: &Path, what: &'static str) -> Result<T> {
+    let bytes = std::fs::read(path).map_err(|source| Error::Io { what, path: path.to_path_buf(), source })?;
+    serde_json::from_slice(&bytes).map_err(|e| Error::model(path, format!("invalid {what}: {e}")))
+}

@@ -1,0 +1,182 @@
+//! ONNX Runtime: loading the shared library once per process, and building sessions on the
+//! configured execution providers (in order, CPU last) with a log line naming the one in use.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, OnceLock};
+
+use ort::environment::Environment;
+use ort::ep::{self, ExecutionProvider};
+use ort::session::builder::{GraphOptimizationLevel, SessionBuilder};
+
+use crate::config::RuntimeConfig;
+use crate::error::{Error, Result};
+
+/// The ONNX Runtime library loaded into this process. ONNX Runtime allows one environment per
+/// process, so there is exactly one `Runtime`, created on first use.
+pub struct Runtime {
+    env: Environment,
+    library: PathBuf,
+}
+
+static RUNTIME: OnceLock<Arc<Runtime>> = OnceLock::new();
+static INIT_LOCK: Mutex<()> = Mutex::new(());
+
+impl Runtime {
+    /// Loads the library named by the config (or `$ORT_DYLIB_PATH`, or the loader's search path).
+    /// Later calls return the already-loaded runtime.
+    pub fn get(cfg: &RuntimeConfig) -> Result<Arc<Runtime>> {
+        if let Some(rt) = RUNTIME.get() {
+            return Ok(rt.clone());
+        }
+        let _guard = INIT_LOCK.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(rt) = RUNTIME.get() {
+            return Ok(rt.clone());
+        }
+        let library = library_path(cfg);
+        if library.components().count() > 1 && !library.exists() {
+            return Err(Error::RuntimeLibrary {
+                path: library,
+                msg: "file not found (set runtime.ort_library in the config or ORT_DYLIB_PATH)".into(),
+            });
+        }
+        let builder = ort::init_from(&library)
+            .map_err(|e| Error::RuntimeLibrary { path: library.clone(), msg: e.to_string() })?;
+        let env = builder
+            .with_name("crayon")
+            .build()
+            .map_err(|e| Error::RuntimeLibrary { path: library.clone(), msg: e.to_string() })?;
+        tracing::info!(library = %library.display(), "ONNX Runtime loaded");
+        let rt = Arc::new(Runtime { env, library });
+        let _ = RUNTIME.set(rt.clone());
+        Ok(rt)
+    }
+
+    pub fn library(&self) -> &Path {
+        &self.library
+    }
+
+    /// A session builder with threads, optimization level and execution providers applied.
+    /// Returns the builder and the provider that will run the graph.
+    pub fn session_builder(&self, cfg: &RuntimeConfig) -> Result<(SessionBuilder, Provider)> {
+        let mut b = ort::session::Session::builder(&self.env).map_err(Error::ort("creating a session builder"))?;
+        let level = parse_optimization(&cfg.optimization).unwrap_or(GraphOptimizationLevel::All);
+        b = b.with_optimization_level(level).map_err(Error::ort("setting the optimization level"))?;
+        if cfg.intra_threads > 0 {
+            b = b.with_intra_threads(cfg.intra_threads).map_err(Error::ort("setting intra-op threads"))?;
+        }
+        let mut chosen = Provider::Cpu;
+        for name in &cfg.providers {
+            let Some(p) = Provider::parse(name) else {
+                continue;
+            };
+            if p == Provider::Cpu {
+                break;
+            }
+            let (next, registered) = p.try_register(b);
+            b = next;
+            match registered {
+                Ok(()) => {
+                    chosen = p;
+                    break;
+                }
+                Err(why) => {
+                    tracing::warn!(provider = p.name(), "execution provider not used: {why}")
+                }
+            }
+        }
+        Ok((b, chosen))
+    }
+}
+
+pub(crate) fn parse_optimization(s: &str) -> Option<GraphOptimizationLevel> {
+    Some(match s {
+        "disable" => GraphOptimizationLevel::Disable,
+        "basic" => GraphOptimizationLevel::Level1,
+        "extended" => GraphOptimizationLevel::Level2,
+        "all" => GraphOptimizationLevel::All,
+        _ => return None,
+    })
+}
+
+fn library_path(cfg: &RuntimeConfig) -> PathBuf {
+    if !cfg.ort_library.as_os_str().is_empty() {
+        return cfg.ort_library.clone();
+    }
+    match std::env::var_os("ORT_DYLIB_PATH") {
+        Some(p) if !p.is_empty() => PathBuf::from(p),
+        _ => PathBuf::from("libonnxruntime.so.1"),
+    }
+}
+
+/// An execution provider Crayon knows how to register.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Provider {
+    TensorRt,
+    Cuda,
+    Qnn,
+    OpenVino,
+    Xnnpack,
+    Cpu,
+}
+
+impl Provider {
+    pub const NAMES: [&'static str; 6] = ["tensorrt", "cuda", "qnn", "openvino", "xnnpack", "cpu"];
+
+    pub fn parse(s: &str) -> Option<Provider> {
+        Some(match s.to_ascii_lowercase().as_str() {
+            "tensorrt" => Provider::TensorRt,
+            "cuda" => Provider::Cuda,
+            "qnn" => Provider::Qnn,
+            "openvino" => Provider::OpenVino,
+            "xnnpack" => Provider::Xnnpack,
+            "cpu" => Provider::Cpu,
+            _ => return None,
+        })
+    }
+
+    pub fn name(self) -> &'static str {
+        Provider::NAMES[self as usize]
+    }
+
+    /// Registers the provider strictly (no silent fallback inside ort), so we know which one runs.
+    /// Returns the builder back in every case, with the reason when the provider was not registered.
+    fn try_register(self, b: SessionBuilder) -> (SessionBuilder, std::result::Result<(), String>) {
+        macro_rules! strict {
+            ($feature:literal, $ep:ty) => {{
+                #[cfg(feature = $feature)]
+                {
+                    match <$ep as ExecutionProvider>::is_available() {
+                        Ok(true) => {}
+                        Ok(false) => return (b, Err("not available in the loaded ONNX Runtime library".into())),
+                        Err(e) => return (b, Err(e.to_string())),
+                    }
+                    match b.with_execution_providers([<$ep>::default().build().error_on_failure()]) {
+                        Ok(b) => (b, Ok(())),
+                        Err(e) => {
+                            let msg = e.to_string();
+                            (e.recover(), Err(msg))
+                        }
+                    }
+                }
+                #[cfg(not(feature = $feature))]
+                {
+                    (b, Err(concat!("crayon was built without the `", $feature, "` feature").to_string()))
+                }
+            }};
+        }
+        match self {
+            Provider::TensorRt => strict!("tensorrt", ep::TensorRT),
+            Provider::Cuda => strict!("cuda", ep::CUDA),
+            Provider::Qnn => strict!("qnn", ep::QNN),
+            Provider::OpenVino => strict!("openvino", ep::OpenVINO),
+            Provider::Xnnpack => strict!("xnnpack", ep::XNNPACK),
+            Provider::Cpu => (b, Ok(())),
+        }
+    }
+}
+
+impl std::fmt::Display for Provider {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
