@@ -5,7 +5,6 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use ort::environment::Environment;
-use ort::ep::{self, ExecutionProvider};
 use ort::session::builder::{GraphOptimizationLevel, SessionBuilder};
 
 use crate::config::RuntimeConfig;
@@ -145,7 +144,7 @@ impl Provider {
             ($feature:literal, $ep:ty) => {{
                 #[cfg(feature = $feature)]
                 {
-                    match <$ep as ExecutionProvider>::is_available() {
+                    match <$ep as ort::ep::ExecutionProvider>::is_available() {
                         Ok(true) => {}
                         Ok(false) => return (b, Err("not available in the loaded ONNX Runtime library".into())),
                         Err(e) => return (b, Err(e.to_string())),
@@ -165,11 +164,11 @@ impl Provider {
             }};
         }
         match self {
-            Provider::TensorRt => strict!("tensorrt", ep::TensorRT),
-            Provider::Cuda => strict!("cuda", ep::CUDA),
-            Provider::Qnn => strict!("qnn", ep::QNN),
-            Provider::OpenVino => strict!("openvino", ep::OpenVINO),
-            Provider::Xnnpack => strict!("xnnpack", ep::XNNPACK),
+            Provider::TensorRt => strict!("tensorrt", ort::ep::TensorRT),
+            Provider::Cuda => strict!("cuda", ort::ep::CUDA),
+            Provider::Qnn => strict!("qnn", ort::ep::QNN),
+            Provider::OpenVino => strict!("openvino", ort::ep::OpenVINO),
+            Provider::Xnnpack => strict!("xnnpack", ort::ep::XNNPACK),
             Provider::Cpu => (b, Ok(())),
         }
     }
