@@ -17,11 +17,12 @@ use crate::runtime::{Provider, Runtime};
 use crate::sampler::{Sampler, SamplingParams};
 use crate::tokenizer::{StreamDecoder, Tokenizer};
 
-/// What to continue: a chat (rendered with the model's template) or raw text.
+/// What to continue: a chat (rendered with the model's template), raw text, or token ids.
 #[derive(Debug, Clone)]
 pub enum Prompt {
     Chat(Vec<Message>),
     Text(String),
+    Tokens(Vec<u32>),
 }
 
 #[derive(Debug, Clone)]
@@ -183,6 +184,7 @@ impl Engine {
     /// Token ids of the prompt, with the chat template applied for chat prompts.
     pub fn prompt_ids(&self, prompt: &Prompt) -> Result<Vec<u32>> {
         let text = match prompt {
+            Prompt::Tokens(ids) => return Ok(ids.clone()),
             Prompt::Text(t) => t.clone(),
             Prompt::Chat(messages) => {
                 let system = &self.config.generation.system_prompt;

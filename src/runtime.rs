@@ -38,8 +38,10 @@ impl Runtime {
                 msg: "file not found (set runtime.ort_library in the config or ORT_DYLIB_PATH)".into(),
             });
         }
-        let builder = ort::init_from(&library)
-            .map_err(|e| Error::RuntimeLibrary { path: library.clone(), msg: e.to_string() })?;
+        let builder = ort::init_from(&library).map_err(|e| Error::RuntimeLibrary {
+            path: library.clone(),
+            msg: format!("{e} (it must be an ONNX Runtime 1.31 or newer shared library built for this machine)"),
+        })?;
         let env = builder
             .with_name("crayon")
             .build()

@@ -1,0 +1,140 @@
+//! The command-line tools as a user runs them: real processes, exit codes and messages.
+
+mod common;
+
+use std::io::Write;
+use std::process::{Command, Output, Stdio};
+
+use common::*;
+
+fn crayonctl(args: &[&str], stdin: Option<&str>) -> Output {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_crayonctl"))
+        .args(args)
+        .env_remove("CRAYON_CONFIG")
+        .env_remove("ORT_DYLIB_PATH")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut input = child.stdin.take().unwrap();
+    input.write_all(stdin.unwrap_or("").as_bytes()).unwrap();
+    drop(input);
+    child.wait_with_output().unwrap()
+}
+
+fn tiny_args() -> Vec<String> {
+    let model = model_dir("tiny");
+    vec!["--model".into(), model.display().to_string(), "--ort-library".into(), ort_library().display().to_string()]
+}
+
+fn run_tiny(extra: &[&str], stdin: Option<&str>) -> Output {
+    let base = tiny_args();
+    let mut args: Vec<&str> = base.iter().map(String::as_str).collect();
+    args.extend_from_slice(extra);
+    crayonctl(&args, stdin)
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+#[test]
+fn help_documents_every_option() {
+    let o = crayonctl(&["generate", "--help"], None);
+    assert!(o.status.success());
+    let help = String::from_utf8_lossy(&o.stdout);
+    for opt in
+        ["--raw", "--system", "--max-tokens", "--temperature", "--top-k", "--top-p", "--seed", "--stop", "--json"]
+    {
+        assert!(help.contains(opt), "generate --help lacks {opt}");
+    }
+    let o = crayonctl(&["--help"], None);
+    assert!(String::from_utf8_lossy(&o.stdout).contains("Exit status"));
+}
+
+#[test]
+fn generate_streams_text_and_json_has_tokens_and_timings() {
+    let o = run_tiny(&["generate", "-n", "5", "Hello"], None);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(!o.stdout.is_empty());
+
+    let o = run_tiny(&["generate", "-n", "5", "--json", "--seed", "3", "-t", "0.8", "Hello"], None);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("JSON output");
+    assert_eq!(v["tokens"].as_array().unwrap().len(), 5);
+    assert_eq!(v["finish_reason"], "length");
+    assert!(v["tokens"][0]["logprob"].as_f64().unwrap() <= 0.0);
+    assert!(v["prefill_time"].as_f64().unwrap() > 0.0);
+}
+
+#[test]
+fn prompt_can_come_from_stdin() {
+    let o = run_tiny(&["generate", "-n", "2", "--raw"], Some("Once upon a time"));
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = run_tiny(&["generate", "-n", "2"], Some("  \n"));
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("prompt is empty"), "{}", stderr(&o));
+}
+
+#[test]
+fn bad_requests_exit_2_with_the_reason() {
+    let o = run_tiny(&["generate", "--top-p", "1.5", "hi"], None);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("top_p"), "{}", stderr(&o));
+}
+
+#[test]
+fn bad_config_exits_2_naming_file_and_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("crayon.toml");
+    std::fs::write(&cfg, "[generation]\nmax_new_tokens = \"many\"\n").unwrap();
+    let o = crayonctl(&["-c", cfg.to_str().unwrap(), "generate", "hi"], None);
+    assert_eq!(o.status.code(), Some(2));
+    let e = stderr(&o);
+    assert!(e.contains("crayon.toml") && e.contains("line 2") && e.contains("max_new_tokens"), "{e}");
+
+    let o = crayonctl(&["-c", "/nonexistent/crayon.toml", "generate", "hi"], None);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("/nonexistent/crayon.toml"));
+}
+
+#[test]
+fn missing_or_wrong_runtime_library_exits_1_naming_it() {
+    let model = model_dir("tiny");
+    let m = model.to_str().unwrap();
+    let o = crayonctl(&["--model", m, "--ort-library", "/nonexistent/libonnxruntime.so", "generate", "hi"], None);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        stderr(&o).contains("/nonexistent/libonnxruntime.so") && stderr(&o).contains("not found"),
+        "{}",
+        stderr(&o)
+    );
+
+    let not_a_library = model.join("config.json");
+    let o = crayonctl(&["--model", m, "--ort-library", not_a_library.to_str().unwrap(), "generate", "hi"], None);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("config.json") && stderr(&o).contains("ONNX Runtime"), "{}", stderr(&o));
+}
+
+#[test]
+fn missing_model_exits_1_naming_it() {
+    let o = crayonctl(
+        &["--model", "/nonexistent/model", "--ort-library", ort_library().to_str().unwrap(), "generate", "hi"],
+        None,
+    );
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("/nonexistent/model"), "{}", stderr(&o));
+}
+
+#[test]
+fn crayond_check_reports_provider() {
+    let base = tiny_args();
+    let mut args: Vec<&str> = base.iter().map(String::as_str).collect();
+    args.push("--check");
+    let o = Command::new(env!("CARGO_BIN_EXE_crayond")).args(&args).env_remove("CRAYON_CONFIG").output().unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(out.contains("execution provider: cpu"), "{out}");
+    assert!(stderr(&o).contains("decoder session ready"), "the provider in use is logged: {}", stderr(&o));
+}

@@ -1,0 +1,237 @@
+//! Engine tests on the tiny random model (same architecture and tokenizer as SmolLM2, a few MB).
+
+mod common;
+
+use std::ops::ControlFlow;
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::*;
+use crayon::model::WeightOverride;
+use crayon::{CancelToken, Engine, Error, FinishReason, GenerationParams, Message, Prompt};
+
+fn greedy(max_new_tokens: usize) -> GenerationParams {
+    GenerationParams { max_new_tokens, sampling: Default::default(), stop: vec![] }
+}
+
+fn collect(engine: &mut Engine, prompt: &Prompt, params: &GenerationParams) -> (crayon::Generation, Vec<String>) {
+    let mut chunks = Vec::new();
+    let out = engine
+        .generate(prompt, params, &CancelToken::new(), &mut |t| {
+            chunks.push(t.to_string());
+            ControlFlow::Continue(())
+        })
+        .unwrap();
+    (out, chunks)
+}
+
+fn ids(g: &crayon::Generation) -> Vec<u32> {
+    g.tokens.iter().map(|t| t.id).collect()
+}
+
+#[test]
+fn greedy_tokens_match_the_reference_implementation() {
+    let cfg = tiny();
+    let r = reference(&cfg.model.dir);
+    let mut engine = Engine::load(&cfg).unwrap();
+    let (out, chunks) = collect(&mut engine, &Prompt::Tokens(r.input_ids.clone()), &greedy(r.greedy_ids.len()));
+    assert_eq!(ids(&out), r.greedy_ids);
+    assert_eq!(out.finish_reason, FinishReason::Length);
+    assert_eq!(chunks.concat(), out.text, "streamed chunks add up to the answer");
+    assert_eq!(out.text, engine.tokenizer().decode(&r.greedy_ids).unwrap());
+    for t in &out.tokens {
+        assert!(t.logprob <= 0.0 && (t.logprob - t.top_logprob).abs() < 1e-6, "greedy picks the top token: {t:?}");
+    }
+}
+
+#[test]
+fn chat_prompt_renders_to_the_reference_ids() {
+    let cfg = tiny();
+    let r = reference(&cfg.model.dir);
+    let engine = Engine::load(&cfg).unwrap();
+    let chat = Prompt::Chat(vec![Message::new("user", "What is the capital of France? Answer in one sentence.")]);
+    assert_eq!(engine.prompt_ids(&chat).unwrap(), r.input_ids);
+}
+
+#[test]
+fn logits_match_the_reference_at_every_position() {
+    let cfg = tiny();
+    let r = reference(&cfg.model.dir);
+    let mut engine = Engine::load(&cfg).unwrap();
+    let dec = engine.decoder_mut();
+    let mut cache = dec.new_cache().unwrap();
+    let logits = dec.forward(&r.input_ids, &mut cache, r.input_ids.len(), None).unwrap();
+    assert_eq!(cache.len(), r.input_ids.len());
+    let diff = max_abs_diff(&logits, &r.logits);
+    assert!(diff < 1e-4, "max |logit diff| {diff}");
+}
+
+#[test]
+fn kv_cache_decoding_equals_full_recompute() {
+    let cfg = tiny();
+    let r = reference(&cfg.model.dir);
+    let mut engine = Engine::load(&cfg).unwrap();
+    let vocab = engine.files().arch.vocab_size;
+    let seq: Vec<u32> = r.input_ids.iter().chain(&r.greedy_ids).copied().collect();
+    let dec = engine.decoder_mut();
+    let mut full_cache = dec.new_cache().unwrap();
+    let full = dec.forward(&seq, &mut full_cache, seq.len(), None).unwrap();
+    let split = r.input_ids.len();
+    let mut cache = dec.new_cache().unwrap();
+    let mut rows = dec.forward(&seq[..split], &mut cache, 1, None).unwrap();
+    for &t in &seq[split..] {
+        rows.extend(dec.forward(&[t], &mut cache, 1, None).unwrap());
+    }
+    assert_eq!(cache.len(), seq.len());
+    let diff = max_abs_diff(&rows, &full[(split - 1) * vocab..]);
+    assert!(diff < 1e-4, "cached vs full logits differ by {diff}");
+}
+
+#[test]
+fn stop_strings_end_the_answer_before_the_match() {
+    let cfg = tiny();
+    let r = reference(&cfg.model.dir);
+    let mut engine = Engine::load(&cfg).unwrap();
+    let prompt = Prompt::Tokens(r.input_ids.clone());
+    let (full, _) = collect(&mut engine, &prompt, &greedy(24));
+    // Stop in the middle of the answer: everything before the match must come out, nothing after.
+    let mut cut = full.text.len() / 2;
+    while !full.text.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    let stop: String = full.text[cut..].chars().take(4).collect();
+    assert!(cut > 0 && stop.chars().count() == 4, "{:?}", full.text);
+    let mut params = greedy(24);
+    params.stop = vec!["never appears \u{1F600}".into(), stop.clone()];
+    let (out, chunks) = collect(&mut engine, &prompt, &params);
+    assert_eq!(out.finish_reason, FinishReason::StopString);
+    assert_eq!(out.text, full.text[..full.text.find(&stop).unwrap()]);
+    assert_eq!(chunks.concat(), out.text);
+}
+
+#[test]
+fn max_new_tokens_and_context_limit_bound_the_answer() {
+    let cfg = tiny();
+    let r = reference(&cfg.model.dir);
+    let mut engine = Engine::load(&cfg).unwrap();
+    let (out, _) = collect(&mut engine, &Prompt::Tokens(r.input_ids.clone()), &greedy(3));
+    assert_eq!((out.tokens.len(), out.finish_reason), (3, FinishReason::Length));
+
+    let mut small = cfg.clone();
+    small.model.max_context = r.input_ids.len() + 5;
+    let mut engine = Engine::load(&small).unwrap();
+    let (out, _) = collect(&mut engine, &Prompt::Tokens(r.input_ids.clone()), &greedy(100));
+    assert_eq!((out.tokens.len(), out.finish_reason), (5, FinishReason::Length));
+
+    small.model.max_context = r.input_ids.len();
+    let mut engine = Engine::load(&small).unwrap();
+    let err = engine
+        .generate(&Prompt::Tokens(r.input_ids.clone()), &greedy(1), &CancelToken::new(), &mut |_| {
+            ControlFlow::Continue(())
+        })
+        .unwrap_err();
+    assert!(matches!(err, Error::InvalidRequest(ref m) if m.contains("context limit")), "{err}");
+}
+
+#[test]
+fn seeded_sampling_is_reproducible() {
+    let cfg = tiny();
+    let mut engine = Engine::load(&cfg).unwrap();
+    let prompt = Prompt::Text("Once upon a time".into());
+    let mut params = greedy(16);
+    params.sampling.temperature = 1.0;
+    params.sampling.top_p = 0.95;
+    let mut run = |seed| {
+        params.sampling.seed = Some(seed);
+        ids(&collect(&mut engine, &prompt, &params).0)
+    };
+    let a = run(7);
+    assert_eq!(a, run(7));
+    assert_ne!(a, run(8));
+}
+
+#[test]
+fn callback_break_cancels_after_that_chunk() {
+    let cfg = tiny();
+    let mut engine = Engine::load(&cfg).unwrap();
+    let mut calls = 0;
+    let out = engine
+        .generate(&Prompt::Text("Hello".into()), &greedy(50), &CancelToken::new(), &mut |_| {
+            calls += 1;
+            ControlFlow::Break(())
+        })
+        .unwrap();
+    assert_eq!(calls, 1);
+    assert_eq!(out.finish_reason, FinishReason::Cancelled);
+    assert!(out.tokens.len() < 50);
+}
+
+#[test]
+fn cancel_token_stops_generation_from_another_thread() {
+    let cfg = tiny();
+    let mut engine = Engine::load(&cfg).unwrap();
+    let cancel = CancelToken::new();
+    let pre = cancel.clone();
+    pre.cancel();
+    let out =
+        engine.generate(&Prompt::Text("Hi".into()), &greedy(10), &cancel, &mut |_| ControlFlow::Continue(())).unwrap();
+    assert_eq!((out.finish_reason, out.tokens.len()), (FinishReason::Cancelled, 0), "cancelled before it started");
+
+    let cancel = CancelToken::new();
+    let remote = cancel.clone();
+    let first_chunk = Arc::new(std::sync::Barrier::new(2));
+    let seen = first_chunk.clone();
+    let canceller = std::thread::spawn(move || {
+        seen.wait();
+        remote.cancel();
+    });
+    let mut signalled = false;
+    let out = engine
+        .generate(&Prompt::Text("Hi".into()), &greedy(2000), &cancel, &mut |_| {
+            if !signalled {
+                signalled = true;
+                first_chunk.wait();
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            ControlFlow::Continue(())
+        })
+        .unwrap();
+    canceller.join().unwrap();
+    assert_eq!(out.finish_reason, FinishReason::Cancelled);
+    assert!(out.tokens.len() < 2000);
+    // The engine is still usable afterwards.
+    let (again, _) = collect(&mut engine, &Prompt::Text("Hi".into()), &greedy(2));
+    assert_eq!(again.tokens.len(), 2);
+}
+
+#[test]
+fn weights_are_replaceable_by_name() {
+    let cfg = tiny();
+    let r = reference(&cfg.model.dir);
+    let name = "model.layers.0.self_attn.q_proj.weight";
+    let bytes = std::fs::read(cfg.model.dir.join("model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let original: Vec<f32> =
+        st.tensor(name).unwrap().data().chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect();
+    let logits_with = |data: Vec<f32>| {
+        let mut e =
+            Engine::load_with_overrides(&cfg, &[WeightOverride { name: name.into(), data: data.into() }]).unwrap();
+        let dec = e.decoder_mut();
+        let mut cache = dec.new_cache().unwrap();
+        dec.forward(&r.input_ids, &mut cache, r.input_ids.len(), None).unwrap()
+    };
+    let same = logits_with(original.clone());
+    assert!(max_abs_diff(&same, &r.logits) < 1e-4);
+    let zeroed = logits_with(vec![0.0; original.len()]);
+    assert!(max_abs_diff(&zeroed, &r.logits) > 1e-3, "replacing q_proj must change the logits");
+
+    let bad = |name: &str, len: usize| {
+        Engine::load_with_overrides(&cfg, &[WeightOverride { name: name.into(), data: vec![0.0; len].into() }])
+            .err()
+            .expect("must fail")
+            .to_string()
+    };
+    assert!(bad("model.layers.9.self_attn.q_proj.weight", original.len()).contains("not an adapter target"));
+    assert!(bad("model.embed_tokens.weight", original.len()).contains("not an adapter target"));
+    assert!(bad(name, 3).contains("has 3 values"));
+}
