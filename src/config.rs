@@ -46,6 +46,8 @@ pub struct RuntimeConfig {
     pub intra_threads: usize,
     /// Graph optimization level: "disable", "basic", "extended" or "all".
     pub optimization: String,
+    /// Path prefix for an ONNX Runtime per-operator profile (JSON); empty: off. For diagnosis only.
+    pub profile: PathBuf,
 }
 
 impl Default for RuntimeConfig {
@@ -55,6 +57,7 @@ impl Default for RuntimeConfig {
             providers: vec!["cpu".into()],
             intra_threads: 0,
             optimization: "all".into(),
+            profile: PathBuf::new(),
         }
     }
 }
@@ -122,7 +125,7 @@ impl Config {
     }
 
     fn resolve_paths(&mut self, base: &Path) {
-        for p in [&mut self.model.dir, &mut self.runtime.ort_library] {
+        for p in [&mut self.model.dir, &mut self.runtime.ort_library, &mut self.runtime.profile] {
             if !p.as_os_str().is_empty() && p.is_relative() {
                 *p = base.join(&*p);
             }

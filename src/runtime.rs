@@ -62,6 +62,9 @@ impl Runtime {
         let mut b = ort::session::Session::builder(&self.env).map_err(Error::ort("creating a session builder"))?;
         let level = parse_optimization(&cfg.optimization).unwrap_or(GraphOptimizationLevel::All);
         b = b.with_optimization_level(level).map_err(Error::ort("setting the optimization level"))?;
+        if !cfg.profile.as_os_str().is_empty() {
+            b = b.with_profiling(&cfg.profile).map_err(Error::ort("enabling profiling"))?;
+        }
         if cfg.intra_threads > 0 {
             b = b.with_intra_threads(cfg.intra_threads).map_err(Error::ort("setting intra-op threads"))?;
         }

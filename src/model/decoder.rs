@@ -94,6 +94,11 @@ impl Decoder {
         self.provider
     }
 
+    /// Finishes the profile enabled by `runtime.profile` and returns its file name.
+    pub fn end_profiling(&mut self) -> Result<String> {
+        self.session.end_profiling().map_err(Error::ort("ending profiling"))
+    }
+
     pub fn new_cache(&self) -> Result<KvCache> {
         let shape = [1usize, self.arch.num_key_value_heads, 0, self.arch.head_dim];
         let values = (0..self.past_names.len())

