@@ -80,8 +80,12 @@ def build_genai(precision: str, threads: int) -> Path:
     out = OUT / f"genai-{precision}"
     if not (out / "genai_config.json").is_file():
         print(f"[bench] building ONNX Runtime GenAI {precision} model (model builder)", file=sys.stderr, flush=True)
-        subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(MODEL), "-o", str(out),
-                        "-p", precision, "-e", "cpu", "-c", str(OUT / "genai-cache")], check=True)
+        log = OUT / f"genai-{precision}-build.log"
+        with open(log, "w") as f:
+            r = subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(MODEL), "-o", str(out),
+                                "-p", precision, "-e", "cpu", "-c", str(OUT / "genai-cache")], stdout=f, stderr=subprocess.STDOUT)
+        if r.returncode != 0:
+            sys.exit(f"ONNX Runtime GenAI model builder failed; see {log}")
     cfg_path = out / "genai_config.json"
     cfg = json.loads(cfg_path.read_text())
     opts = cfg["model"]["decoder"].setdefault("session_options", {})
