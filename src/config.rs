@@ -17,6 +17,41 @@ pub struct Config {
     pub model: ModelConfig,
     pub runtime: RuntimeConfig,
     pub generation: GenerationConfig,
+    pub pool: PoolConfig,
+    pub blend: crate::pool::blend::BlendConfig,
+    pub adapters: AdaptersConfig,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct PoolConfig {
+    /// Adapter pool folder written by `crayon_pool` (holds `pool.json`); empty: customization is off.
+    pub dir: PathBuf,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdaptersConfig {
+    /// Where customized adapters are persisted (`<state_dir>/adapters/<name>.json`).
+    pub state_dir: PathBuf,
+    /// Memory for customized models kept ready (merged weights plus ONNX Runtime's packed copy),
+    /// in MiB; the least recently used is dropped beyond it (the newest is always kept).
+    pub cache_mb: usize,
+    /// Also store the examples themselves in the state directory (off: only their SHA-256).
+    pub store_examples: bool,
+    /// Threads computing merged weights; 0: all available cores.
+    pub merge_threads: usize,
+}
+
+impl Default for AdaptersConfig {
+    fn default() -> Self {
+        AdaptersConfig {
+            state_dir: PathBuf::from("/var/lib/crayon"),
+            cache_mb: 2048,
+            store_examples: false,
+            merge_threads: 0,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
@@ -125,7 +160,13 @@ impl Config {
     }
 
     fn resolve_paths(&mut self, base: &Path) {
-        for p in [&mut self.model.dir, &mut self.runtime.ort_library, &mut self.runtime.profile] {
+        for p in [
+            &mut self.model.dir,
+            &mut self.runtime.ort_library,
+            &mut self.runtime.profile,
+            &mut self.pool.dir,
+            &mut self.adapters.state_dir,
+        ] {
             if !p.as_os_str().is_empty() && p.is_relative() {
                 *p = base.join(&*p);
             }
@@ -157,6 +198,7 @@ impl Config {
                 ));
             }
         }
+        self.blend.validate()?;
         if crate::runtime::parse_optimization(&self.runtime.optimization).is_none() {
             return Err(format!(
                 "runtime.optimization must be one of disable, basic, extended, all; got '{}'",

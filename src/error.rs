@@ -25,6 +25,14 @@ pub enum Error {
     #[error("ONNX Runtime library {path}: {msg}")]
     RuntimeLibrary { path: PathBuf, msg: String },
 
+    /// An adapter pool is missing, incomplete, or built for another model.
+    #[error("adapter pool {path}: {msg}")]
+    Pool { path: PathBuf, msg: String },
+
+    /// A customized adapter does not exist, or the state directory cannot be used.
+    #[error("adapter '{name}': {msg}")]
+    Adapter { name: String, msg: String },
+
     /// ONNX Runtime reported an error while doing `context`.
     #[error("ONNX Runtime error while {context}: {msg}")]
     Ort { context: String, msg: String },

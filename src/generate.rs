@@ -1,5 +1,5 @@
-//! The generation engine: prompt -> tokens -> prefill -> decode loop with sampling, stop tokens,
-//! stop strings, streaming and cancellation.
+//! Generation: request types, and the loop prefill -> decode with sampling, stop tokens, stop
+//! strings, streaming and cancellation.
 
 use std::ops::ControlFlow;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -9,11 +9,10 @@ use std::time::{Duration, Instant};
 use ort::session::RunOptions;
 use serde::Serialize;
 
-use crate::chat::{ChatTemplate, Message};
-use crate::config::{Config, GenerationConfig};
+use crate::chat::Message;
+use crate::config::GenerationConfig;
 use crate::error::{Error, Result};
-use crate::model::{Decoder, KvCache, ModelFiles, WeightOverride};
-use crate::runtime::{Provider, Runtime};
+use crate::model::{Decoder, KvCache};
 use crate::sampler::{Sampler, SamplingParams};
 use crate::tokenizer::{StreamDecoder, Tokenizer};
 
@@ -30,6 +29,8 @@ pub struct GenerationParams {
     pub max_new_tokens: usize,
     pub sampling: SamplingParams,
     pub stop: Vec<String>,
+    /// Customized adapter to answer with; `None`: the base model.
+    pub adapter: Option<String>,
 }
 
 impl GenerationParams {
@@ -38,6 +39,7 @@ impl GenerationParams {
             max_new_tokens: g.max_new_tokens,
             sampling: SamplingParams { temperature: g.temperature, top_k: g.top_k, top_p: g.top_p, seed: g.seed },
             stop: g.stop.clone(),
+            adapter: None,
         }
     }
 }
@@ -122,209 +124,121 @@ impl CancelToken {
     }
 }
 
-pub struct Engine {
-    files: ModelFiles,
-    decoder: Decoder,
-    tokenizer: Tokenizer,
-    template: ChatTemplate,
-    stop_ids: Vec<u32>,
-    config: Config,
+/// Runs one generation on `decoder`: prefill, then the decode loop with sampling, stop tokens, stop
+/// strings, streaming and cancellation. `max_new` is already capped by the context limit.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn run(
+    decoder: &mut Decoder,
+    tokenizer: &Tokenizer,
+    stop_ids: &[u32],
+    ids: &[u32],
+    max_new: usize,
+    params: &GenerationParams,
+    cancel: &CancelToken,
+    on_text: &mut dyn FnMut(&str) -> ControlFlow<()>,
+) -> Result<Generation> {
+    let run_options = Arc::new(RunOptions::new().map_err(Error::ort("creating run options"))?);
+    cancel.attach(Some(run_options.clone()));
+    if cancel.is_cancelled() {
+        let _ = run_options.terminate();
+    }
+    let result = decode_loop(decoder, tokenizer, stop_ids, ids, max_new, params, cancel, &run_options, on_text);
+    cancel.attach(None);
+    result
 }
 
-impl Engine {
-    pub fn load(config: &Config) -> Result<Engine> {
-        Engine::load_with_overrides(config, &[])
-    }
-
-    /// Loads the model with some adapter-targetable weights replaced (see [`WeightOverride`]).
-    pub fn load_with_overrides(config: &Config, overrides: &[WeightOverride]) -> Result<Engine> {
-        config.validate().map_err(|msg| Error::Config { path: "(in memory)".into(), msg })?;
-        let files = ModelFiles::open(&config.model.dir)?;
-        let tokenizer = Tokenizer::load(&files.path(&files.manifest.tokenizer))?;
-        if tokenizer.vocab_size() > files.arch.vocab_size {
-            return Err(Error::model(
-                files.path(&files.manifest.tokenizer),
-                format!("tokenizer has {} tokens but the model only {}", tokenizer.vocab_size(), files.arch.vocab_size),
-            ));
+#[allow(clippy::too_many_arguments)]
+fn decode_loop(
+    decoder: &mut Decoder,
+    tokenizer: &Tokenizer,
+    stop_ids: &[u32],
+    ids: &[u32],
+    max_new: usize,
+    params: &GenerationParams,
+    cancel: &CancelToken,
+    run_options: &RunOptions,
+    on_text: &mut dyn FnMut(&str) -> ControlFlow<()>,
+) -> Result<Generation> {
+    let mut out = Generation {
+        text: String::new(),
+        tokens: Vec::new(),
+        finish_reason: FinishReason::Length,
+        prompt_tokens: ids.len(),
+        prefill_time: Duration::ZERO,
+        decode_time: Duration::ZERO,
+    };
+    let mut cache = decoder.new_cache()?;
+    let started = Instant::now();
+    let mut logits = match step(decoder, ids, &mut cache, cancel, run_options)? {
+        Some(l) => l,
+        None => return Ok(cancelled(out)),
+    };
+    out.prefill_time = started.elapsed();
+    let decode_start = Instant::now();
+    let mut sampler = Sampler::new(params.sampling.clone());
+    let mut stream = StreamDecoder::default();
+    let mut stops = StopStrings::new(&params.stop);
+    let mut emit = |out: &mut Generation, s: &str| -> ControlFlow<()> {
+        if s.is_empty() {
+            return ControlFlow::Continue(());
         }
-        let template = ChatTemplate::load(&files.path(&files.manifest.tokenizer_config))?;
-        let runtime = Runtime::get(&config.runtime)?;
-        let decoder = Decoder::load(&files, &runtime, &config.runtime, overrides)?;
-        Ok(Engine {
-            stop_ids: files.manifest.stop_token_ids.clone(),
-            files,
-            decoder,
-            tokenizer,
-            template,
-            config: config.clone(),
-        })
-    }
-
-    pub fn files(&self) -> &ModelFiles {
-        &self.files
-    }
-
-    pub fn tokenizer(&self) -> &Tokenizer {
-        &self.tokenizer
-    }
-
-    pub fn decoder_mut(&mut self) -> &mut Decoder {
-        &mut self.decoder
-    }
-
-    pub fn provider(&self) -> Provider {
-        self.decoder.provider()
-    }
-
-    /// Request parameters from the config's `[generation]` defaults.
-    pub fn default_params(&self) -> GenerationParams {
-        GenerationParams::from_config(&self.config.generation)
-    }
-
-    /// Token ids of the prompt, with the chat template applied for chat prompts.
-    pub fn prompt_ids(&self, prompt: &Prompt) -> Result<Vec<u32>> {
-        let text = match prompt {
-            Prompt::Tokens(ids) => return Ok(ids.clone()),
-            Prompt::Text(t) => t.clone(),
-            Prompt::Chat(messages) => {
-                let system = &self.config.generation.system_prompt;
-                if !system.is_empty() && messages.first().is_some_and(|m| m.role != "system") {
-                    let mut with_system = vec![Message::new("system", system.clone())];
-                    with_system.extend(messages.iter().cloned());
-                    self.template.render(&with_system)?
-                } else {
-                    self.template.render(messages)?
-                }
-            }
-        };
-        self.tokenizer.encode(&text)
-    }
-
-    /// Generates a continuation. `on_text` receives the answer as it forms (already cut at stop
-    /// strings); returning `ControlFlow::Break` stops generation (finish reason `Cancelled`).
-    pub fn generate(
-        &mut self,
-        prompt: &Prompt,
-        params: &GenerationParams,
-        cancel: &CancelToken,
-        on_text: &mut dyn FnMut(&str) -> ControlFlow<()>,
-    ) -> Result<Generation> {
-        params.sampling.validate()?;
-        if params.stop.iter().any(String::is_empty) {
-            return Err(Error::InvalidRequest("stop strings must not be empty".into()));
-        }
-        let ids = self.prompt_ids(prompt)?;
-        let limit = self.config.model.max_context.min(self.files.arch.max_position_embeddings);
-        if ids.is_empty() {
-            return Err(Error::InvalidRequest("the prompt is empty".into()));
-        }
-        if ids.len() >= limit {
-            return Err(Error::InvalidRequest(format!(
-                "the prompt is {} tokens; the context limit is {limit}",
-                ids.len()
-            )));
-        }
-        let max_new = params.max_new_tokens.min(limit - ids.len());
-        let run_options = Arc::new(RunOptions::new().map_err(Error::ort("creating run options"))?);
-        cancel.attach(Some(run_options.clone()));
+        out.text.push_str(s);
+        on_text(s)
+    };
+    let mut finish = FinishReason::Length;
+    for i in 0..max_new {
         if cancel.is_cancelled() {
-            let _ = run_options.terminate();
+            finish = FinishReason::Cancelled;
+            break;
         }
-        let result = self.run(&ids, max_new, params, cancel, &run_options, on_text);
-        cancel.attach(None);
-        result
-    }
-
-    fn run(
-        &mut self,
-        ids: &[u32],
-        max_new: usize,
-        params: &GenerationParams,
-        cancel: &CancelToken,
-        run_options: &RunOptions,
-        on_text: &mut dyn FnMut(&str) -> ControlFlow<()>,
-    ) -> Result<Generation> {
-        let mut out = Generation {
-            text: String::new(),
-            tokens: Vec::new(),
-            finish_reason: FinishReason::Length,
-            prompt_tokens: ids.len(),
-            prefill_time: Duration::ZERO,
-            decode_time: Duration::ZERO,
-        };
-        let mut cache = self.decoder.new_cache()?;
-        let started = Instant::now();
-        let mut logits = match self.step(ids, &mut cache, cancel, run_options)? {
-            Some(l) => l,
-            None => return Ok(cancelled(out)),
-        };
-        out.prefill_time = started.elapsed();
-        let decode_start = Instant::now();
-        let mut sampler = Sampler::new(params.sampling.clone());
-        let mut stream = StreamDecoder::default();
-        let mut stops = StopStrings::new(&params.stop);
-        let mut emit = |out: &mut Generation, s: &str| -> ControlFlow<()> {
-            if s.is_empty() {
-                return ControlFlow::Continue(());
-            }
-            out.text.push_str(s);
-            on_text(s)
-        };
-        let mut finish = FinishReason::Length;
-        for step in 0..max_new {
-            if cancel.is_cancelled() {
+        let c = sampler.sample(&logits);
+        out.tokens.push(TokenInfo { id: c.token, logprob: c.logprob, top_logprob: c.top_logprob });
+        if stop_ids.contains(&c.token) {
+            finish = FinishReason::Stop;
+            break;
+        }
+        let (ready, hit) = stops.push(&stream.push(tokenizer, c.token)?);
+        if emit(&mut out, &ready).is_break() {
+            finish = FinishReason::Cancelled;
+            break;
+        }
+        if hit {
+            finish = FinishReason::StopString;
+            break;
+        }
+        if i + 1 == max_new {
+            break;
+        }
+        match step(decoder, &[c.token], &mut cache, cancel, run_options)? {
+            Some(l) => logits = l,
+            None => {
                 finish = FinishReason::Cancelled;
                 break;
             }
-            let c = sampler.sample(&logits);
-            out.tokens.push(TokenInfo { id: c.token, logprob: c.logprob, top_logprob: c.top_logprob });
-            if self.stop_ids.contains(&c.token) {
-                finish = FinishReason::Stop;
-                break;
-            }
-            let (ready, hit) = stops.push(&stream.push(&self.tokenizer, c.token)?);
-            if emit(&mut out, &ready).is_break() {
-                finish = FinishReason::Cancelled;
-                break;
-            }
-            if hit {
-                finish = FinishReason::StopString;
-                break;
-            }
-            if step + 1 == max_new {
-                break;
-            }
-            match self.step(&[c.token], &mut cache, cancel, run_options)? {
-                Some(l) => logits = l,
-                None => {
-                    finish = FinishReason::Cancelled;
-                    break;
-                }
-            }
         }
-        if matches!(finish, FinishReason::Stop | FinishReason::Length) {
-            let (ready, _) = stops.push(&stream.flush(&self.tokenizer)?);
-            let _ = emit(&mut out, &ready);
-            let _ = emit(&mut out, &stops.finish());
-        }
-        out.decode_time = decode_start.elapsed();
-        out.finish_reason = finish;
-        Ok(out)
     }
+    if matches!(finish, FinishReason::Stop | FinishReason::Length) {
+        let (ready, _) = stops.push(&stream.flush(tokenizer)?);
+        let _ = emit(&mut out, &ready);
+        let _ = emit(&mut out, &stops.finish());
+    }
+    out.decode_time = decode_start.elapsed();
+    out.finish_reason = finish;
+    Ok(out)
+}
 
-    /// One forward pass; `None` when it was cut short by cancellation.
-    fn step(
-        &mut self,
-        ids: &[u32],
-        cache: &mut KvCache,
-        cancel: &CancelToken,
-        run_options: &RunOptions,
-    ) -> Result<Option<Vec<f32>>> {
-        match self.decoder.forward(ids, cache, 1, Some(run_options)) {
-            Ok(l) => Ok(Some(l)),
-            Err(_) if cancel.is_cancelled() => Ok(None),
-            Err(e) => Err(e),
-        }
+/// One forward pass; `None` when it was cut short by cancellation.
+fn step(
+    decoder: &mut Decoder,
+    ids: &[u32],
+    cache: &mut KvCache,
+    cancel: &CancelToken,
+    run_options: &RunOptions,
+) -> Result<Option<Vec<f32>>> {
+    match decoder.forward(ids, cache, 1, Some(run_options)) {
+        Ok(l) => Ok(Some(l)),
+        Err(_) if cancel.is_cancelled() => Ok(None),
+        Err(e) => Err(e),
     }
 }
 

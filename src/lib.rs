@@ -1,20 +1,27 @@
 //! Crayon: an on-device LLM service. Data flows through the modules in this order:
-//! `config` -> `runtime` / `model` -> `tokenizer` / `chat` / `sampler` -> `generate`.
+//! `config` -> `runtime` / `model` -> `tokenizer` / `chat` / `sampler` -> `pool` (embed, blend,
+//! merge) / `adapters` (customizations) -> `generate` (the engine).
 
+pub mod adapters;
 pub mod chat;
 pub mod cli;
 pub mod config;
+pub mod engine;
 pub mod error;
 pub mod generate;
 pub mod model;
+pub mod pool;
 pub mod runtime;
 pub mod sampler;
 pub mod tokenizer;
+pub mod weights;
 
+pub use adapters::{Customization, Example};
 pub use chat::Message;
 pub use config::Config;
+pub use engine::Engine;
 pub use error::{Error, Result};
-pub use generate::{CancelToken, Engine, FinishReason, Generation, GenerationParams, Prompt};
+pub use generate::{CancelToken, FinishReason, Generation, GenerationParams, Prompt};
 
 /// Crate version, also reported by the CLI and the service.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");

@@ -11,7 +11,7 @@ use crayon::model::WeightOverride;
 use crayon::{CancelToken, Engine, Error, FinishReason, GenerationParams, Message, Prompt};
 
 fn greedy(max_new_tokens: usize) -> GenerationParams {
-    GenerationParams { max_new_tokens, sampling: Default::default(), stop: vec![] }
+    GenerationParams { max_new_tokens, sampling: Default::default(), stop: vec![], adapter: None }
 }
 
 fn collect(engine: &mut Engine, prompt: &Prompt, params: &GenerationParams) -> (crayon::Generation, Vec<String>) {
@@ -214,8 +214,7 @@ fn weights_are_replaceable_by_name() {
     let original: Vec<f32> =
         st.tensor(name).unwrap().data().chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect();
     let logits_with = |data: Vec<f32>| {
-        let mut e =
-            Engine::load_with_overrides(&cfg, &[WeightOverride { name: name.into(), data: data.into() }]).unwrap();
+        let mut e = Engine::load_with_overrides(&cfg, vec![WeightOverride { name: name.into(), data }]).unwrap();
         let dec = e.decoder_mut();
         let mut cache = dec.new_cache().unwrap();
         dec.forward(&r.input_ids, &mut cache, r.input_ids.len(), None).unwrap()
@@ -226,7 +225,7 @@ fn weights_are_replaceable_by_name() {
     assert!(max_abs_diff(&zeroed, &r.logits) > 1e-3, "replacing q_proj must change the logits");
 
     let bad = |name: &str, len: usize| {
-        Engine::load_with_overrides(&cfg, &[WeightOverride { name: name.into(), data: vec![0.0; len].into() }])
+        Engine::load_with_overrides(&cfg, vec![WeightOverride { name: name.into(), data: vec![0.0; len] }])
             .err()
             .expect("must fail")
             .to_string()

@@ -20,7 +20,7 @@ fn engine() -> Engine {
 #[test]
 fn answers_a_fixed_question_coherently_and_streams_it() {
     let mut engine = engine();
-    let params = GenerationParams { max_new_tokens: 40, sampling: Default::default(), stop: vec![] };
+    let params = GenerationParams { max_new_tokens: 40, sampling: Default::default(), stop: vec![], adapter: None };
     let mut chunks = Vec::new();
     let out = engine
         .generate(&Prompt::Chat(vec![Message::new("user", QUESTION)]), &params, &CancelToken::new(), &mut |t| {
@@ -48,7 +48,12 @@ fn logits_and_greedy_tokens_match_transformers() {
     assert!(diff < ATOL, "max |logit diff| vs transformers = {diff}");
 
     // Greedy tokens up to the end-of-turn token (the reference loop does not stop there).
-    let params = GenerationParams { max_new_tokens: r.greedy_ids.len(), sampling: Default::default(), stop: vec![] };
+    let params = GenerationParams {
+        max_new_tokens: r.greedy_ids.len(),
+        sampling: Default::default(),
+        stop: vec![],
+        adapter: None,
+    };
     let out = engine.generate(&chat, &params, &CancelToken::new(), &mut |_| ControlFlow::Continue(())).unwrap();
     let ids: Vec<u32> = out.tokens.iter().map(|t| t.id).collect();
     assert_eq!(ids, r.greedy_ids[..ids.len()]);

@@ -9,7 +9,11 @@ use crayon::cli::{CommonArgs, exit_code};
 use crayon::{CancelToken, Engine, Message, Prompt};
 
 #[derive(Parser)]
-#[command(name = "crayonctl", version, about = "Talk to Crayon: generate text with the on-device model.")]
+#[command(
+    name = "crayonctl",
+    version,
+    about = "Talk to Crayon: generate text with the on-device model, customize it per task."
+)]
 #[command(after_help = "Exit status: 0 success, 1 model/runtime failure, 2 bad config or request.\n\
 Example: crayonctl -c config/crayon.toml generate \"What is the capital of France?\"")]
 struct Cli {
@@ -23,6 +27,31 @@ struct Cli {
 enum Command {
     /// Stream the model's answer to a prompt
     Generate(GenerateArgs),
+    /// Customize the model for a task from a few examples (no training): prints the blend weights
+    Customize(CustomizeArgs),
+    /// List the customized adapters
+    Adapters {
+        /// Print JSON
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove a customized adapter
+    Remove {
+        /// Adapter name
+        name: String,
+    },
+}
+
+#[derive(clap::Args)]
+struct CustomizeArgs {
+    /// Name of the new adapter (1-64 of A-Z a-z 0-9 . _ -); an existing one is replaced
+    name: String,
+    /// JSON Lines file of examples, one {"input": "...", "output": "..."} per line ("-": standard input)
+    #[arg(long, short = 'e')]
+    examples: std::path::PathBuf,
+    /// Print the result as JSON
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(clap::Args)]
@@ -59,6 +88,9 @@ struct GenerateArgs {
     /// Print prompt/decode speed to standard error at the end
     #[arg(long)]
     stats: bool,
+    /// Answer with this customized adapter (see `crayonctl adapters`)
+    #[arg(long, short = 'a')]
+    adapter: Option<String>,
 }
 
 fn main() -> ExitCode {
@@ -74,8 +106,106 @@ fn main() -> ExitCode {
 }
 
 fn run(cli: &Cli) -> crayon::Result<()> {
-    let Command::Generate(args) = &cli.cmd;
     let cfg = cli.common.load_config()?;
+    match &cli.cmd {
+        Command::Generate(args) => generate(cfg, args),
+        Command::Customize(args) => customize(cfg, args),
+        Command::Adapters { json } => list_adapters(cfg, *json),
+        Command::Remove { name } => {
+            Engine::load(&cfg)?.remove_adapter(name)?;
+            println!("removed adapter '{name}'");
+            Ok(())
+        }
+    }
+}
+
+fn customize(cfg: crayon::Config, args: &CustomizeArgs) -> crayon::Result<()> {
+    let examples = read_examples(&args.examples)?;
+    let mut engine = Engine::load(&cfg)?;
+    let report = engine.customize(&args.name, &examples)?;
+    if args.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&report).map_err(|e| crayon::Error::InvalidRequest(e.to_string()))?
+        );
+        return Ok(());
+    }
+    let c = &report.customization;
+    println!(
+        "adapter '{}' from {} examples (pool {}, examples digest {})",
+        c.name,
+        c.example_count,
+        c.pool_id,
+        &c.example_digest[..16]
+    );
+    println!("{:<8} {:>8} {:>10}", "base", "weight", "similarity");
+    for ((name, w), s) in c.adapters.iter().zip(&c.weights).zip(&c.similarities) {
+        println!("{name:<8} {w:>8.4} {s:>10.4}");
+    }
+    println!(
+        "ready in {:.0} ms (embed {:.1} ms, merge {:.0} ms, session {:.0} ms)",
+        report.total_ms, report.embed_ms, report.merge_ms, report.session_ms
+    );
+    Ok(())
+}
+
+fn list_adapters(cfg: crayon::Config, json: bool) -> crayon::Result<()> {
+    let engine = Engine::load(&cfg)?;
+    let list = engine.adapters();
+    if json {
+        println!("{}", serde_json::to_string_pretty(&list).map_err(|e| crayon::Error::InvalidRequest(e.to_string()))?);
+        return Ok(());
+    }
+    if list.is_empty() {
+        println!("no customized adapters (make one with `crayonctl customize NAME --examples FILE`)");
+    }
+    for c in list {
+        let top = c
+            .adapters
+            .iter()
+            .zip(&c.weights)
+            .max_by(|a, b| a.1.total_cmp(b.1))
+            .map(|(n, w)| format!("{n} {w:.2}"))
+            .unwrap_or_default();
+        println!("{:<24} {:>3} examples  pool {}  top {}", c.name, c.example_count, c.pool_id, top);
+    }
+    Ok(())
+}
+
+fn read_examples(path: &std::path::Path) -> crayon::Result<Vec<crayon::Example>> {
+    let text = if path.as_os_str() == "-" {
+        let mut s = String::new();
+        std::io::stdin().read_to_string(&mut s).map_err(|source| crayon::Error::Io {
+            what: "examples",
+            path: path.to_path_buf(),
+            source,
+        })?;
+        s
+    } else {
+        std::fs::read_to_string(path).map_err(|source| crayon::Error::Io {
+            what: "examples",
+            path: path.to_path_buf(),
+            source,
+        })?
+    };
+    let mut out = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let ex: crayon::Example = serde_json::from_str(line).map_err(|e| {
+            crayon::Error::InvalidRequest(format!(
+                "{} line {}: expected {{\"input\": \"...\", \"output\": \"...\"}}: {e}",
+                path.display(),
+                i + 1
+            ))
+        })?;
+        out.push(ex);
+    }
+    Ok(out)
+}
+
+fn generate(cfg: crayon::Config, args: &GenerateArgs) -> crayon::Result<()> {
     let prompt_text = read_prompt(args.prompt.as_deref())?;
     let mut engine = Engine::load(&cfg)?;
     let prompt = if args.raw {
@@ -98,6 +228,7 @@ fn run(cli: &Cli) -> crayon::Result<()> {
     s.top_p = args.top_p.unwrap_or(s.top_p);
     s.seed = args.seed.or(s.seed);
     params.stop.extend(args.stop.iter().cloned());
+    params.adapter = args.adapter.clone();
 
     let cancel = CancelToken::new();
     let on_signal = cancel.clone();

@@ -15,10 +15,11 @@ use crate::error::{Error, Result};
 use crate::runtime::{Provider, Runtime};
 
 /// Replacement for one adapter-targetable weight (Hugging Face layout [out, in], row-major f32).
+/// The buffer moves into ONNX Runtime without a copy.
 #[derive(Clone)]
 pub struct WeightOverride {
     pub name: String,
-    pub data: Arc<[f32]>,
+    pub data: Vec<f32>,
 }
 
 /// Keys and values of every layer for the positions processed so far (batch of one).
@@ -52,7 +53,7 @@ impl Decoder {
         files: &ModelFiles,
         rt: &Runtime,
         cfg: &RuntimeConfig,
-        overrides: &[WeightOverride],
+        overrides: Vec<WeightOverride>,
     ) -> Result<Decoder> {
         let onnx = files.path(&files.manifest.onnx);
         let (mut builder, provider) = rt.session_builder(cfg)?;
@@ -66,8 +67,7 @@ impl Decoder {
                     shape
                 )));
             }
-            let tensor =
-                Tensor::from_array((shape, o.data.to_vec())).map_err(Error::ort("creating a weight tensor"))?;
+            let tensor = Tensor::from_array((shape, o.data)).map_err(Error::ort("creating a weight tensor"))?;
             builder = builder
                 .with_initializer(&o.name, Arc::new(tensor.into_dyn()))
                 .map_err(Error::ort(format!("overriding weight {}", o.name)))?;
@@ -218,14 +218,5 @@ fn target_shape(a: &Architecture, name: &str, files: &ModelFiles) -> Result<[usi
     if layer >= a.num_hidden_layers || !files.manifest.adapter_targets.iter().any(|t| t == target) {
         return Err(unknown());
     }
-    let (h, f) = (a.hidden_size, a.intermediate_size);
-    let (q, kv) = (a.num_attention_heads * a.head_dim, a.num_key_value_heads * a.head_dim);
-    Ok(match target {
-        "self_attn.q_proj" => [q, h],
-        "self_attn.k_proj" | "self_attn.v_proj" => [kv, h],
-        "self_attn.o_proj" => [h, q],
-        "mlp.gate_proj" | "mlp.up_proj" => [f, h],
-        "mlp.down_proj" => [h, f],
-        _ => return Err(unknown()),
-    })
+    super::target_shape(a, target).ok_or_else(unknown)
 }

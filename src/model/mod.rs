@@ -39,6 +39,7 @@ pub struct Architecture {
     pub num_key_value_heads: usize,
     pub head_dim: usize,
     pub max_position_embeddings: usize,
+    pub rms_norm_eps: f64,
 }
 
 /// A validated model folder: every file present, manifest and architecture parsed.
@@ -106,6 +107,20 @@ impl ModelFiles {
             .flat_map(|i| self.manifest.adapter_targets.iter().map(move |t| format!("model.layers.{i}.{t}.weight")))
             .collect()
     }
+}
+
+/// Shape [out, in] of an adapter target such as `self_attn.q_proj`.
+pub(crate) fn target_shape(a: &Architecture, target: &str) -> Option<[usize; 2]> {
+    let (h, f) = (a.hidden_size, a.intermediate_size);
+    let (q, kv) = (a.num_attention_heads * a.head_dim, a.num_key_value_heads * a.head_dim);
+    Some(match target {
+        "self_attn.q_proj" => [q, h],
+        "self_attn.k_proj" | "self_attn.v_proj" => [kv, h],
+        "self_attn.o_proj" => [h, q],
+        "mlp.gate_proj" | "mlp.up_proj" => [f, h],
+        "mlp.down_proj" => [h, f],
+        _ => return None,
+    })
 }
 
 pub(crate) fn read_json<T: serde::de::DeserializeOwned>(path: &Path, what: &'static str) -> Result<T> {

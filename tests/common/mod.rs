@@ -35,6 +35,52 @@ pub fn tiny() -> Config {
     config_for(&model_dir("tiny"))
 }
 
+/// The tiny model with its adapter pool and a fresh state directory (returned to keep it alive).
+pub fn tiny_with_pool() -> (Config, tempfile::TempDir) {
+    let mut cfg = tiny();
+    let pool = repo().join("models/tiny-pool");
+    assert!(pool.join("pool.json").is_file(), "{} is missing: run scripts/setup first", pool.display());
+    cfg.pool.dir = pool;
+    let state = tempfile::tempdir().unwrap();
+    cfg.adapters.state_dir = state.path().to_path_buf();
+    (cfg, state)
+}
+
+/// PEFT's merged-model logits saved by the pool tool: the last 4 positions of a fixed prompt, for a
+/// mixed blend and for adapter 0 alone.
+pub struct PoolReference {
+    pub input_ids: Vec<u32>,
+    pub blend_weights: Vec<f32>,
+    pub blend_logits: Vec<f32>,
+    pub single_logits: Vec<f32>,
+}
+
+pub fn pool_reference(pool: &Path) -> PoolReference {
+    let bytes = std::fs::read(pool.join("reference.safetensors")).expect("pool reference.safetensors");
+    let st = SafeTensors::deserialize(&bytes).expect("valid safetensors");
+    let f32s = |name: &str| -> Vec<f32> {
+        st.tensor(name).unwrap().data().chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect()
+    };
+    let ids = st
+        .tensor("input_ids")
+        .unwrap()
+        .data()
+        .chunks_exact(8)
+        .map(|c| i64::from_le_bytes(c.try_into().unwrap()) as u32)
+        .collect();
+    PoolReference {
+        input_ids: ids,
+        blend_weights: f32s("blend_weights"),
+        blend_logits: f32s("blend_logits"),
+        single_logits: f32s("single_logits"),
+    }
+}
+
+/// The last `rows` rows of a [positions, vocab] logits buffer.
+pub fn last_rows(logits: &[f32], vocab: usize, rows: usize) -> &[f32] {
+    &logits[logits.len() - rows * vocab..]
+}
+
 /// The reference the exporter saved from transformers: prompt ids, logits at every prompt position, and
 /// a 24-token greedy continuation.
 pub struct Reference {

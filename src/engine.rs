@@ -1,0 +1,381 @@
+//! The engine: one model in memory, its tokenizer and chat template, the adapter pool, the
+//! customized adapters, and a bounded cache of ready (merged) models to switch between per request.
+
+use std::ops::ControlFlow;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use serde::Serialize;
+
+use crate::adapters::{self, AdapterStore, Customization, Example};
+use crate::chat::{ChatTemplate, Message};
+use crate::config::Config;
+use crate::error::{Error, Result};
+use crate::generate::{self, CancelToken, Generation, GenerationParams, Prompt};
+use crate::model::{Decoder, ModelFiles, WeightOverride};
+use crate::pool::Pool;
+use crate::pool::blend;
+use crate::pool::embed::TaskEmbedder;
+use crate::pool::merge;
+use crate::runtime::{Provider, Runtime};
+use crate::tokenizer::Tokenizer;
+use crate::weights::WeightFile;
+
+/// Upper bound on examples per customization: embedding is cheap, but requests must stay bounded.
+pub const MAX_EXAMPLES: usize = 256;
+
+/// The pool and what blending needs next to it.
+struct Customizer {
+    pool: Pool,
+    embedder: TaskEmbedder,
+    base_weights: WeightFile,
+}
+
+/// A merged model kept ready.
+struct Ready {
+    name: String,
+    decoder: Decoder,
+    bytes: usize,
+    last_used: u64,
+}
+
+/// Timings of one customization, for callers and the benchmark.
+#[derive(Debug, Clone, Serialize)]
+pub struct CustomizeReport {
+    pub customization: Customization,
+    pub embed_ms: f64,
+    pub merge_ms: f64,
+    pub session_ms: f64,
+    pub total_ms: f64,
+}
+
+pub struct Engine {
+    files: ModelFiles,
+    runtime: Arc<Runtime>,
+    base: Decoder,
+    tokenizer: Tokenizer,
+    template: ChatTemplate,
+    stop_ids: Vec<u32>,
+    config: Config,
+    customizer: Option<Customizer>,
+    store: Option<AdapterStore>,
+    ready: Vec<Ready>,
+    clock: u64,
+}
+
+impl Engine {
+    pub fn load(config: &Config) -> Result<Engine> {
+        Engine::load_with_overrides(config, Vec::new())
+    }
+
+    /// Loads the model with some adapter-targetable weights of the *base* replaced.
+    pub fn load_with_overrides(config: &Config, overrides: Vec<WeightOverride>) -> Result<Engine> {
+        config.validate().map_err(|msg| Error::Config { path: "(in memory)".into(), msg })?;
+        let files = ModelFiles::open(&config.model.dir)?;
+        let tokenizer = Tokenizer::load(&files.path(&files.manifest.tokenizer))?;
+        if tokenizer.vocab_size() > files.arch.vocab_size {
+            return Err(Error::model(
+                files.path(&files.manifest.tokenizer),
+                format!("tokenizer has {} tokens but the model only {}", tokenizer.vocab_size(), files.arch.vocab_size),
+            ));
+        }
+        let template = ChatTemplate::load(&files.path(&files.manifest.tokenizer_config))?;
+        let customizer = if config.pool.dir.as_os_str().is_empty() {
+            None
+        } else {
+            Some(Customizer {
+                pool: Pool::open(&config.pool.dir, &files)?,
+                embedder: TaskEmbedder::new(&files)?,
+                base_weights: WeightFile::open(&files.path(&files.manifest.weights))?,
+            })
+        };
+        let store = match &customizer {
+            Some(_) => Some(AdapterStore::open(&config.adapters.state_dir)?),
+            None => None,
+        };
+        let runtime = Runtime::get(&config.runtime)?;
+        let base = Decoder::load(&files, &runtime, &config.runtime, overrides)?;
+        if let (Some(c), Some(s)) = (&customizer, &store) {
+            tracing::info!(pool = %c.pool.id, adapters = c.pool.adapters.len(), saved = s.list().count(), "adapter pool ready");
+        }
+        Ok(Engine {
+            stop_ids: files.manifest.stop_token_ids.clone(),
+            files,
+            runtime,
+            base,
+            tokenizer,
+            template,
+            config: config.clone(),
+            customizer,
+            store,
+            ready: Vec::new(),
+            clock: 0,
+        })
+    }
+
+    pub fn files(&self) -> &ModelFiles {
+        &self.files
+    }
+
+    pub fn tokenizer(&self) -> &Tokenizer {
+        &self.tokenizer
+    }
+
+    /// The base model's decoder (for tests and benchmarks).
+    pub fn decoder_mut(&mut self) -> &mut Decoder {
+        &mut self.base
+    }
+
+    pub fn provider(&self) -> Provider {
+        self.base.provider()
+    }
+
+    pub fn pool(&self) -> Option<&Pool> {
+        self.customizer.as_ref().map(|c| &c.pool)
+    }
+
+    /// Request parameters from the config's `[generation]` defaults.
+    pub fn default_params(&self) -> GenerationParams {
+        GenerationParams::from_config(&self.config.generation)
+    }
+
+    /// Token ids of the prompt, with the chat template applied for chat prompts.
+    pub fn prompt_ids(&self, prompt: &Prompt) -> Result<Vec<u32>> {
+        let text = match prompt {
+            Prompt::Tokens(ids) => return Ok(ids.clone()),
+            Prompt::Text(t) => t.clone(),
+            Prompt::Chat(messages) => {
+                let system = &self.config.generation.system_prompt;
+                if !system.is_empty() && messages.first().is_some_and(|m| m.role != "system") {
+                    let mut with_system = vec![Message::new("system", system.clone())];
+                    with_system.extend(messages.iter().cloned());
+                    self.template.render(&with_system)?
+                } else {
+                    self.template.render(messages)?
+                }
+            }
+        };
+        self.tokenizer.encode(&text)
+    }
+
+    /// Generates a continuation, with the base model or `params.adapter`. `on_text` receives the
+    /// answer as it forms (already cut at stop strings); `ControlFlow::Break` stops generation.
+    pub fn generate(
+        &mut self,
+        prompt: &Prompt,
+        params: &GenerationParams,
+        cancel: &CancelToken,
+        on_text: &mut dyn FnMut(&str) -> ControlFlow<()>,
+    ) -> Result<Generation> {
+        params.sampling.validate()?;
+        if params.stop.iter().any(String::is_empty) {
+            return Err(Error::InvalidRequest("stop strings must not be empty".into()));
+        }
+        let ids = self.prompt_ids(prompt)?;
+        let limit = self.config.model.max_context.min(self.files.arch.max_position_embeddings);
+        if ids.is_empty() {
+            return Err(Error::InvalidRequest("the prompt is empty".into()));
+        }
+        if ids.len() >= limit {
+            return Err(Error::InvalidRequest(format!(
+                "the prompt is {} tokens; the context limit is {limit}",
+                ids.len()
+            )));
+        }
+        let max_new = params.max_new_tokens.min(limit - ids.len());
+        let adapter = params.adapter.as_deref();
+        self.ensure_ready(adapter)?;
+        let Engine { base, ready, tokenizer, stop_ids, .. } = self;
+        let decoder = select(base, ready, adapter)?;
+        generate::run(decoder, tokenizer, stop_ids, &ids, max_new, params, cancel, on_text)
+    }
+
+    /// Logits at every position of `ids` (no cache), with the base model or an adapter.
+    pub fn logits(&mut self, adapter: Option<&str>, ids: &[u32]) -> Result<Vec<f32>> {
+        self.ensure_ready(adapter)?;
+        let decoder = select(&mut self.base, &mut self.ready, adapter)?;
+        let mut cache = decoder.new_cache()?;
+        decoder.forward(ids, &mut cache, ids.len(), None)
+    }
+
+    /// Turns examples of a task into a customized adapter: embed the inputs, weigh the pool's
+    /// adapters by similarity, merge the blend into the weights, make it ready, persist it.
+    pub fn customize(&mut self, name: &str, examples: &[Example]) -> Result<CustomizeReport> {
+        adapters::validate_name(name)?;
+        if examples.is_empty() || examples.len() > MAX_EXAMPLES {
+            return Err(Error::InvalidRequest(format!("give 1 to {MAX_EXAMPLES} examples, got {}", examples.len())));
+        }
+        if let Some(i) = examples.iter().position(|e| e.input.trim().is_empty()) {
+            return Err(Error::InvalidRequest(format!("example {} has an empty input", i + 1)));
+        }
+        let t0 = Instant::now();
+        let c = self.customizer()?;
+        let mut embs = Vec::with_capacity(examples.len());
+        for e in examples {
+            let ids = self.tokenizer.encode(&e.input)?;
+            embs.push(c.embedder.embed(&ids, &c.pool.embedding)?);
+        }
+        let centroids: Vec<&[f32]> = c.pool.adapters.iter().map(|a| a.centroid.as_slice()).collect();
+        let sims = blend::similarities(&embs, &centroids, self.config.blend.similarity)?;
+        let weights = blend::weights(&sims, &self.config.blend);
+        let embed_ms = ms(t0.elapsed());
+        let customization = Customization {
+            name: name.to_string(),
+            pool_id: c.pool.id.clone(),
+            adapters: c.pool.names().iter().map(|s| s.to_string()).collect(),
+            weights,
+            similarities: sims,
+            example_digest: adapters::digest(examples),
+            example_count: examples.len(),
+            created_unix: SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()),
+            examples: self.config.adapters.store_examples.then(|| examples.to_vec()),
+        };
+        let (merge_ms, session_ms) = self.make_ready(&customization)?;
+        self.store_mut()?.save(customization.clone())?;
+        Ok(CustomizeReport { customization, embed_ms, merge_ms, session_ms, total_ms: ms(t0.elapsed()) })
+    }
+
+    /// Makes a customized adapter from given blend weights (one per pool adapter, in pool order;
+    /// non-negative, normalized to sum 1). This is what a server does with the weights a device
+    /// sends: the examples never leave the device.
+    pub fn customize_weights(&mut self, name: &str, weights: &[f32]) -> Result<CustomizeReport> {
+        adapters::validate_name(name)?;
+        let t0 = Instant::now();
+        let c = self.customizer()?;
+        if weights.len() != c.pool.adapters.len() {
+            return Err(Error::InvalidRequest(format!(
+                "{} blend weights given; pool '{}' has {} adapters",
+                weights.len(),
+                c.pool.id,
+                c.pool.adapters.len()
+            )));
+        }
+        let total: f32 = weights.iter().sum();
+        if weights.iter().any(|w| !w.is_finite() || *w < 0.0) || total <= 0.0 {
+            return Err(Error::InvalidRequest("blend weights must be finite, non-negative, and not all zero".into()));
+        }
+        let customization = Customization {
+            name: name.to_string(),
+            pool_id: c.pool.id.clone(),
+            adapters: c.pool.names().iter().map(|s| s.to_string()).collect(),
+            weights: weights.iter().map(|w| w / total).collect(),
+            similarities: Vec::new(),
+            example_digest: String::new(),
+            example_count: 0,
+            created_unix: SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()),
+            examples: None,
+        };
+        let (merge_ms, session_ms) = self.make_ready(&customization)?;
+        self.store_mut()?.save(customization.clone())?;
+        Ok(CustomizeReport { customization, embed_ms: 0.0, merge_ms, session_ms, total_ms: ms(t0.elapsed()) })
+    }
+
+    /// Saved customizations, by name.
+    pub fn adapters(&self) -> Vec<&Customization> {
+        self.store.as_ref().map(|s| s.list().collect()).unwrap_or_default()
+    }
+
+    pub fn remove_adapter(&mut self, name: &str) -> Result<Customization> {
+        let c = self.store_mut()?.remove(name)?;
+        self.ready.retain(|r| r.name != name);
+        Ok(c)
+    }
+
+    /// Names of the customized models currently kept ready, most recently used first.
+    pub fn ready_adapters(&self) -> Vec<&str> {
+        let mut r: Vec<&Ready> = self.ready.iter().collect();
+        r.sort_by_key(|r| std::cmp::Reverse(r.last_used));
+        r.into_iter().map(|r| r.name.as_str()).collect()
+    }
+
+    fn customizer(&self) -> Result<&Customizer> {
+        self.customizer.as_ref().ok_or_else(|| Error::Config {
+            path: "[pool] dir".into(),
+            msg: "no adapter pool is configured, so customization is off".into(),
+        })
+    }
+
+    fn store_mut(&mut self) -> Result<&mut AdapterStore> {
+        self.store.as_mut().ok_or_else(|| Error::Config {
+            path: "[pool] dir".into(),
+            msg: "no adapter pool is configured, so there are no adapters".into(),
+        })
+    }
+
+    /// Makes sure a customized model is in the ready cache and marks it most recently used.
+    fn ensure_ready(&mut self, adapter: Option<&str>) -> Result<()> {
+        let Some(name) = adapter else { return Ok(()) };
+        if !self.ready.iter().any(|r| r.name == name) {
+            let c = self.store.as_ref().and_then(|s| s.get(name)).cloned().ok_or_else(|| Error::Adapter {
+                name: name.into(),
+                msg: "no such adapter (see `crayonctl adapters`)".into(),
+            })?;
+            self.make_ready(&c)?;
+        }
+        self.clock += 1;
+        let clock = self.clock;
+        if let Some(r) = self.ready.iter_mut().find(|r| r.name == name) {
+            r.last_used = clock;
+        }
+        Ok(())
+    }
+
+    /// Merges a customization into the weights and builds its session; returns (merge, session) ms.
+    fn make_ready(&mut self, c: &Customization) -> Result<(f64, f64)> {
+        let cz = self.customizer()?;
+        if c.pool_id != cz.pool.id || c.adapters != cz.pool.names() {
+            return Err(Error::Adapter {
+                name: c.name.clone(),
+                msg: format!(
+                    "was made with pool '{}', but the loaded pool is '{}': customize it again",
+                    c.pool_id, cz.pool.id
+                ),
+            });
+        }
+        let threads = match self.config.adapters.merge_threads {
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            n => n,
+        };
+        let t0 = Instant::now();
+        let overrides = merge::merge(&cz.pool, &self.files, &cz.base_weights, &c.weights, threads)?;
+        let merge_ms = ms(t0.elapsed());
+        // Merged f32 weights, plus the packed copy ONNX Runtime makes for its GEMMs.
+        let bytes = 2 * overrides.iter().map(|o| o.data.len() * 4).sum::<usize>();
+        let t1 = Instant::now();
+        let decoder = Decoder::load(&self.files, &self.runtime, &self.config.runtime, overrides)?;
+        let session_ms = ms(t1.elapsed());
+        self.ready.retain(|r| r.name != c.name);
+        self.clock += 1;
+        self.ready.push(Ready { name: c.name.clone(), decoder, bytes, last_used: self.clock });
+        self.evict();
+        tracing::info!(adapter = %c.name, merge_ms, session_ms, "customized model ready");
+        Ok((merge_ms, session_ms))
+    }
+
+    /// Drops least recently used models beyond `adapters.cache_mb`, always keeping the newest.
+    fn evict(&mut self) {
+        let budget = self.config.adapters.cache_mb.saturating_mul(1 << 20);
+        while self.ready.len() > 1 && self.ready.iter().map(|r| r.bytes).sum::<usize>() > budget {
+            let Some(oldest) = self.ready.iter().enumerate().min_by_key(|(_, r)| r.last_used).map(|(i, _)| i) else {
+                break;
+            };
+            let gone = self.ready.remove(oldest);
+            tracing::info!(adapter = %gone.name, "customized model dropped from memory (LRU)");
+        }
+    }
+}
+
+/// The base decoder, or the ready customized one named `adapter`.
+fn select<'a>(base: &'a mut Decoder, ready: &'a mut [Ready], adapter: Option<&str>) -> Result<&'a mut Decoder> {
+    match adapter {
+        None => Ok(base),
+        Some(name) => ready.iter_mut().find(|r| r.name == name).map(|r| &mut r.decoder).ok_or_else(|| Error::Adapter {
+            name: name.into(),
+            msg: "is not loaded (adapters.cache_mb too small?)".into(),
+        }),
+    }
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}

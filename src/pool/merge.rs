@@ -1,0 +1,126 @@
+//! Merging a blend into the model weights: for every targeted matrix,
+//! `W' = W + sum_k w_k * (alpha_k / r_k) * B_k A_k`, computed exactly as one GEMM per matrix over the
+//! concatenated ranks (B_cat [out, R] with scaled columns, A_cat [R, in]), never by averaging A and B.
+
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use crate::error::{Error, Result};
+use crate::model::{ModelFiles, WeightOverride, target_shape};
+use crate::weights::WeightFile;
+
+use super::Pool;
+
+/// Merged weights for every matrix touched by an adapter with non-zero weight. `threads` workers
+/// (at least one) split the matrices between them.
+pub fn merge(
+    pool: &Pool,
+    model: &ModelFiles,
+    base: &WeightFile,
+    weights: &[f32],
+    threads: usize,
+) -> Result<Vec<WeightOverride>> {
+    if weights.len() != pool.adapters.len() {
+        return Err(Error::InvalidRequest(format!(
+            "{} blend weights for a pool of {} adapters",
+            weights.len(),
+            pool.adapters.len()
+        )));
+    }
+    if weights.iter().any(|w| !w.is_finite()) {
+        return Err(Error::InvalidRequest("blend weights must be finite".into()));
+    }
+    let mut jobs = Vec::new();
+    for layer in 0..model.arch.num_hidden_layers {
+        for target in &model.manifest.adapter_targets {
+            let touched = pool.adapters.iter().zip(weights).any(|(a, &w)| w != 0.0 && a.targets.contains(target));
+            if touched {
+                jobs.push((layer, target.as_str()));
+            }
+        }
+    }
+    let next = AtomicUsize::new(0);
+    let results: Mutex<Vec<Option<Result<WeightOverride>>>> = Mutex::new((0..jobs.len()).map(|_| None).collect());
+    std::thread::scope(|s| {
+        for _ in 0..threads.max(1).min(jobs.len().max(1)) {
+            s.spawn(|| {
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    let Some(&(layer, target)) = jobs.get(i) else { break };
+                    let r = merge_one(pool, model, base, weights, layer, target);
+                    results.lock().unwrap_or_else(|p| p.into_inner())[i] = Some(r);
+                }
+            });
+        }
+    });
+    results
+        .into_inner()
+        .unwrap_or_else(|p| p.into_inner())
+        .into_iter()
+        .map(|r| r.unwrap_or_else(|| Err(Error::InvalidRequest("merge worker did not finish".into()))))
+        .collect()
+}
+
+fn merge_one(
+    pool: &Pool,
+    model: &ModelFiles,
+    base: &WeightFile,
+    weights: &[f32],
+    layer: usize,
+    target: &str,
+) -> Result<WeightOverride> {
+    let [out, inp] = target_shape(&model.arch, target)
+        .ok_or_else(|| Error::InvalidRequest(format!("unknown adapter target '{target}'")))?;
+    let name = format!("model.layers.{layer}.{target}.weight");
+    let mut merged = base.f32(&name)?.into_owned();
+    if merged.len() != out * inp {
+        return Err(Error::model(base.path(), format!("'{name}' has {} values, expected {out} x {inp}", merged.len())));
+    }
+    let mut b_cat: Vec<f32> = Vec::new(); // [out, R], filled column block by column block
+    let mut a_cat: Vec<f32> = Vec::new(); // [R, in]
+    let mut blocks: Vec<(usize, f32, Vec<f32>)> = Vec::new();
+    for (adapter, &w) in pool.adapters.iter().zip(weights) {
+        if w == 0.0 {
+            continue;
+        }
+        if let Some(pair) = adapter.lora(layer, target)? {
+            a_cat.extend_from_slice(&pair.a);
+            blocks.push((adapter.rank, w * adapter.scale(), pair.b.into_owned()));
+        }
+    }
+    let rank: usize = blocks.iter().map(|b| b.0).sum();
+    if rank == 0 {
+        return Ok(WeightOverride { name, data: merged });
+    }
+    b_cat.resize(out * rank, 0.0);
+    let mut col = 0;
+    for (r, factor, b) in &blocks {
+        for row in 0..out {
+            for j in 0..*r {
+                b_cat[row * rank + col + j] = b[row * r + j] * factor;
+            }
+        }
+        col += r;
+    }
+    // SAFETY: the pointers and strides describe the row-major buffers just allocated:
+    // b_cat is [out, rank], a_cat is [rank, inp], merged is [out, inp].
+    unsafe {
+        matrixmultiply::sgemm(
+            out,
+            rank,
+            inp,
+            1.0,
+            b_cat.as_ptr(),
+            rank as isize,
+            1,
+            a_cat.as_ptr(),
+            inp as isize,
+            1,
+            1.0,
+            merged.as_mut_ptr(),
+            inp as isize,
+            1,
+        );
+    }
+    Ok(WeightOverride { name, data: merged })
+}

@@ -1,0 +1,234 @@
+//! Adapter pool, blending and merging on the tiny model and its pool: correctness against PEFT's own
+//! merged model, blend weights, switching, persistence, eviction, and every pool error path.
+
+mod common;
+
+use std::fs;
+use std::path::Path;
+
+use common::*;
+use crayon::{Engine, Example};
+
+fn examples(n: usize) -> Vec<Example> {
+    (0..n)
+        .map(|i| Example {
+            input: format!("Question: What is {i} plus {i}?\n A. {}\n B. {}\nAnswer:", 2 * i, i),
+            output: " A".into(),
+        })
+        .collect()
+}
+
+#[test]
+fn merged_blend_matches_peft_merged_model() {
+    let (cfg, _state) = tiny_with_pool();
+    let r = pool_reference(&cfg.pool.dir);
+    let mut engine = Engine::load(&cfg).unwrap();
+    let vocab = engine.files().arch.vocab_size;
+    engine.customize_weights("mix", &r.blend_weights).unwrap();
+    let got = engine.logits(Some("mix"), &r.input_ids).unwrap();
+    let diff = max_abs_diff(last_rows(&got, vocab, 4), &r.blend_logits);
+    assert!(diff < 1e-4, "blend vs PEFT: max |diff| {diff}");
+    let base = engine.logits(None, &r.input_ids).unwrap();
+    assert!(max_abs_diff(last_rows(&base, vocab, 4), &r.blend_logits) > 1e-3, "the blend must change the model");
+}
+
+#[test]
+fn one_adapter_at_weight_one_equals_that_adapter_alone() {
+    let (cfg, _state) = tiny_with_pool();
+    let r = pool_reference(&cfg.pool.dir);
+    let mut engine = Engine::load(&cfg).unwrap();
+    let vocab = engine.files().arch.vocab_size;
+    let mut one_hot = vec![0.0; r.blend_weights.len()];
+    one_hot[0] = 1.0;
+    engine.customize_weights("first", &one_hot).unwrap();
+    let got = engine.logits(Some("first"), &r.input_ids).unwrap();
+    let diff = max_abs_diff(last_rows(&got, vocab, 4), &r.single_logits);
+    assert!(diff < 1e-4, "one-hot blend vs PEFT single adapter: max |diff| {diff}");
+}
+
+#[test]
+fn blend_weights_from_examples_form_a_distribution() {
+    let (cfg, _state) = tiny_with_pool();
+    let mut engine = Engine::load(&cfg).unwrap();
+    let report = engine.customize("arith", &examples(5)).unwrap();
+    let c = &report.customization;
+    assert_eq!(c.weights.len(), engine.pool().unwrap().adapters.len());
+    assert!(c.weights.iter().all(|&w| w >= 0.0));
+    assert!((c.weights.iter().sum::<f32>() - 1.0).abs() < 1e-5);
+    assert_eq!(c.example_count, 5);
+    assert_eq!(c.example_digest, crayon::adapters::digest(&examples(5)));
+    assert!(c.examples.is_none(), "examples are not stored unless asked");
+}
+
+#[test]
+fn switching_a_b_a_gives_a_exactly_again() {
+    let (cfg, _state) = tiny_with_pool();
+    let r = pool_reference(&cfg.pool.dir);
+    let mut engine = Engine::load(&cfg).unwrap();
+    let n = r.blend_weights.len();
+    let mut a = vec![0.0; n];
+    a[0] = 1.0;
+    let mut b = vec![0.0; n];
+    b[n - 1] = 1.0;
+    engine.customize_weights("a", &a).unwrap();
+    engine.customize_weights("b", &b).unwrap();
+    let first = engine.logits(Some("a"), &r.input_ids).unwrap();
+    let other = engine.logits(Some("b"), &r.input_ids).unwrap();
+    let again = engine.logits(Some("a"), &r.input_ids).unwrap();
+    assert_ne!(first, other);
+    assert_eq!(first, again, "bit-identical after switching back");
+}
+
+#[test]
+fn customizations_persist_across_restarts_and_can_be_removed() {
+    let (cfg, _state) = tiny_with_pool();
+    let r = pool_reference(&cfg.pool.dir);
+    let before = {
+        let mut engine = Engine::load(&cfg).unwrap();
+        engine.customize("kept", &examples(3)).unwrap();
+        engine.logits(Some("kept"), &r.input_ids).unwrap()
+    };
+    let mut engine = Engine::load(&cfg).unwrap();
+    assert_eq!(engine.adapters().iter().map(|c| c.name.as_str()).collect::<Vec<_>>(), ["kept"]);
+    assert!(engine.ready_adapters().is_empty(), "restored lazily");
+    assert_eq!(engine.logits(Some("kept"), &r.input_ids).unwrap(), before);
+    engine.remove_adapter("kept").unwrap();
+    assert!(engine.logits(Some("kept"), &r.input_ids).unwrap_err().to_string().contains("no such adapter"));
+    assert!(Engine::load(&cfg).unwrap().adapters().is_empty());
+}
+
+#[test]
+fn storing_examples_is_opt_in() {
+    let (mut cfg, _state) = tiny_with_pool();
+    cfg.adapters.store_examples = true;
+    let mut engine = Engine::load(&cfg).unwrap();
+    engine.customize("with-ex", &examples(2)).unwrap();
+    let saved = fs::read_to_string(cfg.adapters.state_dir.join("adapters/with-ex.json")).unwrap();
+    assert!(saved.contains("What is 1 plus 1?"));
+}
+
+#[test]
+fn least_recently_used_models_are_dropped_beyond_the_budget() {
+    let (mut cfg, _state) = tiny_with_pool();
+    cfg.adapters.cache_mb = 0; // room for the newest only
+    let r = pool_reference(&cfg.pool.dir);
+    let mut engine = Engine::load(&cfg).unwrap();
+    let n = r.blend_weights.len();
+    let one_hot = |k: usize| {
+        let mut w = vec![0.0; n];
+        w[k] = 1.0;
+        w
+    };
+    engine.customize_weights("x", &one_hot(0)).unwrap();
+    let x = engine.logits(Some("x"), &r.input_ids).unwrap();
+    engine.customize_weights("y", &one_hot(1)).unwrap();
+    assert_eq!(engine.ready_adapters(), ["y"]);
+    assert_eq!(engine.logits(Some("x"), &r.input_ids).unwrap(), x, "rebuilt on demand, same result");
+    assert_eq!(engine.ready_adapters(), ["x"]);
+}
+
+#[test]
+fn bad_customization_requests_are_refused() {
+    let (cfg, _state) = tiny_with_pool();
+    let mut engine = Engine::load(&cfg).unwrap();
+    let err = |r: crayon::Result<crayon::engine::CustomizeReport>| r.expect_err("must fail").to_string();
+    assert!(err(engine.customize("x", &[])).contains("examples"));
+    assert!(err(engine.customize("bad name", &examples(1))).contains("adapter name"));
+    assert!(err(engine.customize("x", &[Example { input: " ".into(), output: "y".into() }])).contains("empty input"));
+    assert!(err(engine.customize_weights("x", &[1.0])).contains("blend weights"));
+    let n = engine.pool().unwrap().adapters.len();
+    assert!(err(engine.customize_weights("x", &vec![-1.0; n])).contains("non-negative"));
+    assert!(err(engine.customize_weights("x", &vec![f32::NAN; n])).contains("finite"));
+    assert!(engine.logits(Some("never-made"), &[1, 2]).unwrap_err().to_string().contains("no such adapter"));
+}
+
+#[test]
+fn customization_without_a_pool_says_so() {
+    let mut engine = Engine::load(&tiny()).unwrap();
+    let e = engine.customize("x", &examples(1)).unwrap_err().to_string();
+    assert!(e.contains("no adapter pool is configured"), "{e}");
+}
+
+#[test]
+fn adapter_made_with_another_pool_is_refused_clearly() {
+    let (cfg, _state) = tiny_with_pool();
+    let mut engine = Engine::load(&cfg).unwrap();
+    engine.customize("old", &examples(1)).unwrap();
+    let file = cfg.adapters.state_dir.join("adapters/old.json");
+    let text = fs::read_to_string(&file).unwrap().replace(&engine.pool().unwrap().id, "some-other-pool");
+    fs::write(&file, text).unwrap();
+    let mut engine = Engine::load(&cfg).unwrap();
+    let e = engine.logits(Some("old"), &[1, 2]).unwrap_err().to_string();
+    assert!(e.contains("some-other-pool") && e.contains("customize it again"), "{e}");
+}
+
+// ---- pool error paths ----
+
+fn copy_pool() -> tempfile::TempDir {
+    let src = repo().join("models/tiny-pool");
+    let dst = tempfile::tempdir().unwrap();
+    copy_dir(&src, dst.path());
+    dst
+}
+
+fn copy_dir(src: &Path, dst: &Path) {
+    for e in fs::read_dir(src).unwrap().flatten() {
+        let to = dst.join(e.file_name());
+        if e.path().is_dir() {
+            fs::create_dir_all(&to).unwrap();
+            copy_dir(&e.path(), &to);
+        } else {
+            fs::copy(e.path(), to).unwrap();
+        }
+    }
+}
+
+fn pool_error(edit: impl FnOnce(&Path)) -> String {
+    let pool = copy_pool();
+    edit(pool.path());
+    let (mut cfg, _state) = tiny_with_pool();
+    cfg.pool.dir = pool.path().to_path_buf();
+    match Engine::load(&cfg) {
+        Ok(_) => panic!("a broken pool must be refused"),
+        Err(e) => e.to_string(),
+    }
+}
+
+fn edit_manifest(dir: &Path, f: impl FnOnce(&mut serde_json::Value)) {
+    let p = dir.join("pool.json");
+    let mut v: serde_json::Value = serde_json::from_str(&fs::read_to_string(&p).unwrap()).unwrap();
+    f(&mut v);
+    fs::write(p, v.to_string()).unwrap();
+}
+
+#[test]
+fn pool_for_another_base_model_is_refused() {
+    let e = pool_error(|d| edit_manifest(d, |v| v["base_model"]["weights_sha256"] = "0123456789abcdef".into()));
+    assert!(e.contains("pool.json") && e.contains("built for base weights 0123456789ab"), "{e}");
+}
+
+#[test]
+fn missing_pool_pieces_are_named() {
+    let e = pool_error(|d| fs::remove_file(d.join("pool.json")).unwrap());
+    assert!(e.contains("pool.json"), "{e}");
+    let e = pool_error(|d| fs::remove_file(d.join("c01/adapter_model.safetensors")).unwrap());
+    assert!(e.contains("c01/adapter_model.safetensors"), "{e}");
+    let e = pool_error(|d| fs::write(d.join("c02/adapter_model.safetensors"), b"garbage").unwrap());
+    assert!(e.contains("c02/adapter_model.safetensors") && e.contains("safetensors"), "{e}");
+    let e = pool_error(|d| fs::write(d.join("pool.json"), "{").unwrap());
+    assert!(e.contains("pool.json") && e.contains("invalid"), "{e}");
+}
+
+#[test]
+fn wrong_shapes_unknown_targets_and_bad_centroids_are_refused() {
+    let e = pool_error(|d| edit_manifest(d, |v| v["adapters"][0]["rank"] = 8.into()));
+    assert!(e.contains("shape") && e.contains("expected [8,"), "{e}");
+    let e = pool_error(|d| edit_manifest(d, |v| v["adapters"][1]["targets"][0] = "mlp.wrong_proj".into()));
+    assert!(e.contains("mlp.wrong_proj") && e.contains("not one of the model's"), "{e}");
+    let e = pool_error(|d| edit_manifest(d, |v| v["adapters"][0]["centroid"] = serde_json::json!([0.5, 0.5])));
+    assert!(e.contains("centroid has 2 values"), "{e}");
+    let e = pool_error(|d| edit_manifest(d, |v| v["format"] = "crayon-pool/7".into()));
+    assert!(e.contains("crayon-pool/7"), "{e}");
+    let e = pool_error(|d| edit_manifest(d, |v| v["adapters"] = serde_json::json!([])));
+    assert!(e.contains("no adapters"), "{e}");
+}
