@@ -219,6 +219,12 @@ mod tests {
     }
 
     #[test]
+    fn shipped_example_config_is_exactly_the_defaults() {
+        let text = include_str!("../config/crayon.toml");
+        assert_eq!(Config::parse(text, Path::new("/etc/crayon")).unwrap(), Config::default());
+    }
+
+    #[test]
     fn relative_paths_resolve_against_the_config_folder() {
         let cfg = Config::parse(
             "[model]\ndir = \"models/m\"\n[runtime]\nort_library = \"/abs/lib.so\"",

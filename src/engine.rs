@@ -126,6 +126,12 @@ impl Engine {
         &mut self.base
     }
 
+    /// The decoder serving `adapter` (made ready if needed), or the base for `None`.
+    pub fn decoder_for(&mut self, adapter: Option<&str>) -> Result<&mut Decoder> {
+        self.ensure_ready(adapter)?;
+        select(&mut self.base, &mut self.ready, adapter)
+    }
+
     pub fn provider(&self) -> Provider {
         self.base.provider()
     }
@@ -192,8 +198,7 @@ impl Engine {
 
     /// Logits at every position of `ids` (no cache), with the base model or an adapter.
     pub fn logits(&mut self, adapter: Option<&str>, ids: &[u32]) -> Result<Vec<f32>> {
-        self.ensure_ready(adapter)?;
-        let decoder = select(&mut self.base, &mut self.ready, adapter)?;
+        let decoder = self.decoder_for(adapter)?;
         let mut cache = decoder.new_cache()?;
         decoder.forward(ids, &mut cache, ids.len(), None)
     }

@@ -138,3 +138,67 @@ fn crayond_check_reports_provider() {
     assert!(out.contains("execution provider: cpu"), "{out}");
     assert!(stderr(&o).contains("decoder session ready"), "the provider in use is logged: {}", stderr(&o));
 }
+
+#[test]
+fn customize_list_generate_with_adapter_and_remove() {
+    let state = tempfile::tempdir().unwrap();
+    let cfg_file = state.path().join("crayon.toml");
+    std::fs::write(
+        &cfg_file,
+        format!(
+            "[model]\ndir = {:?}\n[runtime]\nort_library = {:?}\n[pool]\ndir = {:?}\n[adapters]\nstate_dir = {:?}\n",
+            model_dir("tiny"),
+            ort_library(),
+            repo().join("models/tiny-pool"),
+            state.path()
+        ),
+    )
+    .unwrap();
+    let c = cfg_file.to_str().unwrap();
+    let examples = repo().join("examples/science.jsonl");
+
+    let o = crayonctl(&["-c", c, "customize", "science", "--examples", examples.to_str().unwrap()], None);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        out.contains("adapter 'science' from 5 examples") && out.contains("c00") && out.contains("ready in"),
+        "{out}"
+    );
+
+    let o = crayonctl(&["-c", c, "adapters", "--json"], None);
+    let list: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(list[0]["name"], "science");
+    let sum: f64 = list[0]["weights"].as_array().unwrap().iter().map(|w| w.as_f64().unwrap()).sum();
+    assert!((sum - 1.0).abs() < 1e-4);
+
+    let o = crayonctl(&["-c", c, "generate", "--adapter", "science", "-n", "3", "--raw", "Question:"], None);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = crayonctl(&["-c", c, "generate", "--adapter", "nope", "-n", "3", "hi"], None);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("adapter 'nope': no such adapter"), "{}", stderr(&o));
+
+    let o = crayonctl(&["-c", c, "remove", "science"], None);
+    assert!(o.status.success());
+    let o = crayonctl(&["-c", c, "adapters"], None);
+    assert!(String::from_utf8_lossy(&o.stdout).contains("no customized adapters"));
+}
+
+#[test]
+fn malformed_examples_file_names_the_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("bad.jsonl");
+    std::fs::write(&bad, "{\"input\": \"a\", \"output\": \"b\"}\n{\"question\": \"x\"}\n").unwrap();
+    let pool = repo().join("models/tiny-pool");
+    let args = tiny_args();
+    let mut a: Vec<&str> = args.iter().map(String::as_str).collect();
+    let state = dir.path().display().to_string();
+    let cfg_text = format!("[pool]\ndir = {pool:?}\n[adapters]\nstate_dir = {state:?}\n");
+    let cfg = dir.path().join("c.toml");
+    std::fs::write(&cfg, cfg_text).unwrap();
+    let cfg_s = cfg.display().to_string();
+    let bad_s = bad.display().to_string();
+    a.extend(["-c", &cfg_s, "customize", "x", "--examples", &bad_s]);
+    let o = crayonctl(&a, None);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("bad.jsonl line 2"), "{}", stderr(&o));
+}

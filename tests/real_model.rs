@@ -58,3 +58,51 @@ fn logits_and_greedy_tokens_match_transformers() {
     let ids: Vec<u32> = out.tokens.iter().map(|t| t.id).collect();
     assert_eq!(ids, r.greedy_ids[..ids.len()]);
 }
+
+#[test]
+fn merged_blend_of_the_real_pool_matches_peft() {
+    let pool = repo().join("pools/smollm2-135m-instruct");
+    let mut cfg = config_for(&model_dir("smollm2-135m-instruct"));
+    cfg.runtime.intra_threads = 0;
+    cfg.pool.dir = pool.clone();
+    let state = tempfile::tempdir().unwrap();
+    cfg.adapters.state_dir = state.path().to_path_buf();
+    let r = pool_reference(&pool);
+    let mut engine = Engine::load(&cfg).unwrap();
+    let vocab = engine.files().arch.vocab_size;
+    engine.customize_weights("mix", &r.blend_weights).unwrap();
+    let got = engine.logits(Some("mix"), &r.input_ids).unwrap();
+    let diff = max_abs_diff(last_rows(&got, vocab, 4), &r.blend_logits);
+    assert!(diff < ATOL, "blend vs PEFT merged model: max |diff| {diff}");
+    let mut one_hot = vec![0.0; r.blend_weights.len()];
+    one_hot[0] = 1.0;
+    engine.customize_weights("first", &one_hot).unwrap();
+    let got = engine.logits(Some("first"), &r.input_ids).unwrap();
+    let diff = max_abs_diff(last_rows(&got, vocab, 4), &r.single_logits);
+    assert!(diff < ATOL, "one-hot vs PEFT single adapter: max |diff| {diff}");
+}
+
+#[test]
+fn customized_from_five_examples_answers_in_the_task_format() {
+    let pool = repo().join("pools/smollm2-135m-instruct");
+    let mut cfg = config_for(&model_dir("smollm2-135m-instruct"));
+    cfg.runtime.intra_threads = 0;
+    cfg.pool.dir = pool;
+    let state = tempfile::tempdir().unwrap();
+    cfg.adapters.state_dir = state.path().to_path_buf();
+    let text = std::fs::read_to_string(repo().join("examples/science.jsonl")).unwrap();
+    let examples: Vec<crayon::Example> = text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let mut engine = Engine::load(&cfg).unwrap();
+    engine.customize("science", &examples).unwrap();
+    let params = GenerationParams {
+        max_new_tokens: 1,
+        sampling: Default::default(),
+        stop: vec![],
+        adapter: Some("science".into()),
+    };
+    let q = "Question: Which of these is a source of light?\n A. a rock\n B. a candle flame\n C. a pillow\n D. a spoon\nAnswer:";
+    let out = engine
+        .generate(&Prompt::Text(q.into()), &params, &CancelToken::new(), &mut |_| ControlFlow::Continue(()))
+        .unwrap();
+    assert!(["A", "B", "C", "D"].contains(&out.text.trim()), "answers with a choice letter: {:?}", out.text);
+}

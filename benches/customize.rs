@@ -1,0 +1,319 @@
+//! Customization benchmark on the real model and pool (issue #3). Prints markdown tables:
+//! blend-to-ready latency for pools of 4/8/16/32 adapters, switch latency between cached blends,
+//! prefill/decode speed with a merged blend against the base, resident memory with 0/1/4 cached
+//! blends, and the peer: a LoraHub-style gradient-free search of the blend weights (40 steps).
+//!
+//!     cargo bench --bench customize -- --config crayon.dev.toml [--runs 5] [--threads 2]
+//!
+//! Pools larger than the trained one reuse its adapters under new names (latency depends on count
+//! and rank, not on the values).
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use clap::Parser;
+use crayon::cli::CommonArgs;
+use crayon::sampler::{Sampler, SamplingParams};
+use crayon::{Config, Engine, Example};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+#[derive(Parser)]
+struct Args {
+    #[command(flatten)]
+    common: CommonArgs,
+    #[arg(long, default_value_t = 5)]
+    runs: usize,
+    /// Prompt tokens and new tokens for the speed comparison
+    #[arg(long, default_value_t = 367)]
+    prompt_tokens: usize,
+    #[arg(long, default_value_t = 64)]
+    new_tokens: usize,
+    /// Optimization steps of the LoraHub-style search
+    #[arg(long, default_value_t = 40)]
+    search_steps: usize,
+    #[arg(long, hide = true)]
+    bench: bool,
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    args.common.init_logging("warn");
+    let mut cfg = args.common.load_config()?;
+    anyhow::ensure!(!cfg.pool.dir.as_os_str().is_empty(), "the config names no [pool] dir");
+    let state = tempfile::tempdir()?;
+    cfg.adapters.state_dir = state.path().to_path_buf();
+    let examples = task_examples();
+    println!(
+        "Model {}, pool {}, {} examples per customization, {} threads, {} runs; x86-64 2 cores.\n",
+        cfg.model.dir.display(),
+        cfg.pool.dir.display(),
+        examples.len(),
+        cfg.runtime.intra_threads,
+        args.runs
+    );
+
+    blend_to_ready(&cfg, &examples, args.runs)?;
+    let mut engine = Engine::load(&cfg)?;
+    switch_latency(&mut engine, &examples, args.runs)?;
+    speed(&mut engine, args.prompt_tokens, args.new_tokens, args.runs)?;
+    memory(&cfg, &examples)?;
+    lorahub_search(&mut engine, &examples, args.search_steps)?;
+    Ok(())
+}
+
+/// Five examples of one task (ARC-style science questions), in the pool's prompt format.
+fn task_examples() -> Vec<Example> {
+    let q = [
+        (
+            "Which gas do plants take in from the air to make food?",
+            ["oxygen", "carbon dioxide", "nitrogen", "helium"],
+            "B",
+        ),
+        (
+            "What is the main source of energy for Earth's water cycle?",
+            ["the Moon", "wind", "the Sun", "volcanoes"],
+            "C",
+        ),
+        (
+            "Which tool is best for measuring the mass of a rock?",
+            ["a balance", "a ruler", "a thermometer", "a magnet"],
+            "A",
+        ),
+        (
+            "What happens to water when it freezes?",
+            ["it becomes a gas", "it becomes a solid", "it loses mass", "it boils"],
+            "B",
+        ),
+        ("Which organ pumps blood through the body?", ["the lungs", "the brain", "the stomach", "the heart"], "D"),
+    ];
+    q.iter()
+        .map(|(question, opts, ans)| Example {
+            input: format!(
+                "Question: {question}\n A. {}\n B. {}\n C. {}\n D. {}\nAnswer:",
+                opts[0], opts[1], opts[2], opts[3]
+            ),
+            output: format!(" {ans}"),
+        })
+        .collect()
+}
+
+fn pct(mut xs: Vec<f64>, p: f64) -> f64 {
+    xs.sort_by(f64::total_cmp);
+    let i = ((xs.len() as f64 - 1.0) * p).round() as usize;
+    xs[i.min(xs.len() - 1)]
+}
+
+/// A pool.json listing `n` adapters, cycling over the real pool's adapter folders.
+fn scaled_pool(real: &Path, n: usize, into: &Path) -> anyhow::Result<PathBuf> {
+    let mut v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(real.join("pool.json"))?)?;
+    let src = v["adapters"].as_array().cloned().unwrap_or_default();
+    anyhow::ensure!(!src.is_empty(), "empty pool");
+    let adapters: Vec<serde_json::Value> = (0..n)
+        .map(|i| {
+            let mut a = src[i % src.len()].clone();
+            let dir = real.join(a["dir"].as_str().unwrap_or_default());
+            a["name"] = format!("b{i:02}").into();
+            a["dir"] = dir.display().to_string().into();
+            a
+        })
+        .collect();
+    v["adapters"] = adapters.into();
+    v["pool_id"] = format!("bench-{n}").into();
+    let dir = into.join(format!("pool{n}"));
+    std::fs::create_dir_all(&dir)?;
+    std::fs::write(dir.join("pool.json"), v.to_string())?;
+    Ok(dir)
+}
+
+fn blend_to_ready(cfg: &Config, examples: &[Example], runs: usize) -> anyhow::Result<()> {
+    println!("## Blend-to-ready (examples in -> merged model ready to serve)\n");
+    println!("| adapters in pool | p50 ms | p95 ms | embed+blend ms (p50) | merge ms (p50) | session ms (p50) |");
+    println!("|---|---|---|---|---|---|");
+    let tmp = tempfile::tempdir()?;
+    for n in [4, 8, 16, 32] {
+        let mut c = cfg.clone();
+        c.pool.dir = scaled_pool(&cfg.pool.dir, n, tmp.path())?;
+        c.adapters.cache_mb = 0; // keep one ready model: measure the work, not the memory
+        let mut engine = Engine::load(&c)?;
+        let (mut total, mut embed, mut merge, mut session) = (vec![], vec![], vec![], vec![]);
+        for r in 0..runs + 1 {
+            let rep = engine.customize(&format!("t{r}"), examples)?;
+            if r > 0 {
+                total.push(rep.total_ms);
+                embed.push(rep.embed_ms);
+                merge.push(rep.merge_ms);
+                session.push(rep.session_ms);
+            }
+        }
+        println!(
+            "| {n} | {:.0} | {:.0} | {:.1} | {:.0} | {:.0} |",
+            pct(total.clone(), 0.5),
+            pct(total, 0.95),
+            pct(embed, 0.5),
+            pct(merge, 0.5),
+            pct(session, 0.5)
+        );
+    }
+    println!();
+    Ok(())
+}
+
+fn switch_latency(engine: &mut Engine, examples: &[Example], runs: usize) -> anyhow::Result<()> {
+    engine.customize("a", examples)?;
+    engine.customize("b", &examples[..2])?;
+    let one = [1u32];
+    let mut time = |name: &str| -> anyhow::Result<f64> {
+        let t = Instant::now();
+        engine.logits(Some(name), &one)?;
+        Ok(t.elapsed().as_secs_f64() * 1e3)
+    };
+    let (mut same, mut switch) = (vec![], vec![]);
+    time("a")?;
+    for _ in 0..runs * 4 {
+        same.push(time("a")?);
+        switch.push(time("b")?);
+        switch.push(time("a")?);
+    }
+    println!("## Switching between two cached blends (one-token forward, ms)\n");
+    println!("| request | p50 ms | p95 ms |\n|---|---|---|");
+    println!("| same blend as previous request | {:.2} | {:.2} |", pct(same.clone(), 0.5), pct(same, 0.95));
+    println!("| other cached blend | {:.2} | {:.2} |\n", pct(switch.clone(), 0.5), pct(switch, 0.95));
+    Ok(())
+}
+
+fn speed(engine: &mut Engine, prompt_tokens: usize, new_tokens: usize, runs: usize) -> anyhow::Result<()> {
+    let text = "The history of the printing press begins in the fifteenth century, when movable metal type made it possible to reproduce books quickly and cheaply. ";
+    let mut ids = Vec::new();
+    while ids.len() < prompt_tokens {
+        ids.extend(engine.tokenizer().encode(text)?);
+    }
+    ids.truncate(prompt_tokens);
+    println!(
+        "## Speed with a merged blend vs the base model ({prompt_tokens}-token prompt, {new_tokens} new tokens)\n"
+    );
+    println!("| model | prefill tok/s (median) | decode tok/s (median) |\n|---|---|---|");
+    for adapter in [None, Some("a")] {
+        let dec = engine.decoder_for(adapter)?;
+        let (mut pre, mut de) = (vec![], vec![]);
+        for r in 0..runs + 1 {
+            let mut cache = dec.new_cache()?;
+            let mut sampler = Sampler::new(SamplingParams::default());
+            let t = Instant::now();
+            let mut logits = dec.forward(&ids, &mut cache, 1, None)?;
+            let p = t.elapsed().as_secs_f64();
+            let t = Instant::now();
+            for _ in 0..new_tokens {
+                let tok = sampler.sample(&logits).token;
+                logits = dec.forward(&[tok], &mut cache, 1, None)?;
+            }
+            if r > 0 {
+                pre.push(ids.len() as f64 / p);
+                de.push(new_tokens as f64 / t.elapsed().as_secs_f64());
+            }
+        }
+        println!(
+            "| {} | {:.0} | {:.1} |",
+            adapter.map_or("base".into(), |a| format!("blend '{a}'")),
+            pct(pre, 0.5),
+            pct(de, 0.5)
+        );
+    }
+    println!();
+    Ok(())
+}
+
+fn rss_mb() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+        })
+        .map_or(0.0, |kb| kb / 1024.0)
+}
+
+fn memory(cfg: &Config, examples: &[Example]) -> anyhow::Result<()> {
+    let mut c = cfg.clone();
+    c.adapters.cache_mb = 1 << 20;
+    let mut engine = Engine::load(&c)?;
+    engine.logits(None, &[1])?;
+    println!("## Resident memory (VmRSS) with cached blends\n");
+    println!("| cached blends | RSS MB |\n|---|---|");
+    println!("| 0 | {:.0} |", rss_mb());
+    for i in 0..4 {
+        engine.customize(&format!("m{i}"), &examples[..=i])?;
+        engine.logits(Some(&format!("m{i}")), &[1])?;
+        if i == 0 || i == 3 {
+            println!("| {} | {:.0} |", i + 1, rss_mb());
+        }
+    }
+    println!();
+    Ok(())
+}
+
+/// Mean cross-entropy of the examples' outputs given their inputs under `adapter`.
+fn few_shot_loss(engine: &mut Engine, adapter: &str, examples: &[Example]) -> anyhow::Result<f64> {
+    let vocab = engine.files().arch.vocab_size;
+    let mut total = 0.0;
+    let mut count = 0usize;
+    for e in examples {
+        let prompt = engine.tokenizer().encode(&e.input)?;
+        let answer = engine.tokenizer().encode(&e.output)?;
+        let ids: Vec<u32> = prompt.iter().chain(&answer).copied().collect();
+        let logits = engine.logits(Some(adapter), &ids)?;
+        for (j, &t) in answer.iter().enumerate() {
+            let row = &logits[(prompt.len() - 1 + j) * vocab..(prompt.len() + j) * vocab];
+            let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let lse = max + row.iter().map(|&l| (l - max).exp()).sum::<f32>().ln();
+            total += f64::from(lse - row[t as usize]);
+            count += 1;
+        }
+    }
+    Ok(total / count.max(1) as f64)
+}
+
+/// LoraHub-style search: gradient-free (1+1) evolution strategy over the blend weights, each step
+/// merging the candidate into the model and scoring the few-shot loss (LoraHub uses nevergrad's
+/// optimizer with the same budget; the cost per step is what matters here).
+fn lorahub_search(engine: &mut Engine, examples: &[Example], steps: usize) -> anyhow::Result<()> {
+    let n = engine.pool().map_or(0, |p| p.adapters.len());
+    let crayon_start = Instant::now();
+    engine.customize("crayon", examples)?;
+    let crayon_ms = crayon_start.elapsed().as_secs_f64() * 1e3;
+    let crayon_loss = few_shot_loss(engine, "crayon", examples)?;
+    let mut rng = ChaCha8Rng::seed_from_u64(1);
+    let mut noise = |scale: f32| -> f32 { rng.random_range(-scale..=scale) };
+    let start = Instant::now();
+    let mut best = vec![1.0 / n as f32; n];
+    engine.customize_weights("search", &best)?;
+    let mut best_loss = few_shot_loss(engine, "search", examples)?;
+    let mut step_ms = Vec::new();
+    for s in 0..steps {
+        let t = Instant::now();
+        let scale = 0.5 * (1.0 - s as f32 / steps as f32) + 0.05;
+        let cand: Vec<f32> = best.iter().map(|w| (w + noise(scale)).max(0.0)).collect();
+        if cand.iter().sum::<f32>() <= 0.0 {
+            continue;
+        }
+        engine.customize_weights("search", &cand)?;
+        let loss = few_shot_loss(engine, "search", examples)?;
+        if loss < best_loss {
+            best_loss = loss;
+            let total: f32 = cand.iter().sum();
+            best = cand.iter().map(|w| w / total).collect();
+        }
+        step_ms.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    let search_ms = start.elapsed().as_secs_f64() * 1e3;
+    println!("## Peer: LoraHub-style search of the blend weights ({steps} steps) vs Crayon's instant blend\n");
+    println!("| method | time to customize | few-shot loss on the 5 examples |\n|---|---|---|");
+    println!("| Crayon blend (similarity, no search) | {:.0} ms | {crayon_loss:.3} |", crayon_ms);
+    println!(
+        "| LoraHub-style search, {steps} steps | {:.0} ms ({:.0} ms/step, {:.1}x Crayon) | {best_loss:.3} |",
+        search_ms,
+        pct(step_ms, 0.5),
+        search_ms / crayon_ms
+    );
+    println!();
+    Ok(())
+}
