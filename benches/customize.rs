@@ -32,6 +32,9 @@ struct Args {
     /// Optimization steps of the LoraHub-style search
     #[arg(long, default_value_t = 40)]
     search_steps: usize,
+    /// Sections to run (comma-separated): memory, ready, switch, speed, search
+    #[arg(long, value_delimiter = ',', default_value = "memory,ready,switch,speed,search")]
+    only: Vec<String>,
     #[arg(long, hide = true)]
     bench: bool,
 }
@@ -53,12 +56,26 @@ fn main() -> anyhow::Result<()> {
         args.runs
     );
 
-    blend_to_ready(&cfg, &examples, args.runs)?;
+    let on = |s: &str| args.only.iter().any(|o| o == s);
+    if on("memory") {
+        memory(&cfg, &examples)?; // first: a fresh process, before other engines take memory
+    }
+    if on("ready") {
+        blend_to_ready(&cfg, &examples, args.runs)?;
+    }
     let mut engine = Engine::load(&cfg)?;
-    switch_latency(&mut engine, &examples, args.runs)?;
-    speed(&mut engine, args.prompt_tokens, args.new_tokens, args.runs)?;
-    memory(&cfg, &examples)?;
-    lorahub_search(&mut engine, &examples, args.search_steps)?;
+    if on("switch") || on("speed") {
+        engine.customize("a", &examples)?;
+    }
+    if on("switch") {
+        switch_latency(&mut engine, &examples, args.runs)?;
+    }
+    if on("speed") {
+        speed(&mut engine, args.prompt_tokens, args.new_tokens, args.runs)?;
+    }
+    if on("search") {
+        lorahub_search(&mut engine, &examples, args.search_steps)?;
+    }
     Ok(())
 }
 
@@ -160,7 +177,6 @@ fn blend_to_ready(cfg: &Config, examples: &[Example], runs: usize) -> anyhow::Re
 }
 
 fn switch_latency(engine: &mut Engine, examples: &[Example], runs: usize) -> anyhow::Result<()> {
-    engine.customize("a", examples)?;
     engine.customize("b", &examples[..2])?;
     let one = [1u32];
     let mut time = |name: &str| -> anyhow::Result<f64> {
@@ -235,16 +251,19 @@ fn rss_mb() -> f64 {
 fn memory(cfg: &Config, examples: &[Example]) -> anyhow::Result<()> {
     let mut c = cfg.clone();
     c.adapters.cache_mb = 1 << 20;
+    let before = rss_mb();
     let mut engine = Engine::load(&c)?;
     engine.logits(None, &[1])?;
     println!("## Resident memory (VmRSS) with cached blends\n");
-    println!("| cached blends | RSS MB |\n|---|---|");
-    println!("| 0 | {:.0} |", rss_mb());
+    println!("| cached blends | RSS MB | per cached blend MB |\n|---|---|---|");
+    let base = rss_mb();
+    println!("| 0 (base model loaded; process before loading: {before:.0}) | {base:.0} | |");
     for i in 0..4 {
         engine.customize(&format!("m{i}"), &examples[..=i])?;
         engine.logits(Some(&format!("m{i}")), &[1])?;
         if i == 0 || i == 3 {
-            println!("| {} | {:.0} |", i + 1, rss_mb());
+            let now = rss_mb();
+            println!("| {} | {now:.0} | {:.0} |", i + 1, (now - base) / (i + 1) as f64);
         }
     }
     println!();

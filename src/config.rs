@@ -34,8 +34,9 @@ pub struct PoolConfig {
 pub struct AdaptersConfig {
     /// Where customized adapters are persisted (`<state_dir>/adapters/<name>.json`).
     pub state_dir: PathBuf,
-    /// Memory for customized models kept ready (merged weights plus ONNX Runtime's packed copy),
-    /// in MiB; the least recently used is dropped beyond it (the newest is always kept).
+    /// Memory for customized models kept ready, in MiB (each is counted as 3x its merged weights:
+    /// ~1.2 GiB for SmolLM2-135M); the least recently used is dropped beyond it (the newest is
+    /// always kept).
     pub cache_mb: usize,
     /// Also store the examples themselves in the state directory (off: only their SHA-256).
     pub store_examples: bool,
@@ -47,7 +48,7 @@ impl Default for AdaptersConfig {
     fn default() -> Self {
         AdaptersConfig {
             state_dir: PathBuf::from("/var/lib/crayon"),
-            cache_mb: 2048,
+            cache_mb: 4096,
             store_examples: false,
             merge_threads: 0,
         }
@@ -135,8 +136,10 @@ impl Config {
     pub fn load(path: &Path) -> Result<Config> {
         let text = std::fs::read_to_string(path)
             .map_err(|e| Error::Config { path: path.to_path_buf(), msg: format!("cannot read it: {e}") })?;
-        let base = path.parent().unwrap_or(Path::new("."));
-        Config::parse(&text, base).map_err(|msg| Error::Config { path: path.to_path_buf(), msg })
+        // Absolute, so that paths stay valid whatever the working directory of later users.
+        let parent = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        let base = std::path::absolute(parent).unwrap_or_else(|_| parent.to_path_buf());
+        Config::parse(&text, &base).map_err(|msg| Error::Config { path: path.to_path_buf(), msg })
     }
 
     /// Parses TOML text; relative paths are taken relative to `base`.

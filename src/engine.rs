@@ -193,7 +193,8 @@ impl Engine {
         self.ensure_ready(adapter)?;
         let Engine { base, ready, tokenizer, stop_ids, .. } = self;
         let decoder = select(base, ready, adapter)?;
-        generate::run(decoder, tokenizer, stop_ids, &ids, max_new, params, cancel, on_text)
+        let job = generate::Job { tokenizer, stop_ids, ids: &ids, max_new, params };
+        generate::run(decoder, &job, cancel, on_text)
     }
 
     /// Logits at every position of `ids` (no cache), with the base model or an adapter.
@@ -344,8 +345,9 @@ impl Engine {
         let t0 = Instant::now();
         let overrides = merge::merge(&cz.pool, &self.files, &cz.base_weights, &c.weights, threads)?;
         let merge_ms = ms(t0.elapsed());
-        // Merged f32 weights, plus the packed copy ONNX Runtime makes for its GEMMs.
-        let bytes = 2 * overrides.iter().map(|o| o.data.len() * 4).sum::<usize>();
+        // Merged f32 weights, ONNX Runtime's packed copy for its GEMMs, and the session's own
+        // buffers: measured at 2.7-3.5x the merged bytes on SmolLM2-135M (docs/benchmarks.md).
+        let bytes = 3 * overrides.iter().map(|o| o.data.len() * 4).sum::<usize>();
         let t1 = Instant::now();
         let decoder = Decoder::load(&self.files, &self.runtime, &self.config.runtime, overrides)?;
         let session_ms = ms(t1.elapsed());

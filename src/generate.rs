@@ -124,16 +124,22 @@ impl CancelToken {
     }
 }
 
+/// What one generation needs besides the decoder: all of it fixed for the whole run.
+pub(crate) struct Job<'a> {
+    pub tokenizer: &'a Tokenizer,
+    pub stop_ids: &'a [u32],
+    /// Prompt token ids.
+    pub ids: &'a [u32],
+    /// Already capped by the context limit.
+    pub max_new: usize,
+    pub params: &'a GenerationParams,
+}
+
 /// Runs one generation on `decoder`: prefill, then the decode loop with sampling, stop tokens, stop
-/// strings, streaming and cancellation. `max_new` is already capped by the context limit.
-#[allow(clippy::too_many_arguments)]
+/// strings, streaming and cancellation.
 pub(crate) fn run(
     decoder: &mut Decoder,
-    tokenizer: &Tokenizer,
-    stop_ids: &[u32],
-    ids: &[u32],
-    max_new: usize,
-    params: &GenerationParams,
+    job: &Job,
     cancel: &CancelToken,
     on_text: &mut dyn FnMut(&str) -> ControlFlow<()>,
 ) -> Result<Generation> {
@@ -142,23 +148,19 @@ pub(crate) fn run(
     if cancel.is_cancelled() {
         let _ = run_options.terminate();
     }
-    let result = decode_loop(decoder, tokenizer, stop_ids, ids, max_new, params, cancel, &run_options, on_text);
+    let result = decode_loop(decoder, job, cancel, &run_options, on_text);
     cancel.attach(None);
     result
 }
 
-#[allow(clippy::too_many_arguments)]
 fn decode_loop(
     decoder: &mut Decoder,
-    tokenizer: &Tokenizer,
-    stop_ids: &[u32],
-    ids: &[u32],
-    max_new: usize,
-    params: &GenerationParams,
+    job: &Job,
     cancel: &CancelToken,
     run_options: &RunOptions,
     on_text: &mut dyn FnMut(&str) -> ControlFlow<()>,
 ) -> Result<Generation> {
+    let Job { tokenizer, stop_ids, ids, max_new, params } = *job;
     let mut out = Generation {
         text: String::new(),
         tokens: Vec::new(),

@@ -28,6 +28,7 @@ from tqdm import tqdm
 
 from . import POOL_FORMAT
 from .data import TASKS, balanced_mixture
+from .data import digest as data_digest
 from .embed import METHOD, Embedder, kmeans, normalize
 from .train import blend_reference, device, train_adapter
 
@@ -44,8 +45,11 @@ def build(args) -> None:
     model_dir: Path = args.model.resolve()
     out: Path = args.out
     manifest = json.loads((model_dir / "crayon_model.json").read_text())
-    settings = {k: getattr(args, k) for k in ("k", "per_task", "rank", "alpha", "steps", "batch", "lr", "seed")}
-    settings.update(base_sha256=manifest["weights_sha256"], method=METHOD, targets=TARGETS, tasks=TASKS)
+    examples = balanced_mixture(args.per_task, args.seed)
+    settings = {k: getattr(args, k) for k in ("k", "per_task", "rank", "alpha", "steps", "batch", "lr", "seed",
+                                              "max_prompt_tokens")}
+    settings.update(base_sha256=manifest["weights_sha256"], method=METHOD, targets=TARGETS, tasks=TASKS,
+                    data_sha256=data_digest(examples))
     out.mkdir(parents=True, exist_ok=True)
     settings_file = out / "settings.json"
     if settings_file.exists() and json.loads(settings_file.read_text()) != settings:
@@ -54,7 +58,6 @@ def build(args) -> None:
             shutil.rmtree(p) if p.is_dir() else p.unlink()
     settings_file.write_text(json.dumps(settings, indent=2) + "\n")
 
-    examples = balanced_mixture(args.per_task, args.seed)
     log(f"{len(examples)} training examples from {len(TASKS)} tasks ({args.per_task} each)")
     embedder = Embedder(model_dir)
     raw = np.stack([embedder.raw(e.prompt) for e in tqdm(examples, desc="embed", unit="ex")])
@@ -78,7 +81,7 @@ def build(args) -> None:
         else:
             stats = train_adapter(model_dir, tok, members, out / name, rank=args.rank, alpha=args.alpha, targets=TARGETS,
                                   steps=args.steps, batch=args.batch, lr=args.lr, seed=args.seed * 1000 + c,
-                                  label=f"{name} ({len(members)} ex)")
+                                  label=f"{name} ({len(members)} ex)", max_prompt_tokens=args.max_prompt_tokens)
             done.write_text(json.dumps(stats, indent=2) + "\n")
         adapters.append({
             "name": name, "dir": name, "rank": args.rank, "alpha": args.alpha,
@@ -126,10 +129,11 @@ def main(argv=None):
     b.add_argument("--per-task", type=int, default=200, help="training examples per task")
     b.add_argument("--rank", type=int, default=4)
     b.add_argument("--alpha", type=int, default=8)
-    b.add_argument("--steps", type=int, default=60, help="optimizer steps per adapter")
+    b.add_argument("--steps", type=int, default=40, help="optimizer steps per adapter")
     b.add_argument("--batch", type=int, default=8)
     b.add_argument("--lr", type=float, default=1e-3)
     b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--max-prompt-tokens", type=int, default=192, help="training prompts keep their last N tokens")
     b.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
     args = ap.parse_args(argv)
     if args.threads:

@@ -37,7 +37,8 @@ def load_task(task: str) -> list[Example]:
         for line in f:
             r = json.loads(line)
             doc = r["doc"]
-            key = f"{task}:{r.get('native_id', r['doc_id'])}"
+            # doc_id numbers the documents of a split (native_id is None for some tasks, e.g. BoolQ).
+            key = f"{task}:{r['doc_id']}"
             if key not in seen:
                 seen[key] = Example(key, task, doc["query"], " " + doc["choices"][doc["gold"]])
     return list(seen.values())
@@ -47,7 +48,19 @@ def balanced_mixture(per_task: int, seed: int, tasks: list[str] = TASKS) -> list
     rng = random.Random(seed)
     out: list[Example] = []
     for task in tasks:
-        docs = sorted(load_task(task), key=lambda e: e.id)
+        docs = sorted(load_task(task), key=lambda e: int(e.id.split(":")[1]))
+        if len(docs) < per_task:
+            raise SystemExit(f"[crayon-pool] {task} has only {len(docs)} training documents (< {per_task})")
         rng.shuffle(docs)
         out += docs[:per_task]
     return out
+
+
+def digest(examples: list[Example]) -> str:
+    """Identity of the training data, part of the build settings (a change restarts the build)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for e in examples:
+        h.update(json.dumps([e.id, e.prompt, e.answer]).encode())
+    return h.hexdigest()[:16]

@@ -15,9 +15,6 @@ from tqdm import tqdm
 
 from .data import Example
 
-MAX_PROMPT_TOKENS = 256
-
-
 def device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -28,8 +25,9 @@ def load_base(model_dir: Path):
     return AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).to(device())
 
 
-def encode(tok, ex: Example) -> tuple[list[int], int]:
-    ids = tok.encode(ex.prompt, add_special_tokens=False).ids[-MAX_PROMPT_TOKENS:]
+def encode(tok, ex: Example, max_prompt_tokens: int) -> tuple[list[int], int]:
+    # Keep the end: the question, the options and "Answer:" (long BoolQ passages lose their start).
+    ids = tok.encode(ex.prompt, add_special_tokens=False).ids[-max_prompt_tokens:]
     answer = tok.encode(ex.answer, add_special_tokens=False).ids
     return ids, answer[0]
 
@@ -48,12 +46,13 @@ def batch_tensors(items: list[tuple[list[int], int]]):
 
 
 def train_adapter(model_dir: Path, tok, examples: list[Example], out: Path, *, rank: int, alpha: int,
-                  targets: list[str], steps: int, batch: int, lr: float, seed: int, label: str) -> dict:
+                  targets: list[str], steps: int, batch: int, lr: float, seed: int, label: str,
+                  max_prompt_tokens: int) -> dict:
     from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(seed)
     rng = random.Random(seed)
-    data = [encode(tok, e) for e in examples]
+    data = [encode(tok, e, max_prompt_tokens) for e in examples]
     model = get_peft_model(load_base(model_dir), LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets,
                                                              lora_dropout=0.0, bias="none"))
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)

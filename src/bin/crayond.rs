@@ -51,6 +51,15 @@ fn check(common: &CommonArgs) -> crayon::Result<()> {
     )?;
     println!("config ok; model {} loaded in {:.2}s", cfg.model.dir.display(), load.as_secs_f64());
     println!("execution provider: {}", engine.provider());
+    match engine.pool() {
+        Some(pool) => println!(
+            "adapter pool: {} ({} adapters), {} saved customizations",
+            pool.id,
+            pool.adapters.len(),
+            engine.adapters().len()
+        ),
+        None => println!("adapter pool: none configured (customization off)"),
+    }
     println!(
         "one-token generation ok ({} prompt tokens in {:.1} ms)",
         out.prompt_tokens,
