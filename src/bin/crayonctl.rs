@@ -254,12 +254,15 @@ fn generate(cfg: crayon::Config, args: &GenerateArgs) -> crayon::Result<()> {
         let _ = writeln!(stdout);
     }
     if args.stats {
+        // Decode speed needs at least two tokens (the first one comes out of the prefill).
+        let decode = match result.tokens.len() {
+            0 | 1 => String::new(),
+            n => format!(", {} generated at {:.1} tok/s", n, result.decode_tokens_per_s()),
+        };
         eprintln!(
-            "[{} prompt tokens at {:.1} tok/s, {} generated at {:.1} tok/s, finish: {:?}, provider: {}]",
+            "[{} prompt tokens at {:.1} tok/s{decode}, finish: {:?}, provider: {}]",
             result.prompt_tokens,
             result.prefill_tokens_per_s(),
-            result.tokens.len(),
-            result.decode_tokens_per_s(),
             result.finish_reason,
             engine.provider()
         );
