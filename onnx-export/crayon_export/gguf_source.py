@@ -24,6 +24,8 @@ class LlamaConfig:
     rms_norm_eps: float
     max_position_embeddings: int
     tie_word_embeddings: bool = True
+    model_type: str = "llama"
+    attention_bias: bool = False
     bos_token_id: int = 1
     eos_token_id: int = 2
     pad_token_id: int | None = None
@@ -31,8 +33,7 @@ class LlamaConfig:
     def hf_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d.update(
-            architectures=["LlamaForCausalLM"],
-            model_type="llama",
+            architectures=[_ARCHITECTURES[self.model_type]],
             hidden_act="silu",
             attention_bias=False,
             mlp_bias=False,
@@ -40,6 +41,9 @@ class LlamaConfig:
             torch_dtype="float32",
         )
         return d
+
+
+_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 
 
 class GgufError(RuntimeError):
@@ -57,9 +61,9 @@ def _field(reader: GGUFReader, key: str, default=None):
 
 def read_config(reader: GGUFReader) -> LlamaConfig:
     arch = _field(reader, "general.architecture")
-    if arch != "llama":
-        raise GgufError(f"architecture '{arch}' is not supported (only 'llama')")
-    p = "llama."
+    if arch not in _ARCHITECTURES:
+        raise GgufError(f"architecture '{arch}' is not supported (supported: {', '.join(_ARCHITECTURES)})")
+    p = arch + "."
     n_head = int(_field(reader, p + "attention.head_count"))
     hidden = int(_field(reader, p + "embedding_length"))
     if reader.fields.get(p + "rope.scaling.type") is not None:
@@ -78,6 +82,8 @@ def read_config(reader: GGUFReader) -> LlamaConfig:
         rms_norm_eps=float(np.format_float_positional(np.float32(_field(reader, p + "attention.layer_norm_rms_epsilon")), precision=6)),
         max_position_embeddings=int(_field(reader, p + "context_length")),
         tie_word_embeddings=not any(t.name == "output.weight" for t in reader.tensors),
+        model_type=arch,
+        attention_bias=any(t.name.endswith("attn_q.bias") for t in reader.tensors),
         bos_token_id=int(_field(reader, "tokenizer.ggml.bos_token_id", 1)),
         eos_token_id=int(_field(reader, "tokenizer.ggml.eos_token_id", 2)),
         pad_token_id=int(_field(reader, "tokenizer.ggml.padding_token_id", -1)),
@@ -121,9 +127,10 @@ def read_weights(reader: GGUFReader, cfg: LlamaConfig) -> dict[str, np.ndarray]:
     for t in tqdm(reader.tensors, desc="dequantize", unit="tensor"):
         w = np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32)
         name = hf_name(t.name)
-        if name.endswith("q_proj.weight"):
+        # Only llama GGUFs carry llama.cpp's rotary row permutation (qwen2 is stored as trained).
+        if cfg.model_type == "llama" and name.endswith("q_proj.weight"):
             w = unpermute_qk(w, cfg.num_attention_heads)
-        elif name.endswith("k_proj.weight"):
+        elif cfg.model_type == "llama" and name.endswith("k_proj.weight"):
             w = unpermute_qk(w, cfg.num_key_value_heads)
         out[name] = np.ascontiguousarray(w)
     check_shapes(out, cfg)
@@ -149,6 +156,9 @@ def expected_shapes(cfg: LlamaConfig) -> dict[str, tuple[int, ...]]:
             p + "mlp.up_proj.weight": (f, h),
             p + "mlp.down_proj.weight": (h, f),
         })
+        if cfg.attention_bias:
+            shapes.update({p + "self_attn.q_proj.bias": (q,), p + "self_attn.k_proj.bias": (kv,),
+                           p + "self_attn.v_proj.bias": (kv,)})
     return shapes
 
 

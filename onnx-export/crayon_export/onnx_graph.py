@@ -134,8 +134,11 @@ def build_decoder(cfg: LlamaConfig, weights_file: Path) -> onnx.ModelProto:
         den = g.op("Sqrt", [g.op("Add", [var, eps], name=f"{nm}_eps")], name=f"{nm}_sqrt")
         return g.op("Mul", [g.op("Div", [t, den], name=f"{nm}_div"), w(weight)], name=nm)
 
-    def linear(t: str, weight: str, nm: str) -> str:
-        return g.op("Gemm", [t, w(weight)], name=nm, transB=1)
+    def linear(t: str, weight: str, nm: str, bias: str | None = None) -> str:
+        return g.op("Gemm", [t, w(weight)] + ([w(bias)] if bias else []), name=nm, transB=1)
+
+    def proj_bias(p: str, which: str) -> str | None:
+        return p + f"self_attn.{which}_proj.bias" if cfg.attention_bias else None
 
     half = g.const([d // 2, d // 2], i64)
 
@@ -158,9 +161,9 @@ def build_decoder(cfg: LlamaConfig, weights_file: Path) -> onnx.ModelProto:
         outputs += [ok, ov]
 
         h = rms_norm(x, p + "input_layernorm.weight", f"l{i}_ln1")
-        q = rope(heads(linear(h, p + "self_attn.q_proj.weight", f"l{i}_q"), nh, f"l{i}_qh"), f"l{i}_qr")
-        k = rope(heads(linear(h, p + "self_attn.k_proj.weight", f"l{i}_k"), nkv, f"l{i}_kh"), f"l{i}_kr")
-        v = heads(linear(h, p + "self_attn.v_proj.weight", f"l{i}_v"), nkv, f"l{i}_vh")
+        q = rope(heads(linear(h, p + "self_attn.q_proj.weight", f"l{i}_q", proj_bias(p, "q")), nh, f"l{i}_qh"), f"l{i}_qr")
+        k = rope(heads(linear(h, p + "self_attn.k_proj.weight", f"l{i}_k", proj_bias(p, "k")), nkv, f"l{i}_kh"), f"l{i}_kr")
+        v = heads(linear(h, p + "self_attn.v_proj.weight", f"l{i}_v", proj_bias(p, "v")), nkv, f"l{i}_vh")
         k_all = g.op("Concat", [pk, k], outputs=[ok], name=f"l{i}_kcat", axis=2)  # [B,nkv,T,d]
         v_all = g.op("Concat", [pv, v], outputs=[ov], name=f"l{i}_vcat", axis=2)
 
