@@ -12,6 +12,8 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use clap::Parser;
+
+mod common;
 use crayon::cli::CommonArgs;
 use crayon::sampler::{Sampler, SamplingParams};
 use crayon::{Config, Engine, Example};
@@ -46,7 +48,7 @@ fn main() -> anyhow::Result<()> {
     anyhow::ensure!(!cfg.pool.dir.as_os_str().is_empty(), "the config names no [pool] dir");
     let state = tempfile::tempdir()?;
     cfg.adapters.state_dir = state.path().to_path_buf();
-    let examples = task_examples();
+    let examples = task_examples()?;
     println!(
         "Model {}, pool {}, {} examples per customization, {} threads, {} runs; x86-64 2 cores.\n",
         cfg.model.dir.display(),
@@ -79,40 +81,11 @@ fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Five examples of one task (ARC-style science questions), in the pool's prompt format.
-fn task_examples() -> Vec<Example> {
-    let q = [
-        (
-            "Which gas do plants take in from the air to make food?",
-            ["oxygen", "carbon dioxide", "nitrogen", "helium"],
-            "B",
-        ),
-        (
-            "What is the main source of energy for Earth's water cycle?",
-            ["the Moon", "wind", "the Sun", "volcanoes"],
-            "C",
-        ),
-        (
-            "Which tool is best for measuring the mass of a rock?",
-            ["a balance", "a ruler", "a thermometer", "a magnet"],
-            "A",
-        ),
-        (
-            "What happens to water when it freezes?",
-            ["it becomes a gas", "it becomes a solid", "it loses mass", "it boils"],
-            "B",
-        ),
-        ("Which organ pumps blood through the body?", ["the lungs", "the brain", "the stomach", "the heart"], "D"),
-    ];
-    q.iter()
-        .map(|(question, opts, ans)| Example {
-            input: format!(
-                "Question: {question}\n A. {}\n B. {}\n C. {}\n D. {}\nAnswer:",
-                opts[0], opts[1], opts[2], opts[3]
-            ),
-            output: format!(" {ans}"),
-        })
-        .collect()
+/// The five examples of `examples/science.jsonl` (ARC-style science questions, the pool's format).
+fn task_examples() -> anyhow::Result<Vec<Example>> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/science.jsonl");
+    let text = std::fs::read_to_string(&path)?;
+    Ok(text.lines().filter(|l| !l.trim().is_empty()).map(serde_json::from_str).collect::<Result<_, _>>()?)
 }
 
 fn pct(mut xs: Vec<f64>, p: f64) -> f64 {
@@ -240,12 +213,7 @@ fn speed(engine: &mut Engine, prompt_tokens: usize, new_tokens: usize, runs: usi
 }
 
 fn rss_mb() -> f64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
-        })
-        .map_or(0.0, |kb| kb / 1024.0)
+    common::status_mb("VmRSS").unwrap_or(0.0)
 }
 
 fn memory(cfg: &Config, examples: &[Example]) -> anyhow::Result<()> {

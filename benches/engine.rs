@@ -7,6 +7,8 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use clap::Parser;
+
+mod common;
 use crayon::Engine;
 use crayon::cli::CommonArgs;
 use crayon::sampler::{Sampler, SamplingParams};
@@ -72,15 +74,8 @@ fn main() -> anyhow::Result<()> {
         "load_s": load_s,
         "prefill_tok_s": prefill,
         "decode_tok_s": decode,
-        "peak_rss_mb": peak_rss_mb(),
+        "peak_rss_mb": common::status_mb("VmHWM"),
     });
     println!("{json}");
     Ok(())
-}
-
-fn peak_rss_mb() -> Option<f64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
-    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb / 1024.0)
 }

@@ -209,10 +209,7 @@ fn weights_are_replaceable_by_name() {
     let cfg = tiny();
     let r = reference(&cfg.model.dir);
     let name = "model.layers.0.self_attn.q_proj.weight";
-    let bytes = std::fs::read(cfg.model.dir.join("model.safetensors")).unwrap();
-    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    let original: Vec<f32> =
-        st.tensor(name).unwrap().data().chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect();
+    let original = Tensors::read(&cfg.model.dir.join("model.safetensors")).f32s(name);
     let logits_with = |data: Vec<f32>| {
         let mut e = Engine::load_with_overrides(&cfg, vec![WeightOverride { name: name.into(), data }]).unwrap();
         let dec = e.decoder_mut();

@@ -56,23 +56,12 @@ pub struct PoolReference {
 }
 
 pub fn pool_reference(pool: &Path) -> PoolReference {
-    let bytes = std::fs::read(pool.join("reference.safetensors")).expect("pool reference.safetensors");
-    let st = SafeTensors::deserialize(&bytes).expect("valid safetensors");
-    let f32s = |name: &str| -> Vec<f32> {
-        st.tensor(name).unwrap().data().chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect()
-    };
-    let ids = st
-        .tensor("input_ids")
-        .unwrap()
-        .data()
-        .chunks_exact(8)
-        .map(|c| i64::from_le_bytes(c.try_into().unwrap()) as u32)
-        .collect();
+    let t = Tensors::read(&pool.join("reference.safetensors"));
     PoolReference {
-        input_ids: ids,
-        blend_weights: f32s("blend_weights"),
-        blend_logits: f32s("blend_logits"),
-        single_logits: f32s("single_logits"),
+        input_ids: t.ids("input_ids"),
+        blend_weights: t.f32s("blend_weights"),
+        blend_logits: t.f32s("blend_logits"),
+        single_logits: t.f32s("single_logits"),
     }
 }
 
@@ -89,21 +78,31 @@ pub struct Reference {
     pub greedy_ids: Vec<u32>,
 }
 
+/// A safetensors file read whole, with typed accessors for the tests.
+pub struct Tensors(Vec<u8>);
+
+impl Tensors {
+    pub fn read(path: &Path) -> Tensors {
+        Tensors(std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display())))
+    }
+
+    fn bytes(&self, name: &str) -> &[u8] {
+        SafeTensors::deserialize(&self.0).expect("valid safetensors").tensor(name).expect(name).data()
+    }
+
+    pub fn f32s(&self, name: &str) -> Vec<f32> {
+        self.bytes(name).chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect()
+    }
+
+    /// int64 token ids as u32.
+    pub fn ids(&self, name: &str) -> Vec<u32> {
+        self.bytes(name).chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap()) as u32).collect()
+    }
+}
+
 pub fn reference(model: &Path) -> Reference {
-    let bytes = std::fs::read(model.join("reference.safetensors")).expect("reference.safetensors");
-    let st = SafeTensors::deserialize(&bytes).expect("valid safetensors");
-    let i64s = |name: &str| -> Vec<u32> {
-        let t = st.tensor(name).unwrap();
-        t.data().chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap()) as u32).collect()
-    };
-    let logits = st
-        .tensor("logits")
-        .unwrap()
-        .data()
-        .chunks_exact(4)
-        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
-        .collect();
-    Reference { input_ids: i64s("input_ids"), logits, greedy_ids: i64s("greedy_ids") }
+    let t = Tensors::read(&model.join("reference.safetensors"));
+    Reference { input_ids: t.ids("input_ids"), logits: t.f32s("logits"), greedy_ids: t.ids("greedy_ids") }
 }
 
 pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
