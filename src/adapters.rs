@@ -35,6 +35,13 @@ pub struct Customization {
     pub created_unix: u64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub examples: Option<Vec<Example>>,
+    /// Task embedding of each example input: the router's scope score compares a query with these.
+    /// Kept on the device only (they are derived from the examples and never sent anywhere).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub example_embeddings: Vec<Vec<f32>>,
+    /// Routing thresholds calibrated from the examples (`customize --calibrate`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub calibrated: Option<crate::config::Thresholds>,
 }
 
 pub fn digest(examples: &[Example]) -> String {
@@ -46,6 +53,11 @@ pub fn digest(examples: &[Example]) -> String {
         }
     }
     format!("{:x}", h.finalize())
+}
+
+/// Hex SHA-256 of a string.
+pub fn digest_str(s: &str) -> String {
+    format!("{:x}", Sha256::digest(s.as_bytes()))
 }
 
 /// Adapter names are file names and D-Bus/CLI arguments: keep them simple.
@@ -163,6 +175,8 @@ mod tests {
             example_count: 1,
             created_unix: 1,
             examples: None,
+            example_embeddings: vec![vec![0.5, -0.5]],
+            calibrated: Some(crate::config::Thresholds::default()),
         }
     }
 

@@ -20,6 +20,145 @@ pub struct Config {
     pub pool: PoolConfig,
     pub blend: crate::pool::blend::BlendConfig,
     pub adapters: AdaptersConfig,
+    pub router: RouterConfig,
+    pub remote: RemoteConfig,
+    pub server: ServerConfig,
+}
+
+/// How a request chooses between the device model and the server (`docs/routing.md`).
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum RouteMode {
+    /// Never leave the device (the default: nothing is sent anywhere unless asked for).
+    #[default]
+    DeviceOnly,
+    /// Scope and confidence decide (needs `[remote] url`).
+    Hybrid,
+    /// Always ask the server; the device answers only when the server fails.
+    ServerOnly,
+}
+
+/// Routing thresholds (each overridable per request, and calibratable per adapter from its examples).
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Thresholds {
+    /// Scope below this (cosine of the query to its nearest example, in [-1, 1]): out of scope.
+    pub min_scope: f32,
+    /// Choice questions: a probability margin (top choice minus runner-up) below this is low confidence.
+    pub min_margin: f32,
+    /// Free text: a geometric-mean token probability below this is low confidence.
+    pub min_token_prob: f32,
+}
+
+impl Default for Thresholds {
+    fn default() -> Self {
+        Thresholds { min_scope: 0.2, min_margin: 0.2, min_token_prob: 0.5 }
+    }
+}
+
+impl Thresholds {
+    pub fn validate(&self, section: &str) -> std::result::Result<(), String> {
+        let in_range = |v: f32, lo: f32| v.is_finite() && (lo..=1.0).contains(&v);
+        if !in_range(self.min_scope, -1.0) {
+            return Err(format!("{section}.min_scope must be in [-1, 1], got {}", self.min_scope));
+        }
+        if !in_range(self.min_margin, 0.0) || !in_range(self.min_token_prob, 0.0) {
+            return Err(format!(
+                "{section}.min_margin and min_token_prob must be in [0, 1], got {} and {}",
+                self.min_margin, self.min_token_prob
+            ));
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct RouterConfig {
+    pub mode: RouteMode,
+    #[serde(flatten)]
+    pub thresholds: Thresholds,
+    /// Use an adapter's thresholds calibrated from its examples (`customize --calibrate`) when it has them.
+    pub use_calibrated: bool,
+}
+
+/// The server a device offloads to: any OpenAI-compatible `/v1/chat/completions` endpoint; a Crayon
+/// server also understands the `crayon` extension (pool id and blend weights).
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct RemoteConfig {
+    /// Base URL, e.g. "https://llm.example.com" or "http://127.0.0.1:8090"; empty: no server.
+    pub url: String,
+    /// File holding the bearer token (first line); empty: no Authorization header.
+    pub token_file: PathBuf,
+    /// `model` sent to the server; empty: "default".
+    pub model: String,
+    /// Send the blend (pool id + weights) for customized requests; off for servers that reject unknown fields.
+    pub send_blend: bool,
+    pub connect_timeout_ms: u64,
+    /// Hard limit on one attempt, from connecting to the last byte of the body (a slow drip ends here).
+    pub timeout_ms: u64,
+    /// Further attempts after a failed one (connection errors, timeouts, 5xx, bad bodies).
+    pub retries: u32,
+    pub retry_backoff_ms: u64,
+    /// Consecutive failed requests that open the circuit breaker (0: never open).
+    pub breaker_failures: u32,
+    /// How long an open breaker sends everything to the device before trying the server again.
+    pub breaker_cooldown_ms: u64,
+    /// Largest response body accepted.
+    pub max_response_bytes: u64,
+}
+
+impl Default for RemoteConfig {
+    fn default() -> Self {
+        RemoteConfig {
+            url: String::new(),
+            token_file: PathBuf::new(),
+            model: String::new(),
+            send_blend: true,
+            connect_timeout_ms: 2000,
+            timeout_ms: 60_000,
+            retries: 1,
+            retry_backoff_ms: 200,
+            breaker_failures: 3,
+            breaker_cooldown_ms: 30_000,
+            max_response_bytes: 4 << 20,
+        }
+    }
+}
+
+/// `crayond`'s HTTP endpoint (OpenAI-compatible, `docs/http.md`).
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// Address to serve HTTP on, e.g. "127.0.0.1:8090"; empty: no HTTP (`crayond --listen` overrides).
+    pub listen: String,
+    /// File holding the bearer token clients must send; empty: no authentication (loopback only).
+    pub token_file: PathBuf,
+    /// Allow a non-loopback `listen` without a token (not recommended).
+    pub allow_unauthenticated_remote: bool,
+    /// Largest request body, in bytes.
+    pub max_body_bytes: usize,
+    /// Requests admitted at once (running + waiting for the model); more get HTTP 429.
+    pub max_concurrent: usize,
+    /// Largest `max_tokens` a request may ask for.
+    pub max_tokens_limit: usize,
+    /// Name reported in `/v1/models` and responses; empty: the model folder's name.
+    pub model_id: String,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            listen: String::new(),
+            token_file: PathBuf::new(),
+            allow_unauthenticated_remote: false,
+            max_body_bytes: 1 << 20,
+            max_concurrent: 16,
+            max_tokens_limit: 2048,
+            model_id: String::new(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
@@ -131,6 +270,16 @@ impl Default for GenerationConfig {
     }
 }
 
+impl RouteMode {
+    pub fn name(self) -> &'static str {
+        match self {
+            RouteMode::DeviceOnly => "device_only",
+            RouteMode::Hybrid => "hybrid",
+            RouteMode::ServerOnly => "server_only",
+        }
+    }
+}
+
 impl Config {
     /// Reads and validates a config file.
     pub fn load(path: &Path) -> Result<Config> {
@@ -169,6 +318,8 @@ impl Config {
             &mut self.runtime.profile,
             &mut self.pool.dir,
             &mut self.adapters.state_dir,
+            &mut self.remote.token_file,
+            &mut self.server.token_file,
         ] {
             if !p.as_os_str().is_empty() && p.is_relative() {
                 *p = base.join(&*p);
@@ -202,6 +353,21 @@ impl Config {
             }
         }
         self.blend.validate()?;
+        self.router.thresholds.validate("router")?;
+        let r = &self.remote;
+        if !(r.url.is_empty() || r.url.starts_with("http://") || r.url.starts_with("https://")) {
+            return Err(format!("remote.url must start with http:// or https://, got '{}'", r.url));
+        }
+        if self.router.mode != RouteMode::DeviceOnly && r.url.is_empty() {
+            return Err(format!("router.mode = \"{}\" needs remote.url", self.router.mode.name()));
+        }
+        if r.connect_timeout_ms == 0 || r.timeout_ms == 0 || r.max_response_bytes == 0 {
+            return Err("remote.connect_timeout_ms, timeout_ms and max_response_bytes must be positive".into());
+        }
+        let s = &self.server;
+        if s.max_concurrent == 0 || s.max_body_bytes == 0 || s.max_tokens_limit == 0 {
+            return Err("server.max_concurrent, max_body_bytes and max_tokens_limit must be positive".into());
+        }
         if crate::runtime::parse_optimization(&self.runtime.optimization).is_none() {
             return Err(format!(
                 "runtime.optimization must be one of disable, basic, extended, all; got '{}'",
@@ -252,6 +418,11 @@ mod tests {
         assert!(Config::parse("[runtime]\nproviders = [\"tpu\"]", Path::new(".")).unwrap_err().contains("tpu"));
         assert!(Config::parse("[runtime]\noptimization = \"max\"", Path::new(".")).unwrap_err().contains("max"));
         assert!(Config::parse("[generation]\nstop = [\"\"]", Path::new(".")).unwrap_err().contains("stop"));
+        assert!(Config::parse("[router]\nmin_scope = 2", Path::new(".")).unwrap_err().contains("min_scope"));
+        assert!(Config::parse("[router]\nmode = \"hybrid\"", Path::new(".")).unwrap_err().contains("remote.url"));
+        assert!(Config::parse("[router]\nmode = \"cloud\"", Path::new(".")).unwrap_err().contains("cloud"));
+        assert!(Config::parse("[remote]\nurl = \"ftp://x\"", Path::new(".")).unwrap_err().contains("remote.url"));
+        assert!(Config::parse("[server]\nmax_concurrent = 0", Path::new(".")).unwrap_err().contains("max_concurrent"));
     }
 
     #[test]

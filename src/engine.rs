@@ -23,6 +23,8 @@ use crate::weights::WeightFile;
 
 /// Upper bound on examples per customization: embedding is cheap, but requests must stay bounded.
 pub const MAX_EXAMPLES: usize = 256;
+/// Upper bound on the options of one choice question.
+pub const MAX_CHOICES: usize = 26;
 
 /// The pool and what blending needs next to it.
 struct Customizer {
@@ -192,8 +194,9 @@ impl Engine {
         let adapter = params.adapter.as_deref();
         self.ensure_ready(adapter)?;
         let Engine { base, ready, tokenizer, stop_ids, .. } = self;
+        let choice_tokens = choice_tokens(tokenizer, &params.choices)?;
         let decoder = select(base, ready, adapter)?;
-        let job = generate::Job { tokenizer, stop_ids, ids: &ids, max_new, params };
+        let job = generate::Job { tokenizer, stop_ids, ids: &ids, max_new, params, choice_tokens: &choice_tokens };
         generate::run(decoder, &job, cancel, on_text)
     }
 
@@ -216,10 +219,17 @@ impl Engine {
         }
         let t0 = Instant::now();
         let c = self.customizer()?;
+        let spec = c.pool.embedding.as_ref().ok_or_else(|| Error::Pool {
+            path: c.pool.dir.clone(),
+            msg: format!(
+                "is a server pool paired with '{}' and has no task embedding: it is customized by blend weights only",
+                c.pool.paired_with.as_deref().unwrap_or("?")
+            ),
+        })?;
         let mut embs = Vec::with_capacity(examples.len());
         for e in examples {
             let ids = self.tokenizer.encode(&e.input)?;
-            embs.push(c.embedder.embed(&ids, &c.pool.embedding)?);
+            embs.push(c.embedder.embed(&ids, spec)?);
         }
         let centroids: Vec<&[f32]> = c.pool.adapters.iter().map(|a| a.centroid.as_slice()).collect();
         let sims = blend::similarities(&embs, &centroids, self.config.blend.similarity)?;
@@ -235,6 +245,8 @@ impl Engine {
             example_count: examples.len(),
             created_unix: SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()),
             examples: self.config.adapters.store_examples.then(|| examples.to_vec()),
+            example_embeddings: embs,
+            calibrated: None,
         };
         let (merge_ms, session_ms) = self.make_ready(&customization)?;
         self.store_mut()?.save(customization.clone())?;
@@ -247,6 +259,34 @@ impl Engine {
     pub fn customize_weights(&mut self, name: &str, weights: &[f32]) -> Result<CustomizeReport> {
         adapters::validate_name(name)?;
         let t0 = Instant::now();
+        let customization = self.weights_customization(name, weights)?;
+        let (merge_ms, session_ms) = self.make_ready(&customization)?;
+        self.store_mut()?.save(customization.clone())?;
+        Ok(CustomizeReport { customization, embed_ms: 0.0, merge_ms, session_ms, total_ms: ms(t0.elapsed()) })
+    }
+
+    /// Makes a blend sent by a device ready *without persisting it* (a server answering devices) and
+    /// returns the name to generate with. `pool_id` is the device's pool: this pool or the one it is
+    /// paired with. The same weights (to 1e-4) reuse the model kept ready.
+    pub fn prepare_blend(&mut self, pool_id: &str, weights: &[f32]) -> Result<String> {
+        let c = self.customizer()?;
+        if !c.pool.accepts(pool_id) {
+            return Err(Error::InvalidRequest(format!(
+                "blend for pool '{pool_id}', but this server's pool is '{}'{}",
+                c.pool.id,
+                c.pool.paired_with.as_deref().map(|p| format!(" (paired with '{p}')")).unwrap_or_default()
+            )));
+        }
+        let key: Vec<i64> = weights.iter().map(|w| (f64::from(*w) * 1e4).round() as i64).collect();
+        let name = format!("blend-{}", &adapters::digest_str(&format!("{}{key:?}", c.pool.id))[..16]);
+        if !self.ready.iter().any(|r| r.name == name) {
+            let customization = self.weights_customization(&name, weights)?;
+            self.make_ready(&customization)?;
+        }
+        Ok(name)
+    }
+
+    fn weights_customization(&self, name: &str, weights: &[f32]) -> Result<Customization> {
         let c = self.customizer()?;
         if weights.len() != c.pool.adapters.len() {
             return Err(Error::InvalidRequest(format!(
@@ -257,10 +297,10 @@ impl Engine {
             )));
         }
         let total: f32 = weights.iter().sum();
-        if weights.iter().any(|w| !w.is_finite() || *w < 0.0) || total <= 0.0 {
+        if weights.iter().any(|w| !w.is_finite() || *w < 0.0) || total <= 0.0 || !total.is_finite() {
             return Err(Error::InvalidRequest("blend weights must be finite, non-negative, and not all zero".into()));
         }
-        let customization = Customization {
+        Ok(Customization {
             name: name.to_string(),
             pool_id: c.pool.id.clone(),
             adapters: c.pool.names().iter().map(|s| s.to_string()).collect(),
@@ -270,10 +310,36 @@ impl Engine {
             example_count: 0,
             created_unix: SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()),
             examples: None,
-        };
-        let (merge_ms, session_ms) = self.make_ready(&customization)?;
-        self.store_mut()?.save(customization.clone())?;
-        Ok(CustomizeReport { customization, embed_ms: 0.0, merge_ms, session_ms, total_ms: ms(t0.elapsed()) })
+            example_embeddings: Vec::new(),
+            calibrated: None,
+        })
+    }
+
+    /// One saved customization.
+    pub fn adapter(&self, name: &str) -> Result<&Customization> {
+        self.store.as_ref().and_then(|s| s.get(name)).ok_or_else(|| Error::Adapter {
+            name: name.into(),
+            msg: "no such adapter (see `crayonctl adapters`)".into(),
+        })
+    }
+
+    /// Stores routing thresholds calibrated for an adapter.
+    pub fn set_calibration(&mut self, name: &str, t: crate::config::Thresholds) -> Result<()> {
+        let mut c = self.adapter(name)?.clone();
+        c.calibrated = Some(t);
+        self.store_mut()?.save(c)
+    }
+
+    /// The task embedding of a text (as customization embeds example inputs); `None` without a pool
+    /// embedding.
+    pub fn task_embedding(&self, text: &str) -> Result<Option<Vec<f32>>> {
+        let Some(c) = &self.customizer else { return Ok(None) };
+        let Some(spec) = &c.pool.embedding else { return Ok(None) };
+        let ids = self.tokenizer.encode(text)?;
+        if ids.is_empty() {
+            return Ok(None);
+        }
+        c.embedder.embed(&ids, spec).map(Some)
     }
 
     /// Saved customizations, by name.
@@ -381,6 +447,31 @@ fn select<'a>(base: &'a mut Decoder, ready: &'a mut [Ready], adapter: Option<&st
             msg: "is not loaded (adapters.cache_mb too small?)".into(),
         }),
     }
+}
+
+/// The tokens each choice can begin with: its first token with and without a leading space (a chat
+/// answer starts without one, a completion after "Answer:" with one).
+fn choice_tokens(tokenizer: &Tokenizer, choices: &[String]) -> Result<Vec<Vec<u32>>> {
+    if choices.len() > MAX_CHOICES {
+        return Err(Error::InvalidRequest(format!("at most {MAX_CHOICES} choices, got {}", choices.len())));
+    }
+    let mut out = Vec::with_capacity(choices.len());
+    for c in choices {
+        let c = c.trim();
+        if c.is_empty() {
+            return Err(Error::InvalidRequest("choices must not be empty strings".into()));
+        }
+        let mut toks = Vec::new();
+        for variant in [c.to_string(), format!(" {c}")] {
+            if let Some(&t) = tokenizer.encode(&variant)?.first() {
+                if !toks.contains(&t) {
+                    toks.push(t);
+                }
+            }
+        }
+        out.push(toks);
+    }
+    Ok(out)
 }
 
 fn ms(d: Duration) -> f64 {

@@ -31,6 +31,9 @@ pub struct GenerationParams {
     pub stop: Vec<String>,
     /// Customized adapter to answer with; `None`: the base model.
     pub adapter: Option<String>,
+    /// For a multiple-choice question: the answer options (e.g. "A", "B", "C", "D"). The generation
+    /// then also reports their probabilities at the first answer position ([`Generation::choice_probs`]).
+    pub choices: Vec<String>,
 }
 
 impl GenerationParams {
@@ -40,6 +43,7 @@ impl GenerationParams {
             sampling: SamplingParams { temperature: g.temperature, top_k: g.top_k, top_p: g.top_p, seed: g.seed },
             stop: g.stop.clone(),
             adapter: None,
+            choices: Vec::new(),
         }
     }
 }
@@ -71,6 +75,10 @@ pub struct Generation {
     pub tokens: Vec<TokenInfo>,
     pub finish_reason: FinishReason,
     pub prompt_tokens: usize,
+    /// Probability of each of `params.choices` at the first answer position, normalized over the
+    /// choices (empty without choices). See `docs/routing.md`.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub choice_probs: Vec<f32>,
     #[serde(serialize_with = "as_secs")]
     pub prefill_time: Duration,
     #[serde(serialize_with = "as_secs")]
@@ -133,6 +141,8 @@ pub(crate) struct Job<'a> {
     /// Already capped by the context limit.
     pub max_new: usize,
     pub params: &'a GenerationParams,
+    /// Per choice, the tokens that begin it (with and without a leading space).
+    pub choice_tokens: &'a [Vec<u32>],
 }
 
 /// Runs one generation on `decoder`: prefill, then the decode loop with sampling, stop tokens, stop
@@ -160,12 +170,13 @@ fn decode_loop(
     run_options: &RunOptions,
     on_text: &mut dyn FnMut(&str) -> ControlFlow<()>,
 ) -> Result<Generation> {
-    let Job { tokenizer, stop_ids, ids, max_new, params } = *job;
+    let Job { tokenizer, stop_ids, ids, max_new, params, choice_tokens } = *job;
     let mut out = Generation {
         text: String::new(),
         tokens: Vec::new(),
         finish_reason: FinishReason::Length,
         prompt_tokens: ids.len(),
+        choice_probs: Vec::new(),
         prefill_time: Duration::ZERO,
         decode_time: Duration::ZERO,
     };
@@ -176,6 +187,7 @@ fn decode_loop(
         None => return Ok(cancelled(out)),
     };
     out.prefill_time = started.elapsed();
+    out.choice_probs = choice_probs(&logits, choice_tokens);
     let decode_start = Instant::now();
     let mut sampler = Sampler::new(params.sampling.clone());
     let mut stream = StreamDecoder::default();
@@ -242,6 +254,24 @@ fn step(
         Err(_) if cancel.is_cancelled() => Ok(None),
         Err(e) => Err(e),
     }
+}
+
+/// Softmax over the vocabulary, summed per choice over the tokens that begin it, renormalized over
+/// the choices.
+pub(crate) fn choice_probs(logits: &[f32], choice_tokens: &[Vec<u32>]) -> Vec<f32> {
+    if choice_tokens.is_empty() {
+        return Vec::new();
+    }
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let mass: Vec<f64> = choice_tokens
+        .iter()
+        .map(|toks| toks.iter().filter_map(|&t| logits.get(t as usize)).map(|&l| f64::from(l - max).exp()).sum())
+        .collect();
+    let total: f64 = mass.iter().sum();
+    if total <= 0.0 || !total.is_finite() {
+        return vec![1.0 / choice_tokens.len() as f32; choice_tokens.len()];
+    }
+    mass.iter().map(|m| (m / total) as f32).collect()
 }
 
 fn cancelled(mut out: Generation) -> Generation {
@@ -320,6 +350,19 @@ mod tests {
         }
         let rest = m.finish();
         (out, false, rest)
+    }
+
+    #[test]
+    fn choice_probs_sum_variants_and_renormalize() {
+        let logits = [0.0f32, 2.0, 1.0, 0.5, -1.0];
+        let p = choice_probs(&logits, &[vec![1, 3], vec![2], vec![4]]);
+        let e = |x: f32| f64::from(x).exp();
+        let (a, b, c) = (e(2.0) + e(0.5), e(1.0), e(-1.0));
+        let t = a + b + c;
+        for (got, want) in p.iter().zip([a / t, b / t, c / t]) {
+            assert!((f64::from(*got) - want).abs() < 1e-6, "{p:?}");
+        }
+        assert!(choice_probs(&logits, &[]).is_empty());
     }
 
     #[test]

@@ -11,8 +11,10 @@ pub mod error;
 pub mod generate;
 pub mod model;
 pub mod pool;
+pub mod router;
 pub mod runtime;
 pub mod sampler;
+pub mod server;
 pub mod tokenizer;
 pub mod weights;
 

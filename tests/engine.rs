@@ -11,7 +11,7 @@ use crayon::model::WeightOverride;
 use crayon::{CancelToken, Engine, Error, FinishReason, GenerationParams, Message, Prompt};
 
 fn greedy(max_new_tokens: usize) -> GenerationParams {
-    GenerationParams { max_new_tokens, sampling: Default::default(), stop: vec![], adapter: None }
+    GenerationParams { max_new_tokens, sampling: Default::default(), stop: vec![], adapter: None, choices: vec![] }
 }
 
 fn collect(engine: &mut Engine, prompt: &Prompt, params: &GenerationParams) -> (crayon::Generation, Vec<String>) {

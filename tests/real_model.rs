@@ -20,7 +20,13 @@ fn engine() -> Engine {
 #[test]
 fn answers_a_fixed_question_coherently_and_streams_it() {
     let mut engine = engine();
-    let params = GenerationParams { max_new_tokens: 40, sampling: Default::default(), stop: vec![], adapter: None };
+    let params = GenerationParams {
+        max_new_tokens: 40,
+        sampling: Default::default(),
+        stop: vec![],
+        adapter: None,
+        choices: vec![],
+    };
     let mut chunks = Vec::new();
     let out = engine
         .generate(&Prompt::Chat(vec![Message::new("user", QUESTION)]), &params, &CancelToken::new(), &mut |t| {
@@ -53,6 +59,7 @@ fn logits_and_greedy_tokens_match_transformers() {
         sampling: Default::default(),
         stop: vec![],
         adapter: None,
+        choices: vec![],
     };
     let out = engine.generate(&chat, &params, &CancelToken::new(), &mut |_| ControlFlow::Continue(())).unwrap();
     let ids: Vec<u32> = out.tokens.iter().map(|t| t.id).collect();
@@ -99,6 +106,7 @@ fn customized_from_five_examples_answers_in_the_task_format() {
         sampling: Default::default(),
         stop: vec![],
         adapter: Some("science".into()),
+        choices: vec![],
     };
     let q = "Question: Which of these is a source of light?\n A. a rock\n B. a candle flame\n C. a pillow\n D. a spoon\nAnswer:";
     let out = engine

@@ -8,6 +8,14 @@ trains one LoRA per cluster with PEFT, and writes the pool: one PEFT folder per 
 size/centroid), `assignments.jsonl` (which example went to which cluster) and `reference.safetensors`
 (PEFT's own merged-model logits for fixed blends, used by the Rust tests). Deterministic for a seed;
 re-running resumes: finished adapters are kept when the settings match.
+
+A *paired* pool (`--pair-with DEVICE_POOL`) is the server side of hybrid inference: it skips embedding and
+clustering and trains its adapters, for a different (larger) model, on exactly the clusters of the device
+pool's `assignments.jsonl`, so that one vector of blend weights means the same task on both sides. It has
+no embedding of its own (the device computes the weights) and records the device pool id it pairs with.
+
+    python -m crayon_pool build --model ../models/qwen2.5-coder-0.5b-instruct \
+        --pair-with ../pools/smollm2-135m-instruct --out ../pools/qwen2.5-coder-0.5b-instruct
 """
 
 from __future__ import annotations
@@ -48,8 +56,15 @@ def build(args) -> None:
     examples = balanced_mixture(args.per_task, args.seed)
     settings = {k: getattr(args, k) for k in ("k", "per_task", "rank", "alpha", "steps", "batch", "lr", "seed",
                                               "max_prompt_tokens")}
-    settings.update(base_sha256=manifest["weights_sha256"], method=METHOD, targets=TARGETS, tasks=TASKS,
+    targets = args.targets.split(",")
+    unknown = [t for t in targets if t not in TARGETS]
+    if unknown:
+        sys.exit(f"[crayon-pool] error: unknown --targets {unknown} (choose from {','.join(TARGETS)})")
+    settings.update(base_sha256=manifest["weights_sha256"], method=METHOD, targets=targets, tasks=TASKS,
                     data_sha256=data_digest(examples))
+    paired = read_pairing(args.pair_with, examples, args.k) if args.pair_with else None
+    if paired:
+        settings.update(method="paired", paired_with=paired["pool_id"], assignments_sha256=paired["sha256"])
     out.mkdir(parents=True, exist_ok=True)
     settings_file = out / "settings.json"
     if settings_file.exists() and json.loads(settings_file.read_text()) != settings:
@@ -59,11 +74,16 @@ def build(args) -> None:
     settings_file.write_text(json.dumps(settings, indent=2) + "\n")
 
     log(f"{len(examples)} training examples from {len(TASKS)} tasks ({args.per_task} each)")
-    embedder = Embedder(model_dir)
-    raw = np.stack([embedder.raw(e.prompt) for e in tqdm(examples, desc="embed", unit="ex")])
-    center = raw.mean(axis=0)
-    x = normalize(raw - center)
-    centroids, labels = kmeans(x, args.k, args.seed)
+    if paired:
+        log(f"paired with pool {paired['pool_id']}: its {args.k} clusters, no embedding of our own")
+        labels = paired["labels"]
+        centroids = center = None
+    else:
+        embedder = Embedder(model_dir)
+        raw = np.stack([embedder.raw(e.prompt) for e in tqdm(examples, desc="embed", unit="ex")])
+        center = raw.mean(axis=0)
+        x = normalize(raw - center)
+        centroids, labels = kmeans(x, args.k, args.seed)
     with open(out / "assignments.jsonl", "w") as f:
         for e, c in zip(examples, labels):
             f.write(json.dumps({"id": e.id, "task": e.task, "cluster": int(c)}) + "\n")
@@ -79,15 +99,15 @@ def build(args) -> None:
             stats = json.loads(done.read_text())
             log(f"{name}: already trained, kept")
         else:
-            stats = train_adapter(model_dir, tok, members, out / name, rank=args.rank, alpha=args.alpha, targets=TARGETS,
+            stats = train_adapter(model_dir, tok, members, out / name, rank=args.rank, alpha=args.alpha, targets=targets,
                                   steps=args.steps, batch=args.batch, lr=args.lr, seed=args.seed * 1000 + c,
                                   label=f"{name} ({len(members)} ex)", max_prompt_tokens=args.max_prompt_tokens)
             done.write_text(json.dumps(stats, indent=2) + "\n")
         adapters.append({
             "name": name, "dir": name, "rank": args.rank, "alpha": args.alpha,
-            "targets": [f"{'self_attn' if t[0] in 'qkvo' else 'mlp'}.{t}" for t in TARGETS],
+            "targets": [f"{'self_attn' if t[0] in 'qkvo' else 'mlp'}.{t}" for t in targets],
             "cluster_size": len(members), "task_mix": {t: n for t, n in mix.items() if n},
-            "centroid": [float(v) for v in centroids[c]], "training": stats,
+            "centroid": None if centroids is None else [float(v) for v in centroids[c]], "training": stats,
         })
 
     names = [a["name"] for a in adapters]
@@ -109,7 +129,9 @@ def build(args) -> None:
         "format": POOL_FORMAT,
         "pool_id": f"{model_dir.name}-k{args.k}-{digest}",
         "base_model": {"folder": model_dir.name, "weights_sha256": manifest["weights_sha256"]},
-        "embedding": {"method": METHOD, "layer": 0, "center": [float(v) for v in center], "normalize": True},
+        "embedding": None if center is None else {"method": METHOD, "layer": 0, "center": [float(v) for v in center],
+                                                  "normalize": True},
+        "paired_with": paired["pool_id"] if paired else None,
         "prompt_format": "olmes multiple-choice: 'Question: ...\\n A. ...\\nAnswer:' -> ' <letter>'",
         "settings": settings,
         "adapters": adapters,
@@ -117,6 +139,21 @@ def build(args) -> None:
     (out / "pool.json").write_text(json.dumps(pool, indent=1) + "\n")
     size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
     log(f"pool {pool['pool_id']} written to {out} ({size / 1e6:.1f} MB) in {time.time() - t0:.0f}s")
+
+
+def read_pairing(pool_dir: Path, examples, k: int) -> dict:
+    """Cluster labels of `examples` from another pool's assignments.jsonl, checked to be the same data."""
+    other = json.loads((pool_dir / "pool.json").read_text())
+    mine = data_digest(examples)
+    if other["settings"]["data_sha256"] != mine:
+        sys.exit(f"[crayon-pool] error: {pool_dir} was trained on other data ({other['settings']['data_sha256']}, "
+                 f"ours {mine}): use the same --per-task and --seed")
+    raw = (pool_dir / "assignments.jsonl").read_bytes()
+    by_id = {r["id"]: r["cluster"] for r in map(json.loads, raw.decode().splitlines())}
+    labels = [by_id[e.id] for e in examples]
+    if len(other["adapters"]) != k:
+        sys.exit(f"[crayon-pool] error: {pool_dir} has {len(other['adapters'])} adapters, --k is {k}")
+    return {"pool_id": other["pool_id"], "labels": labels, "sha256": hashlib.sha256(raw).hexdigest()[:16]}
 
 
 def main(argv=None):
@@ -134,6 +171,8 @@ def main(argv=None):
     b.add_argument("--lr", type=float, default=1e-3)
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--max-prompt-tokens", type=int, default=192, help="training prompts keep their last N tokens")
+    b.add_argument("--targets", default=",".join(TARGETS), help="comma-separated linear layers to adapt")
+    b.add_argument("--pair-with", type=Path, help="train on the clusters of this pool's assignments.jsonl (server pool)")
     b.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
     args = ap.parse_args(argv)
     if args.threads:

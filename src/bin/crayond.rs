@@ -1,8 +1,10 @@
-//! crayond: the Crayon service. This build provides `--check`: load the config and the model, run one
-//! generation step and report; the serving interfaces (D-Bus, local socket, HTTP) come next.
+//! crayond: the Crayon service. Serves the OpenAI-compatible HTTP API (`--listen` or `[server] listen`;
+//! see docs/http.md) with device–server routing (docs/routing.md); `--check` validates a deployment.
+//! The D-Bus interface and the local socket come next.
 
 use std::ops::ControlFlow;
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Instant;
 
 use clap::Parser;
@@ -18,22 +20,80 @@ struct Cli {
     /// Validate the config, load the model, generate one token, print a report and exit
     #[arg(long)]
     check: bool,
+    /// Serve HTTP on this address, e.g. 127.0.0.1:8090 (port 0: any free port) [overrides server.listen]
+    #[arg(long, value_name = "ADDR")]
+    listen: Option<String>,
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     cli.common.init_logging("info");
-    if !cli.check {
-        eprintln!("crayond: this build has no serving interface yet; run `crayond --check` to validate a deployment");
-        return ExitCode::from(2);
-    }
-    match check(&cli.common) {
+    let result = if cli.check { check(&cli.common) } else { serve(&cli) };
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("crayond: {e}");
             ExitCode::from(exit_code(&e) as u8)
         }
     }
+}
+
+fn serve(cli: &Cli) -> crayon::Result<()> {
+    let mut cfg = cli.common.load_config()?;
+    if let Some(l) = &cli.listen {
+        cfg.server.listen = l.clone();
+    }
+    if cfg.server.listen.is_empty() {
+        return Err(crayon::Error::Config {
+            path: "server.listen".into(),
+            msg: "nothing to serve: give --listen ADDR or set [server] listen (or run --check)".into(),
+        });
+    }
+    let addr = crayon::server::check_listen(&cfg.server.listen, &cfg)?;
+    let t0 = Instant::now();
+    let engine = Engine::load(&cfg)?;
+    tracing::info!(model = %cfg.model.dir.display(), seconds = t0.elapsed().as_secs_f64(), provider = %engine.provider(), "model loaded");
+    let service = Arc::new(crayon::server::Service::new(engine, &cfg)?);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(|e| crayon::Error::Io { what: "async runtime", path: "(tokio)".into(), source: e })?;
+    let mode = cfg.router.mode.name();
+    let remote = cfg.remote.url.clone();
+    runtime
+        .block_on(crayon::server::serve(
+            service,
+            addr,
+            move |bound| {
+                // One line on stdout, for scripts and tests that start us on port 0.
+                println!(
+                    "crayond: serving HTTP on http://{bound} (route mode {mode}{})",
+                    if remote.is_empty() { String::new() } else { format!(", server {remote}") }
+                );
+            },
+            shutdown_signal(),
+        ))
+        .map_err(|e| crayon::Error::Io { what: "HTTP listener", path: cfg.server.listen.clone().into(), source: e })?;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// SIGTERM or SIGINT: stop accepting, let in-flight requests finish.
+async fn shutdown_signal() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {},
+        _ = term => {},
+    }
+    tracing::info!("shutting down: finishing in-flight requests");
 }
 
 fn check(common: &CommonArgs) -> crayon::Result<()> {

@@ -23,7 +23,11 @@ struct PoolManifest {
     format: String,
     pool_id: String,
     base_model: BaseModel,
-    embedding: EmbeddingSpec,
+    /// Absent in a paired (server) pool: it is blended only by weights computed on a device.
+    embedding: Option<EmbeddingSpec>,
+    /// The device pool whose clusters this one was trained on (`crayon_pool build --pair-with`).
+    #[serde(default)]
+    paired_with: Option<String>,
     adapters: Vec<AdapterManifest>,
 }
 
@@ -49,7 +53,7 @@ struct AdapterManifest {
     alpha: f32,
     targets: Vec<String>,
     cluster_size: usize,
-    centroid: Vec<f32>,
+    centroid: Option<Vec<f32>>,
 }
 
 /// The two factors of one adapted matrix: delta = scale * B A.
@@ -67,6 +71,7 @@ pub struct Adapter {
     pub alpha: f32,
     pub targets: Vec<String>,
     pub cluster_size: usize,
+    /// Empty in a paired pool (no embedding).
     pub centroid: Vec<f32>,
     weights: WeightFile,
 }
@@ -95,7 +100,10 @@ impl Adapter {
 pub struct Pool {
     pub dir: PathBuf,
     pub id: String,
-    pub embedding: EmbeddingSpec,
+    /// `None`: a paired (server) pool, customizable by blend weights only.
+    pub embedding: Option<EmbeddingSpec>,
+    /// Device pool id this pool answers for (its blend weights mean the same tasks here).
+    pub paired_with: Option<String>,
     pub adapters: Vec<Adapter>,
 }
 
@@ -123,32 +131,29 @@ impl Pool {
                 short(&model.manifest.weights_sha256)
             )));
         }
-        if m.embedding.method != "q_proj_mean" || m.embedding.layer != 0 {
-            return Err(bad(format!(
-                "embedding method '{}' (layer {}) is not supported",
-                m.embedding.method, m.embedding.layer
-            )));
-        }
-        if m.embedding.center.len() != q_dim(model) {
-            return Err(bad(format!(
-                "embedding center has {} values, expected {}",
-                m.embedding.center.len(),
-                q_dim(model)
-            )));
+        if let Some(e) = &m.embedding {
+            if e.method != "q_proj_mean" || e.layer != 0 {
+                return Err(bad(format!("embedding method '{}' (layer {}) is not supported", e.method, e.layer)));
+            }
+            if e.center.len() != q_dim(model) {
+                return Err(bad(format!("embedding center has {} values, expected {}", e.center.len(), q_dim(model))));
+            }
+        } else if m.paired_with.is_none() {
+            return Err(bad("has no embedding and is not paired with a device pool".into()));
         }
         if m.adapters.is_empty() {
             return Err(bad("the pool has no adapters".into()));
         }
         let mut adapters = Vec::with_capacity(m.adapters.len());
         for a in m.adapters {
-            if a.centroid.len() != q_dim(model) {
-                return Err(bad(format!(
-                    "adapter {}: centroid has {} values, expected {}",
-                    a.name,
-                    a.centroid.len(),
-                    q_dim(model)
-                )));
-            }
+            let centroid = match (&m.embedding, a.centroid) {
+                (Some(_), Some(c)) if c.len() == q_dim(model) => c,
+                (Some(_), c) => {
+                    let n = c.map_or(0, |c| c.len());
+                    return Err(bad(format!("adapter {}: centroid has {n} values, expected {}", a.name, q_dim(model))));
+                }
+                (None, _) => Vec::new(),
+            };
             if a.rank == 0 || !a.alpha.is_finite() {
                 return Err(bad(format!("adapter {}: rank {} / alpha {} are invalid", a.name, a.rank, a.alpha)));
             }
@@ -172,13 +177,18 @@ impl Pool {
                 alpha: a.alpha,
                 targets: a.targets,
                 cluster_size: a.cluster_size,
-                centroid: a.centroid,
+                centroid,
                 weights,
             };
             check_adapter_tensors(&adapter, model)?;
             adapters.push(adapter);
         }
-        Ok(Pool { dir: dir.to_path_buf(), id: m.pool_id, embedding: m.embedding, adapters })
+        Ok(Pool { dir: dir.to_path_buf(), id: m.pool_id, embedding: m.embedding, paired_with: m.paired_with, adapters })
+    }
+
+    /// Whether blend weights computed for pool `id` can be applied here.
+    pub fn accepts(&self, id: &str) -> bool {
+        self.id == id || self.paired_with.as_deref() == Some(id)
     }
 
     pub fn names(&self) -> Vec<&str> {

@@ -7,6 +7,8 @@ use std::path::{Path, PathBuf};
 use crayon::Config;
 use safetensors::SafeTensors;
 
+pub mod daemon;
+
 pub fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }

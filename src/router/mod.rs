@@ -1,0 +1,530 @@
+//! Device–server routing (`docs/routing.md`). Each request gets two scores:
+//!
+//! * **scope**: how close the query is to the customization's own examples — the cosine of the query's
+//!   task embedding to the nearest example embedding (the same embedding that chose the blend);
+//! * **confidence**: from the device model's own probabilities — for a choice question the margin
+//!   between the most and second most likely option, for free text the geometric-mean probability
+//!   of the generated tokens (with the mean and minimum log-probability reported too).
+//!
+//! Policy (mode `hybrid`): out of scope → the server's plain model (the device's customization does
+//! not apply); in scope but not confident → the server with the same blend weights on its own pool;
+//! otherwise the device answers. Any server failure falls back to the device's answer, flagged. The
+//! server only ever receives the query, the pool id and the blend weights (see [`remote`]).
+
+pub mod remote;
+
+use std::ops::ControlFlow;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+use crate::adapters::Example;
+use crate::config::{RouteMode, RouterConfig, Thresholds};
+use crate::engine::Engine;
+use crate::error::{Error, Result};
+use crate::generate::{CancelToken, FinishReason, Generation, GenerationParams, Prompt};
+use crate::pool::embed::cosine;
+
+pub use remote::{RemoteAnswer, RemoteClient, RemoteError, RemoteRequest};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AnsweredBy {
+    Device,
+    Server,
+}
+
+/// Why a request went where it went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Reason {
+    /// Routing is off (mode `device_only`, or the request asked for the device).
+    DeviceOnly,
+    /// Mode `server_only`, or the request asked for the server.
+    ServerOnly,
+    /// In scope and confident: the device's answer stands.
+    Confident,
+    /// The query is far from the customization's examples: the server's plain model answers.
+    OutOfScope,
+    /// The device was not confident: the server answers with the same blend.
+    LowConfidence,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ConfidenceKind {
+    /// Margin between the two most likely options of a choice question.
+    Choice,
+    /// Geometric-mean probability of the generated tokens.
+    Text,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct Confidence {
+    pub kind: ConfidenceKind,
+    /// The score compared with the threshold, in [0, 1].
+    pub value: f32,
+    pub mean_logprob: f32,
+    pub min_logprob: f32,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Latency {
+    /// Adapter lookup, scope embedding and the decision itself (no generation).
+    pub routing_ms: f64,
+    pub local_ms: f64,
+    pub remote_ms: f64,
+    pub total_ms: f64,
+}
+
+/// Who answered and why; carried by every routed response.
+#[derive(Debug, Clone, Serialize)]
+pub struct Route {
+    pub answered_by: AnsweredBy,
+    pub reason: Reason,
+    pub mode: RouteMode,
+    pub scope: Option<f32>,
+    pub confidence: Option<Confidence>,
+    pub thresholds: Thresholds,
+    /// Set when the server was chosen but failed and the device answered instead: what went wrong.
+    pub fallback: Option<String>,
+    /// The server applied the blend weights (a Crayon server); false for the plain model or a plain
+    /// OpenAI-compatible server.
+    pub server_blend: bool,
+    pub server_model: Option<String>,
+    pub latency: Latency,
+}
+
+/// Per-request overrides of the routing config.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteOverrides {
+    pub mode: Option<RouteMode>,
+    pub min_scope: Option<f32>,
+    pub min_margin: Option<f32>,
+    pub min_token_prob: Option<f32>,
+}
+
+pub struct Request {
+    pub prompt: Prompt,
+    pub params: GenerationParams,
+    pub overrides: RouteOverrides,
+}
+
+pub struct Answer {
+    pub text: String,
+    pub finish_reason: FinishReason,
+    /// For choice questions: the chosen option (device: by probability; server: as it reports it, or
+    /// parsed from its text).
+    pub choice: Option<String>,
+    pub choice_probs: Vec<f32>,
+    pub prompt_tokens: usize,
+    pub completion_tokens: usize,
+    pub route: Route,
+}
+
+/// Scope of a query: cosine of its embedding to the nearest example embedding.
+pub fn scope(query: &[f32], examples: &[Vec<f32>]) -> Option<f32> {
+    examples.iter().map(|e| cosine(query, e)).reduce(f32::max)
+}
+
+/// Confidence of a device generation (see the module docs); `None` when nothing was generated.
+pub fn confidence(g: &Generation) -> Option<Confidence> {
+    if g.tokens.is_empty() && g.choice_probs.is_empty() {
+        return None;
+    }
+    let lps: Vec<f32> = g.tokens.iter().map(|t| t.logprob).collect();
+    let mean_logprob = if lps.is_empty() { 0.0 } else { lps.iter().sum::<f32>() / lps.len() as f32 };
+    let min_logprob = lps.iter().copied().fold(0.0, f32::min);
+    let (kind, value) = if g.choice_probs.is_empty() {
+        (ConfidenceKind::Text, mean_logprob.exp())
+    } else {
+        let mut p = g.choice_probs.clone();
+        p.sort_by(|a, b| b.total_cmp(a));
+        (ConfidenceKind::Choice, p[0] - p.get(1).copied().unwrap_or(0.0))
+    };
+    Some(Confidence { kind, value, mean_logprob, min_logprob })
+}
+
+fn threshold_for(c: &Confidence, t: &Thresholds) -> f32 {
+    match c.kind {
+        ConfidenceKind::Choice => t.min_margin,
+        ConfidenceKind::Text => t.min_token_prob,
+    }
+}
+
+/// The option with the highest probability.
+pub fn best_choice(choices: &[String], probs: &[f32]) -> Option<String> {
+    let (i, _) = probs.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1))?;
+    choices.get(i).map(|c| c.trim().to_string())
+}
+
+/// The option a free-text answer names: its first word, stripped of punctuation (e.g. "B." or "(b)").
+pub fn parse_choice(choices: &[String], text: &str) -> Option<String> {
+    let word: String = text.split_whitespace().next()?.chars().filter(|c| c.is_alphanumeric()).collect();
+    choices.iter().map(|c| c.trim()).find(|c| c.eq_ignore_ascii_case(&word)).map(str::to_string)
+}
+
+/// The user's question as the scope sees it: the last user message of a chat, or the text.
+fn query_text(prompt: &Prompt) -> Option<&str> {
+    match prompt {
+        Prompt::Chat(m) => m.iter().rev().find(|m| m.role == "user").map(|m| m.content.as_str()),
+        Prompt::Text(t) => Some(t),
+        Prompt::Tokens(_) => None,
+    }
+}
+
+/// What the device knows before generating: thresholds in force, scope, and the blend to send.
+struct Plan {
+    thresholds: Thresholds,
+    scope: Option<f32>,
+    blend: Option<(String, Vec<f32>)>,
+}
+
+pub struct Router {
+    config: RouterConfig,
+    remote: Option<RemoteClient>,
+}
+
+impl Router {
+    pub fn new(config: &crate::config::Config) -> Result<Router> {
+        let remote = if config.remote.url.is_empty() { None } else { Some(RemoteClient::new(&config.remote)?) };
+        Ok(Router { config: config.router.clone(), remote })
+    }
+
+    /// The configured thresholds (before per-adapter calibration and per-request overrides).
+    pub fn thresholds(&self) -> Thresholds {
+        self.config.thresholds
+    }
+
+    pub fn mode(&self) -> RouteMode {
+        self.config.mode
+    }
+
+    pub fn remote(&self) -> Option<&RemoteClient> {
+        self.remote.as_ref()
+    }
+
+    /// Answers a request on the device or the server. The engine is locked only while it works (the
+    /// server call runs unlocked). `on_text` streams the answer: live in `device_only` mode; in the other
+    /// modes once the answer is final (a local answer may still be replaced by the server's).
+    pub fn answer(
+        &self,
+        engine: &Mutex<Engine>,
+        req: &Request,
+        cancel: &CancelToken,
+        on_text: &mut dyn FnMut(&str) -> ControlFlow<()>,
+    ) -> Result<Answer> {
+        let t0 = Instant::now();
+        let mode = req.overrides.mode.unwrap_or(self.config.mode);
+        let remote = match (mode, &self.remote) {
+            (RouteMode::DeviceOnly, _) => None,
+            (_, Some(r)) => Some(r),
+            (m, None) => {
+                return Err(Error::InvalidRequest(format!(
+                    "route mode '{}' needs a server, and none is configured ([remote] url)",
+                    m.name()
+                )));
+            }
+        };
+        let plan = self.plan(&lock(engine), req)?;
+        let routing_ms = ms(t0.elapsed());
+        let mut route = Route {
+            answered_by: AnsweredBy::Device,
+            reason: Reason::DeviceOnly,
+            mode,
+            scope: plan.scope,
+            confidence: None,
+            thresholds: plan.thresholds,
+            fallback: None,
+            server_blend: false,
+            server_model: None,
+            latency: Latency { routing_ms, ..Latency::default() },
+        };
+
+        // Decisions that need no local answer first: the server is asked before the device works.
+        let early = match (mode, remote) {
+            (RouteMode::ServerOnly, Some(r)) => Some((r, Reason::ServerOnly, plan.blend.clone())),
+            (RouteMode::Hybrid, Some(r)) if plan.scope.is_some_and(|s| s < plan.thresholds.min_scope) => {
+                Some((r, Reason::OutOfScope, None))
+            }
+            _ => None,
+        };
+        if let Some((r, reason, blend)) = early {
+            route.reason = reason;
+            match self.offload(r, req, blend, &mut route) {
+                Ok(a) => return Ok(finish_remote(a, req, route, t0, on_text)),
+                Err(e) => route.fallback = Some(e.to_string()),
+            }
+        }
+
+        let live = mode == RouteMode::DeviceOnly || route.fallback.is_some();
+        let t_local = Instant::now();
+        let local = {
+            let mut sink = |s: &str| if live { on_text(s) } else { ControlFlow::Continue(()) };
+            lock(engine).generate(&req.prompt, &req.params, cancel, &mut sink)?
+        };
+        route.latency.local_ms = ms(t_local.elapsed());
+        route.confidence = confidence(&local);
+
+        if mode == RouteMode::Hybrid && route.fallback.is_none() && local.finish_reason != FinishReason::Cancelled {
+            let low = route.confidence.is_some_and(|c| c.value < threshold_for(&c, &plan.thresholds));
+            route.reason = if low { Reason::LowConfidence } else { Reason::Confident };
+            if let (true, Some(r)) = (low, remote) {
+                match self.offload(r, req, plan.blend.clone(), &mut route) {
+                    Ok(a) => return Ok(finish_remote(a, req, route, t0, on_text)),
+                    Err(e) => route.fallback = Some(e.to_string()),
+                }
+            }
+        }
+        if !live {
+            let _ = on_text(&local.text);
+        }
+        route.latency.total_ms = ms(t0.elapsed());
+        Ok(Answer {
+            choice: best_choice(&req.params.choices, &local.choice_probs),
+            text: local.text,
+            finish_reason: local.finish_reason,
+            choice_probs: local.choice_probs,
+            prompt_tokens: local.prompt_tokens,
+            completion_tokens: local.tokens.len(),
+            route,
+        })
+    }
+
+    fn plan(&self, engine: &Engine, req: &Request) -> Result<Plan> {
+        let mut thresholds = self.config.thresholds;
+        let mut scope_value = None;
+        let mut blend = None;
+        if let Some(name) = &req.params.adapter {
+            let c = engine.adapter(name)?;
+            if let (true, Some(t)) = (self.config.use_calibrated, c.calibrated) {
+                thresholds = t;
+            }
+            if !c.example_embeddings.is_empty() {
+                if let Some(q) = query_text(&req.prompt).map(|t| engine.task_embedding(t)).transpose()?.flatten() {
+                    scope_value = scope(&q, &c.example_embeddings);
+                }
+            }
+            blend = Some((c.pool_id.clone(), c.weights.clone()));
+        }
+        let o = &req.overrides;
+        thresholds.min_scope = o.min_scope.unwrap_or(thresholds.min_scope);
+        thresholds.min_margin = o.min_margin.unwrap_or(thresholds.min_margin);
+        thresholds.min_token_prob = o.min_token_prob.unwrap_or(thresholds.min_token_prob);
+        thresholds.validate("request").map_err(Error::InvalidRequest)?;
+        Ok(Plan { thresholds, scope: scope_value, blend })
+    }
+
+    fn offload(
+        &self,
+        remote: &RemoteClient,
+        req: &Request,
+        blend: Option<(String, Vec<f32>)>,
+        route: &mut Route,
+    ) -> std::result::Result<RemoteAnswer, RemoteError> {
+        let t = Instant::now();
+        let r = RemoteRequest { prompt: &req.prompt, params: &req.params, blend };
+        let out = remote.complete(&r);
+        route.latency.remote_ms = ms(t.elapsed());
+        if let Err(e) = &out {
+            tracing::warn!(error = %e, "server failed; the device answers");
+        }
+        out
+    }
+}
+
+fn finish_remote(
+    a: RemoteAnswer,
+    req: &Request,
+    mut route: Route,
+    t0: Instant,
+    on_text: &mut dyn FnMut(&str) -> ControlFlow<()>,
+) -> Answer {
+    let _ = on_text(&a.text);
+    route.answered_by = AnsweredBy::Server;
+    route.server_blend = a.server_blend;
+    route.server_model = Some(a.model.clone());
+    route.latency.total_ms = ms(t0.elapsed());
+    let choice = a.choice.clone().or_else(|| parse_choice(&req.params.choices, &a.text));
+    Answer {
+        text: a.text,
+        finish_reason: a.finish_reason,
+        choice,
+        choice_probs: a.choice_probs,
+        prompt_tokens: a.prompt_tokens,
+        completion_tokens: a.completion_tokens,
+        route,
+    }
+}
+
+/// Thresholds calibrated from an adapter's examples, with what they were derived from.
+#[derive(Debug, Clone, Serialize)]
+pub struct Calibration {
+    pub thresholds: Thresholds,
+    /// Leave-one-out scope of each example (its nearest *other* example).
+    pub example_scopes: Vec<f32>,
+    /// Device confidence on each example, and whether the customized model answered it right.
+    pub example_confidence: Vec<(f32, bool)>,
+}
+
+/// Margin below the lowest leave-one-out scope of the examples that still counts as in scope.
+pub const SCOPE_TOLERANCE: f32 = 0.05;
+
+/// Calibrates the routing thresholds of adapter `name` from its examples (the app has them; the
+/// service keeps only their embeddings): `min_scope` is the lowest leave-one-out scope minus
+/// [`SCOPE_TOLERANCE`]; the confidence threshold (margin with `choices`, token probability without)
+/// is the one that best separates the examples the customized model answers right from those it
+/// answers wrong ([`split_threshold`]). The other confidence threshold keeps the configured value.
+pub fn calibrate(
+    engine: &mut Engine,
+    base: Thresholds,
+    name: &str,
+    examples: &[Example],
+    choices: &[String],
+) -> Result<Calibration> {
+    let c = engine.adapter(name)?.clone();
+    if examples.is_empty() {
+        return Err(Error::InvalidRequest("calibration needs the adapter's examples".into()));
+    }
+    if examples.iter().any(|e| e.output.trim().is_empty()) {
+        return Err(Error::InvalidRequest("calibration needs an output for every example".into()));
+    }
+    let mut embs = Vec::with_capacity(examples.len());
+    for e in examples {
+        embs.extend(engine.task_embedding(&e.input)?);
+    }
+    let example_scopes: Vec<f32> = (0..embs.len())
+        .filter_map(|i| {
+            let others: Vec<Vec<f32>> =
+                embs.iter().enumerate().filter(|(j, _)| *j != i).map(|(_, e)| e.clone()).collect();
+            scope(&embs[i], &others)
+        })
+        .collect();
+    let mut thresholds = base;
+    if let Some(min) = example_scopes.iter().copied().reduce(f32::min) {
+        thresholds.min_scope = (min - SCOPE_TOLERANCE).clamp(-1.0, 1.0);
+    }
+    let mut example_confidence = Vec::with_capacity(examples.len());
+    for e in examples {
+        let mut params = engine.default_params();
+        params.adapter = Some(c.name.clone());
+        params.choices = choices.to_vec();
+        params.sampling = Default::default();
+        params.max_new_tokens = (engine.tokenizer().encode(&e.output)?.len() + 2).min(64);
+        let g = engine.generate(&Prompt::Text(e.input.clone()), &params, &CancelToken::new(), &mut |_| {
+            ControlFlow::Continue(())
+        })?;
+        let Some(conf) = confidence(&g) else { continue };
+        let right = match best_choice(choices, &g.choice_probs) {
+            Some(choice) => choice.eq_ignore_ascii_case(e.output.trim()),
+            None => g.text.trim().to_lowercase().starts_with(&e.output.trim().to_lowercase()),
+        };
+        example_confidence.push((conf.value, right));
+    }
+    let t = split_threshold(&example_confidence);
+    if choices.is_empty() {
+        thresholds.min_token_prob = t;
+    } else {
+        thresholds.min_margin = t;
+    }
+    engine.set_calibration(name, thresholds)?;
+    Ok(Calibration { thresholds, example_scopes, example_confidence })
+}
+
+/// The threshold in [0, 1] with the fewest examples on the wrong side (right answers must reach
+/// it, wrong ones fall below), placed in the middle of the widest such gap. All right: half the
+/// lowest confidence; all wrong: halfway from the highest to 1.
+pub fn split_threshold(points: &[(f32, bool)]) -> f32 {
+    let mut cuts: Vec<f32> = points.iter().map(|p| p.0.clamp(0.0, 1.0)).collect();
+    cuts.extend([0.0, 1.0]);
+    cuts.sort_by(f32::total_cmp);
+    cuts.dedup();
+    let errors = |t: f32| points.iter().filter(|(v, right)| (*v >= t) != *right).count();
+    let mut best = (usize::MAX, 0.0f32, 0.5f32); // (errors, -gap width, threshold)
+    for w in cuts.windows(2) {
+        // Any t in (lo, hi] classifies the same; take the middle.
+        let (lo, hi) = (w[0], w[1]);
+        let t = (lo + hi) / 2.0;
+        let e = errors(t);
+        if e < best.0 || (e == best.0 && hi - lo > -best.1) {
+            best = (e, -(hi - lo), t);
+        }
+    }
+    best.2
+}
+
+fn lock(engine: &Mutex<Engine>) -> std::sync::MutexGuard<'_, Engine> {
+    // A panic while holding the engine cannot leave it half-updated in a way that matters here
+    // (every method validates before mutating), so keep serving.
+    engine.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::generate::TokenInfo;
+
+    fn generation(logprobs: &[f32], choice_probs: &[f32]) -> Generation {
+        Generation {
+            text: String::new(),
+            tokens: logprobs.iter().map(|&l| TokenInfo { id: 0, logprob: l, top_logprob: l }).collect(),
+            finish_reason: FinishReason::Stop,
+            prompt_tokens: 1,
+            choice_probs: choice_probs.to_vec(),
+            prefill_time: Duration::ZERO,
+            decode_time: Duration::ZERO,
+        }
+    }
+
+    #[test]
+    fn choice_confidence_is_the_margin_of_the_top_two() {
+        let c = confidence(&generation(&[-0.1], &[0.1, 0.6, 0.25, 0.05])).unwrap();
+        assert_eq!(c.kind, ConfidenceKind::Choice);
+        assert!((c.value - 0.35).abs() < 1e-6);
+    }
+
+    #[test]
+    fn text_confidence_is_the_geometric_mean_token_probability() {
+        let c = confidence(&generation(&[-0.5, -1.5], &[])).unwrap();
+        assert_eq!(c.kind, ConfidenceKind::Text);
+        assert!((c.value - (-1.0f32).exp()).abs() < 1e-6);
+        assert_eq!(c.min_logprob, -1.5);
+        assert!(confidence(&generation(&[], &[])).is_none());
+    }
+
+    #[test]
+    fn scope_is_the_nearest_example() {
+        let ex = vec![vec![1.0, 0.0], vec![0.0, 1.0]];
+        assert!((scope(&[0.8, 0.6], &ex).unwrap() - 0.8).abs() < 1e-6);
+        assert!(scope(&[1.0, 0.0], &[]).is_none());
+    }
+
+    #[test]
+    fn choices_are_parsed_from_free_text() {
+        let ch: Vec<String> = ["A", "B", "C"].iter().map(|s| s.to_string()).collect();
+        assert_eq!(parse_choice(&ch, " B. a candle").as_deref(), Some("B"));
+        assert_eq!(parse_choice(&ch, "(c)").as_deref(), Some("C"));
+        assert_eq!(parse_choice(&ch, "Because"), None);
+        assert_eq!(best_choice(&ch, &[0.2, 0.1, 0.7]).as_deref(), Some("C"));
+    }
+
+    #[test]
+    fn split_threshold_separates_right_from_wrong() {
+        let t = split_threshold(&[(0.9, true), (0.7, true), (0.3, false), (0.1, false)]);
+        assert!((t - 0.5).abs() < 1e-6, "{t}");
+        let all_right = split_threshold(&[(0.8, true), (0.6, true)]);
+        assert!((all_right - 0.3).abs() < 1e-6, "{all_right}");
+        let all_wrong = split_threshold(&[(0.2, false), (0.4, false)]);
+        assert!((all_wrong - 0.7).abs() < 1e-6, "{all_wrong}");
+        // One right answer below a wrong one: one error is unavoidable.
+        let mixed = split_threshold(&[(0.2, true), (0.5, false), (0.9, true)]);
+        let errs = [(0.2, true), (0.5, false), (0.9, true)].iter().filter(|(v, r)| (*v >= mixed) != *r).count();
+        assert_eq!(errs, 1, "{mixed}");
+    }
+}

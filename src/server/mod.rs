@@ -1,0 +1,687 @@
+//! HTTP server mode of `crayond` (`docs/http.md`): OpenAI-compatible `/v1/chat/completions` and
+//! `/v1/completions` (with server-sent events when `stream` is set), `/v1/models`, `/health`, and the
+//! `crayon` extension (adapter, blend weights from a device, choices, routing overrides).
+//!
+//! The engine is synchronous and CPU-bound: each request runs on a blocking thread and takes the
+//! engine lock only while the model works (a routed request's server call runs unlocked). Admission
+//! is bounded (`server.max_concurrent`, then HTTP 429), bodies are bounded (`server.max_body_bytes`,
+//! then 413), a configured bearer token is required on `/v1/*`, and a client that goes away cancels
+//! its generation at the next token.
+
+pub mod openai;
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::ops::ControlFlow;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use axum::Router as HttpRouter;
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use serde_json::{Value, json};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
+
+use crate::config::{Config, RouteMode};
+use crate::engine::Engine;
+use crate::error::{Error, Result};
+use crate::generate::{CancelToken, GenerationParams, Prompt};
+use crate::router::{self, Answer, AnsweredBy, Latency, Reason, Route, RouteOverrides, Router};
+use openai::{ChatRequest, Common, CompletionRequest, ResponseExtension, error_body};
+
+/// Everything a request handler needs.
+pub struct Service {
+    engine: Mutex<Engine>,
+    /// Fixed at start, so that `/health` and request parsing never wait for the engine lock.
+    info: Info,
+    router: Router,
+    model_id: String,
+    token: Option<String>,
+    max_body_bytes: usize,
+    max_tokens_limit: usize,
+    slots: Arc<Semaphore>,
+    max_concurrent: usize,
+    counters: Counters,
+    started: Instant,
+}
+
+struct Info {
+    provider: String,
+    pool_id: Option<String>,
+    paired_with: Option<String>,
+    defaults: GenerationParams,
+}
+
+#[derive(Default)]
+struct Counters {
+    requests: AtomicU64,
+    offloaded: AtomicU64,
+    fallbacks: AtomicU64,
+    rejected_busy: AtomicU64,
+}
+
+impl Service {
+    pub fn new(engine: Engine, config: &Config) -> Result<Service> {
+        let token = if config.server.token_file.as_os_str().is_empty() {
+            None
+        } else {
+            let text = std::fs::read_to_string(&config.server.token_file).map_err(|e| Error::Config {
+                path: config.server.token_file.clone(),
+                msg: format!("server.token_file cannot be read: {e}"),
+            })?;
+            let t = text.lines().next().unwrap_or("").trim().to_string();
+            if t.is_empty() {
+                return Err(Error::Config {
+                    path: config.server.token_file.clone(),
+                    msg: "server.token_file is empty".into(),
+                });
+            }
+            Some(t)
+        };
+        let model_id = match config.server.model_id.as_str() {
+            "" => engine.files().dir.file_name().map_or("crayon".into(), |n| n.to_string_lossy().into_owned()),
+            id => id.to_string(),
+        };
+        let pool = engine.pool();
+        let info = Info {
+            provider: engine.provider().to_string(),
+            pool_id: pool.map(|p| p.id.clone()),
+            paired_with: pool.and_then(|p| p.paired_with.clone()),
+            defaults: engine.default_params(),
+        };
+        Ok(Service {
+            info,
+            router: Router::new(config)?,
+            engine: Mutex::new(engine),
+            model_id,
+            token,
+            max_body_bytes: config.server.max_body_bytes,
+            max_tokens_limit: config.server.max_tokens_limit,
+            slots: Arc::new(Semaphore::new(config.server.max_concurrent)),
+            max_concurrent: config.server.max_concurrent,
+            counters: Counters::default(),
+            started: Instant::now(),
+        })
+    }
+
+    fn engine(&self) -> std::sync::MutexGuard<'_, Engine> {
+        self.engine.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Checks that `listen` is safe to serve on with this config.
+pub fn check_listen(listen: &str, config: &Config) -> Result<SocketAddr> {
+    let addr: SocketAddr = listen.parse().map_err(|e| Error::Config {
+        path: "server.listen".into(),
+        msg: format!("'{listen}' is not an address like 127.0.0.1:8090: {e}"),
+    })?;
+    if !addr.ip().is_loopback()
+        && config.server.token_file.as_os_str().is_empty()
+        && !config.server.allow_unauthenticated_remote
+    {
+        return Err(Error::Config {
+            path: "server.listen".into(),
+            msg: format!(
+                "{addr} is reachable from other machines but no server.token_file is set: set one (or allow_unauthenticated_remote = true)"
+            ),
+        });
+    }
+    Ok(addr)
+}
+
+/// Serves HTTP until `shutdown` resolves, then lets in-flight requests finish. `on_ready` receives
+/// the bound address (port 0 picks a free one).
+pub async fn serve(
+    service: Arc<Service>,
+    addr: SocketAddr,
+    on_ready: impl FnOnce(SocketAddr),
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    on_ready(listener.local_addr()?);
+    axum::serve(listener, app(service)).with_graceful_shutdown(shutdown).await
+}
+
+pub fn app(service: Arc<Service>) -> HttpRouter {
+    HttpRouter::new()
+        .route("/health", get(health))
+        .route("/v1/models", get(models))
+        .route("/v1/chat/completions", post(chat_completions))
+        .route("/v1/completions", post(completions))
+        .route("/v1/crayon/adapters", get(list_adapters).post(customize))
+        .route("/v1/crayon/adapters/{name}", axum::routing::delete(remove_adapter))
+        .fallback(|| async {
+            fail(StatusCode::NOT_FOUND, "no such endpoint (see docs/http.md)", "invalid_request_error")
+        })
+        .with_state(service)
+}
+
+fn fail(status: StatusCode, message: &str, kind: &str) -> Response {
+    (status, axum::Json(error_body(message, kind, None))).into_response()
+}
+
+fn error_response(e: &Error) -> Response {
+    let (status, kind) = match e {
+        Error::InvalidRequest(_) => (StatusCode::BAD_REQUEST, "invalid_request_error"),
+        Error::Adapter { .. } => (StatusCode::NOT_FOUND, "invalid_request_error"),
+        Error::Config { .. } | Error::Pool { .. } => (StatusCode::BAD_REQUEST, "invalid_request_error"),
+        _ => (StatusCode::INTERNAL_SERVER_ERROR, "server_error"),
+    };
+    fail(status, &e.to_string(), kind)
+}
+
+async fn health(State(s): State<Arc<Service>>) -> Response {
+    let c = &s.counters;
+    axum::Json(json!({
+        "status": "ok",
+        "version": crate::VERSION,
+        "model": s.model_id,
+        "provider": s.info.provider,
+        "pool_id": s.info.pool_id,
+        "paired_with": s.info.paired_with,
+        "route_mode": s.router.mode().name(),
+        "server": s.router.remote().map(|r| r.url()),
+        "breaker_open": s.router.remote().is_some_and(|r| r.breaker_open()),
+        "in_flight": s.max_concurrent - s.slots.available_permits(),
+        "max_concurrent": s.max_concurrent,
+        "requests": c.requests.load(Ordering::Relaxed),
+        "offloaded": c.offloaded.load(Ordering::Relaxed),
+        "fallbacks": c.fallbacks.load(Ordering::Relaxed),
+        "rejected_busy": c.rejected_busy.load(Ordering::Relaxed),
+        "uptime_s": s.started.elapsed().as_secs(),
+    }))
+    .into_response()
+}
+
+async fn models(State(s): State<Arc<Service>>, headers: HeaderMap) -> Response {
+    if let Some(r) = unauthorized(&s, &headers) {
+        return r;
+    }
+    // The engine lock may be held by a generation: wait for it off the async workers.
+    let worker = s.clone();
+    let adapters: Vec<(String, u64)> = tokio::task::spawn_blocking(move || {
+        worker.engine().adapters().iter().map(|c| (c.name.clone(), c.created_unix)).collect()
+    })
+    .await
+    .unwrap_or_default();
+    let mut data = vec![json!({"id": s.model_id, "object": "model", "created": 0, "owned_by": "crayon"})];
+    data.extend(adapters.into_iter().map(|(name, created)| {
+        json!({"id": name, "object": "model", "created": created, "owned_by": "crayon", "parent": s.model_id})
+    }));
+    axum::Json(json!({"object": "list", "data": data})).into_response()
+}
+
+/// What the API shows of a customization (not the example embeddings).
+fn adapter_json(c: &crate::adapters::Customization) -> Value {
+    json!({
+        "name": c.name,
+        "pool_id": c.pool_id,
+        "adapters": c.adapters,
+        "weights": c.weights,
+        "similarities": c.similarities,
+        "example_count": c.example_count,
+        "example_digest": c.example_digest,
+        "created": c.created_unix,
+        "calibrated": c.calibrated,
+    })
+}
+
+async fn list_adapters(State(s): State<Arc<Service>>, headers: HeaderMap) -> Response {
+    if let Some(r) = unauthorized(&s, &headers) {
+        return r;
+    }
+    let worker = s.clone();
+    let data: Vec<Value> =
+        tokio::task::spawn_blocking(move || worker.engine().adapters().into_iter().map(adapter_json).collect())
+            .await
+            .unwrap_or_default();
+    axum::Json(json!({"object": "list", "data": data})).into_response()
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CustomizeRequest {
+    name: String,
+    examples: Vec<crate::adapters::Example>,
+    /// Also calibrate the routing thresholds from the examples (runs the customized model on them).
+    #[serde(default)]
+    calibrate: bool,
+    #[serde(default)]
+    choices: Vec<String>,
+}
+
+async fn customize(State(s): State<Arc<Service>>, headers: HeaderMap, body: Body) -> Response {
+    if let Some(r) = unauthorized(&s, &headers) {
+        return r;
+    }
+    let Ok(permit) = s.slots.clone().try_acquire_owned() else {
+        return fail(StatusCode::TOO_MANY_REQUESTS, "busy (server.max_concurrent)", "rate_limit_error");
+    };
+    let bytes = match axum::body::to_bytes(body, s.max_body_bytes).await {
+        Ok(b) => b,
+        Err(_) => {
+            return fail(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "request body too large (server.max_body_bytes)",
+                "invalid_request_error",
+            );
+        }
+    };
+    let req: CustomizeRequest = match serde_json::from_slice(&bytes) {
+        Ok(r) => r,
+        Err(e) => {
+            return fail(StatusCode::BAD_REQUEST, &format!("malformed customize request: {e}"), "invalid_request_error");
+        }
+    };
+    let worker = s.clone();
+    let base = s.router.thresholds();
+    let joined = tokio::task::spawn_blocking(move || {
+        let _permit = permit;
+        let mut engine = worker.engine();
+        let report = engine.customize(&req.name, &req.examples)?;
+        let calibration = if req.calibrate {
+            Some(router::calibrate(&mut engine, base, &req.name, &req.examples, &req.choices)?)
+        } else {
+            None
+        };
+        let c = engine.adapter(&req.name)?.clone();
+        Ok::<_, Error>(json!({
+            "adapter": adapter_json(&c),
+            "embed_ms": report.embed_ms,
+            "merge_ms": report.merge_ms,
+            "session_ms": report.session_ms,
+            "total_ms": report.total_ms,
+            "calibration": calibration,
+        }))
+    })
+    .await;
+    match joined {
+        Ok(Ok(v)) => axum::Json(v).into_response(),
+        Ok(Err(e)) => error_response(&e),
+        Err(_) => fail(StatusCode::INTERNAL_SERVER_ERROR, "internal error while customizing", "server_error"),
+    }
+}
+
+async fn remove_adapter(
+    State(s): State<Arc<Service>>,
+    headers: HeaderMap,
+    axum::extract::Path(name): axum::extract::Path<String>,
+) -> Response {
+    if let Some(r) = unauthorized(&s, &headers) {
+        return r;
+    }
+    let worker = s.clone();
+    match tokio::task::spawn_blocking(move || worker.engine().remove_adapter(&name)).await {
+        Ok(Ok(c)) => axum::Json(json!({"removed": adapter_json(&c)})).into_response(),
+        Ok(Err(e)) => error_response(&e),
+        Err(_) => fail(StatusCode::INTERNAL_SERVER_ERROR, "internal error while removing", "server_error"),
+    }
+}
+
+/// The 401 reply when a token is configured and the request lacks it.
+fn unauthorized(s: &Service, headers: &HeaderMap) -> Option<Response> {
+    let Some(token) = &s.token else { return None };
+    let given =
+        headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
+    match given {
+        Some(g) if constant_time_eq(g.as_bytes(), token.as_bytes()) => None,
+        _ => {
+            let mut r = fail(StatusCode::UNAUTHORIZED, "missing or wrong bearer token", "authentication_error");
+            r.headers_mut().insert(header::WWW_AUTHENTICATE, header::HeaderValue::from_static("Bearer"));
+            Some(r)
+        }
+    }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Endpoint {
+    Chat,
+    Completion,
+}
+
+async fn chat_completions(State(s): State<Arc<Service>>, headers: HeaderMap, body: Body) -> Response {
+    handle(s, headers, body, Endpoint::Chat).await
+}
+
+async fn completions(State(s): State<Arc<Service>>, headers: HeaderMap, body: Body) -> Response {
+    handle(s, headers, body, Endpoint::Completion).await
+}
+
+/// A parsed request, ready for a blocking thread.
+struct Job {
+    endpoint: Endpoint,
+    prompt: Prompt,
+    params: GenerationParams,
+    overrides: RouteOverrides,
+    /// Device pool id and weights to blend with, when a device sent them.
+    blend: Option<(String, Vec<f32>)>,
+    stream: bool,
+    model: String,
+}
+
+/// What a blocking generation reports back to the async side.
+enum Msg {
+    Text(String),
+    Done(Box<Done>),
+    Failed(Error),
+}
+
+struct Done {
+    answer: Answer,
+    adapter: Option<String>,
+    blend: Option<String>,
+    /// Why a device's blend could not be applied (the plain model answered instead).
+    blend_error: Option<String>,
+}
+
+async fn handle(s: Arc<Service>, headers: HeaderMap, body: Body, endpoint: Endpoint) -> Response {
+    if let Some(r) = unauthorized(&s, &headers) {
+        return r;
+    }
+    let Ok(permit) = s.slots.clone().try_acquire_owned() else {
+        s.counters.rejected_busy.fetch_add(1, Ordering::Relaxed);
+        let mut r = fail(
+            StatusCode::TOO_MANY_REQUESTS,
+            &format!("busy: {} requests in flight (server.max_concurrent)", s.max_concurrent),
+            "rate_limit_error",
+        );
+        r.headers_mut().insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
+        return r;
+    };
+    s.counters.requests.fetch_add(1, Ordering::Relaxed);
+    let bytes = match axum::body::to_bytes(body, s.max_body_bytes).await {
+        Ok(b) => b,
+        Err(_) => {
+            return fail(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                &format!("request body over {} bytes (server.max_body_bytes), or unreadable", s.max_body_bytes),
+                "invalid_request_error",
+            );
+        }
+    };
+    let job = match parse_job(&s, &bytes, endpoint) {
+        Ok(j) => j,
+        Err(msg) => return fail(StatusCode::BAD_REQUEST, &msg, "invalid_request_error"),
+    };
+    run_job(s, job, permit).await
+}
+
+fn parse_job(s: &Service, bytes: &[u8], endpoint: Endpoint) -> std::result::Result<Job, String> {
+    let (model, prompt, common): (String, Prompt, Common) = match endpoint {
+        Endpoint::Chat => {
+            let r: ChatRequest = serde_json::from_slice(bytes).map_err(|e| format!("malformed JSON body: {e}"))?;
+            let p = r.prompt()?;
+            (r.model, p, r.common)
+        }
+        Endpoint::Completion => {
+            let r: CompletionRequest =
+                serde_json::from_slice(bytes).map_err(|e| format!("malformed JSON body: {e}"))?;
+            let p = r.prompt()?;
+            (r.model, p, r.common)
+        }
+    };
+    let mut params = common.params(s.info.defaults.clone(), s.max_tokens_limit)?;
+    let ext = common.crayon.unwrap_or_default();
+    let mut overrides = ext.route.unwrap_or_default();
+    let blend = match (ext.pool_id, ext.weights) {
+        (Some(p), Some(w)) => {
+            // A blend from a device is answered here: never routed on (no second hop).
+            overrides.mode = Some(RouteMode::DeviceOnly);
+            Some((p, w))
+        }
+        (None, None) => None,
+        _ => return Err("crayon.pool_id and crayon.weights go together".into()),
+    };
+    let is_base = model.is_empty() || model == s.model_id || model == "default";
+    params.adapter = match (ext.adapter, is_base) {
+        (Some(a), _) => Some(a),
+        (None, true) => None,
+        (None, false) => Some(model.clone()),
+    };
+    if blend.is_some() && params.adapter.is_some() {
+        return Err("give either an adapter or a blend (crayon.pool_id + weights), not both".into());
+    }
+    let model = if is_base { s.model_id.clone() } else { model };
+    Ok(Job { endpoint, prompt, params, overrides, blend, stream: common.stream, model })
+}
+
+/// Cancels the generation when the HTTP side goes away (client disconnect drops the handler).
+struct CancelOnDrop(CancelToken);
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        self.0.cancel();
+    }
+}
+
+async fn run_job(s: Arc<Service>, job: Job, permit: OwnedSemaphorePermit) -> Response {
+    let (tx, mut rx) = mpsc::channel::<Msg>(256);
+    let cancel = CancelToken::new();
+    let guard = CancelOnDrop(cancel.clone());
+    let stream = job.stream;
+    let worker = s.clone();
+    let endpoint = job.endpoint;
+    let model = job.model.clone();
+    tokio::task::spawn_blocking(move || {
+        let _permit = permit; // the slot is free once the model is done with this request
+        let tx2 = tx.clone();
+        let mut on_text = |t: &str| {
+            if !stream || t.is_empty() {
+                return ControlFlow::Continue(());
+            }
+            match tx2.blocking_send(Msg::Text(t.to_string())) {
+                Ok(()) => ControlFlow::Continue(()),
+                Err(_) => ControlFlow::Break(()), // the client is gone
+            }
+        };
+        let result =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| execute(&worker, &job, &cancel, &mut on_text)))
+                .unwrap_or_else(|_| Err(Error::InvalidRequest("internal error: the request handler panicked".into())));
+        let msg = match result {
+            Ok(done) => {
+                let c = &worker.counters;
+                if done.answer.route.answered_by == AnsweredBy::Server {
+                    c.offloaded.fetch_add(1, Ordering::Relaxed);
+                }
+                if done.answer.route.fallback.is_some() {
+                    c.fallbacks.fetch_add(1, Ordering::Relaxed);
+                }
+                Msg::Done(Box::new(done))
+            }
+            Err(e) => Msg::Failed(e),
+        };
+        let _ = tx.blocking_send(msg);
+    });
+
+    if !stream {
+        let _guard = guard;
+        loop {
+            match rx.recv().await {
+                Some(Msg::Text(_)) => continue,
+                Some(Msg::Done(d)) => return axum::Json(full_response(endpoint, &model, &d)).into_response(),
+                Some(Msg::Failed(e)) => return error_response(&e),
+                None => return fail(StatusCode::INTERNAL_SERVER_ERROR, "the request was dropped", "server_error"),
+            }
+        }
+    }
+    // Streaming: wait for the first message so that an early failure is still a proper HTTP error.
+    let first = match rx.recv().await {
+        Some(Msg::Failed(e)) => return error_response(&e),
+        None => return fail(StatusCode::INTERNAL_SERVER_ERROR, "the request was dropped", "server_error"),
+        Some(m) => m,
+    };
+    let id = completion_id();
+    let created = now_unix();
+    let head = chunk(endpoint, &id, created, &model, Some(""), None, true);
+    let events = futures_stream(first, rx, guard, move |m: Msg| match m {
+        Msg::Text(t) => chunk(endpoint, &id, created, &model, Some(&t), None, false),
+        Msg::Done(d) => {
+            let mut last =
+                chunk(endpoint, &id, created, &model, None, Some(openai::finish_reason(d.answer.finish_reason)), false);
+            last["usage"] = openai::usage(&d.answer);
+            last["crayon"] = extension(&d);
+            last
+        }
+        Msg::Failed(e) => json!({"error": {"message": e.to_string(), "type": "server_error"}}),
+    });
+    let head_event = Event::default().data(head.to_string());
+    let stream = tokio_stream::StreamExt::chain(
+        tokio_stream::iter([Ok::<Event, Infallible>(head_event)]),
+        tokio_stream::StreamExt::chain(events, tokio_stream::iter([Ok(Event::default().data("[DONE]"))])),
+    );
+    Sse::new(stream).keep_alive(KeepAlive::default()).into_response()
+}
+
+/// The SSE body: the first message, then the rest of the channel, each turned into events. Holds the
+/// cancel guard, so a client that disconnects (the body is dropped) stops the generation.
+fn futures_stream(
+    first: Msg,
+    rx: mpsc::Receiver<Msg>,
+    guard: CancelOnDrop,
+    mut to_json: impl FnMut(Msg) -> Value + Send + 'static,
+) -> impl tokio_stream::Stream<Item = std::result::Result<Event, Infallible>> + Send + 'static {
+    let rest = tokio_stream::wrappers::ReceiverStream::new(rx);
+    let all = tokio_stream::StreamExt::chain(tokio_stream::iter([first]), rest);
+    tokio_stream::StreamExt::map(all, move |m| {
+        let _ = &guard;
+        Ok(Event::default().data(to_json(m).to_string()))
+    })
+}
+
+/// Runs one job on the calling (blocking) thread.
+fn execute(
+    s: &Service,
+    job: &Job,
+    cancel: &CancelToken,
+    on_text: &mut dyn FnMut(&str) -> ControlFlow<()>,
+) -> Result<Done> {
+    if let Some((pool_id, weights)) = &job.blend {
+        // A device's blend: make it ready (cached) and answer here, holding the engine throughout
+        // so that no other request evicts it in between.
+        let t0 = Instant::now();
+        let mut engine = s.engine();
+        // A blend this server cannot apply (no pool, another pool, bad weights) still gets an
+        // answer from the plain model, flagged, rather than an error: the device asked for help.
+        let (name, blend_error) = match engine.prepare_blend(pool_id, weights) {
+            Ok(n) => (Some(n), None),
+            Err(e) => {
+                tracing::warn!(error = %e, "blend not applied; answering with the plain model");
+                (None, Some(e.to_string()))
+            }
+        };
+        let routing_ms = t0.elapsed().as_secs_f64() * 1e3;
+        let mut params = job.params.clone();
+        params.adapter = name.clone();
+        let t1 = Instant::now();
+        let g = engine.generate(&job.prompt, &params, cancel, on_text)?;
+        let local_ms = t1.elapsed().as_secs_f64() * 1e3;
+        let route = Route {
+            answered_by: AnsweredBy::Device,
+            reason: Reason::DeviceOnly,
+            mode: RouteMode::DeviceOnly,
+            scope: None,
+            confidence: router::confidence(&g),
+            thresholds: Default::default(),
+            fallback: None,
+            server_blend: false,
+            server_model: None,
+            latency: Latency { routing_ms, local_ms, remote_ms: 0.0, total_ms: t0.elapsed().as_secs_f64() * 1e3 },
+        };
+        let answer = Answer {
+            choice: router::best_choice(&params.choices, &g.choice_probs),
+            text: g.text,
+            finish_reason: g.finish_reason,
+            choice_probs: g.choice_probs,
+            prompt_tokens: g.prompt_tokens,
+            completion_tokens: g.tokens.len(),
+            route,
+        };
+        return Ok(Done { answer, adapter: None, blend: name, blend_error });
+    }
+    let req =
+        router::Request { prompt: job.prompt.clone(), params: job.params.clone(), overrides: job.overrides.clone() };
+    let answer = s.router.answer(&s.engine, &req, cancel, on_text)?;
+    Ok(Done { answer, adapter: job.params.adapter.clone(), blend: None, blend_error: None })
+}
+
+fn extension(d: &Done) -> Value {
+    let a = &d.answer;
+    serde_json::to_value(ResponseExtension {
+        route: &a.route,
+        adapter: d.adapter.as_deref(),
+        blend: d.blend.as_deref(),
+        blend_error: d.blend_error.as_deref(),
+        choice: a.choice.as_deref(),
+        choice_probs: &a.choice_probs,
+    })
+    .unwrap_or(Value::Null)
+}
+
+fn full_response(endpoint: Endpoint, model: &str, d: &Done) -> Value {
+    let a = &d.answer;
+    let finish = openai::finish_reason(a.finish_reason);
+    let choice = match endpoint {
+        Endpoint::Chat => {
+            json!({"index": 0, "message": {"role": "assistant", "content": a.text}, "finish_reason": finish})
+        }
+        Endpoint::Completion => json!({"index": 0, "text": a.text, "finish_reason": finish, "logprobs": null}),
+    };
+    json!({
+        "id": completion_id(),
+        "object": if endpoint == Endpoint::Chat { "chat.completion" } else { "text_completion" },
+        "created": now_unix(),
+        "model": model,
+        "choices": [choice],
+        "usage": openai::usage(a),
+        "crayon": extension(d),
+    })
+}
+
+fn chunk(
+    endpoint: Endpoint,
+    id: &str,
+    created: u64,
+    model: &str,
+    text: Option<&str>,
+    finish: Option<&str>,
+    first: bool,
+) -> Value {
+    let choice = match endpoint {
+        Endpoint::Chat => {
+            let mut delta = json!({});
+            if first {
+                delta["role"] = json!("assistant");
+            }
+            if let Some(t) = text {
+                delta["content"] = json!(t);
+            }
+            json!({"index": 0, "delta": delta, "finish_reason": finish})
+        }
+        Endpoint::Completion => json!({"index": 0, "text": text.unwrap_or(""), "finish_reason": finish}),
+    };
+    json!({
+        "id": id,
+        "object": if endpoint == Endpoint::Chat { "chat.completion.chunk" } else { "text_completion" },
+        "created": created,
+        "model": model,
+        "choices": [choice],
+    })
+}
+
+fn completion_id() -> String {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    format!("crayon-{:x}-{}", now_unix(), NEXT.fetch_add(1, Ordering::Relaxed))
+}
+
+fn now_unix() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}

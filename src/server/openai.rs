@@ -1,0 +1,196 @@
+//! OpenAI-compatible request and response bodies (`/v1/chat/completions`, `/v1/completions`), plus
+//! the `crayon` extension object (`docs/http.md`). Unknown top-level fields are ignored, as OpenAI
+//! clients send many; unknown fields *inside* `crayon` are rejected (a typo there changes routing).
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+
+use crate::chat::Message;
+use crate::generate::{FinishReason, GenerationParams, Prompt};
+use crate::router::{Answer, Route, RouteOverrides};
+
+#[derive(Debug, Deserialize)]
+pub struct ChatRequest {
+    #[serde(default)]
+    pub model: String,
+    pub messages: Vec<ChatMessage>,
+    #[serde(flatten)]
+    pub common: Common,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct CompletionRequest {
+    #[serde(default)]
+    pub model: String,
+    pub prompt: Value,
+    #[serde(flatten)]
+    pub common: Common,
+}
+
+/// Fields shared by both endpoints.
+#[derive(Debug, Deserialize)]
+pub struct Common {
+    pub max_tokens: Option<usize>,
+    pub max_completion_tokens: Option<usize>,
+    pub temperature: Option<f32>,
+    pub top_p: Option<f32>,
+    pub top_k: Option<usize>,
+    pub seed: Option<u64>,
+    pub stop: Option<Stop>,
+    #[serde(default)]
+    pub stream: bool,
+    pub n: Option<usize>,
+    pub crayon: Option<Extension>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum Stop {
+    One(String),
+    Many(Vec<String>),
+}
+
+#[derive(Debug, Deserialize)]
+pub struct ChatMessage {
+    pub role: String,
+    /// A string, or an array of content parts of which only `{"type": "text"}` ones are supported.
+    pub content: Value,
+}
+
+/// The `crayon` request extension.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Extension {
+    /// Customized adapter to answer with (alternative: its name as `model`).
+    pub adapter: Option<String>,
+    /// A device's pool id and blend weights (a server blends its own paired pool with them).
+    pub pool_id: Option<String>,
+    pub weights: Option<Vec<f32>>,
+    /// Options of a choice question (scored by probability; see docs/routing.md).
+    #[serde(default)]
+    pub choices: Vec<String>,
+    pub route: Option<RouteOverrides>,
+}
+
+impl ChatMessage {
+    pub fn text(&self, i: usize) -> Result<String, String> {
+        match &self.content {
+            Value::String(s) => Ok(s.clone()),
+            Value::Array(parts) => parts
+                .iter()
+                .map(|p| match (p.get("type").and_then(Value::as_str), p.get("text").and_then(Value::as_str)) {
+                    (Some("text"), Some(t)) => Ok(t),
+                    _ => Err(format!("messages[{i}].content: only text parts are supported")),
+                })
+                .collect::<Result<Vec<_>, _>>()
+                .map(|v| v.concat()),
+            _ => Err(format!("messages[{i}].content must be a string or an array of text parts")),
+        }
+    }
+}
+
+impl ChatRequest {
+    pub fn prompt(&self) -> Result<Prompt, String> {
+        if self.messages.is_empty() {
+            return Err("messages must not be empty".into());
+        }
+        let mut out = Vec::with_capacity(self.messages.len());
+        for (i, m) in self.messages.iter().enumerate() {
+            if !matches!(m.role.as_str(), "system" | "user" | "assistant" | "developer") {
+                return Err(format!("messages[{i}].role '{}' is not supported", m.role));
+            }
+            let role = if m.role == "developer" { "system" } else { m.role.as_str() };
+            out.push(Message::new(role, m.text(i)?));
+        }
+        Ok(Prompt::Chat(out))
+    }
+}
+
+impl CompletionRequest {
+    pub fn prompt(&self) -> Result<Prompt, String> {
+        match &self.prompt {
+            Value::String(s) => Ok(Prompt::Text(s.clone())),
+            Value::Array(a) if a.len() == 1 && a[0].is_string() => Ok(Prompt::Text(a[0].as_str().unwrap_or("").into())),
+            Value::Array(a) if !a.is_empty() && a.iter().all(Value::is_u64) => {
+                let ids: Option<Vec<u32>> = a.iter().map(|v| v.as_u64().and_then(|x| u32::try_from(x).ok())).collect();
+                ids.map(Prompt::Tokens).ok_or_else(|| "prompt token ids must fit in 32 bits".into())
+            }
+            _ => Err("prompt must be a string, a one-string array, or an array of token ids".into()),
+        }
+    }
+}
+
+impl Common {
+    /// Generation parameters: the request's values over the config defaults, within `max_tokens_limit`.
+    pub fn params(&self, defaults: GenerationParams, max_tokens_limit: usize) -> Result<GenerationParams, String> {
+        let mut p = defaults;
+        if let Some(n) = self.n.filter(|&n| n != 1) {
+            return Err(format!("n = {n} is not supported (only 1)"));
+        }
+        if let Some(m) = self.max_completion_tokens.or(self.max_tokens) {
+            if m == 0 || m > max_tokens_limit {
+                return Err(format!("max_tokens must be in 1..={max_tokens_limit}, got {m}"));
+            }
+            p.max_new_tokens = m;
+        }
+        p.max_new_tokens = p.max_new_tokens.min(max_tokens_limit);
+        if let Some(t) = self.temperature {
+            p.sampling.temperature = t;
+        }
+        if let Some(t) = self.top_p {
+            p.sampling.top_p = t;
+        }
+        if let Some(k) = self.top_k {
+            p.sampling.top_k = k;
+        }
+        if self.seed.is_some() {
+            p.sampling.seed = self.seed;
+        }
+        match &self.stop {
+            Some(Stop::One(s)) => p.stop = vec![s.clone()],
+            Some(Stop::Many(v)) if v.len() > 16 => return Err("at most 16 stop strings".into()),
+            Some(Stop::Many(v)) => p.stop = v.clone(),
+            None => {}
+        }
+        if let Some(ext) = &self.crayon {
+            p.choices = ext.choices.clone();
+        }
+        Ok(p)
+    }
+}
+
+pub fn finish_reason(f: FinishReason) -> &'static str {
+    match f {
+        FinishReason::Length => "length",
+        _ => "stop",
+    }
+}
+
+/// The `crayon` object of a response: route, scores, thresholds, latencies and (for choice questions)
+/// the chosen option.
+#[derive(Serialize)]
+pub struct ResponseExtension<'a> {
+    #[serde(flatten)]
+    pub route: &'a Route,
+    pub adapter: Option<&'a str>,
+    /// Set when the answer used a blend sent by a device (`pool_id` + `weights`).
+    pub blend: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub blend_error: Option<&'a str>,
+    pub choice: Option<&'a str>,
+    #[serde(skip_serializing_if = "<[f32]>::is_empty")]
+    pub choice_probs: &'a [f32],
+}
+
+pub fn usage(a: &Answer) -> Value {
+    json!({
+        "prompt_tokens": a.prompt_tokens,
+        "completion_tokens": a.completion_tokens,
+        "total_tokens": a.prompt_tokens + a.completion_tokens,
+    })
+}
+
+/// An OpenAI error body.
+pub fn error_body(message: &str, kind: &str, code: Option<&str>) -> Value {
+    json!({"error": {"message": message, "type": kind, "param": null, "code": code}})
+}

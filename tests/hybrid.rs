@@ -1,0 +1,408 @@
+//! Device–server hybrid inference with real processes on loopback: a device `crayond` and a server
+//! `crayond` (the tiny model on both sides, the server with a pool paired to the device's), routing
+//! decisions, the server API, privacy of the customization, and every network fault falling back to
+//! the device's answer.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use common::daemon::{Daemon, Fault, FaultServer, PATIENCE, http_post, tiny_config};
+use serde_json::{Value, json};
+
+/// Unusual words so that a leak of example text into the wire would be unmistakable.
+const EXAMPLES: [(&str, &str); 4] = [
+    ("Question: Which zebrafinch quartzite glows?\n A. one\n B. two\nAnswer:", " A"),
+    ("Question: Where does the marmoset xylophone sleep?\n A. here\n B. there\nAnswer:", " B"),
+    ("Question: How many quokka violins fit?\n A. few\n B. many\nAnswer:", " B"),
+    ("Question: Why is the axolotl kettle warm?\n A. sun\n B. fire\nAnswer:", " A"),
+];
+
+fn device_pool() -> PathBuf {
+    common::repo().join("models/tiny-pool")
+}
+
+fn server_pool() -> PathBuf {
+    let p = common::repo().join("models/tiny-server-pool");
+    assert!(p.join("pool.json").is_file(), "{} is missing: run scripts/setup first", p.display());
+    p
+}
+
+fn server() -> Daemon {
+    let state = tempfile::tempdir().unwrap().keep();
+    Daemon::start(&tiny_config(Some(&server_pool()), &state, ""))
+}
+
+/// A device routing to `url`, with quick timeouts so fault tests stay short.
+/// `remote` holds `[remote]` keys that replace these defaults.
+fn device(url: &str, mode: &str, remote: &str) -> Daemon {
+    let state = tempfile::tempdir().unwrap().keep();
+    let mut cfg = format!("[router]\nmode = \"{mode}\"\n[remote]\nurl = \"{url}\"\n{remote}");
+    for (key, value) in [
+        ("connect_timeout_ms", "1000"),
+        ("timeout_ms", "2000"),
+        ("retries", "1"),
+        ("retry_backoff_ms", "50"),
+        ("breaker_failures", "0"),
+    ] {
+        if !remote.lines().any(|l| l.starts_with(&format!("{key} ="))) {
+            cfg += &format!("{key} = {value}\n");
+        }
+    }
+    let d = Daemon::start(&tiny_config(Some(&device_pool()), &state, &cfg));
+    customize(&d, "quiz");
+    d
+}
+
+fn customize(d: &Daemon, name: &str) -> Value {
+    let examples: Vec<Value> = EXAMPLES.iter().map(|(i, o)| json!({"input": i, "output": o})).collect();
+    let (status, body) = d.post("/v1/crayon/adapters", &json!({"name": name, "examples": examples}));
+    assert_eq!(status, 200, "{body}");
+    body
+}
+
+/// A completion with the customized adapter and routing overrides.
+fn ask(d: &Daemon, prompt: &str, route: Value) -> Value {
+    let (status, body) = d.post(
+        "/v1/completions",
+        &json!({"model": "quiz", "prompt": prompt, "max_tokens": 4, "crayon": {"choices": ["A", "B"], "route": route}}),
+    );
+    assert_eq!(status, 200, "{body}");
+    body
+}
+
+fn route(body: &Value) -> (&str, &str) {
+    (body["crayon"]["answered_by"].as_str().unwrap(), body["crayon"]["reason"].as_str().unwrap())
+}
+
+const QUERY: &str = "Question: Which pangolin trombone is loud?\n A. this\n B. that\nAnswer:";
+
+#[test]
+fn routing_decisions_in_scope_low_confidence_and_out_of_scope() {
+    let srv = server();
+    let dev = device(&srv.url, "hybrid", "");
+
+    // In scope and confident (thresholds at their floor): the device answers.
+    let local = ask(&dev, QUERY, json!({"min_scope": -1.0, "min_margin": 0.0}));
+    assert_eq!(route(&local), ("device", "confident"), "{local}");
+    let c = &local["crayon"];
+    assert!(c["scope"].as_f64().is_some() && c["confidence"]["kind"] == "choice", "{c}");
+    assert!(c["fallback"].is_null() && c["latency"]["routing_ms"].as_f64().is_some(), "{c}");
+    assert!(matches!(c["choice"].as_str(), Some("A" | "B")), "{c}");
+
+    // In scope, not confident (no margin can reach 1): the server answers with the same blend.
+    let hard = ask(&dev, QUERY, json!({"min_scope": -1.0, "min_margin": 1.0}));
+    assert_eq!(route(&hard), ("server", "low_confidence"), "{hard}");
+    assert_eq!(hard["crayon"]["server_blend"], true, "the server applied the blend: {hard}");
+    assert!(hard["crayon"]["confidence"]["value"].as_f64().unwrap() < 1.0);
+
+    // Out of scope (no query reaches scope 1 but an example itself): the server's plain model.
+    let far = ask(&dev, "Write a poem about the sea.", json!({"min_scope": 1.0}));
+    assert_eq!(route(&far), ("server", "out_of_scope"), "{far}");
+    assert_eq!(far["crayon"]["server_blend"], false, "{far}");
+    assert!(far["crayon"]["confidence"].is_null(), "out of scope is decided before generating: {far}");
+
+    let h = dev.health();
+    assert_eq!((h["offloaded"].as_u64(), h["fallbacks"].as_u64()), (Some(2), Some(0)), "{h}");
+}
+
+#[test]
+fn scope_is_high_for_the_examples_own_inputs() {
+    let dev = device(&FaultServer::refused_url(), "device_only", "");
+    let own = ask(&dev, EXAMPLES[0].0, json!({}));
+    let scope = own["crayon"]["scope"].as_f64().unwrap();
+    assert!(scope > 0.999, "an example is its own nearest example: {scope}");
+    let other = ask(&dev, "Some completely different text about nothing", json!({}));
+    assert!(other["crayon"]["scope"].as_f64().unwrap() < scope, "{other}");
+}
+
+#[test]
+fn device_only_mode_never_contacts_the_server() {
+    let spy = FaultServer::start(Fault::Status500);
+    let dev = device(&spy.url, "device_only", "");
+    let out = ask(&dev, QUERY, json!({"min_scope": 1.0, "min_margin": 1.0}));
+    assert_eq!(route(&out), ("device", "device_only"), "{out}");
+    assert_eq!(spy.connections.load(std::sync::atomic::Ordering::SeqCst), 0);
+}
+
+#[test]
+fn the_server_receives_the_query_pool_id_and_weights_but_no_example_text() {
+    let srv = server();
+    let spy = FaultServer::start(Fault::Record(srv.url.clone()));
+    let dev = device(&spy.url, "hybrid", "");
+    let adapter = dev.get("/v1/crayon/adapters")["data"][0].clone();
+    let out = ask(&dev, QUERY, json!({"min_scope": -1.0, "min_margin": 1.0}));
+    assert_eq!(route(&out), ("server", "low_confidence"), "{out}");
+
+    let sent = spy.requests.lock().unwrap().clone();
+    assert_eq!(sent.len(), 1, "{sent:?}");
+    let body: Value = serde_json::from_str(&sent[0]).unwrap();
+    for word in ["zebrafinch", "quartzite", "marmoset", "xylophone", "quokka", "violins", "axolotl", "kettle"] {
+        assert!(EXAMPLES.iter().any(|(i, _)| i.contains(word)));
+        assert!(!sent[0].contains(word), "example text '{word}' left the device: {}", sent[0]);
+    }
+    assert_eq!(body["prompt"], QUERY);
+    assert_eq!(body["crayon"]["pool_id"], adapter["pool_id"]);
+    assert_eq!(body["crayon"]["weights"], adapter["weights"]);
+    let keys: Vec<&str> = body.as_object().unwrap().keys().map(String::as_str).collect();
+    for k in &keys {
+        assert!(
+            ["model", "prompt", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "stream", "crayon"]
+                .contains(k),
+            "unexpected field '{k}' sent"
+        );
+    }
+    let ext: Vec<&str> = body["crayon"].as_object().unwrap().keys().map(String::as_str).collect();
+    for k in &ext {
+        assert!(["route", "pool_id", "weights", "choices"].contains(k), "unexpected crayon field '{k}' sent");
+    }
+}
+
+/// Forces offloading to a broken server; the device must answer itself and say why.
+fn assert_falls_back(url: &str, expect: &[&str]) {
+    let dev = device(url, "server_only", "");
+    let out = ask(&dev, QUERY, json!({}));
+    assert_eq!(route(&out), ("device", "server_only"), "{out}");
+    let why = out["crayon"]["fallback"].as_str().unwrap_or_default().to_string();
+    assert!(expect.iter().any(|e| why.contains(e)), "fallback reason '{why}' names none of {expect:?}");
+    assert!(!out["choices"][0]["text"].as_str().unwrap().is_empty() || out["usage"]["completion_tokens"] != 0);
+    // Still serving.
+    let again = ask(&dev, QUERY, json!({"mode": "device_only"}));
+    assert_eq!(route(&again), ("device", "device_only"));
+}
+
+#[test]
+fn refused_connection_falls_back() {
+    assert_falls_back(&FaultServer::refused_url(), &["refused", "failed"]);
+}
+
+#[test]
+fn http_500_falls_back_after_retrying() {
+    let f = FaultServer::start(Fault::Status500);
+    assert_falls_back(&f.url, &["2 attempt(s)"]);
+    assert_eq!(f.connections.load(std::sync::atomic::Ordering::SeqCst), 2, "one retry");
+}
+
+#[test]
+fn malformed_body_falls_back() {
+    let f = FaultServer::start(Fault::Malformed);
+    assert_falls_back(&f.url, &["malformed"]);
+}
+
+#[test]
+fn truncated_body_falls_back() {
+    let f = FaultServer::start(Fault::Truncated);
+    assert_falls_back(&f.url, &["reading the body", "malformed"]);
+}
+
+#[test]
+fn slow_drip_is_cut_at_the_deadline() {
+    let f = FaultServer::start(Fault::SlowDrip);
+    assert_falls_back(&f.url, &["timed out", "within 2000 ms"]);
+}
+
+#[test]
+fn hanging_server_is_cut_at_the_deadline() {
+    let f = FaultServer::start(Fault::Hang);
+    assert_falls_back(&f.url, &["timed out", "within 2000 ms"]);
+}
+
+#[test]
+fn circuit_breaker_opens_after_repeated_failures() {
+    let f = FaultServer::start(Fault::Status500);
+    let dev = device(&f.url, "server_only", "breaker_failures = 2\nbreaker_cooldown_ms = 600000\nretries = 0\n");
+    for _ in 0..2 {
+        ask(&dev, QUERY, json!({}));
+    }
+    let out = ask(&dev, QUERY, json!({}));
+    assert!(out["crayon"]["fallback"].as_str().unwrap().contains("circuit breaker open"), "{out}");
+    assert_eq!(f.connections.load(std::sync::atomic::Ordering::SeqCst), 2, "an open breaker sends nothing");
+    assert_eq!(dev.health()["breaker_open"], true);
+}
+
+#[test]
+fn server_killed_mid_request_loses_nothing_on_the_device() {
+    let mut srv = server();
+    let dev = device(&srv.url, "server_only", "timeout_ms = 60000\n");
+    let url = dev.url.clone();
+    let asking = std::thread::spawn(move || {
+        http_post(
+            &format!("{url}/v1/completions"),
+            &json!({"model": "quiz", "prompt": QUERY, "max_tokens": 2000, "crayon": {"route": {"mode": "server_only"}}}),
+            None,
+        )
+    });
+    // Kill the server once it is working on the offloaded request.
+    let t0 = std::time::Instant::now();
+    while srv.health()["in_flight"] != 1 {
+        assert!(t0.elapsed() < PATIENCE, "the request never reached the server");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    srv.child.kill().unwrap();
+    let (status, out) = asking.join().unwrap();
+    assert_eq!(status, 200, "{out}");
+    assert_eq!(route(&out), ("device", "server_only"), "{out}");
+    assert!(out["crayon"]["fallback"].is_string(), "{out}");
+    assert!(out["usage"]["completion_tokens"].as_u64().unwrap() > 0, "{out}");
+}
+
+#[test]
+fn server_applies_a_paired_blend_and_flags_one_it_cannot() {
+    let srv = server();
+    let device_pool_id = pool_id(&device_pool());
+    let ask_blend = |pool: &str, weights: Value| {
+        let (status, body) = srv.post(
+            "/v1/chat/completions",
+            &json!({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3,
+                    "crayon": {"pool_id": pool, "weights": weights}}),
+        );
+        assert_eq!(status, 200, "{body}");
+        body
+    };
+    let ok = ask_blend(&device_pool_id, json!([0.4, 0.3, 0.2, 0.1]));
+    assert!(ok["crayon"]["blend"].as_str().unwrap().starts_with("blend-"), "{ok}");
+    assert_eq!(ok["object"], "chat.completion");
+    let again = ask_blend(&device_pool_id, json!([0.4, 0.3, 0.2, 0.1]));
+    assert_eq!(again["crayon"]["blend"], ok["crayon"]["blend"], "same weights, same ready model");
+    for (pool, weights, why) in [
+        ("some-other-pool", json!([1, 0, 0, 0]), "some-other-pool"),
+        (device_pool_id.as_str(), json!([1, 0]), "2 blend weights"),
+        (device_pool_id.as_str(), json!([-1, 0, 0, 2]), "non-negative"),
+    ] {
+        let out = ask_blend(pool, weights);
+        assert!(out["crayon"]["blend"].is_null(), "{out}");
+        assert!(out["crayon"]["blend_error"].as_str().unwrap().contains(why), "{out}");
+    }
+}
+
+fn pool_id(dir: &Path) -> String {
+    let v: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("pool.json")).unwrap()).unwrap();
+    v["pool_id"].as_str().unwrap().to_string()
+}
+
+#[test]
+fn bearer_token_is_required_when_configured_and_sent_by_the_device() {
+    let dir = tempfile::tempdir().unwrap();
+    let token = dir.path().join("token");
+    std::fs::write(&token, "s3cret-token\n").unwrap();
+    let srv = Daemon::start(&tiny_config(
+        Some(&server_pool()),
+        &dir.path().join("state"),
+        &format!("[server]\ntoken_file = {token:?}\n"),
+    ));
+    let req = json!({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2});
+    let url = format!("{}/v1/chat/completions", srv.url);
+    assert_eq!(http_post(&url, &req, None).0, 401);
+    assert_eq!(http_post(&url, &req, Some("wrong")).0, 401);
+    assert_eq!(http_post(&url, &req, Some("s3cret-token")).0, 200);
+    assert_eq!(srv.health()["status"], "ok", "health needs no token");
+
+    let dev = device(&srv.url, "server_only", &format!("token_file = {token:?}\n"));
+    let out = ask(&dev, QUERY, json!({}));
+    assert_eq!(route(&out), ("server", "server_only"), "{out}");
+}
+
+#[test]
+fn http_api_rejects_bad_requests_precisely_and_keeps_serving() {
+    let state = tempfile::tempdir().unwrap();
+    let d = Daemon::start(&tiny_config(None, state.path(), "[server]\nmax_body_bytes = 2000\nmax_tokens_limit = 50\n"));
+    let chat = |body: Value| d.post("/v1/chat/completions", &body);
+    let cases = [
+        (json!({"messages": []}), 400, "messages must not be empty"),
+        (json!({"messages": [{"role": "robot", "content": "x"}]}), 400, "robot"),
+        (json!({"messages": [{"role": "user", "content": "x"}], "max_tokens": 51}), 400, "max_tokens"),
+        (json!({"messages": [{"role": "user", "content": "x"}], "n": 3}), 400, "n = 3"),
+        (json!({"messages": [{"role": "user", "content": "x"}], "crayon": {"wieghts": []}}), 400, "wieghts"),
+        (json!({"messages": [{"role": "user", "content": "x"}], "temperature": -1}), 400, "temperature"),
+        (json!({"model": "nope", "messages": [{"role": "user", "content": "x"}]}), 404, "nope"),
+        (json!({"messages": [{"role": "user", "content": "x".repeat(3000)}]}), 413, "max_body_bytes"),
+        (
+            json!({"messages": [{"role": "user", "content": "x"}], "crayon": {"route": {"mode": "hybrid"}}}),
+            400,
+            "needs a server",
+        ),
+    ];
+    for (body, status, needle) in cases {
+        let (got, reply) = chat(body.clone());
+        assert_eq!(got, status, "{body} -> {reply}");
+        let msg = reply["error"]["message"].as_str().unwrap_or_default();
+        assert!(msg.contains(needle), "{body} -> {msg}");
+    }
+    let mut r = common::daemon::agent()
+        .post(&format!("{}/v1/chat/completions", d.url))
+        .header("Content-Type", "application/json")
+        .send("{not json")
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 400);
+    assert!(r.body_mut().read_to_string().unwrap().contains("malformed JSON"));
+    let (ok, reply) = chat(json!({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}));
+    assert_eq!(ok, 200, "{reply}");
+    assert_eq!(d.get("/v1/models")["data"][0]["id"], "tiny");
+}
+
+#[test]
+fn streaming_sends_chunks_then_done_and_a_disconnect_frees_the_slot() {
+    let state = tempfile::tempdir().unwrap();
+    let d = Daemon::start(&tiny_config(None, state.path(), "[server]\nmax_concurrent = 1\n"));
+    let mut r = common::daemon::agent()
+        .post(&format!("{}/v1/chat/completions", d.url))
+        .send_json(json!({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 5, "stream": true}))
+        .unwrap();
+    let text = r.body_mut().read_to_string().unwrap();
+    let events: Vec<&str> = text.lines().filter_map(|l| l.strip_prefix("data: ")).collect();
+    assert_eq!(events.last(), Some(&"[DONE]"), "{text}");
+    let last: Value = serde_json::from_str(events[events.len() - 2]).unwrap();
+    assert!(last["choices"][0]["finish_reason"].is_string() && last["crayon"]["answered_by"] == "device", "{last}");
+    let first: Value = serde_json::from_str(events[0]).unwrap();
+    assert_eq!(first["choices"][0]["delta"]["role"], "assistant");
+
+    // A long stream, abandoned after its first event: the slot must come back.
+    {
+        let mut r = common::daemon::agent()
+            .post(&format!("{}/v1/chat/completions", d.url))
+            .send_json(json!({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2000, "stream": true}))
+            .unwrap();
+        let mut reader = r.body_mut().as_reader();
+        let mut buf = [0u8; 16];
+        std::io::Read::read(&mut reader, &mut buf).unwrap();
+        // While it runs, the one slot is taken: another request is turned away.
+        let (busy, reply) = d.post("/v1/chat/completions", &json!({"messages": [{"role": "user", "content": "x"}]}));
+        if busy != 200 {
+            assert_eq!(busy, 429, "{reply}");
+        }
+    }
+    let t0 = std::time::Instant::now();
+    while d.health()["in_flight"] != 0 {
+        assert!(t0.elapsed() < PATIENCE, "the abandoned stream kept its slot");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let (ok, _) =
+        d.post("/v1/chat/completions", &json!({"messages": [{"role": "user", "content": "x"}], "max_tokens": 2}));
+    assert_eq!(ok, 200);
+}
+
+#[test]
+fn calibration_sets_thresholds_from_the_examples() {
+    let state = tempfile::tempdir().unwrap();
+    let d = Daemon::start(&tiny_config(Some(&device_pool()), state.path(), "[router]\nuse_calibrated = true\n"));
+    let examples: Vec<Value> = EXAMPLES.iter().map(|(i, o)| json!({"input": i, "output": o})).collect();
+    let (status, body) = d.post(
+        "/v1/crayon/adapters",
+        &json!({"name": "cal", "examples": examples, "calibrate": true, "choices": ["A", "B"]}),
+    );
+    assert_eq!(status, 200, "{body}");
+    let cal = &body["calibration"];
+    let scopes: Vec<f64> = cal["example_scopes"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
+    let min = scopes.iter().copied().fold(f64::INFINITY, f64::min);
+    let t = &cal["thresholds"];
+    assert!((t["min_scope"].as_f64().unwrap() - (min - 0.05)).abs() < 1e-4, "{cal}");
+    assert_eq!(cal["example_confidence"].as_array().unwrap().len(), EXAMPLES.len());
+    assert_eq!(body["adapter"]["calibrated"], *t, "persisted with the adapter");
+    // The calibrated thresholds are the ones a request sees.
+    let (_, out) = d.post(
+        "/v1/completions",
+        &json!({"model": "cal", "prompt": QUERY, "max_tokens": 2, "crayon": {"choices": ["A", "B"]}}),
+    );
+    assert_eq!(out["crayon"]["thresholds"], *t, "{out}");
+}
