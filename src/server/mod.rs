@@ -275,7 +275,11 @@ async fn customize(State(s): State<Arc<Service>>, headers: HeaderMap, body: Body
     let req: CustomizeRequest = match serde_json::from_slice(&bytes) {
         Ok(r) => r,
         Err(e) => {
-            return fail(StatusCode::BAD_REQUEST, &format!("malformed customize request: {e}"), "invalid_request_error");
+            return fail(
+                StatusCode::BAD_REQUEST,
+                &format!("malformed customize request: {e}"),
+                "invalid_request_error",
+            );
         }
     };
     let worker = s.clone();
