@@ -14,6 +14,7 @@ use std::time::Instant;
 use clap::Parser;
 
 mod common;
+use common::pct;
 use crayon::cli::CommonArgs;
 use crayon::sampler::{Sampler, SamplingParams};
 use crayon::{Config, Engine, Example};
@@ -86,12 +87,6 @@ fn task_examples() -> anyhow::Result<Vec<Example>> {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/science.jsonl");
     let text = std::fs::read_to_string(&path)?;
     Ok(text.lines().filter(|l| !l.trim().is_empty()).map(serde_json::from_str).collect::<Result<_, _>>()?)
-}
-
-fn pct(mut xs: Vec<f64>, p: f64) -> f64 {
-    xs.sort_by(f64::total_cmp);
-    let i = ((xs.len() as f64 - 1.0) * p).round() as usize;
-    xs[i.min(xs.len() - 1)]
 }
 
 /// A pool.json listing `n` adapters, cycling over the real pool's adapter folders.

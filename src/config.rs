@@ -91,6 +91,8 @@ pub struct RemoteConfig {
     pub url: String,
     /// File holding the bearer token (first line); empty: no Authorization header.
     pub token_file: PathBuf,
+    /// PEM file of the CA(s) to trust for an https:// server instead of the built-in web roots.
+    pub ca_file: PathBuf,
     /// `model` sent to the server; empty: "default".
     pub model: String,
     /// Send the blend (pool id + weights) for customized requests; off for servers that reject unknown fields.
@@ -114,6 +116,7 @@ impl Default for RemoteConfig {
         RemoteConfig {
             url: String::new(),
             token_file: PathBuf::new(),
+            ca_file: PathBuf::new(),
             model: String::new(),
             send_blend: true,
             connect_timeout_ms: 2000,
@@ -319,6 +322,7 @@ impl Config {
             &mut self.pool.dir,
             &mut self.adapters.state_dir,
             &mut self.remote.token_file,
+            &mut self.remote.ca_file,
             &mut self.server.token_file,
         ] {
             if !p.as_os_str().is_empty() && p.is_relative() {

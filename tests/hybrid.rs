@@ -406,3 +406,38 @@ fn calibration_sets_thresholds_from_the_examples() {
     );
     assert_eq!(out["crayon"]["thresholds"], *t, "{out}");
 }
+
+#[test]
+fn bad_remote_settings_stop_crayond_at_start_naming_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let not_pem = dir.path().join("ca.pem");
+    std::fs::write(&not_pem, "hello").unwrap();
+    let missing = dir.path().join("no-token");
+    for (remote, needle) in [
+        (format!("ca_file = {not_pem:?}"), "holds no certificate"),
+        (format!("token_file = {missing:?}"), "remote.token_file cannot be read"),
+    ] {
+        let cfg_text =
+            tiny_config(None, &dir.path().join("state"), &format!("[remote]\nurl = \"https://x\"\n{remote}\n"));
+        let cfg = dir.path().join("crayon.toml");
+        std::fs::write(&cfg, cfg_text).unwrap();
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_crayond"))
+            .args(["--config", cfg.to_str().unwrap(), "--listen", "127.0.0.1:0"])
+            .env_remove("CRAYON_CONFIG")
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{err}");
+        assert!(err.contains(needle), "{err}");
+    }
+    // A public address without a token is refused.
+    let cfg = dir.path().join("public.toml");
+    std::fs::write(&cfg, tiny_config(None, &dir.path().join("state"), "")).unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_crayond"))
+        .args(["--config", cfg.to_str().unwrap(), "--listen", "0.0.0.0:0"])
+        .env_remove("CRAYON_CONFIG")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no server.token_file"));
+}

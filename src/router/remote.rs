@@ -95,7 +95,11 @@ impl RemoteClient {
             }
             Some(t)
         };
-        let agent = ureq::Agent::config_builder()
+        let mut builder = ureq::Agent::config_builder();
+        if !cfg.ca_file.as_os_str().is_empty() {
+            builder = builder.tls_config(ureq::tls::TlsConfig::builder().root_certs(private_ca(&cfg.ca_file)?).build());
+        }
+        let agent = builder
             .timeout_connect(Some(Duration::from_millis(cfg.connect_timeout_ms)))
             .http_status_as_error(false)
             .max_redirects(0)
@@ -249,6 +253,23 @@ impl RemoteClient {
     pub fn breaker_open(&self) -> bool {
         self.check_breaker().is_err()
     }
+}
+
+/// Trust only the certificates in `path` (PEM): a server with a private CA.
+fn private_ca(path: &std::path::Path) -> Result<ureq::tls::RootCerts> {
+    let bad = |msg: String| Error::Config { path: path.to_path_buf(), msg };
+    let pem = std::fs::read(path).map_err(|e| bad(format!("remote.ca_file cannot be read: {e}")))?;
+    let mut certs = Vec::new();
+    for item in ureq::tls::parse_pem(&pem) {
+        match item.map_err(|e| bad(format!("remote.ca_file is not valid PEM: {e}")))? {
+            ureq::tls::PemItem::Certificate(c) => certs.push(c),
+            _ => continue,
+        }
+    }
+    if certs.is_empty() {
+        return Err(bad("remote.ca_file holds no certificate".into()));
+    }
+    Ok(ureq::tls::RootCerts::new_with_certs(&certs))
 }
 
 fn describe(e: &ureq::Error) -> String {
