@@ -257,6 +257,7 @@ fn accuracy(args: &Args, dir: &Path, device_cfg: &Path, examples: &[Example], it
         "science",
         examples,
         &["A", "B", "C", "D"].map(String::from),
+        &CancelToken::new(),
     )?;
     let adapter = engine.adapter("science")?.clone();
     let remote =

@@ -60,8 +60,14 @@ pub fn digest_str(s: &str) -> String {
     format!("{:x}", Sha256::digest(s.as_bytes()))
 }
 
+/// Names of blends a server makes from devices' weights (kept in memory only); reserved.
+pub const BLEND_PREFIX: &str = "blend-";
+
 /// Adapter names are file names and D-Bus/CLI arguments: keep them simple.
 pub fn validate_name(name: &str) -> Result<()> {
+    if name.starts_with(BLEND_PREFIX) {
+        return Err(Error::InvalidRequest(format!("adapter names starting with '{BLEND_PREFIX}' are reserved")));
+    }
     let ok = !name.is_empty()
         && name.len() <= 64
         && name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))

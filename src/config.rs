@@ -98,7 +98,8 @@ pub struct RemoteConfig {
     /// Send the blend (pool id + weights) for customized requests; off for servers that reject unknown fields.
     pub send_blend: bool,
     pub connect_timeout_ms: u64,
-    /// Hard limit on one attempt, from connecting to the last byte of the body (a slow drip ends here).
+    /// Hard limit on the whole request, retries included, from connecting to the last byte of the
+    /// body (a slow drip ends here); past it the device answers itself.
     pub timeout_ms: u64,
     /// Further attempts after a failed one (connection errors, timeouts, 5xx, bad bodies).
     pub retries: u32,

@@ -277,10 +277,13 @@ impl Engine {
                 c.pool.paired_with.as_deref().map(|p| format!(" (paired with '{p}')")).unwrap_or_default()
             )));
         }
-        let key: Vec<i64> = weights.iter().map(|w| (f64::from(*w) * 1e4).round() as i64).collect();
-        let name = format!("blend-{}", &adapters::digest_str(&format!("{}{key:?}", c.pool.id))[..16]);
+        // Validate and normalize first: the cache key must identify the blend actually merged.
+        let mut customization = self.weights_customization("", weights)?;
+        let key: Vec<i64> = customization.weights.iter().map(|w| (f64::from(*w) * 1e6).round() as i64).collect();
+        let name =
+            format!("{}{}", adapters::BLEND_PREFIX, &adapters::digest_str(&format!("{}{key:?}", c.pool.id))[..16]);
         if !self.ready.iter().any(|r| r.name == name) {
-            let customization = self.weights_customization(&name, weights)?;
+            customization.name = name.clone();
             self.make_ready(&customization)?;
         }
         Ok(name)
@@ -451,7 +454,7 @@ fn select<'a>(base: &'a mut Decoder, ready: &'a mut [Ready], adapter: Option<&st
 
 /// The tokens each choice can begin with: its first token with and without a leading space (a chat
 /// answer starts without one, a completion after "Answer:" with one).
-fn choice_tokens(tokenizer: &Tokenizer, choices: &[String]) -> Result<Vec<Vec<u32>>> {
+pub(crate) fn choice_tokens(tokenizer: &Tokenizer, choices: &[String]) -> Result<Vec<Vec<u32>>> {
     if choices.len() > MAX_CHOICES {
         return Err(Error::InvalidRequest(format!("at most {MAX_CHOICES} choices, got {}", choices.len())));
     }
@@ -468,6 +471,12 @@ fn choice_tokens(tokenizer: &Tokenizer, choices: &[String]) -> Result<Vec<Vec<u3
                     toks.push(t);
                 }
             }
+        }
+        if let Some(j) = out.iter().position(|other: &Vec<u32>| other.iter().any(|t| toks.contains(t))) {
+            return Err(Error::InvalidRequest(format!(
+                "choices '{}' and '{c}' begin with the same token, so their probabilities cannot be told apart",
+                choices[j].trim()
+            )));
         }
         out.push(toks);
     }

@@ -48,6 +48,10 @@ pub enum Error {
     /// A request is malformed or exceeds a limit.
     #[error("invalid request: {0}")]
     InvalidRequest(String),
+
+    /// A bug: something that should not happen did (e.g. a handler panicked); the service goes on.
+    #[error("internal error: {0}")]
+    Internal(String),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

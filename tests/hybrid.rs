@@ -311,7 +311,13 @@ fn http_api_rejects_bad_requests_precisely_and_keeps_serving() {
     let cases = [
         (json!({"messages": []}), 400, "messages must not be empty"),
         (json!({"messages": [{"role": "robot", "content": "x"}]}), 400, "robot"),
-        (json!({"messages": [{"role": "user", "content": "x"}], "max_tokens": 51}), 400, "max_tokens"),
+        (json!({"messages": [{"role": "user", "content": "x"}], "max_tokens": 0}), 400, "max_tokens"),
+        (
+            json!({"messages": [{"role": "user", "content": "x"}], "crayon": {"choices": ["A", " A"]}}),
+            400,
+            "same token",
+        ),
+        (json!({"messages": [{"role": "user", "content": "x"}], "stop": [""]}), 400, "stop"),
         (json!({"messages": [{"role": "user", "content": "x"}], "n": 3}), 400, "n = 3"),
         (json!({"messages": [{"role": "user", "content": "x"}], "crayon": {"wieghts": []}}), 400, "wieghts"),
         (json!({"messages": [{"role": "user", "content": "x"}], "temperature": -1}), 400, "temperature"),
@@ -320,7 +326,7 @@ fn http_api_rejects_bad_requests_precisely_and_keeps_serving() {
         (
             json!({"messages": [{"role": "user", "content": "x"}], "crayon": {"route": {"mode": "hybrid"}}}),
             400,
-            "needs a server",
+            "device_only",
         ),
     ];
     for (body, status, needle) in cases {
@@ -338,6 +344,10 @@ fn http_api_rejects_bad_requests_precisely_and_keeps_serving() {
     assert!(r.body_mut().read_to_string().unwrap().contains("malformed JSON"));
     let (ok, reply) = chat(json!({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}));
     assert_eq!(ok, 200, "{reply}");
+    // More than server.max_tokens_limit is capped, as OpenAI clients often ask for a lot.
+    let (ok, reply) = chat(json!({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 100000}));
+    assert_eq!(ok, 200, "{reply}");
+    assert!(reply["usage"]["completion_tokens"].as_u64().unwrap() <= 50, "{reply}");
     assert_eq!(d.get("/v1/models")["data"][0]["id"], "tiny");
 }
 
@@ -393,6 +403,17 @@ fn calibration_sets_thresholds_from_the_examples() {
     );
     assert_eq!(status, 200, "{body}");
     let cal = &body["calibration"];
+    // Bad calibration input is refused before anything is created; blend names are reserved.
+    let (status, reply) = d.post(
+        "/v1/crayon/adapters",
+        &json!({"name": "other", "examples": [{"input": "x", "output": ""}], "calibrate": true}),
+    );
+    assert_eq!(status, 400, "{reply}");
+    let (status, reply) = d.post("/v1/crayon/adapters", &json!({"name": "blend-1", "examples": [{"input": "x"}]}));
+    assert!(status == 400 && reply["error"]["message"].as_str().unwrap().contains("reserved"), "{reply}");
+    let names: Vec<Value> =
+        d.get("/v1/crayon/adapters")["data"].as_array().unwrap().iter().map(|a| a["name"].clone()).collect();
+    assert_eq!(names, vec![json!("cal")]);
     let scopes: Vec<f64> = cal["example_scopes"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
     let min = scopes.iter().copied().fold(f64::INFINITY, f64::min);
     let t = &cal["thresholds"];

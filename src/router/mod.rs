@@ -71,7 +71,9 @@ pub struct Confidence {
 
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct Latency {
-    /// Adapter lookup, scope embedding and the decision itself (no generation).
+    /// Waiting for the engine (other requests using the model).
+    pub queue_ms: f64,
+    /// Adapter lookup, scope embedding and the decision itself (no generation, no waiting).
     pub routing_ms: f64,
     pub local_ms: f64,
     pub remote_ms: f64,
@@ -175,6 +177,22 @@ fn query_text(prompt: &Prompt) -> Option<&str> {
     }
 }
 
+/// Checks a request can be served before anything is sent anywhere.
+pub fn check_request(p: &GenerationParams) -> Result<()> {
+    p.sampling.validate()?;
+    if p.stop.iter().any(String::is_empty) {
+        return Err(Error::InvalidRequest("stop strings must not be empty".into()));
+    }
+    if p.choices.len() > crate::engine::MAX_CHOICES || p.choices.iter().any(|c| c.trim().is_empty()) {
+        return Err(Error::InvalidRequest(format!(
+            "give at most {} non-empty choices, got {}",
+            crate::engine::MAX_CHOICES,
+            p.choices.len()
+        )));
+    }
+    Ok(())
+}
+
 /// What the device knows before generating: thresholds in force, scope, and the blend to send.
 struct Plan {
     thresholds: Thresholds,
@@ -217,7 +235,14 @@ impl Router {
         on_text: &mut dyn FnMut(&str) -> ControlFlow<()>,
     ) -> Result<Answer> {
         let t0 = Instant::now();
+        check_request(&req.params)?;
         let mode = req.overrides.mode.unwrap_or(self.config.mode);
+        if self.config.mode == RouteMode::DeviceOnly && mode != RouteMode::DeviceOnly {
+            return Err(Error::InvalidRequest(format!(
+                "route mode '{}' asked for, but router.mode is device_only: nothing may leave this device",
+                mode.name()
+            )));
+        }
         let remote = match (mode, &self.remote) {
             (RouteMode::DeviceOnly, _) => None,
             (_, Some(r)) => Some(r),
@@ -228,8 +253,12 @@ impl Router {
                 )));
             }
         };
-        let plan = self.plan(&lock(engine), req)?;
-        let routing_ms = ms(t0.elapsed());
+        let (plan, queue_ms, routing_ms) = {
+            let guard = lock(engine);
+            let queue_ms = ms(t0.elapsed());
+            let t = Instant::now();
+            (self.plan(&guard, req)?, queue_ms, ms(t.elapsed()))
+        };
         let mut route = Route {
             answered_by: AnsweredBy::Device,
             reason: Reason::DeviceOnly,
@@ -240,7 +269,7 @@ impl Router {
             fallback: None,
             server_blend: false,
             server_model: None,
-            latency: Latency { routing_ms, ..Latency::default() },
+            latency: Latency { queue_ms, routing_ms, ..Latency::default() },
         };
 
         // Decisions that need no local answer first: the server is asked before the device works.
@@ -253,26 +282,30 @@ impl Router {
         };
         if let Some((r, reason, blend)) = early {
             route.reason = reason;
-            match self.offload(r, req, blend, &mut route) {
+            match self.offload(r, req, blend, cancel, &mut route) {
                 Ok(a) => return Ok(finish_remote(a, req, route, t0, on_text)),
                 Err(e) => route.fallback = Some(e.to_string()),
             }
         }
 
         let live = mode == RouteMode::DeviceOnly || route.fallback.is_some();
-        let t_local = Instant::now();
         let local = {
             let mut sink = |s: &str| if live { on_text(s) } else { ControlFlow::Continue(()) };
-            lock(engine).generate(&req.prompt, &req.params, cancel, &mut sink)?
+            let t_wait = Instant::now();
+            let mut guard = lock(engine);
+            route.latency.queue_ms += ms(t_wait.elapsed());
+            let t_local = Instant::now();
+            let g = guard.generate(&req.prompt, &req.params, cancel, &mut sink)?;
+            route.latency.local_ms = ms(t_local.elapsed());
+            g
         };
-        route.latency.local_ms = ms(t_local.elapsed());
         route.confidence = confidence(&local);
 
         if mode == RouteMode::Hybrid && route.fallback.is_none() && local.finish_reason != FinishReason::Cancelled {
             let low = route.confidence.is_some_and(|c| c.value < threshold_for(&c, &plan.thresholds));
             route.reason = if low { Reason::LowConfidence } else { Reason::Confident };
             if let (true, Some(r)) = (low, remote) {
-                match self.offload(r, req, plan.blend.clone(), &mut route) {
+                match self.offload(r, req, plan.blend.clone(), cancel, &mut route) {
                     Ok(a) => return Ok(finish_remote(a, req, route, t0, on_text)),
                     Err(e) => route.fallback = Some(e.to_string()),
                 }
@@ -322,11 +355,12 @@ impl Router {
         remote: &RemoteClient,
         req: &Request,
         blend: Option<(String, Vec<f32>)>,
+        cancel: &CancelToken,
         route: &mut Route,
     ) -> std::result::Result<RemoteAnswer, RemoteError> {
         let t = Instant::now();
         let r = RemoteRequest { prompt: &req.prompt, params: &req.params, blend };
-        let out = remote.complete(&r);
+        let out = remote.complete_cancellable(&r, Some(cancel));
         route.latency.remote_ms = ms(t.elapsed());
         if let Err(e) = &out {
             tracing::warn!(error = %e, "server failed; the device answers");
@@ -383,14 +417,10 @@ pub fn calibrate(
     name: &str,
     examples: &[Example],
     choices: &[String],
+    cancel: &CancelToken,
 ) -> Result<Calibration> {
+    check_calibration(examples, choices)?;
     let c = engine.adapter(name)?.clone();
-    if examples.is_empty() {
-        return Err(Error::InvalidRequest("calibration needs the adapter's examples".into()));
-    }
-    if examples.iter().any(|e| e.output.trim().is_empty()) {
-        return Err(Error::InvalidRequest("calibration needs an output for every example".into()));
-    }
     let mut embs = Vec::with_capacity(examples.len());
     for e in examples {
         embs.extend(engine.task_embedding(&e.input)?);
@@ -413,9 +443,10 @@ pub fn calibrate(
         params.choices = choices.to_vec();
         params.sampling = Default::default();
         params.max_new_tokens = (engine.tokenizer().encode(&e.output)?.len() + 2).min(64);
-        let g = engine.generate(&Prompt::Text(e.input.clone()), &params, &CancelToken::new(), &mut |_| {
-            ControlFlow::Continue(())
-        })?;
+        let g = engine.generate(&Prompt::Text(e.input.clone()), &params, cancel, &mut |_| ControlFlow::Continue(()))?;
+        if cancel.is_cancelled() {
+            return Err(Error::InvalidRequest("calibration cancelled".into()));
+        }
         let Some(conf) = confidence(&g) else { continue };
         let right = match best_choice(choices, &g.choice_probs) {
             Some(choice) => choice.eq_ignore_ascii_case(e.output.trim()),
@@ -431,6 +462,23 @@ pub fn calibrate(
     }
     engine.set_calibration(name, thresholds)?;
     Ok(Calibration { thresholds, example_scopes, example_confidence })
+}
+
+/// Checks calibration inputs (before customizing, so that a bad request changes nothing).
+pub fn check_calibration(examples: &[Example], choices: &[String]) -> Result<()> {
+    if examples.is_empty() {
+        return Err(Error::InvalidRequest("calibration needs the adapter's examples".into()));
+    }
+    if let Some(i) = examples.iter().position(|e| e.output.trim().is_empty()) {
+        return Err(Error::InvalidRequest(format!(
+            "calibration needs an output for every example (example {})",
+            i + 1
+        )));
+    }
+    if choices.len() > crate::engine::MAX_CHOICES || choices.iter().any(|c| c.trim().is_empty()) {
+        return Err(Error::InvalidRequest(format!("give at most {} non-empty choices", crate::engine::MAX_CHOICES)));
+    }
+    Ok(())
 }
 
 /// The threshold in [0, 1] with the fewest examples on the wrong side (right answers must reach

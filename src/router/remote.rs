@@ -17,7 +17,7 @@ use serde_json::{Value, json};
 
 use crate::config::RemoteConfig;
 use crate::error::{Error, Result};
-use crate::generate::{FinishReason, GenerationParams, Prompt};
+use crate::generate::{CancelToken, FinishReason, GenerationParams, Prompt};
 
 #[derive(Debug, thiserror::Error)]
 pub enum RemoteError {
@@ -29,6 +29,8 @@ pub enum RemoteError {
     Rejected { url: String, status: u16, body: String },
     #[error("a prompt given as token ids cannot be sent to a server")]
     Unsupported,
+    #[error("the request was cancelled")]
+    Cancelled,
 }
 
 /// One attempt's failure, and whether another attempt may help.
@@ -116,6 +118,17 @@ impl RemoteClient {
 
     /// Asks the server, within `remote.timeout_ms` in all.
     pub fn complete(&self, req: &RemoteRequest) -> std::result::Result<RemoteAnswer, RemoteError> {
+        self.complete_cancellable(req, None)
+    }
+
+    /// As [`RemoteClient::complete`], giving up between attempts (and during backoff) once `cancel`
+    /// fires; an attempt under way runs to its own deadline.
+    pub fn complete_cancellable(
+        &self,
+        req: &RemoteRequest,
+        cancel: Option<&CancelToken>,
+    ) -> std::result::Result<RemoteAnswer, RemoteError> {
+        let cancelled = || cancel.is_some_and(CancelToken::is_cancelled);
         let (path, body) = self.body(req)?;
         self.check_breaker()?;
         let url = format!("{}{path}", self.base);
@@ -123,6 +136,9 @@ impl RemoteClient {
         let deadline = Instant::now() + budget;
         let mut attempts = 0;
         let result = loop {
+            if cancelled() {
+                return Err(RemoteError::Cancelled);
+            }
             attempts += 1;
             let left = deadline.saturating_duration_since(Instant::now());
             let err = match self.attempt(&url, &body, left) {
@@ -146,7 +162,10 @@ impl RemoteClient {
                 });
             }
             tracing::debug!(attempt = attempts, error = %err.msg, "server attempt failed; retrying");
-            std::thread::sleep(backoff);
+            let until = Instant::now() + backoff;
+            while Instant::now() < until && !cancelled() {
+                std::thread::sleep(Duration::from_millis(10).min(until.saturating_duration_since(Instant::now())));
+            }
         };
         // A 4xx says our request is wrong, not that the server is down: it does not trip the breaker.
         self.record(result.is_ok() || matches!(result, Err(RemoteError::Rejected { .. })));

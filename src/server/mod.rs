@@ -48,6 +48,9 @@ pub struct Service {
     max_concurrent: usize,
     counters: Counters,
     started: Instant,
+    /// Saved adapters as the API shows them, refreshed after each change: listing never waits for
+    /// the engine.
+    catalog: std::sync::RwLock<Vec<Value>>,
 }
 
 struct Info {
@@ -94,7 +97,9 @@ impl Service {
             paired_with: pool.and_then(|p| p.paired_with.clone()),
             defaults: engine.default_params(),
         };
+        let catalog = std::sync::RwLock::new(engine.adapters().into_iter().map(adapter_json).collect());
         Ok(Service {
+            catalog,
             info,
             router: Router::new(config)?,
             engine: Mutex::new(engine),
@@ -112,7 +117,49 @@ impl Service {
     fn engine(&self) -> std::sync::MutexGuard<'_, Engine> {
         self.engine.lock().unwrap_or_else(|p| p.into_inner())
     }
+
+    fn refresh_catalog(&self, engine: &Engine) {
+        let list = engine.adapters().into_iter().map(adapter_json).collect();
+        *self.catalog.write().unwrap_or_else(|p| p.into_inner()) = list;
+    }
+
+    fn catalog(&self) -> Vec<Value> {
+        self.catalog.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// HTTP 429 with `Retry-After`, counted.
+    fn busy(&self) -> Response {
+        self.counters.rejected_busy.fetch_add(1, Ordering::Relaxed);
+        let mut r = fail(
+            StatusCode::TOO_MANY_REQUESTS,
+            &format!("busy: {} requests in flight (server.max_concurrent)", self.max_concurrent),
+            "rate_limit_error",
+        );
+        r.headers_mut().insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
+        r
+    }
+
+    /// Reads a request body within `max_body_bytes` and [`BODY_TIMEOUT`].
+    async fn read_body(&self, body: Body) -> std::result::Result<axum::body::Bytes, Response> {
+        match tokio::time::timeout(BODY_TIMEOUT, axum::body::to_bytes(body, self.max_body_bytes)).await {
+            Ok(Ok(b)) => Ok(b),
+            Ok(Err(_)) => Err(fail(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                &format!("request body over {} bytes (server.max_body_bytes), or unreadable", self.max_body_bytes),
+                "invalid_request_error",
+            )),
+            Err(_) => Err(fail(
+                StatusCode::REQUEST_TIMEOUT,
+                &format!("request body not received within {} s", BODY_TIMEOUT.as_secs()),
+                "invalid_request_error",
+            )),
+        }
+    }
 }
+
+/// How long a client may take to send its request body (a slow upload holds no model slot, but a
+/// connection).
+pub const BODY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// Checks that `listen` is safe to serve on with this config.
 pub fn check_listen(listen: &str, config: &Config) -> Result<SocketAddr> {
@@ -202,16 +249,9 @@ async fn models(State(s): State<Arc<Service>>, headers: HeaderMap) -> Response {
     if let Some(r) = unauthorized(&s, &headers) {
         return r;
     }
-    // The engine lock may be held by a generation: wait for it off the async workers.
-    let worker = s.clone();
-    let adapters: Vec<(String, u64)> = tokio::task::spawn_blocking(move || {
-        worker.engine().adapters().iter().map(|c| (c.name.clone(), c.created_unix)).collect()
-    })
-    .await
-    .unwrap_or_default();
     let mut data = vec![json!({"id": s.model_id, "object": "model", "created": 0, "owned_by": "crayon"})];
-    data.extend(adapters.into_iter().map(|(name, created)| {
-        json!({"id": name, "object": "model", "created": created, "owned_by": "crayon", "parent": s.model_id})
+    data.extend(s.catalog().into_iter().map(|a| {
+        json!({"id": a["name"], "object": "model", "created": a["created"], "owned_by": "crayon", "parent": s.model_id})
     }));
     axum::Json(json!({"object": "list", "data": data})).into_response()
 }
@@ -235,12 +275,7 @@ async fn list_adapters(State(s): State<Arc<Service>>, headers: HeaderMap) -> Res
     if let Some(r) = unauthorized(&s, &headers) {
         return r;
     }
-    let worker = s.clone();
-    let data: Vec<Value> =
-        tokio::task::spawn_blocking(move || worker.engine().adapters().into_iter().map(adapter_json).collect())
-            .await
-            .unwrap_or_default();
-    axum::Json(json!({"object": "list", "data": data})).into_response()
+    axum::Json(json!({"object": "list", "data": s.catalog()})).into_response()
 }
 
 #[derive(serde::Deserialize)]
@@ -259,18 +294,9 @@ async fn customize(State(s): State<Arc<Service>>, headers: HeaderMap, body: Body
     if let Some(r) = unauthorized(&s, &headers) {
         return r;
     }
-    let Ok(permit) = s.slots.clone().try_acquire_owned() else {
-        return fail(StatusCode::TOO_MANY_REQUESTS, "busy (server.max_concurrent)", "rate_limit_error");
-    };
-    let bytes = match axum::body::to_bytes(body, s.max_body_bytes).await {
+    let bytes = match s.read_body(body).await {
         Ok(b) => b,
-        Err(_) => {
-            return fail(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "request body too large (server.max_body_bytes)",
-                "invalid_request_error",
-            );
-        }
+        Err(r) => return r,
     };
     let req: CustomizeRequest = match serde_json::from_slice(&bytes) {
         Ok(r) => r,
@@ -282,14 +308,26 @@ async fn customize(State(s): State<Arc<Service>>, headers: HeaderMap, body: Body
             );
         }
     };
+    if req.calibrate {
+        if let Err(e) = router::check_calibration(&req.examples, &req.choices) {
+            return error_response(&e);
+        }
+    }
+    let Ok(permit) = s.slots.clone().try_acquire_owned() else { return s.busy() };
     let worker = s.clone();
     let base = s.router.thresholds();
+    let cancel = CancelToken::new();
+    let _guard = CancelOnDrop(cancel.clone());
     let joined = tokio::task::spawn_blocking(move || {
         let _permit = permit;
         let mut engine = worker.engine();
-        let report = engine.customize(&req.name, &req.examples)?;
+        let report = engine.customize(&req.name, &req.examples);
+        worker.refresh_catalog(&engine);
+        let report = report?;
         let calibration = if req.calibrate {
-            Some(router::calibrate(&mut engine, base, &req.name, &req.examples, &req.choices)?)
+            let c = router::calibrate(&mut engine, base, &req.name, &req.examples, &req.choices, &cancel);
+            worker.refresh_catalog(&engine);
+            Some(c?)
         } else {
             None
         };
@@ -319,8 +357,16 @@ async fn remove_adapter(
     if let Some(r) = unauthorized(&s, &headers) {
         return r;
     }
+    let Ok(permit) = s.slots.clone().try_acquire_owned() else { return s.busy() };
     let worker = s.clone();
-    match tokio::task::spawn_blocking(move || worker.engine().remove_adapter(&name)).await {
+    let removed = tokio::task::spawn_blocking(move || {
+        let _permit = permit;
+        let mut engine = worker.engine();
+        let r = engine.remove_adapter(&name);
+        worker.refresh_catalog(&engine);
+        r
+    });
+    match removed.await {
         Ok(Ok(c)) => axum::Json(json!({"removed": adapter_json(&c)})).into_response(),
         Ok(Err(e)) => error_response(&e),
         Err(_) => fail(StatusCode::INTERNAL_SERVER_ERROR, "internal error while removing", "server_error"),
@@ -330,8 +376,12 @@ async fn remove_adapter(
 /// The 401 reply when a token is configured and the request lacks it.
 fn unauthorized(s: &Service, headers: &HeaderMap) -> Option<Response> {
     let Some(token) = &s.token else { return None };
-    let given =
-        headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
+    let given = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map(|(_, t)| t.trim());
     match given {
         Some(g) if constant_time_eq(g.as_bytes(), token.as_bytes()) => None,
         _ => {
@@ -391,31 +441,17 @@ async fn handle(s: Arc<Service>, headers: HeaderMap, body: Body, endpoint: Endpo
     if let Some(r) = unauthorized(&s, &headers) {
         return r;
     }
-    let Ok(permit) = s.slots.clone().try_acquire_owned() else {
-        s.counters.rejected_busy.fetch_add(1, Ordering::Relaxed);
-        let mut r = fail(
-            StatusCode::TOO_MANY_REQUESTS,
-            &format!("busy: {} requests in flight (server.max_concurrent)", s.max_concurrent),
-            "rate_limit_error",
-        );
-        r.headers_mut().insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
-        return r;
-    };
     s.counters.requests.fetch_add(1, Ordering::Relaxed);
-    let bytes = match axum::body::to_bytes(body, s.max_body_bytes).await {
+    // The body first: a slow upload must not hold a model slot.
+    let bytes = match s.read_body(body).await {
         Ok(b) => b,
-        Err(_) => {
-            return fail(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                &format!("request body over {} bytes (server.max_body_bytes), or unreadable", s.max_body_bytes),
-                "invalid_request_error",
-            );
-        }
+        Err(r) => return r,
     };
     let job = match parse_job(&s, &bytes, endpoint) {
         Ok(j) => j,
         Err(msg) => return fail(StatusCode::BAD_REQUEST, &msg, "invalid_request_error"),
     };
+    let Ok(permit) = s.slots.clone().try_acquire_owned() else { return s.busy() };
     run_job(s, job, permit).await
 }
 
@@ -454,6 +490,7 @@ fn parse_job(s: &Service, bytes: &[u8], endpoint: Endpoint) -> std::result::Resu
     if blend.is_some() && params.adapter.is_some() {
         return Err("give either an adapter or a blend (crayon.pool_id + weights), not both".into());
     }
+    router::check_request(&params).map_err(|e| e.to_string())?;
     let model = if is_base { s.model_id.clone() } else { model };
     Ok(Job { endpoint, prompt, params, overrides, blend, stream: common.stream, model })
 }
@@ -468,7 +505,9 @@ impl Drop for CancelOnDrop {
 }
 
 async fn run_job(s: Arc<Service>, job: Job, permit: OwnedSemaphorePermit) -> Response {
-    let (tx, mut rx) = mpsc::channel::<Msg>(256);
+    // Unbounded (the text is bounded by max_tokens): the generating thread holds the engine and must
+    // never wait on a slow reader.
+    let (tx, mut rx) = mpsc::unbounded_channel::<Msg>();
     let cancel = CancelToken::new();
     let guard = CancelOnDrop(cancel.clone());
     let stream = job.stream;
@@ -482,14 +521,14 @@ async fn run_job(s: Arc<Service>, job: Job, permit: OwnedSemaphorePermit) -> Res
             if !stream || t.is_empty() {
                 return ControlFlow::Continue(());
             }
-            match tx2.blocking_send(Msg::Text(t.to_string())) {
+            match tx2.send(Msg::Text(t.to_string())) {
                 Ok(()) => ControlFlow::Continue(()),
                 Err(_) => ControlFlow::Break(()), // the client is gone
             }
         };
         let result =
             std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| execute(&worker, &job, &cancel, &mut on_text)))
-                .unwrap_or_else(|_| Err(Error::InvalidRequest("internal error: the request handler panicked".into())));
+                .unwrap_or_else(|_| Err(Error::Internal("the request handler panicked".into())));
         let msg = match result {
             Ok(done) => {
                 let c = &worker.counters;
@@ -503,7 +542,7 @@ async fn run_job(s: Arc<Service>, job: Job, permit: OwnedSemaphorePermit) -> Res
             }
             Err(e) => Msg::Failed(e),
         };
-        let _ = tx.blocking_send(msg);
+        let _ = tx.send(msg);
     });
 
     if !stream {
@@ -549,11 +588,11 @@ async fn run_job(s: Arc<Service>, job: Job, permit: OwnedSemaphorePermit) -> Res
 /// cancel guard, so a client that disconnects (the body is dropped) stops the generation.
 fn futures_stream(
     first: Msg,
-    rx: mpsc::Receiver<Msg>,
+    rx: mpsc::UnboundedReceiver<Msg>,
     guard: CancelOnDrop,
     mut to_json: impl FnMut(Msg) -> Value + Send + 'static,
 ) -> impl tokio_stream::Stream<Item = std::result::Result<Event, Infallible>> + Send + 'static {
-    let rest = tokio_stream::wrappers::ReceiverStream::new(rx);
+    let rest = tokio_stream::wrappers::UnboundedReceiverStream::new(rx);
     let all = tokio_stream::StreamExt::chain(tokio_stream::iter([first]), rest);
     tokio_stream::StreamExt::map(all, move |m| {
         let _ = &guard;
@@ -573,6 +612,8 @@ fn execute(
         // so that no other request evicts it in between.
         let t0 = Instant::now();
         let mut engine = s.engine();
+        let queue_ms = t0.elapsed().as_secs_f64() * 1e3;
+        let t_route = Instant::now();
         // A blend this server cannot apply (no pool, another pool, bad weights) still gets an
         // answer from the plain model, flagged, rather than an error: the device asked for help.
         let (name, blend_error) = match engine.prepare_blend(pool_id, weights) {
@@ -582,7 +623,7 @@ fn execute(
                 (None, Some(e.to_string()))
             }
         };
-        let routing_ms = t0.elapsed().as_secs_f64() * 1e3;
+        let routing_ms = t_route.elapsed().as_secs_f64() * 1e3;
         let mut params = job.params.clone();
         params.adapter = name.clone();
         let t1 = Instant::now();
@@ -598,7 +639,13 @@ fn execute(
             fallback: None,
             server_blend: false,
             server_model: None,
-            latency: Latency { routing_ms, local_ms, remote_ms: 0.0, total_ms: t0.elapsed().as_secs_f64() * 1e3 },
+            latency: Latency {
+                queue_ms,
+                routing_ms,
+                local_ms,
+                remote_ms: 0.0,
+                total_ms: t0.elapsed().as_secs_f64() * 1e3,
+            },
         };
         let answer = Answer {
             choice: router::best_choice(&params.choices, &g.choice_probs),
