@@ -401,6 +401,13 @@ fn report(
     row("device, customized (device only)", &|s| s.device_right, 0.0);
     row("server plain model (server only)", &|s| s.server_plain_right, 100.0);
     row("server with the blend (server only)", &|s| s.server_blend_right, 100.0);
+    // The policy's variant that sends unsure in-scope questions to the *plain* server model too.
+    for &min_margin in &[0.05, 0.1, 0.2, 0.3] {
+        let t = Thresholds { min_scope: -1.0, min_margin, ..Thresholds::default() };
+        let plain = |s: &Scored| if decide(s, &t).0 { s.server_plain_right } else { s.device_right };
+        let off = 100.0 * scored.iter().filter(|s| decide(s, &t).0).count() as f64 / n;
+        row(&format!("hybrid, unsure → plain server, min_margin {min_margin:.2}"), &plain, off);
+    }
     let scopes = [cal.thresholds.min_scope, 0.2, -1.0];
     let margins = [0.0, 0.05, 0.1, 0.2, 0.3, 0.5, 1.01];
     for &min_scope in &scopes {

@@ -225,22 +225,11 @@ fn circuit_breaker_opens_after_repeated_failures() {
 fn server_killed_mid_request_loses_nothing_on_the_device() {
     let mut srv = server();
     let dev = device(&srv.url, "server_only", "timeout_ms = 60000\n");
-    let url = dev.url.clone();
-    let asking = std::thread::spawn(move || {
-        http_post(
-            &format!("{url}/v1/completions"),
-            &json!({"model": "quiz", "prompt": QUERY, "max_tokens": 2000, "crayon": {"route": {"mode": "server_only"}}}),
-            None,
-        )
-    });
-    // Kill the server once it is working on the offloaded request.
-    let t0 = std::time::Instant::now();
-    while srv.health()["in_flight"] != 1 {
-        assert!(t0.elapsed() < PATIENCE, "the request never reached the server");
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    srv.child.kill().unwrap();
-    let (status, out) = asking.join().unwrap();
+    let (status, out) = srv.kill_while_serving(
+        &dev,
+        "/v1/completions",
+        json!({"model": "quiz", "prompt": QUERY, "max_tokens": 2000, "crayon": {"route": {"mode": "server_only"}}}),
+    );
     assert_eq!(status, 200, "{out}");
     assert_eq!(route(&out), ("device", "server_only"), "{out}");
     assert!(out["crayon"]["fallback"].is_string(), "{out}");

@@ -4,9 +4,7 @@
 
 mod common;
 
-use std::time::Duration;
-
-use common::daemon::{Daemon, PATIENCE, http_post};
+use common::daemon::Daemon;
 use serde_json::{Value, json};
 
 fn model(name: &str) -> std::path::PathBuf {
@@ -97,25 +95,38 @@ fn device_and_server_with_real_models() {
     assert_eq!(easy["crayon"]["reason"], "confident", "{easy}");
 
     // The server dies in the middle of an offloaded request: the device still answers.
-    let url = dev.url.clone();
-    let asking = std::thread::spawn(move || {
-        http_post(
-            &format!("{url}/v1/chat/completions"),
-            &json!({"model": "science", "messages": [{"role": "user", "content": "Write a long story about a robot."}],
-                    "max_tokens": 48, "crayon": {"route": {"mode": "server_only"}}}),
-            None,
-        )
-    });
-    let t0 = std::time::Instant::now();
-    while server.health()["in_flight"] != 1 {
-        assert!(t0.elapsed() < PATIENCE, "the request never reached the server");
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    server.child.kill().unwrap();
-    let (status, out) = asking.join().unwrap();
+    let (status, out) = server.kill_while_serving(
+        &dev,
+        "/v1/chat/completions",
+        json!({"model": "science", "messages": [{"role": "user", "content": "Write a long story about a robot."}],
+                "max_tokens": 48, "crayon": {"route": {"mode": "server_only"}}}),
+    );
     assert_eq!(status, 200, "{out}");
     assert_eq!(out["crayon"]["answered_by"], "device", "{out}");
     assert!(out["crayon"]["fallback"].is_string(), "{out}");
     assert!(!out["choices"][0]["message"]["content"].as_str().unwrap().is_empty(), "{out}");
     assert_eq!(dev.health()["fallbacks"], 1);
+}
+
+/// The server pool (paired, no embedding, a subset of targets, a model with attention biases and an
+/// untied head) merged by the engine gives PEFT's own merged-model logits.
+#[test]
+fn server_pool_blend_matches_peft() {
+    use common::{last_rows, max_abs_diff, pool_reference};
+    let pool = common::repo().join("pools/qwen2.5-coder-0.5b-instruct");
+    let mut cfg = common::config_for(&model("qwen2.5-coder-0.5b-instruct"));
+    cfg.runtime.intra_threads = 0;
+    cfg.pool.dir = pool.clone();
+    let state = tempfile::tempdir().unwrap();
+    cfg.adapters.state_dir = state.path().to_path_buf();
+    let r = pool_reference(&pool);
+    let mut engine = crayon::Engine::load(&cfg).unwrap();
+    let vocab = engine.files().arch.vocab_size;
+    engine.customize_weights("mix", &r.blend_weights).unwrap();
+    let got = engine.logits(Some("mix"), &r.input_ids).unwrap();
+    let diff = max_abs_diff(last_rows(&got, vocab, 4), &r.blend_logits);
+    assert!(diff < 2e-3, "server blend vs PEFT merged model: max |diff| {diff}");
+    let base = engine.logits(None, &r.input_ids).unwrap();
+    let moved = max_abs_diff(last_rows(&base, vocab, 4), &r.blend_logits);
+    assert!(moved > 10.0 * diff, "the blend changes the logits ({moved}) well beyond the tolerance ({diff})");
 }

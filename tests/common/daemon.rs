@@ -70,6 +70,20 @@ impl Daemon {
         self.get("/health")
     }
 
+    /// Sends `body` to `path` of `device` from another thread, kills this daemon (the server) as soon
+    /// as it is working on a request, and returns the device's reply.
+    pub fn kill_while_serving(&mut self, device: &Daemon, path: &str, body: Value) -> (u16, Value) {
+        let url = format!("{}{path}", device.url);
+        let asking = std::thread::spawn(move || http_post(&url, &body, None));
+        let t0 = std::time::Instant::now();
+        while self.health()["in_flight"] != 1 {
+            assert!(t0.elapsed() < PATIENCE, "the request never reached the server");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        self.child.kill().unwrap();
+        asking.join().unwrap()
+    }
+
     pub fn state_dir(&self) -> PathBuf {
         self.dir.path().join("state")
     }
