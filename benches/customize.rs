@@ -14,12 +14,10 @@ use std::time::Instant;
 use clap::Parser;
 
 mod common;
-use common::pct;
+use common::{few_shot_loss, pct, search_weights};
 use crayon::cli::CommonArgs;
 use crayon::sampler::{Sampler, SamplingParams};
 use crayon::{Config, Engine, Example};
-use rand::{Rng, SeedableRng};
-use rand_chacha::ChaCha8Rng;
 
 #[derive(Parser)]
 struct Args {
@@ -234,58 +232,16 @@ fn memory(cfg: &Config, examples: &[Example]) -> anyhow::Result<()> {
 }
 
 /// Mean cross-entropy of the examples' outputs given their inputs under `adapter`.
-fn few_shot_loss(engine: &mut Engine, adapter: &str, examples: &[Example]) -> anyhow::Result<f64> {
-    let vocab = engine.files().arch.vocab_size;
-    let mut total = 0.0;
-    let mut count = 0usize;
-    for e in examples {
-        let prompt = engine.tokenizer().encode(&e.input)?;
-        let answer = engine.tokenizer().encode(&e.output)?;
-        let ids: Vec<u32> = prompt.iter().chain(&answer).copied().collect();
-        let logits = engine.logits(Some(adapter), &ids)?;
-        for (j, &t) in answer.iter().enumerate() {
-            let row = &logits[(prompt.len() - 1 + j) * vocab..(prompt.len() + j) * vocab];
-            let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            let lse = max + row.iter().map(|&l| (l - max).exp()).sum::<f32>().ln();
-            total += f64::from(lse - row[t as usize]);
-            count += 1;
-        }
-    }
-    Ok(total / count.max(1) as f64)
-}
-
 /// LoraHub-style search: gradient-free (1+1) evolution strategy over the blend weights, each step
 /// merging the candidate into the model and scoring the few-shot loss (LoraHub uses nevergrad's
 /// optimizer with the same budget; the cost per step is what matters here).
 fn lorahub_search(engine: &mut Engine, examples: &[Example], steps: usize) -> anyhow::Result<()> {
-    let n = engine.pool().map_or(0, |p| p.adapters.len());
     let crayon_start = Instant::now();
     engine.customize("crayon", examples)?;
     let crayon_ms = crayon_start.elapsed().as_secs_f64() * 1e3;
     let crayon_loss = few_shot_loss(engine, "crayon", examples)?;
-    let mut rng = ChaCha8Rng::seed_from_u64(1);
-    let mut noise = |scale: f32| -> f32 { rng.random_range(-scale..=scale) };
     let start = Instant::now();
-    let mut best = vec![1.0 / n as f32; n];
-    engine.customize_weights("search", &best)?;
-    let mut best_loss = few_shot_loss(engine, "search", examples)?;
-    let mut step_ms = Vec::new();
-    for s in 0..steps {
-        let t = Instant::now();
-        let scale = 0.5 * (1.0 - s as f32 / steps as f32) + 0.05;
-        let cand: Vec<f32> = best.iter().map(|w| (w + noise(scale)).max(0.0)).collect();
-        if cand.iter().sum::<f32>() <= 0.0 {
-            continue;
-        }
-        engine.customize_weights("search", &cand)?;
-        let loss = few_shot_loss(engine, "search", examples)?;
-        if loss < best_loss {
-            best_loss = loss;
-            let total: f32 = cand.iter().sum();
-            best = cand.iter().map(|w| w / total).collect();
-        }
-        step_ms.push(t.elapsed().as_secs_f64() * 1e3);
-    }
+    let (_, best_loss, step_ms) = search_weights(engine, examples, steps, 1)?;
     let search_ms = start.elapsed().as_secs_f64() * 1e3;
     println!("## Peer: LoraHub-style search of the blend weights ({steps} steps) vs Crayon's instant blend\n");
     println!("| method | time to customize | few-shot loss on the 5 examples |\n|---|---|---|");

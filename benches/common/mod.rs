@@ -50,3 +50,60 @@ impl Drop for Daemon {
         let _ = self.child.wait();
     }
 }
+
+/// Mean negative log-likelihood of the examples' outputs given their inputs, under `adapter`.
+pub fn few_shot_loss(engine: &mut crayon::Engine, adapter: &str, examples: &[crayon::Example]) -> anyhow::Result<f64> {
+    let vocab = engine.files().arch.vocab_size;
+    let mut total = 0.0;
+    let mut count = 0usize;
+    for e in examples {
+        let prompt = engine.tokenizer().encode(&e.input)?;
+        let answer = engine.tokenizer().encode(&e.output)?;
+        let ids: Vec<u32> = prompt.iter().chain(&answer).copied().collect();
+        let logits = engine.logits(Some(adapter), &ids)?;
+        for (j, &t) in answer.iter().enumerate() {
+            let row = &logits[(prompt.len() - 1 + j) * vocab..(prompt.len() + j) * vocab];
+            let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let lse = max + row.iter().map(|&l| (l - max).exp()).sum::<f32>().ln();
+            total += f64::from(lse - row[t as usize]);
+            count += 1;
+        }
+    }
+    Ok(total / count.max(1) as f64)
+}
+
+/// LoraHub-style search of the blend weights: a gradient-free (1+1) evolution strategy, each step
+/// merging the candidate into the model (adapter "search") and scoring the few-shot loss (LoraHub
+/// uses nevergrad's optimizer with the same budget). Returns the best weights, their loss, and the
+/// time of each step in ms.
+pub fn search_weights(
+    engine: &mut crayon::Engine,
+    examples: &[crayon::Example],
+    steps: usize,
+    seed: u64,
+) -> anyhow::Result<(Vec<f32>, f64, Vec<f64>)> {
+    use rand::{Rng, SeedableRng};
+    let n = engine.pool().map_or(0, |p| p.adapters.len());
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    let mut best = vec![1.0 / n as f32; n];
+    engine.customize_weights("search", &best)?;
+    let mut best_loss = few_shot_loss(engine, "search", examples)?;
+    let mut step_ms = Vec::new();
+    for s in 0..steps {
+        let t = std::time::Instant::now();
+        let scale = 0.5 * (1.0 - s as f32 / steps as f32) + 0.05;
+        let cand: Vec<f32> = best.iter().map(|w| (w + rng.random_range(-scale..=scale)).max(0.0)).collect();
+        if cand.iter().sum::<f32>() <= 0.0 {
+            continue;
+        }
+        engine.customize_weights("search", &cand)?;
+        let loss = few_shot_loss(engine, "search", examples)?;
+        if loss < best_loss {
+            best_loss = loss;
+            let total: f32 = cand.iter().sum();
+            best = cand.iter().map(|w| w / total).collect();
+        }
+        step_ms.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    Ok((best, best_loss, step_ms))
+}
