@@ -139,6 +139,8 @@ fn main() -> anyhow::Result<()> {
     for task in &tasks {
         let t = Instant::now();
         results.push(run_task(&mut engine, &cfg, remote.as_ref(), task, args.search_steps)?);
+        // Written after every task: an interrupted run keeps what it measured.
+        std::fs::write(args.out.join("results.json"), serde_json::to_string(&results)?)?;
         eprintln!(
             "[suite] {} done in {:.0} s ({:.0} s total)",
             task.name,
