@@ -274,6 +274,21 @@ impl Default for GenerationConfig {
     }
 }
 
+/// A bearer token from the first line of `path` (`key` names the setting in errors); `None` when no
+/// file is configured. An unreadable or empty file is a configuration error.
+pub fn read_token(path: &Path, key: &str) -> Result<Option<String>> {
+    if path.as_os_str().is_empty() {
+        return Ok(None);
+    }
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| Error::Config { path: path.to_path_buf(), msg: format!("{key} cannot be read: {e}") })?;
+    let token = text.lines().next().unwrap_or("").trim();
+    if token.is_empty() {
+        return Err(Error::Config { path: path.to_path_buf(), msg: format!("{key} is empty") });
+    }
+    Ok(Some(token.to_string()))
+}
+
 impl RouteMode {
     pub fn name(self) -> &'static str {
         match self {

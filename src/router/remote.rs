@@ -84,19 +84,7 @@ pub struct RemoteClient {
 
 impl RemoteClient {
     pub fn new(cfg: &RemoteConfig) -> Result<RemoteClient> {
-        let token = if cfg.token_file.as_os_str().is_empty() {
-            None
-        } else {
-            let text = std::fs::read_to_string(&cfg.token_file).map_err(|e| Error::Config {
-                path: cfg.token_file.clone(),
-                msg: format!("remote.token_file cannot be read: {e}"),
-            })?;
-            let t = text.lines().next().unwrap_or("").trim().to_string();
-            if t.is_empty() {
-                return Err(Error::Config { path: cfg.token_file.clone(), msg: "remote.token_file is empty".into() });
-            }
-            Some(t)
-        };
+        let token = crate::config::read_token(&cfg.token_file, "remote.token_file")?;
         let mut builder = ureq::Agent::config_builder();
         if !cfg.ca_file.as_os_str().is_empty() {
             builder = builder.tls_config(ureq::tls::TlsConfig::builder().root_certs(private_ca(&cfg.ca_file)?).build());

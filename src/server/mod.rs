@@ -70,22 +70,7 @@ struct Counters {
 
 impl Service {
     pub fn new(engine: Engine, config: &Config) -> Result<Service> {
-        let token = if config.server.token_file.as_os_str().is_empty() {
-            None
-        } else {
-            let text = std::fs::read_to_string(&config.server.token_file).map_err(|e| Error::Config {
-                path: config.server.token_file.clone(),
-                msg: format!("server.token_file cannot be read: {e}"),
-            })?;
-            let t = text.lines().next().unwrap_or("").trim().to_string();
-            if t.is_empty() {
-                return Err(Error::Config {
-                    path: config.server.token_file.clone(),
-                    msg: "server.token_file is empty".into(),
-                });
-            }
-            Some(t)
-        };
+        let token = crate::config::read_token(&config.server.token_file, "server.token_file")?;
         let model_id = match config.server.model_id.as_str() {
             "" => engine.files().dir.file_name().map_or("crayon".into(), |n| n.to_string_lossy().into_owned()),
             id => id.to_string(),
