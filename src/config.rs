@@ -23,6 +23,9 @@ pub struct Config {
     pub router: RouterConfig,
     pub remote: RemoteConfig,
     pub server: ServerConfig,
+    pub socket: SocketConfig,
+    pub dbus: DbusConfig,
+    pub service: ServiceConfig,
 }
 
 /// How a request chooses between the device model and the server (`docs/routing.md`).
@@ -162,6 +165,68 @@ impl Default for ServerConfig {
             max_tokens_limit: 2048,
             model_id: String::new(),
         }
+    }
+}
+
+/// The local socket libcrayon talks to (`docs/socket.md`).
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct SocketConfig {
+    /// Unix socket path, e.g. "/run/crayon/crayon.sock"; empty: no socket (`crayond --socket` overrides).
+    pub path: PathBuf,
+    /// Group allowed to connect besides root and the service's own user (socket file group, mode
+    /// 0660, and a peer-credential check on every connection); empty or absent group: nobody else.
+    pub group: String,
+    /// Largest frame, in bytes, either way.
+    pub max_frame_bytes: usize,
+    /// Connections served at once; more are refused.
+    pub max_connections: usize,
+    /// Requests one connection may have in flight.
+    pub max_requests_per_connection: usize,
+}
+
+impl Default for SocketConfig {
+    fn default() -> Self {
+        SocketConfig {
+            path: PathBuf::new(),
+            group: "crayon".into(),
+            max_frame_bytes: crate::socket::proto::DEFAULT_MAX_FRAME,
+            max_connections: 64,
+            max_requests_per_connection: 8,
+        }
+    }
+}
+
+/// The D-Bus interface `org.crayon.Crayon1` (`docs/dbus.md`).
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct DbusConfig {
+    /// "system", "session", a bus address ("unix:path=..."), or empty: no D-Bus (`crayond --dbus`).
+    pub bus: String,
+    /// Well-known name to own.
+    pub name: String,
+    /// Group whose members may call state-changing methods (Customize, RemoveAdapter) besides root
+    /// and the service's own user. The bus policy is the first gate; this check is the second.
+    pub group: String,
+}
+
+impl Default for DbusConfig {
+    fn default() -> Self {
+        DbusConfig { bus: String::new(), name: "org.crayon.Crayon1".into(), group: "crayon".into() }
+    }
+}
+
+/// How the daemon starts and stops.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServiceConfig {
+    /// On SIGTERM, how long in-flight requests may take to finish before the daemon exits anyway.
+    pub drain_timeout_ms: u64,
+}
+
+impl Default for ServiceConfig {
+    fn default() -> Self {
+        ServiceConfig { drain_timeout_ms: 30_000 }
     }
 }
 
@@ -340,6 +405,7 @@ impl Config {
             &mut self.remote.token_file,
             &mut self.remote.ca_file,
             &mut self.server.token_file,
+            &mut self.socket.path,
         ] {
             if !p.as_os_str().is_empty() && p.is_relative() {
                 *p = base.join(&*p);
@@ -387,6 +453,16 @@ impl Config {
         let s = &self.server;
         if s.max_concurrent == 0 || s.max_body_bytes == 0 || s.max_tokens_limit == 0 {
             return Err("server.max_concurrent, max_body_bytes and max_tokens_limit must be positive".into());
+        }
+        let k = &self.socket;
+        if k.max_frame_bytes < 64 || k.max_frame_bytes > u32::MAX as usize {
+            return Err(format!("socket.max_frame_bytes must be in 64..=4294967295, got {}", k.max_frame_bytes));
+        }
+        if k.max_connections == 0 || k.max_requests_per_connection == 0 {
+            return Err("socket.max_connections and max_requests_per_connection must be positive".into());
+        }
+        if !self.dbus.bus.is_empty() && zbus::names::WellKnownName::try_from(self.dbus.name.as_str()).is_err() {
+            return Err(format!("dbus.name '{}' is not a valid well-known bus name", self.dbus.name));
         }
         if crate::runtime::parse_optimization(&self.runtime.optimization).is_none() {
             return Err(format!(

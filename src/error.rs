@@ -49,6 +49,14 @@ pub enum Error {
     #[error("invalid request: {0}")]
     InvalidRequest(String),
 
+    /// The service is at its admission limit (queue full); try again later.
+    #[error("busy: {0}")]
+    Busy(String),
+
+    /// The request was cancelled (its client went away or asked to stop) before it finished.
+    #[error("cancelled")]
+    Cancelled,
+
     /// A bug: something that should not happen did (e.g. a handler panicked); the service goes on.
     #[error("internal error: {0}")]
     Internal(String),

@@ -6,15 +6,18 @@ pub mod adapters;
 pub mod chat;
 pub mod cli;
 pub mod config;
+pub mod dbus;
 pub mod engine;
 pub mod error;
 pub mod generate;
 pub mod model;
 pub mod pool;
+pub mod queue;
 pub mod router;
 pub mod runtime;
 pub mod sampler;
 pub mod server;
+pub mod socket;
 pub mod tokenizer;
 pub mod weights;
 

@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -186,8 +187,9 @@ def main(argv=None):
             export_gguf(smollm2_gguf(), args.out, not args.no_verify)
         elif args.cmd == "qwen2.5-coder":
             args.out.mkdir(parents=True, exist_ok=True)
-            gguf = qwen_coder_gguf(args.out.parent)
-            export_gguf(gguf, args.out, not args.no_verify)
+            # The joined GGUF (470 MB) is only an input: keep it out of models/ once exported.
+            with tempfile.TemporaryDirectory(dir=args.out.parent, prefix=".join-") as tmp:
+                export_gguf(qwen_coder_gguf(Path(tmp)), args.out, not args.no_verify)
         else:
             export_tiny(args.out, args.seed, not args.no_verify)
     except GgufError as e:

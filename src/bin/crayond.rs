@@ -1,19 +1,29 @@
-//! crayond: the Crayon service. Serves the OpenAI-compatible HTTP API (`--listen` or `[server] listen`;
-//! see docs/http.md) with device–server routing (docs/routing.md); `--check` validates a deployment.
-//! The D-Bus interface and the local socket come next.
+//! crayond: the Crayon service. One model in memory, served to every app at once over
+//! * the local socket (`--socket` / `[socket] path`, docs/socket.md): libcrayon's path;
+//! * D-Bus (`--dbus` / `[dbus] bus`, docs/dbus.md): `org.crayon.Crayon1`, for scripts and apps;
+//! * HTTP (`--listen` / `[server] listen`, docs/http.md): the OpenAI-compatible API, also the server
+//!   side of device–server routing (docs/routing.md).
+//!
+//! As a systemd service (Type=notify) it reports READY/STATUS/STOPPING, sends watchdog keep-alives,
+//! logs to the journal, drains in-flight requests on SIGTERM and reloads config and model on SIGHUP
+//! without dropping requests (docs/service.md). `--check` validates a deployment and exits.
 
 use std::ops::ControlFlow;
 use std::process::ExitCode;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use clap::Parser;
 use crayon::cli::{CommonArgs, exit_code};
+use crayon::config::Config;
+use crayon::server::Service;
 use crayon::{CancelToken, Engine, Message, Prompt};
+use tokio::signal::unix::{SignalKind, signal};
 
 #[derive(Parser)]
 #[command(name = "crayond", version, about = "The Crayon on-device LLM service.")]
-#[command(after_help = "Exit status: 0 success, 1 model/runtime failure, 2 bad config or usage.")]
+#[command(after_help = "Signals: SIGTERM/SIGINT drain in-flight requests and exit; SIGHUP reloads the config, \
+model and pool.\nExit status: 0 success, 1 model/runtime failure, 2 bad config or usage.")]
 struct Cli {
     #[command(flatten)]
     common: CommonArgs,
@@ -23,77 +33,235 @@ struct Cli {
     /// Serve HTTP on this address, e.g. 127.0.0.1:8090 (port 0: any free port) [overrides server.listen]
     #[arg(long, value_name = "ADDR")]
     listen: Option<String>,
+    /// Serve the local socket at this path [overrides socket.path]
+    #[arg(long, value_name = "PATH")]
+    socket: Option<std::path::PathBuf>,
+    /// Serve D-Bus on this bus: system, session or an address like unix:path=/run/x [overrides dbus.bus]
+    #[arg(long, value_name = "BUS")]
+    dbus: Option<String>,
+}
+
+impl Cli {
+    fn config(&self) -> crayon::Result<Config> {
+        let mut cfg = self.common.load_config()?;
+        if let Some(l) = &self.listen {
+            cfg.server.listen = l.clone();
+        }
+        if let Some(p) = &self.socket {
+            cfg.socket.path = p.clone();
+        }
+        if let Some(b) = &self.dbus {
+            cfg.dbus.bus = b.clone();
+        }
+        cfg.validate().map_err(|msg| crayon::Error::Config { path: "(command line)".into(), msg })?;
+        Ok(cfg)
+    }
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    cli.common.init_logging("info");
+    init_logging(&cli.common);
     let result = if cli.check { check(&cli.common) } else { serve(&cli) };
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
+            tracing::error!("{e}");
             eprintln!("crayond: {e}");
+            notify(&[sd_notify::NotifyState::Status(&format!("failed: {e}"))]);
             ExitCode::from(exit_code(&e) as u8)
         }
     }
 }
 
-fn serve(cli: &Cli) -> crayon::Result<()> {
-    let mut cfg = cli.common.load_config()?;
-    if let Some(l) = &cli.listen {
-        cfg.server.listen = l.clone();
+/// The journal when systemd started us with it (JOURNAL_STREAM), else stderr.
+fn init_logging(common: &CommonArgs) {
+    if std::env::var_os("JOURNAL_STREAM").is_some() {
+        use tracing_subscriber::prelude::*;
+        if let Ok(journal) = tracing_journald::layer() {
+            let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+                tracing_subscriber::EnvFilter::new(if common.verbose > 1 { "debug" } else { "info" })
+            });
+            if tracing_subscriber::registry()
+                .with(filter)
+                .with(journal.with_syslog_identifier("crayond".into()))
+                .try_init()
+                .is_ok()
+            {
+                return;
+            }
+        }
     }
-    if cfg.server.listen.is_empty() {
+    common.init_logging("info");
+}
+
+/// sd_notify, when systemd asked for it (NOTIFY_SOCKET); a no-op otherwise.
+fn notify(state: &[sd_notify::NotifyState]) {
+    if let Err(e) = sd_notify::notify(false, state) {
+        tracing::debug!(error = %e, "sd_notify failed");
+    }
+}
+
+fn serve(cli: &Cli) -> crayon::Result<()> {
+    let cfg = cli.config()?;
+    if cfg.server.listen.is_empty() && cfg.socket.path.as_os_str().is_empty() && cfg.dbus.bus.is_empty() {
         return Err(crayon::Error::Config {
-            path: "server.listen".into(),
-            msg: "nothing to serve: give --listen ADDR or set [server] listen (or run --check)".into(),
+            path: "socket.path, dbus.bus, server.listen".into(),
+            msg: "nothing to serve: give --socket PATH, --dbus BUS or --listen ADDR (or set them in the config), or run --check".into(),
         });
     }
-    let addr = crayon::server::check_listen(&cfg.server.listen, &cfg)?;
+    let http_addr = match cfg.server.listen.as_str() {
+        "" => None,
+        l => Some(crayon::server::check_listen(l, &cfg)?),
+    };
     let t0 = Instant::now();
     let engine = Engine::load(&cfg)?;
     tracing::info!(model = %cfg.model.dir.display(), seconds = t0.elapsed().as_secs_f64(), provider = %engine.provider(), "model loaded");
-    let service = Arc::new(crayon::server::Service::new(engine, &cfg)?);
+    let service = Arc::new(Service::new(engine, &cfg)?);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .map_err(|e| crayon::Error::Io { what: "async runtime", path: "(tokio)".into(), source: e })?;
-    let mode = cfg.router.mode.name();
-    let remote = cfg.remote.url.clone();
-    runtime
-        .block_on(crayon::server::serve(
-            service,
-            addr,
-            move |bound| {
-                // One line on stdout, for scripts and tests that start us on port 0.
-                println!(
-                    "crayond: serving HTTP on http://{bound} (route mode {mode}{})",
-                    if remote.is_empty() { String::new() } else { format!(", server {remote}") }
-                );
-            },
-            shutdown_signal(),
-        ))
-        .map_err(|e| crayon::Error::Io { what: "HTTP listener", path: cfg.server.listen.clone().into(), source: e })?;
+    runtime.block_on(run(cli, cfg, service, http_addr))
+}
+
+async fn run(
+    cli: &Cli,
+    cfg: Config,
+    service: Arc<Service>,
+    http_addr: Option<std::net::SocketAddr>,
+) -> crayon::Result<()> {
+    let io = |what: &'static str, e: std::io::Error| crayon::Error::Io { what, path: "(signals)".into(), source: e };
+    // Signals first, so that a SIGTERM during start-up is not lost.
+    let mut term = signal(SignalKind::terminate()).map_err(|e| io("SIGTERM handler", e))?;
+    let mut int = signal(SignalKind::interrupt()).map_err(|e| io("SIGINT handler", e))?;
+    let mut hup = signal(SignalKind::hangup()).map_err(|e| io("SIGHUP handler", e))?;
+    let mut status = Vec::new();
+
+    let socket = if cfg.socket.path.as_os_str().is_empty() {
+        None
+    } else {
+        let s = crayon::socket::SocketServer::start(service.clone(), &cfg.socket)?;
+        println!("crayond: serving socket {}", s.path().display());
+        status.push(format!("socket {}", s.path().display()));
+        Some(s)
+    };
+    let dbus = if cfg.dbus.bus.is_empty() {
+        None
+    } else {
+        let d = crayon::dbus::DbusServer::start(service.clone(), &cfg.dbus).await?;
+        println!("crayond: serving D-Bus {} on the {} bus", cfg.dbus.name, cfg.dbus.bus);
+        status.push(format!("D-Bus {}", cfg.dbus.name));
+        Some(d)
+    };
+    let http_stop = Arc::new(tokio::sync::Notify::new());
+    let http = match http_addr {
+        None => None,
+        Some(addr) => {
+            let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| crayon::Error::Io {
+                what: "HTTP listener",
+                path: cfg.server.listen.clone().into(),
+                source: e,
+            })?;
+            let bound = listener.local_addr().map_err(|e| io("HTTP listener", e))?;
+            let remote = &cfg.remote.url;
+            // One line on stdout, for scripts and tests that start us on port 0.
+            println!(
+                "crayond: serving HTTP on http://{bound} (route mode {}{})",
+                cfg.router.mode.name(),
+                if remote.is_empty() { String::new() } else { format!(", server {remote}") }
+            );
+            status.push(format!("HTTP {bound}"));
+            let stop = http_stop.clone();
+            let app = crayon::server::app(service.clone());
+            Some(tokio::spawn(async move {
+                axum::serve(listener, app).with_graceful_shutdown(async move { stop.notified().await }).await
+            }))
+        }
+    };
+    let status = format!("serving {}", status.join(", "));
+    println!("crayond: ready");
+    notify(&[sd_notify::NotifyState::Ready, sd_notify::NotifyState::Status(&status)]);
+    tracing::info!("{status}");
+
+    // Keep-alives at half the interval systemd expects them (WatchdogSec=); the ping is sent from
+    // this loop, so a wedged loop is what systemd notices.
+    let mut watchdog_usec = 0;
+    let watchdog = sd_notify::watchdog_enabled(false, &mut watchdog_usec);
+    let mut tick = tokio::time::interval(if watchdog {
+        Duration::from_micros(watchdog_usec / 2).max(Duration::from_millis(100))
+    } else {
+        Duration::from_secs(3600)
+    });
+    loop {
+        tokio::select! {
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+            _ = hup.recv() => reload(cli, &service, &status).await,
+            _ = tick.tick() => if watchdog { notify(&[sd_notify::NotifyState::Watchdog]) },
+        }
+    }
+
+    let drain = Duration::from_millis(cfg.service.drain_timeout_ms);
+    tracing::info!(in_flight = service.in_flight(), "shutting down: finishing in-flight requests");
+    notify(&[sd_notify::NotifyState::Stopping, sd_notify::NotifyState::Status("draining in-flight requests")]);
+    http_stop.notify_waiters();
+    let deadline = Instant::now() + drain;
+    if let Some(s) = socket {
+        let _ = tokio::task::spawn_blocking(move || s.shutdown(drain)).await;
+    }
+    if let Some(d) = &dbus {
+        // No new calls; the streams already running finish (their signals still go out).
+        let _ = d.connection.release_name(cfg.dbus.name.as_str()).await;
+    }
+    while service.in_flight() > 0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    if let Some(h) = http {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let _ = tokio::time::timeout(left.max(Duration::from_millis(100)), h).await;
+    }
+    if let Some(d) = &dbus {
+        // Let the last signals leave before the connection closes.
+        while d.running() > 0 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    if service.in_flight() > 0 {
+        tracing::warn!(
+            in_flight = service.in_flight(),
+            "drain timeout reached (service.drain_timeout_ms); exiting anyway"
+        );
+    }
     tracing::info!("stopped");
+    println!("crayond: stopped");
     Ok(())
 }
 
-/// SIGTERM or SIGINT: stop accepting, let in-flight requests finish.
-async fn shutdown_signal() {
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
+/// SIGHUP: reload config, model and pool beside the running ones, then swap between two requests.
+/// A bad new config leaves the old one serving.
+async fn reload(cli: &Cli, service: &Arc<Service>, serving: &str) {
+    notify(&[sd_notify::NotifyState::Reloading, sd_notify::NotifyState::Status("reloading")]);
+    tracing::info!("SIGHUP: reloading config, model and pool");
+    let cfg = cli.config();
+    let service = service.clone();
+    let t0 = Instant::now();
+    let result = tokio::task::spawn_blocking(move || service.reload(&cfg?)).await;
+    let status = match result {
+        Ok(Ok(())) => {
+            tracing::info!(seconds = t0.elapsed().as_secs_f64(), "reloaded");
+            println!("crayond: reloaded");
+            serving.to_string()
         }
+        Ok(Err(e)) => {
+            tracing::error!("reload failed, still serving the previous config: {e}");
+            println!("crayond: reload failed: {e}");
+            format!("{serving} (last reload failed: {e})")
+        }
+        Err(_) => "reload panicked; still serving the previous config".to_string(),
     };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {},
-        _ = term => {},
-    }
-    tracing::info!("shutting down: finishing in-flight requests");
+    notify(&[sd_notify::NotifyState::Ready, sd_notify::NotifyState::Status(&status)]);
 }
 
 fn check(common: &CommonArgs) -> crayon::Result<()> {

@@ -14,7 +14,6 @@
 pub mod remote;
 
 use std::ops::ControlFlow;
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
@@ -25,6 +24,7 @@ use crate::engine::Engine;
 use crate::error::{Error, Result};
 use crate::generate::{CancelToken, FinishReason, Generation, GenerationParams, Prompt};
 use crate::pool::embed::cosine;
+use crate::queue::EngineQueue;
 
 pub use remote::{RemoteAnswer, RemoteClient, RemoteError, RemoteRequest};
 
@@ -229,7 +229,8 @@ impl Router {
     /// modes once the answer is final (a local answer may still be replaced by the server's).
     pub fn answer(
         &self,
-        engine: &Mutex<Engine>,
+        engine: &EngineQueue,
+        client: &str,
         req: &Request,
         cancel: &CancelToken,
         on_text: &mut dyn FnMut(&str) -> ControlFlow<()>,
@@ -254,7 +255,7 @@ impl Router {
             }
         };
         let (plan, queue_ms, routing_ms) = {
-            let guard = lock(engine);
+            let guard = engine.lock(client, cancel)?;
             let queue_ms = ms(t0.elapsed());
             let t = Instant::now();
             (self.plan(&guard, req)?, queue_ms, ms(t.elapsed()))
@@ -292,7 +293,7 @@ impl Router {
         let local = {
             let mut sink = |s: &str| if live { on_text(s) } else { ControlFlow::Continue(()) };
             let t_wait = Instant::now();
-            let mut guard = lock(engine);
+            let mut guard = engine.lock(client, cancel)?;
             route.latency.queue_ms += ms(t_wait.elapsed());
             let t_local = Instant::now();
             let g = guard.generate(&req.prompt, &req.params, cancel, &mut sink)?;
@@ -445,7 +446,7 @@ pub fn calibrate(
         params.max_new_tokens = (engine.tokenizer().encode(&e.output)?.len() + 2).min(64);
         let g = engine.generate(&Prompt::Text(e.input.clone()), &params, cancel, &mut |_| ControlFlow::Continue(()))?;
         if cancel.is_cancelled() {
-            return Err(Error::InvalidRequest("calibration cancelled".into()));
+            return Err(Error::Cancelled);
         }
         let Some(conf) = confidence(&g) else { continue };
         let right = match best_choice(choices, &g.choice_probs) {
@@ -501,12 +502,6 @@ pub fn split_threshold(points: &[(f32, bool)]) -> f32 {
         }
     }
     best.2
-}
-
-fn lock(engine: &Mutex<Engine>) -> std::sync::MutexGuard<'_, Engine> {
-    // A panic while holding the engine cannot leave it half-updated in a way that matters here
-    // (every method validates before mutating), so keep serving.
-    engine.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 fn ms(d: Duration) -> f64 {

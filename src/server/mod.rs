@@ -14,7 +14,7 @@ use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::ops::ControlFlow;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, RwLock};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use axum::Router as HttpRouter;
@@ -31,16 +31,17 @@ use crate::config::{Config, RouteMode};
 use crate::engine::Engine;
 use crate::error::{Error, Result};
 use crate::generate::{CancelToken, GenerationParams, Prompt};
+use crate::queue::EngineQueue;
 use crate::router::{self, Answer, AnsweredBy, Latency, Reason, Route, RouteOverrides, Router};
 use openai::{ChatRequest, Common, CompletionRequest, ResponseExtension, error_body};
 
-/// Everything a request handler needs.
+/// Everything a request needs, whichever interface it came through (HTTP here, the local socket,
+/// D-Bus): the engine behind its fair queue, the router, limits and counters.
 pub struct Service {
-    engine: Mutex<Engine>,
-    /// Fixed at start, so that `/health` and request parsing never wait for the engine lock.
-    info: Info,
-    router: Router,
-    model_id: String,
+    queue: EngineQueue,
+    /// Model id, start-time facts and the router: swapped as a whole by [`Service::reload`], so that
+    /// `/health` and request parsing never wait for the engine.
+    shared: RwLock<Arc<Shared>>,
     token: Option<String>,
     max_body_bytes: usize,
     max_tokens_limit: usize,
@@ -50,14 +51,34 @@ pub struct Service {
     started: Instant,
     /// Saved adapters as the API shows them, refreshed after each change: listing never waits for
     /// the engine.
-    catalog: std::sync::RwLock<Vec<Value>>,
+    catalog: RwLock<Vec<Value>>,
 }
 
-struct Info {
+struct Shared {
+    model_id: String,
     provider: String,
     pool_id: Option<String>,
     paired_with: Option<String>,
     defaults: GenerationParams,
+    router: Router,
+}
+
+impl Shared {
+    fn new(engine: &Engine, config: &Config) -> Result<Shared> {
+        let model_id = match config.server.model_id.as_str() {
+            "" => engine.files().dir.file_name().map_or("crayon".into(), |n| n.to_string_lossy().into_owned()),
+            id => id.to_string(),
+        };
+        let pool = engine.pool();
+        Ok(Shared {
+            model_id,
+            provider: engine.provider().to_string(),
+            pool_id: pool.map(|p| p.id.clone()),
+            paired_with: pool.and_then(|p| p.paired_with.clone()),
+            defaults: engine.default_params(),
+            router: Router::new(config)?,
+        })
+    }
 }
 
 #[derive(Default)]
@@ -66,29 +87,19 @@ struct Counters {
     offloaded: AtomicU64,
     fallbacks: AtomicU64,
     rejected_busy: AtomicU64,
+    failed: AtomicU64,
+    reloads: AtomicU64,
 }
 
 impl Service {
     pub fn new(engine: Engine, config: &Config) -> Result<Service> {
         let token = crate::config::read_token(&config.server.token_file, "server.token_file")?;
-        let model_id = match config.server.model_id.as_str() {
-            "" => engine.files().dir.file_name().map_or("crayon".into(), |n| n.to_string_lossy().into_owned()),
-            id => id.to_string(),
-        };
-        let pool = engine.pool();
-        let info = Info {
-            provider: engine.provider().to_string(),
-            pool_id: pool.map(|p| p.id.clone()),
-            paired_with: pool.and_then(|p| p.paired_with.clone()),
-            defaults: engine.default_params(),
-        };
-        let catalog = std::sync::RwLock::new(engine.adapters().into_iter().map(adapter_json).collect());
+        let shared = Shared::new(&engine, config)?;
+        let catalog = RwLock::new(engine.adapters().into_iter().map(adapter_json).collect());
         Ok(Service {
             catalog,
-            info,
-            router: Router::new(config)?,
-            engine: Mutex::new(engine),
-            model_id,
+            shared: RwLock::new(Arc::new(shared)),
+            queue: EngineQueue::new(engine, config.server.max_concurrent),
             token,
             max_body_bytes: config.server.max_body_bytes,
             max_tokens_limit: config.server.max_tokens_limit,
@@ -99,8 +110,36 @@ impl Service {
         })
     }
 
-    fn engine(&self) -> std::sync::MutexGuard<'_, Engine> {
-        self.engine.lock().unwrap_or_else(|p| p.into_inner())
+    fn shared(&self) -> Arc<Shared> {
+        self.shared.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Reloads the model, pool and routing settings from `config` (SIGHUP). The new engine is loaded
+    /// beside the old one and swapped in between two requests: nothing in flight or queued is dropped.
+    /// On error the old engine keeps serving. Listen addresses, limits and tokens need a restart.
+    pub fn reload(&self, config: &Config) -> Result<()> {
+        let engine = Engine::load(config)?;
+        let shared = Shared::new(&engine, config)?;
+        let list = engine.adapters().into_iter().map(adapter_json).collect();
+        let old = self.queue.replace(engine);
+        *self.shared.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(shared);
+        *self.catalog.write().unwrap_or_else(|p| p.into_inner()) = list;
+        drop(old);
+        self.counters.reloads.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// A place among the requests in flight, or [`Error::Busy`] (counted).
+    pub fn try_slot(&self) -> Result<OwnedSemaphorePermit> {
+        self.slots.clone().try_acquire_owned().map_err(|_| {
+            self.counters.rejected_busy.fetch_add(1, Ordering::Relaxed);
+            Error::Busy(format!("{} requests in flight (server.max_concurrent)", self.max_concurrent))
+        })
+    }
+
+    /// Requests in flight (admitted, not finished).
+    pub fn in_flight(&self) -> usize {
+        self.max_concurrent - self.slots.available_permits()
     }
 
     fn refresh_catalog(&self, engine: &Engine) {
@@ -108,8 +147,124 @@ impl Service {
         *self.catalog.write().unwrap_or_else(|p| p.into_inner()) = list;
     }
 
-    fn catalog(&self) -> Vec<Value> {
+    /// Saved adapters, as every interface shows them.
+    pub fn catalog(&self) -> Vec<Value> {
         self.catalog.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Service status: model, provider, routing, queue and counters.
+    pub fn status(&self) -> Value {
+        let c = &self.counters;
+        let sh = self.shared();
+        let q = self.queue.stats();
+        json!({
+            "status": "ok",
+            "version": crate::VERSION,
+            "model": sh.model_id,
+            "provider": sh.provider,
+            "pool_id": sh.pool_id,
+            "paired_with": sh.paired_with,
+            "route_mode": sh.router.mode().name(),
+            "server": sh.router.remote().map(|r| r.url()),
+            "breaker_open": sh.router.remote().is_some_and(|r| r.breaker_open()),
+            "in_flight": self.in_flight(),
+            "max_concurrent": self.max_concurrent,
+            "queued": q.waiting,
+            "requests": c.requests.load(Ordering::Relaxed),
+            "offloaded": c.offloaded.load(Ordering::Relaxed),
+            "fallbacks": c.fallbacks.load(Ordering::Relaxed),
+            "rejected_busy": c.rejected_busy.load(Ordering::Relaxed),
+            "failed": c.failed.load(Ordering::Relaxed),
+            "reloads": c.reloads.load(Ordering::Relaxed),
+            "adapters": self.catalog.read().unwrap_or_else(|p| p.into_inner()).len(),
+            "uptime_s": self.started.elapsed().as_secs(),
+        })
+    }
+
+    /// Answers an OpenAI chat-completions request body (with the `crayon` extension) on the calling
+    /// thread, for `client`'s turn in the queue; streams text to `on_text` and returns the full
+    /// `chat.completion` object. The caller holds a slot ([`Service::try_slot`]).
+    pub fn chat_blocking(
+        &self,
+        client: &str,
+        body: &[u8],
+        cancel: &CancelToken,
+        on_text: &mut dyn FnMut(&str) -> ControlFlow<()>,
+    ) -> Result<Value> {
+        self.counters.requests.fetch_add(1, Ordering::Relaxed);
+        let job = parse_job(self, body, Endpoint::Chat).map_err(Error::InvalidRequest)?;
+        let done = self.execute_counted(client, &job, cancel, on_text)?;
+        Ok(full_response(Endpoint::Chat, &job.model, &done))
+    }
+
+    /// Customizes an adapter from a customize request body (`{"name", "examples", "calibrate",
+    /// "choices"}`, as `POST /v1/crayon/adapters`), for `client`'s turn in the queue.
+    pub fn customize_blocking(&self, client: &str, body: &[u8], cancel: &CancelToken) -> Result<Value> {
+        let req: CustomizeRequest = serde_json::from_slice(body)
+            .map_err(|e| Error::InvalidRequest(format!("malformed customize request: {e}")))?;
+        self.customize_request(client, req, cancel)
+    }
+
+    fn customize_request(&self, client: &str, req: CustomizeRequest, cancel: &CancelToken) -> Result<Value> {
+        if req.calibrate {
+            router::check_calibration(&req.examples, &req.choices)?;
+        }
+        let base = self.shared().router.thresholds();
+        let mut engine = self.queue.lock(client, cancel)?;
+        let report = engine.customize(&req.name, &req.examples);
+        self.refresh_catalog(&engine);
+        let report = report?;
+        let calibration = if req.calibrate {
+            let c = router::calibrate(&mut engine, base, &req.name, &req.examples, &req.choices, cancel);
+            self.refresh_catalog(&engine);
+            Some(c?)
+        } else {
+            None
+        };
+        let c = engine.adapter(&req.name)?.clone();
+        Ok(json!({
+            "adapter": adapter_json(&c),
+            "embed_ms": report.embed_ms,
+            "merge_ms": report.merge_ms,
+            "session_ms": report.session_ms,
+            "total_ms": report.total_ms,
+            "calibration": calibration,
+        }))
+    }
+
+    /// Removes a saved adapter, for `client`'s turn in the queue.
+    pub fn remove_blocking(&self, client: &str, name: &str, cancel: &CancelToken) -> Result<Value> {
+        let mut engine = self.queue.lock(client, cancel)?;
+        let r = engine.remove_adapter(name);
+        self.refresh_catalog(&engine);
+        Ok(json!({"removed": adapter_json(&r?)}))
+    }
+
+    fn execute_counted(
+        &self,
+        client: &str,
+        job: &Job,
+        cancel: &CancelToken,
+        on_text: &mut dyn FnMut(&str) -> ControlFlow<()>,
+    ) -> Result<Done> {
+        let result =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| execute(self, client, job, cancel, on_text)))
+                .unwrap_or_else(|_| Err(Error::Internal("the request handler panicked".into())));
+        let c = &self.counters;
+        match &result {
+            Ok(done) => {
+                if done.answer.route.answered_by == AnsweredBy::Server {
+                    c.offloaded.fetch_add(1, Ordering::Relaxed);
+                }
+                if done.answer.route.fallback.is_some() {
+                    c.fallbacks.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            Err(_) => {
+                c.failed.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        result
     }
 
     /// HTTP 429 with `Retry-After`, counted.
@@ -141,6 +296,9 @@ impl Service {
         }
     }
 }
+
+/// HTTP requests share one place in the queue's round (they are not told apart by connection).
+const HTTP_CLIENT: &str = "http";
 
 /// How long a client may take to send its request body (a slow upload holds no model slot, but a
 /// connection).
@@ -202,41 +360,26 @@ fn error_response(e: &Error) -> Response {
         Error::InvalidRequest(_) => (StatusCode::BAD_REQUEST, "invalid_request_error"),
         Error::Adapter { .. } => (StatusCode::NOT_FOUND, "invalid_request_error"),
         Error::Config { .. } | Error::Pool { .. } => (StatusCode::BAD_REQUEST, "invalid_request_error"),
+        Error::Busy(_) => (StatusCode::TOO_MANY_REQUESTS, "rate_limit_error"),
+        // Only its own client could see this, and it has gone.
+        Error::Cancelled => (StatusCode::REQUEST_TIMEOUT, "cancelled"),
         _ => (StatusCode::INTERNAL_SERVER_ERROR, "server_error"),
     };
     fail(status, &e.to_string(), kind)
 }
 
 async fn health(State(s): State<Arc<Service>>) -> Response {
-    let c = &s.counters;
-    axum::Json(json!({
-        "status": "ok",
-        "version": crate::VERSION,
-        "model": s.model_id,
-        "provider": s.info.provider,
-        "pool_id": s.info.pool_id,
-        "paired_with": s.info.paired_with,
-        "route_mode": s.router.mode().name(),
-        "server": s.router.remote().map(|r| r.url()),
-        "breaker_open": s.router.remote().is_some_and(|r| r.breaker_open()),
-        "in_flight": s.max_concurrent - s.slots.available_permits(),
-        "max_concurrent": s.max_concurrent,
-        "requests": c.requests.load(Ordering::Relaxed),
-        "offloaded": c.offloaded.load(Ordering::Relaxed),
-        "fallbacks": c.fallbacks.load(Ordering::Relaxed),
-        "rejected_busy": c.rejected_busy.load(Ordering::Relaxed),
-        "uptime_s": s.started.elapsed().as_secs(),
-    }))
-    .into_response()
+    axum::Json(s.status()).into_response()
 }
 
 async fn models(State(s): State<Arc<Service>>, headers: HeaderMap) -> Response {
     if let Some(r) = unauthorized(&s, &headers) {
         return r;
     }
-    let mut data = vec![json!({"id": s.model_id, "object": "model", "created": 0, "owned_by": "crayon"})];
+    let model_id = s.shared().model_id.clone();
+    let mut data = vec![json!({"id": model_id, "object": "model", "created": 0, "owned_by": "crayon"})];
     data.extend(s.catalog().into_iter().map(|a| {
-        json!({"id": a["name"], "object": "model", "created": a["created"], "owned_by": "crayon", "parent": s.model_id})
+        json!({"id": a["name"], "object": "model", "created": a["created"], "owned_by": "crayon", "parent": model_id})
     }));
     axum::Json(json!({"object": "list", "data": data})).into_response()
 }
@@ -300,31 +443,11 @@ async fn customize(State(s): State<Arc<Service>>, headers: HeaderMap, body: Body
     }
     let Ok(permit) = s.slots.clone().try_acquire_owned() else { return s.busy() };
     let worker = s.clone();
-    let base = s.router.thresholds();
     let cancel = CancelToken::new();
     let _guard = CancelOnDrop(cancel.clone());
     let joined = tokio::task::spawn_blocking(move || {
         let _permit = permit;
-        let mut engine = worker.engine();
-        let report = engine.customize(&req.name, &req.examples);
-        worker.refresh_catalog(&engine);
-        let report = report?;
-        let calibration = if req.calibrate {
-            let c = router::calibrate(&mut engine, base, &req.name, &req.examples, &req.choices, &cancel);
-            worker.refresh_catalog(&engine);
-            Some(c?)
-        } else {
-            None
-        };
-        let c = engine.adapter(&req.name)?.clone();
-        Ok::<_, Error>(json!({
-            "adapter": adapter_json(&c),
-            "embed_ms": report.embed_ms,
-            "merge_ms": report.merge_ms,
-            "session_ms": report.session_ms,
-            "total_ms": report.total_ms,
-            "calibration": calibration,
-        }))
+        worker.customize_request(HTTP_CLIENT, req, &cancel)
     })
     .await;
     match joined {
@@ -346,13 +469,10 @@ async fn remove_adapter(
     let worker = s.clone();
     let removed = tokio::task::spawn_blocking(move || {
         let _permit = permit;
-        let mut engine = worker.engine();
-        let r = engine.remove_adapter(&name);
-        worker.refresh_catalog(&engine);
-        r
+        worker.remove_blocking(HTTP_CLIENT, &name, &CancelToken::new())
     });
     match removed.await {
-        Ok(Ok(c)) => axum::Json(json!({"removed": adapter_json(&c)})).into_response(),
+        Ok(Ok(v)) => axum::Json(v).into_response(),
         Ok(Err(e)) => error_response(&e),
         Err(_) => fail(StatusCode::INTERNAL_SERVER_ERROR, "internal error while removing", "server_error"),
     }
@@ -454,7 +574,8 @@ fn parse_job(s: &Service, bytes: &[u8], endpoint: Endpoint) -> std::result::Resu
             (r.model, p, r.common)
         }
     };
-    let mut params = common.params(s.info.defaults.clone(), s.max_tokens_limit)?;
+    let sh = s.shared();
+    let mut params = common.params(sh.defaults.clone(), s.max_tokens_limit)?;
     let ext = common.crayon.unwrap_or_default();
     let mut overrides = ext.route.unwrap_or_default();
     let blend = match (ext.pool_id, ext.weights) {
@@ -466,7 +587,7 @@ fn parse_job(s: &Service, bytes: &[u8], endpoint: Endpoint) -> std::result::Resu
         (None, None) => None,
         _ => return Err("crayon.pool_id and crayon.weights go together".into()),
     };
-    let is_base = model.is_empty() || model == s.model_id || model == "default";
+    let is_base = model.is_empty() || model == sh.model_id || model == "default";
     params.adapter = match (ext.adapter, is_base) {
         (Some(a), _) => Some(a),
         (None, true) => None,
@@ -476,7 +597,7 @@ fn parse_job(s: &Service, bytes: &[u8], endpoint: Endpoint) -> std::result::Resu
         return Err("give either an adapter or a blend (crayon.pool_id + weights), not both".into());
     }
     router::check_request(&params).map_err(|e| e.to_string())?;
-    let model = if is_base { s.model_id.clone() } else { model };
+    let model = if is_base { sh.model_id.clone() } else { model };
     Ok(Job { endpoint, prompt, params, overrides, blend, stream: common.stream, model })
 }
 
@@ -511,20 +632,8 @@ async fn run_job(s: Arc<Service>, job: Job, permit: OwnedSemaphorePermit) -> Res
                 Err(_) => ControlFlow::Break(()), // the client is gone
             }
         };
-        let result =
-            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| execute(&worker, &job, &cancel, &mut on_text)))
-                .unwrap_or_else(|_| Err(Error::Internal("the request handler panicked".into())));
-        let msg = match result {
-            Ok(done) => {
-                let c = &worker.counters;
-                if done.answer.route.answered_by == AnsweredBy::Server {
-                    c.offloaded.fetch_add(1, Ordering::Relaxed);
-                }
-                if done.answer.route.fallback.is_some() {
-                    c.fallbacks.fetch_add(1, Ordering::Relaxed);
-                }
-                Msg::Done(Box::new(done))
-            }
+        let msg = match worker.execute_counted(HTTP_CLIENT, &job, &cancel, &mut on_text) {
+            Ok(done) => Msg::Done(Box::new(done)),
             Err(e) => Msg::Failed(e),
         };
         let _ = tx.send(msg);
@@ -588,6 +697,7 @@ fn futures_stream(
 /// Runs one job on the calling (blocking) thread.
 fn execute(
     s: &Service,
+    client: &str,
     job: &Job,
     cancel: &CancelToken,
     on_text: &mut dyn FnMut(&str) -> ControlFlow<()>,
@@ -596,7 +706,7 @@ fn execute(
         // A device's blend: make it ready (cached) and answer here, holding the engine throughout
         // so that no other request evicts it in between.
         let t0 = Instant::now();
-        let mut engine = s.engine();
+        let mut engine = s.queue.lock(client, cancel)?;
         let queue_ms = t0.elapsed().as_secs_f64() * 1e3;
         let t_route = Instant::now();
         // A blend this server cannot apply (no pool, another pool, bad weights) still gets an
@@ -645,7 +755,7 @@ fn execute(
     }
     let req =
         router::Request { prompt: job.prompt.clone(), params: job.params.clone(), overrides: job.overrides.clone() };
-    let answer = s.router.answer(&s.engine, &req, cancel, on_text)?;
+    let answer = s.shared().router.answer(&s.queue, client, &req, cancel, on_text)?;
     Ok(Done { answer, adapter: job.params.adapter.clone(), blend: None, blend_error: None })
 }
 

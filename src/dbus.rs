@@ -1,0 +1,491 @@
+//! The D-Bus interface `org.crayon.Crayon1` at `/org/crayon/Crayon1` (docs/dbus.md).
+//!
+//! Every method takes only basic types, strings and string arrays/dicts, so that `dbus-send` and
+//! `busctl` can call all of them. Work runs on blocking threads through the same service (and fair
+//! queue) as the socket and HTTP; the bus connection never waits on the model. Streamed tokens are
+//! *unicast* signals to the caller only, so one app never sees another's text. State-changing
+//! methods check the caller's credentials (root, the service user, or `dbus.group`) on top of the
+//! bus policy.
+
+use std::collections::HashMap;
+use std::ops::ControlFlow;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use serde_json::{Value, json};
+use zbus::message::Header;
+use zbus::names::{BusName, UniqueName};
+use zbus::object_server::SignalEmitter;
+use zbus::{Connection, fdo, interface};
+
+use crate::config::DbusConfig;
+use crate::error::{Error, Result};
+use crate::generate::CancelToken;
+use crate::server::Service;
+
+pub const OBJECT_PATH: &str = "/org/crayon/Crayon1";
+pub const INTERFACE: &str = "org.crayon.Crayon1";
+
+/// Errors as scripts see them: `org.crayon.Crayon1.Error.<Name>` with a readable message.
+#[derive(Debug, zbus::DBusError)]
+#[zbus(prefix = "org.crayon.Crayon1.Error")]
+pub enum DbusError {
+    #[zbus(error)]
+    ZBus(zbus::Error),
+    InvalidRequest(String),
+    NotFound(String),
+    Busy(String),
+    Cancelled(String),
+    AccessDenied(String),
+    Failed(String),
+}
+
+impl From<Error> for DbusError {
+    fn from(e: Error) -> Self {
+        let msg = e.to_string();
+        match e {
+            Error::InvalidRequest(_) | Error::Config { .. } | Error::Pool { .. } | Error::Template(_) => {
+                DbusError::InvalidRequest(msg)
+            }
+            Error::Adapter { .. } => DbusError::NotFound(msg),
+            Error::Busy(_) => DbusError::Busy(msg),
+            Error::Cancelled => DbusError::Cancelled(msg),
+            _ => DbusError::Failed(msg),
+        }
+    }
+}
+
+type DResult<T> = std::result::Result<T, DbusError>;
+
+impl From<fdo::Error> for DbusError {
+    fn from(e: fdo::Error) -> Self {
+        DbusError::ZBus(e.into())
+    }
+}
+
+/// A streamed request: who started it (only they may cancel it) and how to stop it.
+struct Running {
+    sender: String,
+    cancel: CancelToken,
+}
+
+pub struct Crayon1 {
+    service: Arc<Service>,
+    group_gid: Option<u32>,
+    own_uid: u32,
+    next_id: AtomicU64,
+    running: Arc<Mutex<HashMap<u64, Running>>>,
+}
+
+impl Crayon1 {
+    /// Root, the service user, or a member of `dbus.group` (by the bus's own view of the caller).
+    async fn authorize(&self, conn: &Connection, hdr: &Header<'_>, what: &str) -> DResult<()> {
+        let sender = hdr.sender().ok_or_else(|| DbusError::AccessDenied("message without a sender".into()))?;
+        let proxy = fdo::DBusProxy::new(conn).await?;
+        let creds = proxy.get_connection_credentials(BusName::Unique(sender.clone())).await?;
+        let uid = creds.unix_user_id();
+        let groups = creds.unix_group_ids().cloned().unwrap_or_default();
+        let ok = uid == Some(0) || uid == Some(self.own_uid) || self.group_gid.is_some_and(|g| groups.contains(&g));
+        if ok {
+            Ok(())
+        } else {
+            tracing::warn!(?uid, sender = %sender, what, "dbus: caller not allowed");
+            Err(DbusError::AccessDenied(format!(
+                "{what} needs root, the service user or membership of the service group (uid {uid:?})"
+            )))
+        }
+    }
+
+    /// Runs `f` on a blocking thread with a slot; a panic becomes an error.
+    async fn blocking<T: Send + 'static>(&self, f: impl FnOnce(&Service) -> Result<T> + Send + 'static) -> DResult<T> {
+        let permit = self.service.try_slot()?;
+        let service = self.service.clone();
+        let joined = tokio::task::spawn_blocking(move || {
+            let _permit = permit;
+            f(&service)
+        })
+        .await;
+        match joined {
+            Ok(r) => r.map_err(DbusError::from),
+            Err(_) => Err(DbusError::Failed("internal error: the request handler panicked".into())),
+        }
+    }
+}
+
+/// Builds an OpenAI chat body from a prompt and `a{ss}` options (see docs/dbus.md for the keys).
+pub fn chat_body(prompt: &str, options: &HashMap<String, String>) -> Result<Value> {
+    let mut messages = Vec::new();
+    if let Some(system) = options.get("system") {
+        messages.push(json!({"role": "system", "content": system}));
+    }
+    messages.push(json!({"role": "user", "content": prompt}));
+    let mut body = json!({"messages": messages});
+    let mut ext = serde_json::Map::new();
+    for (k, v) in options {
+        let bad = |what: &str| Error::InvalidRequest(format!("option {k}='{v}': {what}"));
+        match k.as_str() {
+            "system" => {}
+            "max_tokens" | "top_k" | "seed" => {
+                body[k] = json!(v.parse::<u64>().map_err(|_| bad("not a non-negative integer"))?);
+            }
+            "temperature" | "top_p" => {
+                body[k] = json!(v.parse::<f64>().map_err(|_| bad("not a number"))?);
+            }
+            "adapter" => {
+                ext.insert("adapter".into(), json!(v));
+            }
+            "choices" => {
+                ext.insert("choices".into(), json!(v.split('|').map(str::trim).collect::<Vec<_>>()));
+            }
+            "route" => {
+                ext.insert("route".into(), json!({"mode": v}));
+            }
+            _ => {
+                return Err(Error::InvalidRequest(format!(
+                    "unknown option '{k}' (known: system, max_tokens, temperature, top_p, top_k, seed, adapter, choices, route)"
+                )));
+            }
+        }
+    }
+    if !ext.is_empty() {
+        body["crayon"] = Value::Object(ext);
+    }
+    Ok(body)
+}
+
+/// The pieces of a chat result a D-Bus caller gets: the text, and everything else as JSON.
+fn split_result(v: &Value) -> (String, String) {
+    let text = v["choices"][0]["message"]["content"].as_str().unwrap_or_default().to_string();
+    let info = json!({
+        "finish_reason": v["choices"][0]["finish_reason"],
+        "usage": v["usage"],
+        "crayon": v["crayon"],
+        "model": v["model"],
+    });
+    (text, info.to_string())
+}
+
+#[interface(name = "org.crayon.Crayon1")]
+impl Crayon1 {
+    /// Generate(prompt, options a{ss}) -> (text, info JSON). Blocks until the answer is complete.
+    async fn generate(
+        &self,
+        #[zbus(header)] hdr: Header<'_>,
+        prompt: String,
+        options: HashMap<String, String>,
+    ) -> std::result::Result<(String, String), DbusError> {
+        let body = serde_json::to_vec(&chat_body(&prompt, &options)?).map_err(|e| DbusError::Failed(e.to_string()))?;
+        let client = client_key(&hdr);
+        let v = self
+            .blocking(move |s| s.chat_blocking(&client, &body, &CancelToken::new(), &mut |_| ControlFlow::Continue(())))
+            .await?;
+        Ok(split_result(&v))
+    }
+
+    /// GenerateStreamed(prompt, options a{ss}) -> request id. The answer arrives as `Token(id, text)`
+    /// signals, then `Finished(id, text, info)` or `Failed(id, error_name, message)`, sent to the caller
+    /// only. Cancel(id) stops it; so does the caller leaving the bus.
+    async fn generate_streamed(
+        &self,
+        #[zbus(header)] hdr: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+        prompt: String,
+        options: HashMap<String, String>,
+    ) -> std::result::Result<u64, DbusError> {
+        let body = serde_json::to_vec(&chat_body(&prompt, &options)?).map_err(|e| DbusError::Failed(e.to_string()))?;
+        let sender = hdr.sender().map(|s| s.to_string()).ok_or_else(|| DbusError::Failed("no sender".into()))?;
+        let permit = self.service.try_slot()?;
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed) + 1;
+        let cancel = CancelToken::new();
+        lock(&self.running).insert(id, Running { sender: sender.clone(), cancel: cancel.clone() });
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(&'static str, Value)>();
+        // Signals go out in order from one task; the model thread never waits on the bus.
+        let conn = conn.clone();
+        let dest = sender.clone();
+        tokio::spawn(async move {
+            while let Some((name, v)) = rx.recv().await {
+                let r = match name {
+                    "Token" => {
+                        conn.emit_signal(
+                            Some(dest.as_str()),
+                            OBJECT_PATH,
+                            INTERFACE,
+                            name,
+                            &(id, v.as_str().unwrap_or("")),
+                        )
+                        .await
+                    }
+                    "Finished" => {
+                        let (text, info) = split_result(&v);
+                        conn.emit_signal(Some(dest.as_str()), OBJECT_PATH, INTERFACE, name, &(id, text, info)).await
+                    }
+                    _ => {
+                        let (err, msg) = (v[0].as_str().unwrap_or(""), v[1].as_str().unwrap_or(""));
+                        conn.emit_signal(Some(dest.as_str()), OBJECT_PATH, INTERFACE, name, &(id, err, msg)).await
+                    }
+                };
+                if let Err(e) = r {
+                    tracing::debug!(error = %e, "dbus: signal not sent");
+                }
+            }
+        });
+        let service = self.service.clone();
+        let running = self.running.clone();
+        let client = client_key(&hdr);
+        tokio::task::spawn_blocking(move || {
+            let _permit = permit;
+            let mut on_text = |t: &str| {
+                if !t.is_empty() {
+                    let _ = tx.send(("Token", json!(t)));
+                }
+                ControlFlow::Continue(())
+            };
+            let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                service.chat_blocking(&client, &body, &cancel, &mut on_text)
+            }))
+            .unwrap_or_else(|_| Err(Error::Internal("the request handler panicked".into())));
+            let r = match r {
+                Ok(_) if cancel.is_cancelled() => Err(Error::Cancelled),
+                other => other,
+            };
+            let _ = match r {
+                Ok(v) => tx.send(("Finished", v)),
+                Err(e) => {
+                    let msg = e.to_string();
+                    tx.send(("Failed", json!([error_name(&DbusError::from(e)), msg])))
+                }
+            };
+            lock(&running).remove(&id);
+        });
+        Ok(id)
+    }
+
+    /// Cancel(id): stops a streamed request the caller started. Unknown or finished ids are ignored.
+    async fn cancel(&self, #[zbus(header)] hdr: Header<'_>, id: u64) -> std::result::Result<(), DbusError> {
+        let sender = hdr.sender().map(|s| s.to_string()).unwrap_or_default();
+        match lock(&self.running).get(&id) {
+            Some(r) if r.sender == sender => r.cancel.cancel(),
+            Some(_) => return Err(DbusError::AccessDenied(format!("request {id} belongs to another caller"))),
+            None => {}
+        }
+        Ok(())
+    }
+
+    /// Chat(request JSON) -> response JSON: the full OpenAI chat-completions body with the `crayon`
+    /// extension (docs/http.md), for callers that need every option.
+    async fn chat(&self, #[zbus(header)] hdr: Header<'_>, request: String) -> std::result::Result<String, DbusError> {
+        let client = client_key(&hdr);
+        let v = self
+            .blocking(move |s| {
+                s.chat_blocking(&client, request.as_bytes(), &CancelToken::new(), &mut |_| ControlFlow::Continue(()))
+            })
+            .await?;
+        Ok(v.to_string())
+    }
+
+    /// Customize(name, inputs as, outputs as) -> (adapter name, weights a{sd} by pool adapter).
+    /// The examples stay on this device; only their embeddings are kept.
+    async fn customize(
+        &self,
+        #[zbus(header)] hdr: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+        name: String,
+        inputs: Vec<String>,
+        outputs: Vec<String>,
+    ) -> std::result::Result<(String, HashMap<String, f64>), DbusError> {
+        self.authorize(conn, &hdr, "Customize").await?;
+        if inputs.len() != outputs.len() {
+            return Err(DbusError::InvalidRequest(format!(
+                "{} inputs but {} outputs: give one output per input",
+                inputs.len(),
+                outputs.len()
+            )));
+        }
+        let examples: Vec<Value> = inputs.iter().zip(&outputs).map(|(i, o)| json!({"input": i, "output": o})).collect();
+        let body = serde_json::to_vec(&json!({"name": name, "examples": examples})).unwrap_or_default();
+        let client = client_key(&hdr);
+        let v = self.blocking(move |s| s.customize_blocking(&client, &body, &CancelToken::new())).await?;
+        let a = &v["adapter"];
+        let weights = a["adapters"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .zip(a["weights"].as_array().into_iter().flatten())
+            .filter_map(|(n, w)| Some((n.as_str()?.to_string(), w.as_f64()?)))
+            .collect();
+        Ok((a["name"].as_str().unwrap_or_default().to_string(), weights))
+    }
+
+    /// ListAdapters() -> names of the saved adapters.
+    async fn list_adapters(&self) -> Vec<String> {
+        self.service.catalog().iter().filter_map(|a| a["name"].as_str().map(String::from)).collect()
+    }
+
+    /// AdaptersJson() -> the saved adapters with their pool, weights and calibration, as JSON.
+    async fn adapters_json(&self) -> String {
+        Value::Array(self.service.catalog()).to_string()
+    }
+
+    /// RemoveAdapter(name).
+    async fn remove_adapter(
+        &self,
+        #[zbus(header)] hdr: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+        name: String,
+    ) -> std::result::Result<(), DbusError> {
+        self.authorize(conn, &hdr, "RemoveAdapter").await?;
+        let client = client_key(&hdr);
+        self.blocking(move |s| s.remove_blocking(&client, &name, &CancelToken::new())).await?;
+        Ok(())
+    }
+
+    /// StatusJson() -> everything `Status` properties hold and more, as JSON.
+    async fn status_json(&self) -> String {
+        self.service.status().to_string()
+    }
+
+    #[zbus(property)]
+    async fn version(&self) -> String {
+        crate::VERSION.to_string()
+    }
+
+    #[zbus(property)]
+    async fn model(&self) -> String {
+        str_field(&self.service.status(), "model")
+    }
+
+    #[zbus(property)]
+    async fn execution_provider(&self) -> String {
+        str_field(&self.service.status(), "provider")
+    }
+
+    #[zbus(property)]
+    async fn pool_id(&self) -> String {
+        str_field(&self.service.status(), "pool_id")
+    }
+
+    #[zbus(property)]
+    async fn route_mode(&self) -> String {
+        str_field(&self.service.status(), "route_mode")
+    }
+
+    #[zbus(property)]
+    async fn requests(&self) -> u64 {
+        self.service.status()["requests"].as_u64().unwrap_or(0)
+    }
+
+    #[zbus(property)]
+    async fn offloaded(&self) -> u64 {
+        self.service.status()["offloaded"].as_u64().unwrap_or(0)
+    }
+
+    #[zbus(property)]
+    async fn in_flight(&self) -> u64 {
+        self.service.in_flight() as u64
+    }
+
+    #[zbus(property)]
+    async fn rejected_busy(&self) -> u64 {
+        self.service.status()["rejected_busy"].as_u64().unwrap_or(0)
+    }
+
+    #[zbus(signal)]
+    async fn token(emitter: &SignalEmitter<'_>, id: u64, text: &str) -> zbus::Result<()>;
+
+    #[zbus(signal)]
+    async fn finished(emitter: &SignalEmitter<'_>, id: u64, text: &str, info: &str) -> zbus::Result<()>;
+
+    #[zbus(signal)]
+    async fn failed(emitter: &SignalEmitter<'_>, id: u64, error: &str, message: &str) -> zbus::Result<()>;
+}
+
+fn str_field(v: &Value, k: &str) -> String {
+    v[k].as_str().unwrap_or_default().to_string()
+}
+
+fn error_name(e: &DbusError) -> String {
+    let n = match e {
+        DbusError::ZBus(_) | DbusError::Failed(_) => "Failed",
+        DbusError::InvalidRequest(_) => "InvalidRequest",
+        DbusError::NotFound(_) => "NotFound",
+        DbusError::Busy(_) => "Busy",
+        DbusError::Cancelled(_) => "Cancelled",
+        DbusError::AccessDenied(_) => "AccessDenied",
+    };
+    format!("{INTERFACE}.Error.{n}")
+}
+
+/// Queue fairness per bus connection.
+fn client_key(hdr: &Header<'_>) -> String {
+    format!("dbus:{}", hdr.sender().map(UniqueName::as_str).unwrap_or("?"))
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The served interface: keep it alive for as long as the name should be owned.
+pub struct DbusServer {
+    pub connection: Connection,
+    running: Arc<Mutex<HashMap<u64, Running>>>,
+}
+
+impl DbusServer {
+    /// Connects to `config.bus`, serves the interface and owns `config.name`. Must run inside the
+    /// tokio runtime.
+    pub async fn start(service: Arc<Service>, config: &DbusConfig) -> Result<DbusServer> {
+        let iface = Crayon1 {
+            service,
+            group_gid: crate::socket::group_gid(&config.group),
+            own_uid: unsafe { libc::geteuid() },
+            next_id: AtomicU64::new(0),
+            running: Arc::new(Mutex::new(HashMap::new())),
+        };
+        let running = iface.running.clone();
+        let bus_err = |e: zbus::Error| Error::Config {
+            path: "dbus.bus".into(),
+            msg: format!("cannot use bus '{}' as {}: {e}", config.bus, config.name),
+        };
+        let builder = match config.bus.as_str() {
+            "system" => zbus::connection::Builder::system(),
+            "session" => zbus::connection::Builder::session(),
+            addr => zbus::connection::Builder::address(addr),
+        }
+        .map_err(bus_err)?;
+        let connection = builder
+            .name(config.name.as_str())
+            .map_err(bus_err)?
+            .serve_at(OBJECT_PATH, iface)
+            .map_err(bus_err)?
+            .build()
+            .await
+            .map_err(bus_err)?;
+        let server = DbusServer { connection, running };
+        server.watch_departures().await;
+        Ok(server)
+    }
+
+    /// Cancels a caller's streamed requests when it leaves the bus.
+    async fn watch_departures(&self) {
+        let Ok(proxy) = fdo::DBusProxy::new(&self.connection).await else { return };
+        let Ok(mut changes) = proxy.receive_name_owner_changed().await else { return };
+        let running = self.running.clone();
+        tokio::spawn(async move {
+            use tokio_stream::StreamExt;
+            while let Some(sig) = changes.next().await {
+                let Ok(args) = sig.args() else { continue };
+                if args.new_owner().is_none() {
+                    let gone = args.name().to_string();
+                    for r in lock(&running).values().filter(|r| r.sender == gone) {
+                        r.cancel.cancel();
+                    }
+                }
+            }
+        });
+    }
+
+    /// Streamed requests still running.
+    pub fn running(&self) -> usize {
+        lock(&self.running).len()
+    }
+}

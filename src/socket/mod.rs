@@ -1,0 +1,642 @@
+//! The local socket (docs/socket.md): libcrayon's fast path to the daemon.
+//!
+//! One event-loop thread (mio) accepts connections, checks each peer's credentials, reads frames
+//! and writes replies; every request runs on its own worker thread, which takes its turn in the
+//! engine queue and hands events back through a channel and a waker. The loop therefore never
+//! blocks on the model, and the model never blocks on a slow reader: a connection whose unsent
+//! replies pass [`MAX_PENDING_OUTPUT`] is cancelled and closed. A connection that goes away cancels
+//! its requests (waiting ones leave the queue, running ones stop at the next token).
+
+pub mod client;
+pub mod proto;
+
+use std::collections::HashMap;
+use std::io::{self, Read, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use mio::net::{UnixListener, UnixStream};
+use mio::{Events, Interest, Poll, Token, Waker};
+use serde_json::{Value, json};
+
+use crate::config::SocketConfig;
+use crate::error::{Error, Result};
+use crate::generate::CancelToken;
+use crate::server::Service;
+use proto::{Code, Op, PROTOCOL_VERSION, Split, error_event, frame, split_frame};
+
+const LISTENER: Token = Token(0);
+const WAKER: Token = Token(1);
+const FIRST_CONN: usize = 2;
+
+/// Unsent output a connection may accumulate before it is dropped as too slow.
+pub const MAX_PENDING_OUTPUT: usize = 16 << 20;
+
+/// The running socket server: stop it with [`SocketServer::shutdown`].
+pub struct SocketServer {
+    stop: Arc<AtomicBool>,
+    waker: Arc<Waker>,
+    thread: Option<std::thread::JoinHandle<()>>,
+    path: PathBuf,
+}
+
+impl SocketServer {
+    /// Binds `config.path` (replacing a stale socket file, refusing anything else there) and starts
+    /// the event loop.
+    pub fn start(service: Arc<Service>, config: &SocketConfig) -> Result<SocketServer> {
+        let path = config.path.clone();
+        let listener = bind(&path, &config.group)?;
+        let poll = Poll::new().map_err(|e| io_err("socket event loop", &path, e))?;
+        let waker = Arc::new(Waker::new(poll.registry(), WAKER).map_err(|e| io_err("socket event loop", &path, e))?);
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut lp = Loop {
+            poll,
+            listener: Some(listener),
+            conns: HashMap::new(),
+            next: FIRST_CONN,
+            service,
+            limits: config.clone(),
+            allowed_gid: group_gid(&config.group),
+            own_uid: unsafe { libc::geteuid() },
+            events: mpsc::channel(),
+            waker: waker.clone(),
+            stop: stop.clone(),
+        };
+        let thread = std::thread::Builder::new()
+            .name("crayon-socket".into())
+            .spawn(move || lp.run())
+            .map_err(|e| io_err("socket thread", &path, e))?;
+        Ok(SocketServer { stop, waker, thread: Some(thread), path })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Stops accepting, lets requests in flight finish (up to `drain`), then closes everything and
+    /// removes the socket file.
+    pub fn shutdown(mut self, drain: Duration) {
+        self.stop_and_join(drain);
+    }
+
+    fn stop_and_join(&mut self, drain: Duration) {
+        self.stop.store(true, Ordering::SeqCst);
+        let _ = self.waker.wake();
+        if let Some(t) = self.thread.take() {
+            let t0 = Instant::now();
+            while !t.is_finished() && t0.elapsed() < drain {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            if t.is_finished() {
+                let _ = t.join();
+            } else {
+                tracing::warn!(seconds = drain.as_secs_f64(), "socket: requests still running after the drain timeout");
+            }
+        }
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+impl Drop for SocketServer {
+    fn drop(&mut self) {
+        if self.thread.is_some() {
+            self.stop_and_join(Duration::from_secs(5));
+        }
+    }
+}
+
+fn io_err(what: &'static str, path: &Path, source: io::Error) -> Error {
+    Error::Io { what, path: path.to_path_buf(), source }
+}
+
+/// Binds the socket: a leftover socket file from a previous run is replaced, any other file is not.
+fn bind(path: &Path, group: &str) -> Result<UnixListener> {
+    if path.as_os_str().is_empty() {
+        return Err(Error::Config { path: "socket.path".into(), msg: "empty".into() });
+    }
+    use std::os::unix::fs::FileTypeExt;
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_socket() => {
+            // Someone still answering there means another daemon: do not steal its socket.
+            if std::os::unix::net::UnixStream::connect(path).is_ok() {
+                return Err(Error::Config {
+                    path: "socket.path".into(),
+                    msg: format!("{} is in use by another running service", path.display()),
+                });
+            }
+            std::fs::remove_file(path).map_err(|e| io_err("stale socket", path, e))?;
+        }
+        Ok(_) => {
+            return Err(Error::Config {
+                path: "socket.path".into(),
+                msg: format!("{} exists and is not a socket; refusing to replace it", path.display()),
+            });
+        }
+        Err(_) => {}
+    }
+    let listener = UnixListener::bind(path).map_err(|e| io_err("socket", path, e))?;
+    // 0660 and the service group: the file system is the first gate, peer credentials the second.
+    let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660));
+    if let Some(gid) = group_gid(group) {
+        let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).unwrap_or_default();
+        // Fails without privilege when we are not in the group: then only root and we may connect.
+        unsafe { libc::chown(c.as_ptr(), u32::MAX, gid) };
+    }
+    Ok(listener)
+}
+
+/// The gid of a group name, if it exists.
+pub fn group_gid(name: &str) -> Option<u32> {
+    if name.is_empty() {
+        return None;
+    }
+    let c = std::ffi::CString::new(name).ok()?;
+    let mut grp: libc::group = unsafe { std::mem::zeroed() };
+    let mut buf = vec![0 as libc::c_char; 16 << 10];
+    let mut out: *mut libc::group = std::ptr::null_mut();
+    let rc = unsafe { libc::getgrnam_r(c.as_ptr(), &mut grp, buf.as_mut_ptr(), buf.len(), &mut out) };
+    (rc == 0 && !out.is_null()).then_some(grp.gr_gid)
+}
+
+/// A connected peer, as the kernel reports it (SO_PEERCRED).
+#[derive(Debug, Clone)]
+pub struct Peer {
+    pub pid: i32,
+    pub uid: u32,
+    pub gid: u32,
+    /// Supplementary groups (SO_PEERGROUPS): no /proc access needed, so it works under
+    /// `ProtectProc=invisible`.
+    pub groups: Vec<u32>,
+}
+
+fn peer_credentials(stream: &UnixStream) -> io::Result<Peer> {
+    let mut cred = libc::ucred { pid: 0, uid: 0, gid: 0 };
+    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    let rc = unsafe {
+        libc::getsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            (&mut cred as *mut libc::ucred).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(Peer { pid: cred.pid, uid: cred.uid, gid: cred.gid, groups: peer_groups(stream) })
+}
+
+fn peer_groups(stream: &UnixStream) -> Vec<u32> {
+    let mut groups = vec![0u32; 64];
+    loop {
+        let mut len = (groups.len() * 4) as libc::socklen_t;
+        let rc = unsafe {
+            libc::getsockopt(
+                stream.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_PEERGROUPS,
+                groups.as_mut_ptr().cast(),
+                &mut len,
+            )
+        };
+        if rc == 0 {
+            groups.truncate(len as usize / 4);
+            return groups;
+        }
+        // ERANGE: `len` now holds the size needed.
+        if io::Error::last_os_error().raw_os_error() == Some(libc::ERANGE) && (len as usize / 4) > groups.len() {
+            groups.resize(len as usize / 4, 0);
+            continue;
+        }
+        return Vec::new();
+    }
+}
+
+/// Root, the service's own user, and members of the configured group may use the service.
+pub fn peer_allowed(peer: &Peer, own_uid: u32, allowed_gid: Option<u32>) -> bool {
+    peer.uid == 0 || peer.uid == own_uid || allowed_gid.is_some_and(|g| peer.gid == g || peer.groups.contains(&g))
+}
+
+/// What worker threads send back to the loop.
+enum Event {
+    /// A frame to queue on connection `conn`.
+    Reply(usize, Vec<u8>),
+    /// Request `id` on `conn` is over (its frame, if any, was sent before).
+    Finished(usize, u64),
+}
+
+struct Conn {
+    stream: UnixStream,
+    peer: Peer,
+    input: Vec<u8>,
+    output: Vec<u8>,
+    greeted: bool,
+    /// Requests in flight, by the client's id.
+    running: HashMap<u64, CancelToken>,
+    /// Close once `output` is flushed (after a fatal error reply).
+    closing: bool,
+}
+
+struct Loop {
+    poll: Poll,
+    listener: Option<UnixListener>,
+    conns: HashMap<usize, Conn>,
+    next: usize,
+    service: Arc<Service>,
+    limits: SocketConfig,
+    allowed_gid: Option<u32>,
+    own_uid: u32,
+    events: (mpsc::Sender<Event>, mpsc::Receiver<Event>),
+    waker: Arc<Waker>,
+    stop: Arc<AtomicBool>,
+}
+
+impl Loop {
+    fn run(&mut self) {
+        if let Some(l) = self.listener.as_mut() {
+            if let Err(e) = self.poll.registry().register(l, LISTENER, Interest::READABLE) {
+                tracing::error!(error = %e, "socket: cannot watch the listener");
+                return;
+            }
+        }
+        let mut events = Events::with_capacity(256);
+        loop {
+            if let Err(e) = self.poll.poll(&mut events, Some(Duration::from_millis(500))) {
+                if e.kind() != io::ErrorKind::Interrupted {
+                    tracing::error!(error = %e, "socket: poll failed; socket server stops");
+                    return;
+                }
+            }
+            for ev in events.iter() {
+                match ev.token() {
+                    LISTENER => self.accept(),
+                    WAKER => {}
+                    Token(id) => {
+                        if ev.is_readable() || ev.is_read_closed() || ev.is_error() {
+                            self.read(id);
+                        }
+                        if ev.is_writable() {
+                            self.flush(id);
+                        }
+                    }
+                }
+            }
+            self.drain_events();
+            if self.stop.load(Ordering::SeqCst) {
+                if let Some(mut l) = self.listener.take() {
+                    let _ = self.poll.registry().deregister(&mut l);
+                }
+                let busy = self.conns.values().any(|c| !c.running.is_empty() || !c.output.is_empty());
+                if !busy {
+                    return;
+                }
+            }
+        }
+    }
+
+    fn accept(&mut self) {
+        loop {
+            let Some(listener) = self.listener.as_ref() else { return };
+            let (mut stream, _) = match listener.accept() {
+                Ok(s) => s,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) => {
+                    tracing::warn!(error = %e, "socket: accept failed");
+                    return;
+                }
+            };
+            let peer = match peer_credentials(&stream) {
+                Ok(p) => p,
+                Err(e) => {
+                    tracing::warn!(error = %e, "socket: no peer credentials; connection dropped");
+                    continue;
+                }
+            };
+            let refuse = if !peer_allowed(&peer, self.own_uid, self.allowed_gid) {
+                tracing::warn!(uid = peer.uid, pid = peer.pid, "socket: peer not allowed (socket.group)");
+                Some((Code::PermissionDenied, format!("uid {} may not use this service (socket.group)", peer.uid)))
+            } else if self.conns.len() >= self.limits.max_connections {
+                Some((Code::Busy, format!("{} connections open (socket.max_connections)", self.conns.len())))
+            } else {
+                None
+            };
+            if let Some((code, msg)) = refuse {
+                // Best effort: a refused peer gets one frame and a closed socket.
+                let _ = stream.write(&frame(&error_event(None, code, &msg)));
+                continue;
+            }
+            let id = self.next;
+            self.next += 1;
+            if let Err(e) = self.poll.registry().register(&mut stream, Token(id), Interest::READABLE) {
+                tracing::warn!(error = %e, "socket: cannot watch a connection");
+                continue;
+            }
+            tracing::debug!(conn = id, uid = peer.uid, pid = peer.pid, "socket: connected");
+            self.conns.insert(
+                id,
+                Conn {
+                    stream,
+                    peer,
+                    input: Vec::new(),
+                    output: Vec::new(),
+                    greeted: false,
+                    running: HashMap::new(),
+                    closing: false,
+                },
+            );
+        }
+    }
+
+    fn read(&mut self, id: usize) {
+        let Some(conn) = self.conns.get_mut(&id) else { return };
+        let mut buf = [0u8; 64 << 10];
+        let mut closed = false;
+        loop {
+            match conn.stream.read(&mut buf) {
+                Ok(0) => {
+                    closed = true;
+                    break;
+                }
+                Ok(n) => {
+                    conn.input.extend_from_slice(&buf[..n]);
+                    // Never buffer more than one frame's worth of unparsed input.
+                    if conn.input.len() > self.limits.max_frame_bytes + proto::HEADER + buf.len() {
+                        break;
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(_) => {
+                    closed = true;
+                    break;
+                }
+            }
+        }
+        self.handle_frames(id);
+        if closed {
+            self.close(id, "peer closed the connection");
+        }
+    }
+
+    fn handle_frames(&mut self, id: usize) {
+        loop {
+            let Some(conn) = self.conns.get_mut(&id) else { return };
+            if conn.closing {
+                conn.input.clear();
+                return;
+            }
+            match split_frame(&conn.input, self.limits.max_frame_bytes) {
+                Split::Incomplete => return,
+                Split::Oversized(len) => {
+                    let msg = format!(
+                        "frame of {len} bytes refused (socket.max_frame_bytes = {}); closing",
+                        self.limits.max_frame_bytes
+                    );
+                    self.fatal(id, None, Code::FrameTooLarge, &msg);
+                    return;
+                }
+                Split::Frame(len) => {
+                    let payload: Vec<u8> = conn.input.drain(..proto::HEADER + len).skip(proto::HEADER).collect();
+                    self.handle_frame(id, &payload);
+                }
+            }
+        }
+    }
+
+    fn handle_frame(&mut self, id: usize, payload: &[u8]) {
+        let Some(conn) = self.conns.get_mut(&id) else { return };
+        let value: Value = match serde_json::from_slice(payload) {
+            Ok(v) => v,
+            Err(e) => {
+                let reply = error_event(None, Code::Malformed, &format!("frame is not JSON: {e}"));
+                self.send(id, &reply);
+                return;
+            }
+        };
+        if !conn.greeted {
+            match value.get("crayon").and_then(Value::as_u64) {
+                Some(v) if v == PROTOCOL_VERSION as u64 => {
+                    conn.greeted = true;
+                    let status = self.service.status();
+                    self.send(
+                        id,
+                        &json!({"crayon": PROTOCOL_VERSION, "server": format!("crayond {}", crate::VERSION),
+                                "model": status["model"], "max_frame_bytes": self.limits.max_frame_bytes}),
+                    );
+                }
+                other => {
+                    let msg = match other {
+                        Some(v) => format!("protocol version {v} asked for; this daemon speaks {PROTOCOL_VERSION}"),
+                        None => format!("first frame must be the handshake {{\"crayon\": {PROTOCOL_VERSION}}}"),
+                    };
+                    self.fatal(id, None, Code::Version, &msg);
+                }
+            }
+            return;
+        }
+        let req_id = value.get("id").and_then(Value::as_u64);
+        let req: proto::Request = match serde_json::from_value(value) {
+            Ok(r) => r,
+            Err(e) => {
+                self.send(id, &error_event(req_id, Code::Malformed, &format!("not a request: {e}")));
+                return;
+            }
+        };
+        self.dispatch(id, req);
+    }
+
+    fn dispatch(&mut self, id: usize, req: proto::Request) {
+        let Some(conn) = self.conns.get_mut(&id) else { return };
+        let rid = req.id;
+        // Answered here, at once: no model involved.
+        match &req.op {
+            Op::Cancel { target } => {
+                if let Some(t) = conn.running.get(target) {
+                    t.cancel();
+                }
+                self.send(id, &json!({"id": rid, "event": "done", "result": {"cancelled": target}}));
+                return;
+            }
+            Op::Status => {
+                let status = self.service.status();
+                self.send(id, &json!({"id": rid, "event": "done", "result": status}));
+                return;
+            }
+            Op::Adapters => {
+                let list = self.service.catalog();
+                self.send(id, &json!({"id": rid, "event": "done", "result": {"data": list}}));
+                return;
+            }
+            _ => {}
+        }
+        if self.stop.load(Ordering::SeqCst) {
+            self.send(id, &error_event(Some(rid), Code::ShuttingDown, "the service is stopping"));
+            return;
+        }
+        if conn.running.contains_key(&rid) {
+            self.send(id, &error_event(Some(rid), Code::Malformed, &format!("request id {rid} is already in flight")));
+            return;
+        }
+        if conn.running.len() >= self.limits.max_requests_per_connection {
+            let msg = format!(
+                "{} requests in flight on this connection (socket.max_requests_per_connection)",
+                conn.running.len()
+            );
+            self.send(id, &error_event(Some(rid), Code::Busy, &msg));
+            return;
+        }
+        let permit = match self.service.try_slot() {
+            Ok(p) => p,
+            Err(e) => {
+                self.send(id, &error_event(Some(rid), Code::Busy, &e.to_string()));
+                return;
+            }
+        };
+        let cancel = CancelToken::new();
+        conn.running.insert(rid, cancel.clone());
+        let client = format!("socket:{id}:uid{}", conn.peer.uid);
+        let service = self.service.clone();
+        let tx = self.events.0.clone();
+        let waker = self.waker.clone();
+        let spawned = std::thread::Builder::new().name(format!("crayon-req-{id}-{rid}")).spawn(move || {
+            let _permit = permit;
+            let reply = |ev: Event| {
+                let _ = tx.send(ev);
+                let _ = waker.wake();
+            };
+            let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                run_request(&service, &client, rid, req.op, &cancel, &|v| reply(Event::Reply(id, frame(&v))))
+            }))
+            .unwrap_or_else(|_| Err(Error::Internal("the request handler panicked".into())));
+            let last = match result {
+                Ok(v) => json!({"id": rid, "event": "done", "result": v}),
+                Err(e) => error_event(Some(rid), Code::of(&e), &e.to_string()),
+            };
+            reply(Event::Reply(id, frame(&last)));
+            reply(Event::Finished(id, rid));
+        });
+        if let Err(e) = spawned {
+            if let Some(c) = self.conns.get_mut(&id) {
+                c.running.remove(&rid);
+            }
+            self.send(id, &error_event(Some(rid), Code::Internal, &format!("cannot start a worker thread: {e}")));
+        }
+    }
+
+    fn drain_events(&mut self) {
+        while let Ok(ev) = self.events.1.try_recv() {
+            match ev {
+                Event::Reply(id, bytes) => self.queue_output(id, bytes),
+                Event::Finished(id, rid) => {
+                    if let Some(c) = self.conns.get_mut(&id) {
+                        c.running.remove(&rid);
+                    }
+                }
+            }
+        }
+    }
+
+    fn send(&mut self, id: usize, v: &Value) {
+        self.queue_output(id, frame(v));
+    }
+
+    /// Sends an error and closes the connection once it is written.
+    fn fatal(&mut self, id: usize, rid: Option<u64>, code: Code, msg: &str) {
+        self.send(id, &error_event(rid, code, msg));
+        if let Some(c) = self.conns.get_mut(&id) {
+            c.closing = true;
+            for t in c.running.values() {
+                t.cancel();
+            }
+        }
+        self.flush(id);
+    }
+
+    fn queue_output(&mut self, id: usize, bytes: Vec<u8>) {
+        let Some(conn) = self.conns.get_mut(&id) else { return }; // gone: its requests were cancelled
+        conn.output.extend_from_slice(&bytes);
+        if conn.output.len() > MAX_PENDING_OUTPUT {
+            self.close(id, "client does not read its replies");
+            return;
+        }
+        self.flush(id);
+    }
+
+    fn flush(&mut self, id: usize) {
+        let Some(conn) = self.conns.get_mut(&id) else { return };
+        while !conn.output.is_empty() {
+            match conn.stream.write(&conn.output) {
+                Ok(0) => break,
+                Ok(n) => {
+                    conn.output.drain(..n);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(_) => {
+                    self.close(id, "write failed");
+                    return;
+                }
+            }
+        }
+        let interest =
+            if conn.output.is_empty() { Interest::READABLE } else { Interest::READABLE | Interest::WRITABLE };
+        let _ = self.poll.registry().reregister(&mut conn.stream, Token(id), interest);
+        if conn.output.is_empty() && conn.closing {
+            self.close(id, "closed after a fatal error");
+        }
+    }
+
+    /// Drops a connection and cancels whatever it still had running or waiting.
+    fn close(&mut self, id: usize, why: &str) {
+        if let Some(mut c) = self.conns.remove(&id) {
+            for t in c.running.values() {
+                t.cancel();
+            }
+            let _ = self.poll.registry().deregister(&mut c.stream);
+            tracing::debug!(conn = id, uid = c.peer.uid, requests = c.running.len(), why, "socket: closed");
+        }
+    }
+}
+
+/// Runs one model request on a worker thread. `emit` sends an intermediate event (streamed text).
+fn run_request(
+    service: &Service,
+    client: &str,
+    rid: u64,
+    op: Op,
+    cancel: &CancelToken,
+    emit: &dyn Fn(Value),
+) -> Result<Value> {
+    match op {
+        Op::Chat { body, stream } => {
+            let bytes = serde_json::to_vec(&body).map_err(|e| Error::InvalidRequest(e.to_string()))?;
+            let mut on_text = |t: &str| {
+                if stream && !t.is_empty() {
+                    emit(json!({"id": rid, "event": "token", "text": t}));
+                }
+                if cancel.is_cancelled() {
+                    std::ops::ControlFlow::Break(())
+                } else {
+                    std::ops::ControlFlow::Continue(())
+                }
+            };
+            let v = service.chat_blocking(client, &bytes, cancel, &mut on_text)?;
+            if cancel.is_cancelled() {
+                return Err(Error::Cancelled);
+            }
+            Ok(v)
+        }
+        Op::Customize { body } => {
+            let bytes = serde_json::to_vec(&body).map_err(|e| Error::InvalidRequest(e.to_string()))?;
+            service.customize_blocking(client, &bytes, cancel)
+        }
+        Op::Remove { name } => service.remove_blocking(client, &name, cancel),
+        Op::Status | Op::Adapters | Op::Cancel { .. } => Err(Error::Internal("answered by the event loop".into())),
+    }
+}
