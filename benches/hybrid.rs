@@ -16,9 +16,9 @@
 //! Needs `scripts/setup` (device model), and for `accuracy` the server model and pool
 //! (`scripts/export-server-model`, `pools/qwen2.5-coder-0.5b-instruct`).
 
+use crayon::queue::EngineQueue;
 use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
 use std::time::Instant;
 
 use anyhow::Context;
@@ -139,15 +139,15 @@ fn overhead(args: &Args, cfg: &Path, examples: &[Example], items: &[Item]) -> an
     let mut engine = Engine::load(&cfg)?;
     engine.customize("science", examples)?;
     let router = Router::new(&cfg)?;
-    let engine = Mutex::new(engine);
+    let engine = EngineQueue::new(engine, 1);
     let (mut routing, mut local) = (Vec::new(), Vec::new());
     for item in items.iter().cycle().take(args.runs + 3) {
         let req = router::Request {
             prompt: Prompt::Text(item.prompt.clone()),
-            params: params(&engine.lock().unwrap(), Some("science"), &item.choices),
+            params: params(&*engine.lock("bench", &CancelToken::new())?, Some("science"), &item.choices),
             overrides: RouteOverrides::default(),
         };
-        let a = router.answer(&engine, &req, &CancelToken::new(), &mut |_| ControlFlow::Continue(()))?;
+        let a = router.answer(&engine, "bench", &req, &CancelToken::new(), &mut |_| ControlFlow::Continue(()))?;
         routing.push(a.route.latency.routing_ms);
         local.push(a.route.latency.local_ms);
     }
@@ -346,20 +346,20 @@ fn check_policy(
     cfg.remote.url = server.to_string();
     cfg.remote.timeout_ms = 600_000;
     let router = Router::new(&cfg)?;
-    let engine = Mutex::new(engine);
+    let engine = EngineQueue::new(engine, 1);
     let mut agree = 0;
     let n = args.check_items.min(items.len());
     for (s, item) in scored.iter().zip(items).take(n) {
         let req = router::Request {
             prompt: Prompt::Text(item.prompt.clone()),
-            params: params(&engine.lock().unwrap(), Some("science"), &item.choices),
+            params: params(&*engine.lock("bench", &CancelToken::new())?, Some("science"), &item.choices),
             overrides: RouteOverrides {
                 min_scope: Some(t.min_scope),
                 min_margin: Some(t.min_margin),
                 ..Default::default()
             },
         };
-        let a = router.answer(&engine, &req, &CancelToken::new(), &mut |_| ControlFlow::Continue(()))?;
+        let a = router.answer(&engine, "bench", &req, &CancelToken::new(), &mut |_| ControlFlow::Continue(()))?;
         let offloaded = a.route.answered_by == router::AnsweredBy::Server;
         let right = a.choice.as_deref() == Some(item.gold.as_str());
         if offloaded == decide(s, t).0 && right == outcome(s, t).0 {

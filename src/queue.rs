@@ -182,8 +182,7 @@ mod tests {
     use super::*;
 
     fn order(clients: &[(&str, u64)]) -> Vec<u64> {
-        let mut st = State::default();
-        st.holder = Some(999);
+        let mut st = State { holder: Some(999), ..Default::default() };
         for (c, t) in clients {
             st.enqueue(c, *t);
         }
@@ -208,8 +207,7 @@ mod tests {
 
     #[test]
     fn withdrawn_tickets_lose_their_place_only() {
-        let mut st = State::default();
-        st.holder = Some(0);
+        let mut st = State { holder: Some(0), ..Default::default() };
         st.enqueue("a", 1);
         st.enqueue("b", 2);
         st.enqueue("b", 3);
