@@ -233,7 +233,6 @@ impl Crayon1 {
         let running = self.running.clone();
         let client = client_key(&hdr);
         tokio::task::spawn_blocking(move || {
-            let _permit = permit;
             let mut on_text = |t: &str| {
                 if !t.is_empty() {
                     let _ = tx.send(("Token", json!(t)));
@@ -248,6 +247,8 @@ impl Crayon1 {
                 Ok(_) if cancel.is_cancelled() => Err(Error::Cancelled),
                 other => other,
             };
+            lock(&running).remove(&id);
+            drop(permit); // free the slot before the caller can see the end
             let _ = match r {
                 Ok(v) => tx.send(("Finished", v)),
                 Err(e) => {
@@ -255,7 +256,6 @@ impl Crayon1 {
                     tx.send(("Failed", json!([error_name(&DbusError::from(e)), msg])))
                 }
             };
-            lock(&running).remove(&id);
         });
         Ok(id)
     }

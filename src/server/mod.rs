@@ -88,6 +88,7 @@ struct Counters {
     fallbacks: AtomicU64,
     rejected_busy: AtomicU64,
     failed: AtomicU64,
+    cancelled: AtomicU64,
     reloads: AtomicU64,
 }
 
@@ -175,6 +176,7 @@ impl Service {
             "fallbacks": c.fallbacks.load(Ordering::Relaxed),
             "rejected_busy": c.rejected_busy.load(Ordering::Relaxed),
             "failed": c.failed.load(Ordering::Relaxed),
+            "cancelled": c.cancelled.load(Ordering::Relaxed),
             "reloads": c.reloads.load(Ordering::Relaxed),
             "adapters": self.catalog.read().unwrap_or_else(|p| p.into_inner()).len(),
             "uptime_s": self.started.elapsed().as_secs(),
@@ -253,12 +255,18 @@ impl Service {
         let c = &self.counters;
         match &result {
             Ok(done) => {
+                if done.answer.finish_reason == crate::generate::FinishReason::Cancelled {
+                    c.cancelled.fetch_add(1, Ordering::Relaxed);
+                }
                 if done.answer.route.answered_by == AnsweredBy::Server {
                     c.offloaded.fetch_add(1, Ordering::Relaxed);
                 }
                 if done.answer.route.fallback.is_some() {
                     c.fallbacks.fetch_add(1, Ordering::Relaxed);
                 }
+            }
+            Err(Error::Cancelled) => {
+                c.cancelled.fetch_add(1, Ordering::Relaxed);
             }
             Err(_) => {
                 c.failed.fetch_add(1, Ordering::Relaxed);
@@ -621,7 +629,6 @@ async fn run_job(s: Arc<Service>, job: Job, permit: OwnedSemaphorePermit) -> Res
     let endpoint = job.endpoint;
     let model = job.model.clone();
     tokio::task::spawn_blocking(move || {
-        let _permit = permit; // the slot is free once the model is done with this request
         let tx2 = tx.clone();
         let mut on_text = |t: &str| {
             if !stream || t.is_empty() {
@@ -636,6 +643,7 @@ async fn run_job(s: Arc<Service>, job: Job, permit: OwnedSemaphorePermit) -> Res
             Ok(done) => Msg::Done(Box::new(done)),
             Err(e) => Msg::Failed(e),
         };
+        drop(permit); // free the slot before the client can see the end of its request
         let _ = tx.send(msg);
     });
 

@@ -505,7 +505,6 @@ impl Loop {
         let tx = self.events.0.clone();
         let waker = self.waker.clone();
         let spawned = std::thread::Builder::new().name(format!("crayon-req-{id}-{rid}")).spawn(move || {
-            let _permit = permit;
             let reply = |ev: Event| {
                 let _ = tx.send(ev);
                 let _ = waker.wake();
@@ -518,6 +517,8 @@ impl Loop {
                 Ok(v) => json!({"id": rid, "event": "done", "result": v}),
                 Err(e) => error_event(Some(rid), Code::of(&e), &e.to_string()),
             };
+            // Free the slot before the client can see the end, so that its next request finds it.
+            drop(permit);
             reply(Event::Reply(id, frame(&last)));
             reply(Event::Finished(id, rid));
         });

@@ -8,6 +8,7 @@ use crayon::Config;
 use safetensors::SafeTensors;
 
 pub mod daemon;
+pub mod service;
 
 pub fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))

@@ -1,0 +1,474 @@
+//! The system service with real parts: `crayond` serving its local socket and D-Bus on a private
+//! `dbus-daemon` configured like a system bus (with the shipped policy); concurrent clients on both,
+//! malformed frames, clients that vanish mid-stream, SIGHUP and SIGTERM under load, and the exact
+//! `dbus-send` / `busctl` lines of the README.
+
+mod common;
+
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::process::Command;
+use std::sync::{Arc, Barrier};
+use std::time::Duration;
+
+use common::daemon::PATIENCE;
+use common::service::{Bus, Service, is_root, run};
+use crayon::socket::client::{Client, ClientError};
+use crayon::socket::proto::Code;
+use serde_json::{Value, json};
+
+const DEST: &str = "org.crayon.Crayon1";
+const PATH: &str = "/org/crayon/Crayon1";
+
+/// Room for every concurrent client of these tests (the default admits 16, then says busy).
+const ROOMY: &str = "[server]\nmax_concurrent = 64\n";
+
+fn connect(s: &Service) -> Client {
+    Client::connect(&s.socket, PATIENCE).unwrap()
+}
+
+fn prompt(i: usize) -> String {
+    format!("Client {i} asks about the number {}.", i * 7 + 3)
+}
+
+fn chat(prompt: &str, max_tokens: usize) -> Value {
+    json!({"op": "chat", "stream": true, "body": {
+        "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens, "temperature": 0
+    }})
+}
+
+/// (streamed text, final text) of one greedy chat over the socket.
+fn ask(c: &mut Client, prompt: &str, max_tokens: usize) -> Result<(String, String), ClientError> {
+    let mut streamed = String::new();
+    let v = c.call(chat(prompt, max_tokens), &mut |t| {
+        streamed.push_str(t);
+        true
+    })?;
+    Ok((streamed, v["choices"][0]["message"]["content"].as_str().unwrap().to_string()))
+}
+
+fn status(s: &Service) -> Value {
+    connect(s).call(json!({"op": "status"}), &mut |_| true).unwrap()
+}
+
+/// Polls (bounded by PATIENCE) until `f` holds for the status.
+fn wait_status(s: &Service, f: impl Fn(&Value) -> bool) -> Value {
+    let deadline = std::time::Instant::now() + PATIENCE;
+    loop {
+        let st = status(s);
+        if f(&st) || std::time::Instant::now() > deadline {
+            return st;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn socket_serves_32_concurrent_clients_without_mixing_answers() {
+    let s = Service::start(None, ROOMY);
+    let mut c = connect(&s);
+    let expected: Vec<String> = (0..32).map(|i| ask(&mut c, &prompt(i), 8).unwrap().1).collect();
+    assert!(expected.iter().collect::<std::collections::HashSet<_>>().len() > 1, "prompts should differ in answers");
+    let barrier = Arc::new(Barrier::new(32));
+    let threads: Vec<_> = (0..32)
+        .map(|i| {
+            let socket = s.socket.clone();
+            let barrier = barrier.clone();
+            std::thread::spawn(move || {
+                let mut c = Client::connect(&socket, PATIENCE).unwrap();
+                barrier.wait();
+                // Two requests per connection, so turns interleave across and within clients.
+                (0..2).map(|_| ask(&mut c, &prompt(i), 8).unwrap()).collect::<Vec<_>>()
+            })
+        })
+        .collect();
+    for (i, t) in threads.into_iter().enumerate() {
+        for (streamed, text) in t.join().unwrap() {
+            assert_eq!(text, expected[i], "client {i} got someone else's answer");
+            assert_eq!(streamed, text, "client {i}: streamed tokens differ from the final text");
+        }
+    }
+    let st = wait_status(&s, |st| st["in_flight"] == 0);
+    assert_eq!(st["failed"], 0);
+    assert_eq!(st["rejected_busy"], 0);
+    assert_eq!(st["requests"], 32 + 64);
+}
+
+#[test]
+fn a_full_service_says_busy_instead_of_losing_requests() {
+    // One slot: while a long answer streams, every other request is refused at once with `busy`.
+    let s = Service::start(None, "[server]\nmax_concurrent = 1\n");
+    let socket = s.socket.clone();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let long = std::thread::spawn(move || {
+        let mut c = Client::connect(&socket, PATIENCE).unwrap();
+        let mut first = Some(tx);
+        c.call(chat("Tell a long story.", 400), &mut |_| {
+            if let Some(tx) = first.take() {
+                let _ = tx.send(());
+            }
+            true
+        })
+    });
+    rx.recv_timeout(PATIENCE).unwrap();
+    let err = ask(&mut connect(&s), "hello", 4).unwrap_err();
+    assert_eq!(err.code(), Some(Code::Busy), "{err}");
+    assert!(long.join().unwrap().is_ok());
+    assert!(ask(&mut connect(&s), "hello", 4).is_ok(), "the slot is free again");
+}
+
+/// Raw frames, for what a well-behaved client never sends.
+struct Raw(UnixStream);
+
+impl Raw {
+    fn open(s: &Service) -> Raw {
+        let st = UnixStream::connect(&s.socket).unwrap();
+        st.set_read_timeout(Some(PATIENCE)).unwrap();
+        Raw(st)
+    }
+    fn send_bytes(&mut self, b: &[u8]) {
+        self.0.write_all(b).unwrap();
+    }
+    fn send(&mut self, v: &Value) {
+        let body = serde_json::to_vec(v).unwrap();
+        self.send_bytes(&(body.len() as u32).to_be_bytes());
+        self.send_bytes(&body);
+    }
+    /// The next frame, or None when the daemon closed the connection.
+    fn recv(&mut self) -> Option<Value> {
+        let mut len = [0u8; 4];
+        self.0.read_exact(&mut len).ok()?;
+        let mut body = vec![0; u32::from_be_bytes(len) as usize];
+        self.0.read_exact(&mut body).ok()?;
+        Some(serde_json::from_slice(&body).unwrap())
+    }
+    fn greeted(s: &Service) -> Raw {
+        let mut r = Raw::open(s);
+        r.send(&json!({"crayon": 1}));
+        assert_eq!(r.recv().unwrap()["crayon"], 1);
+        r
+    }
+}
+
+fn code(v: &Value) -> &str {
+    v["code"].as_str().unwrap_or("")
+}
+
+#[test]
+fn malformed_frames_get_error_replies_and_never_take_the_daemon_down() {
+    let s = Service::start(None, "[socket]\nmax_frame_bytes = 4096\n");
+
+    // A request before the handshake, and a handshake for another version: refused, closed.
+    let mut r = Raw::open(&s);
+    r.send(&json!({"id": 1, "op": "status"}));
+    assert_eq!(code(&r.recv().unwrap()), "version");
+    assert!(r.recv().is_none(), "connection closed after a failed handshake");
+    let mut r = Raw::open(&s);
+    r.send(&json!({"crayon": 99}));
+    let e = r.recv().unwrap();
+    assert_eq!(code(&e), "version");
+    assert!(e["message"].as_str().unwrap().contains("99"));
+
+    // After the handshake: not JSON, not a request, unknown op, duplicate id: error replies, and
+    // the same connection goes on working.
+    let mut r = Raw::greeted(&s);
+    r.send_bytes(&[0, 0, 0, 5]);
+    r.send_bytes(b"{oops");
+    assert_eq!(code(&r.recv().unwrap()), "malformed");
+    r.send(&json!({"op": "status"}));
+    assert_eq!(code(&r.recv().unwrap()), "malformed");
+    r.send(&json!({"id": 7, "op": "reboot"}));
+    let e = r.recv().unwrap();
+    assert_eq!((code(&e), &e["id"]), ("malformed", &json!(7)));
+    r.send(&json!({"id": 8, "op": "chat", "body": {"messages": "not a list"}}));
+    let e = r.recv().unwrap();
+    assert_eq!((code(&e), &e["id"]), ("invalid_request", &json!(8)));
+    r.send(&json!({"id": 9, "op": "remove", "name": "never-made"}));
+    assert_eq!(code(&r.recv().unwrap()), "not_found");
+    r.send(&json!({"id": 10, "op": "status"}));
+    assert_eq!(r.recv().unwrap()["event"], "done");
+
+    // An oversized frame: refused and closed (the stream cannot be trusted after it).
+    let mut r = Raw::greeted(&s);
+    r.send_bytes(&(1u32 << 30).to_be_bytes());
+    let e = r.recv().unwrap();
+    assert_eq!(code(&e), "frame_too_large");
+    assert!(e["message"].as_str().unwrap().contains("4096"));
+    assert!(r.recv().is_none());
+    // A zero-length frame and random bytes.
+    let mut r = Raw::greeted(&s);
+    r.send_bytes(&[0, 0, 0, 0]);
+    assert_eq!(code(&r.recv().unwrap()), "frame_too_large");
+    let mut r = Raw::open(&s);
+    r.send_bytes(&[0x13, 0x37, 0xde, 0xad, 0xbe, 0xef, 1, 2, 3]);
+    assert!(matches!(code(&r.recv().unwrap()), "frame_too_large" | "version"));
+    // Half a frame, then gone.
+    let mut r = Raw::greeted(&s);
+    r.send_bytes(&[0, 0, 1, 0, b'{']);
+    drop(r);
+
+    // Through all of it the daemon kept serving.
+    let (_, text) = ask(&mut connect(&s), "still there?", 4).unwrap();
+    assert!(!text.is_empty());
+    assert_eq!(wait_status(&s, |st| st["in_flight"] == 0)["in_flight"], 0);
+}
+
+#[test]
+fn a_client_that_disconnects_mid_stream_cancels_its_request_and_frees_its_slot() {
+    let s = Service::start(None, "");
+    {
+        let mut r = Raw::greeted(&s);
+        let mut req = chat("Tell a very long story about the sea.", 2000);
+        req["id"] = json!(1);
+        r.send(&req);
+        let first = r.recv().unwrap();
+        assert_eq!(first["event"], "token");
+        // Gone without a word.
+    }
+    let st = wait_status(&s, |st| st["in_flight"] == 0 && st["cancelled"] == 1);
+    assert_eq!(st["in_flight"], 0, "{st}");
+    assert_eq!(st["cancelled"], 1, "the abandoned generation was stopped, not run to its end: {st}");
+
+    // Cancelling through the API: the call returns `cancelled`, the connection stays usable.
+    let mut c = connect(&s);
+    let canceller = c.canceller();
+    let mut n = 0;
+    let err = c
+        .call(chat("Another long story.", 2000), &mut |_| {
+            n += 1;
+            if n == 2 {
+                canceller.cancel().unwrap();
+            }
+            true
+        })
+        .unwrap_err();
+    assert_eq!(err.code(), Some(Code::Cancelled), "{err}");
+    assert!(ask(&mut c, "short", 3).is_ok());
+}
+
+#[test]
+fn sighup_reloads_under_load_without_dropping_requests() {
+    let s = Service::start(None, ROOMY);
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let workers: Vec<_> = (0..6)
+        .map(|i| {
+            let socket = s.socket.clone();
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let mut c = Client::connect(&socket, PATIENCE).unwrap();
+                let mut done = 0;
+                while !stop.load(std::sync::atomic::Ordering::SeqCst) || done < 3 {
+                    ask(&mut c, &prompt(i), 6).expect("no request may fail during a reload");
+                    done += 1;
+                }
+                done
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
+    s.signal(libc::SIGHUP);
+    s.wait_line("crayond: reloaded").unwrap();
+    // A broken config on the next reload: reported, and the running engine keeps serving.
+    let cfg = s.config_path();
+    let good = std::fs::read_to_string(&cfg).unwrap();
+    std::fs::write(&cfg, good.replace("[model]\ndir = ", "[model]\ndir = \"/nonexistent\"\nx = ")).unwrap();
+    s.signal(libc::SIGHUP);
+    s.wait_line("crayond: reload failed").unwrap();
+    std::fs::write(&cfg, good).unwrap();
+    s.signal(libc::SIGHUP);
+    s.wait_line("crayond: reloaded").unwrap();
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let total: usize = workers.into_iter().map(|w| w.join().unwrap()).sum();
+    let st = status(&s);
+    assert_eq!(st["reloads"], 2, "{st}");
+    assert_eq!(st["failed"], 0, "{st}");
+    assert!(total >= 18);
+}
+
+#[test]
+fn sigterm_lets_in_flight_requests_finish_then_exits_cleanly() {
+    let mut s = Service::start(None, ROOMY);
+    let barrier = Arc::new(Barrier::new(5));
+    let clients: Vec<_> = (0..4)
+        .map(|i| {
+            let socket = s.socket.clone();
+            let barrier = barrier.clone();
+            std::thread::spawn(move || {
+                let mut c = Client::connect(&socket, PATIENCE).unwrap();
+                let mut first = Some(barrier);
+                c.call(chat(&prompt(i), 60), &mut |_| {
+                    if let Some(b) = first.take() {
+                        b.wait();
+                    }
+                    true
+                })
+            })
+        })
+        .collect();
+    barrier.wait(); // every client has its first token: all four are in flight
+    s.signal(libc::SIGTERM);
+    for c in clients {
+        let v = c.join().unwrap().expect("an in-flight request must be finished, not dropped");
+        assert_eq!(v["choices"][0]["finish_reason"], "length");
+    }
+    assert_eq!(s.wait_exit(), Some(0));
+    assert!(!s.socket.exists(), "the socket file is removed on exit");
+}
+
+// ---- D-Bus ----
+
+fn busctl(bus: &Bus) -> Command {
+    let mut c = Command::new("busctl");
+    c.arg(format!("--address={}", bus.address));
+    c
+}
+
+fn dbus_send(bus: &Bus) -> Command {
+    let mut c = Command::new("dbus-send");
+    c.args([&format!("--bus={}", bus.address), "--print-reply", &format!("--dest={DEST}"), PATH]);
+    c
+}
+
+#[test]
+fn readme_dbus_send_and_busctl_lines_work() {
+    let bus = Bus::start();
+    let _s = Service::start(Some(&bus), "");
+    // The lines in the README, with --bus=ADDRESS for --system.
+    let (rc, out, err) = run(dbus_send(&bus).args([
+        "org.crayon.Crayon1.Generate",
+        "string:Name a primary color.",
+        "dict:string:string:max_tokens,8,temperature,0",
+    ]));
+    assert_eq!(rc, 0, "{err}");
+    assert!(out.contains("\"finish_reason\":\"length\""), "{out}");
+    let (rc, out, err) = run(dbus_send(&bus).args([
+        "org.crayon.Crayon1.Customize",
+        "string:math",
+        "array:string:What is 2 + 2?,What is 3 + 5?",
+        "array:string:4,8",
+    ]));
+    assert_eq!(rc, 0, "{err}");
+    assert!(out.contains("string \"math\"") && out.contains("dict entry"), "{out}");
+    let (rc, out, err) = run(busctl(&bus).args(["call", DEST, PATH, DEST, "ListAdapters"]));
+    assert_eq!((rc, out.trim()), (0, "as 1 \"math\""), "{err}");
+    let (rc, out, err) = run(busctl(&bus).args([
+        "call",
+        DEST,
+        PATH,
+        DEST,
+        "Generate",
+        "sa{ss}",
+        "What is 7 + 1?",
+        "2",
+        "adapter",
+        "math",
+        "max_tokens",
+        "4",
+    ]));
+    assert_eq!(rc, 0, "{err}");
+    assert!(out.starts_with("ss "), "{out}");
+    let (rc, out, err) =
+        run(busctl(&bus).args(["get-property", DEST, PATH, DEST, "Model", "ExecutionProvider", "Requests"]));
+    assert_eq!((rc, out.as_str()), (0, "s \"tiny\"\ns \"cpu\"\nt 2\n"), "{err}");
+    let (rc, _, err) = run(dbus_send(&bus).args(["org.crayon.Crayon1.RemoveAdapter", "string:math"]));
+    assert_eq!(rc, 0, "{err}");
+    // Errors have names and messages.
+    let (rc, _, err) = run(dbus_send(&bus).args(["org.crayon.Crayon1.RemoveAdapter", "string:math"]));
+    assert_ne!(rc, 0);
+    assert!(err.contains("org.crayon.Crayon1.Error.NotFound"), "{err}");
+    let (rc, _, err) =
+        run(dbus_send(&bus).args(["org.crayon.Crayon1.Generate", "string:hi", "dict:string:string:max_tokens,lots"]));
+    assert_ne!(rc, 0);
+    assert!(err.contains("Error.InvalidRequest") && err.contains("max_tokens"), "{err}");
+    let (rc, out, _) = run(busctl(&bus).args(["introspect", DEST, PATH, DEST]));
+    assert_eq!(rc, 0);
+    for m in ["GenerateStreamed", "Cancel", "Chat", "StatusJson", "AdaptersJson", "Token", "Finished", "Failed"] {
+        assert!(out.contains(m), "{m} missing from introspection:\n{out}");
+    }
+}
+
+#[test]
+fn dbus_serves_32_concurrent_callers_without_mixing_answers() {
+    let bus = Bus::start();
+    let s = Service::start(Some(&bus), ROOMY);
+    let mut c = connect(&s);
+    let expected: Vec<String> = (0..32).map(|i| ask(&mut c, &prompt(i), 8).unwrap().1).collect();
+    let callers: Vec<_> = (0..32)
+        .map(|i| {
+            let mut cmd = busctl(&bus);
+            cmd.args(["--json=short", "call", DEST, PATH, DEST, "Generate", "sa{ss}", &prompt(i), "2"]);
+            cmd.args(["max_tokens", "8", "temperature", "0"]);
+            std::thread::spawn(move || run(&mut cmd))
+        })
+        .collect();
+    for (i, t) in callers.into_iter().enumerate() {
+        let (rc, out, err) = t.join().unwrap();
+        assert_eq!(rc, 0, "caller {i}: {err}");
+        let v: Value = serde_json::from_str(&out).unwrap();
+        assert_eq!(v["data"][0], expected[i], "caller {i} got someone else's answer");
+    }
+}
+
+#[test]
+fn dbus_streams_tokens_as_signals_to_the_caller_only() {
+    let bus = Bus::start();
+    let _s = Service::start(Some(&bus), "");
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    rt.block_on(async {
+        use tokio_stream::StreamExt;
+        let conn = zbus::connection::Builder::address(bus.address.as_str()).unwrap().build().await.unwrap();
+        let rule = zbus::MatchRule::builder().msg_type(zbus::message::Type::Signal).interface(DEST).unwrap().build();
+        let mut signals = zbus::MessageStream::for_match_rule(rule, &conn, None).await.unwrap();
+        let opts: HashMap<&str, &str> = [("max_tokens", "12"), ("temperature", "0")].into();
+        let reply = conn
+            .call_method(Some(DEST), PATH, Some(DEST), "GenerateStreamed", &("Name a primary color.", opts.clone()))
+            .await
+            .unwrap();
+        let id: u64 = reply.body().deserialize().unwrap();
+        let mut streamed = String::new();
+        let finished = tokio::time::timeout(PATIENCE, async {
+            while let Some(Ok(m)) = signals.next().await {
+                let h = m.header();
+                assert_eq!(h.destination().map(|d| d.to_string()), conn.unique_name().map(|n| n.to_string()));
+                match h.member().map(|m| m.to_string()).as_deref() {
+                    Some("Token") => {
+                        let (sid, text): (u64, String) = m.body().deserialize().unwrap();
+                        assert_eq!(sid, id);
+                        streamed.push_str(&text);
+                    }
+                    Some("Finished") => return m.body().deserialize::<(u64, String, String)>().unwrap(),
+                    other => panic!("unexpected signal {other:?}"),
+                }
+            }
+            panic!("signal stream ended");
+        })
+        .await
+        .expect("no Finished signal");
+        assert_eq!(finished.0, id);
+        assert_eq!(finished.1, streamed);
+        // The blocking call gives the same answer.
+        let reply =
+            conn.call_method(Some(DEST), PATH, Some(DEST), "Generate", &("Name a primary color.", opts)).await.unwrap();
+        let (text, _info): (String, String) = reply.body().deserialize().unwrap();
+        assert_eq!(text, streamed);
+    });
+}
+
+#[test]
+fn bus_policy_denies_callers_outside_root_the_service_user_and_its_group() {
+    if !is_root() {
+        eprintln!("skipped: needs root to run a caller as another user");
+        return;
+    }
+    let bus = Bus::start();
+    let _s = Service::start(Some(&bus), "");
+    let (rc, _, err) = run(Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "dbus-send"])
+        .args([&format!("--bus={}", bus.address), "--print-reply", &format!("--dest={DEST}"), PATH])
+        .arg("org.crayon.Crayon1.ListAdapters"));
+    assert_ne!(rc, 0);
+    assert!(err.contains("AccessDenied"), "{err}");
+    let (rc, _, err) = run(dbus_send(&bus).arg("org.crayon.Crayon1.ListAdapters"));
+    assert_eq!(rc, 0, "root may call: {err}");
+}
