@@ -4,7 +4,7 @@
 //! Every read waits at most the client's timeout for the next frame, so a daemon that stops
 //! answering is reported, never waited on forever.
 
-use std::io::{self, Read, Write};
+use std::io::{self, Read};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -80,8 +80,26 @@ impl Canceller {
             return Ok(());
         }
         let f = frame(&json!({"id": u64::MAX - id, "op": "cancel", "target": id}));
-        self.writer.lock().unwrap_or_else(|p| p.into_inner()).write_all(&f)
+        send_all(&self.writer.lock().unwrap_or_else(|p| p.into_inner()), &f)
     }
+}
+
+/// Writes everything with MSG_NOSIGNAL: a daemon that went away must give an error, not a SIGPIPE
+/// that kills the C program using libcrayon.
+fn send_all(stream: &UnixStream, mut buf: &[u8]) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    while !buf.is_empty() {
+        let n = unsafe { libc::send(stream.as_raw_fd(), buf.as_ptr().cast(), buf.len(), libc::MSG_NOSIGNAL) };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        buf = &buf[n as usize..];
+    }
+    Ok(())
 }
 
 impl Client {
@@ -101,8 +119,13 @@ impl Client {
             canceller: Canceller { writer, current: Arc::new(AtomicU64::new(0)) },
             hello: Value::Null,
         };
-        c.write(&json!({"crayon": PROTOCOL_VERSION}))?;
-        let hello = c.read_frame()?;
+        // A daemon that refuses us says why in a frame and closes: read it even if our write failed.
+        let sent = c.write(&json!({"crayon": PROTOCOL_VERSION}));
+        let hello = match (c.read_frame(), sent) {
+            (Ok(v), _) => v,
+            (Err(_), Err(e)) => return Err(e),
+            (Err(e), Ok(())) => return Err(e),
+        };
         if let Some(err) = as_error(&hello) {
             return Err(err);
         }
@@ -180,7 +203,7 @@ impl Client {
 
     fn write(&mut self, v: &Value) -> Result<()> {
         let f = frame(v);
-        self.canceller.writer.lock().unwrap_or_else(|p| p.into_inner()).write_all(&f)?;
+        send_all(&self.canceller.writer.lock().unwrap_or_else(|p| p.into_inner()), &f)?;
         Ok(())
     }
 
