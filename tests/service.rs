@@ -316,6 +316,37 @@ fn sigterm_lets_in_flight_requests_finish_then_exits_cleanly() {
     assert!(!s.socket.exists(), "the socket file is removed on exit");
 }
 
+#[test]
+fn speaks_the_systemd_notify_protocol_ready_watchdog_reloading_stopping() {
+    // systemd's side of Type=notify, played by a datagram socket: what crayond sends, in order.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("notify");
+    let sock = std::os::unix::net::UnixDatagram::bind(&path).unwrap();
+    sock.set_read_timeout(Some(PATIENCE)).unwrap();
+    let mut s =
+        Service::start_with_env(None, "", &[("NOTIFY_SOCKET", path.to_str().unwrap()), ("WATCHDOG_USEC", "200000")]);
+    let mut seen = Vec::new();
+    let mut next_until = |want: &str, seen: &mut Vec<String>| loop {
+        let mut buf = [0u8; 4096];
+        let n = sock.recv(&mut buf).expect("no sd_notify message in time");
+        let msg = String::from_utf8_lossy(&buf[..n]).into_owned();
+        seen.push(msg.clone());
+        if msg.lines().any(|l| l == want) {
+            return msg;
+        }
+    };
+    let ready = next_until("READY=1", &mut seen);
+    assert!(ready.contains("STATUS=serving socket"), "{ready}");
+    next_until("WATCHDOG=1", &mut seen);
+    next_until("WATCHDOG=1", &mut seen); // keep-alives keep coming
+    s.signal(libc::SIGHUP);
+    next_until("RELOADING=1", &mut seen);
+    next_until("READY=1", &mut seen);
+    s.signal(libc::SIGTERM);
+    next_until("STOPPING=1", &mut seen);
+    assert_eq!(s.wait_exit(), Some(0), "{seen:?}");
+}
+
 // ---- D-Bus ----
 
 fn busctl(bus: &Bus) -> Command {

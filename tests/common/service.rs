@@ -56,6 +56,11 @@ pub struct Service {
 
 impl Service {
     pub fn start(bus: Option<&Bus>, extra_config: &str) -> Service {
+        Service::start_with_env(bus, extra_config, &[])
+    }
+
+    /// As [`Service::start`], with extra environment variables (e.g. systemd's NOTIFY_SOCKET).
+    pub fn start_with_env(bus: Option<&Bus>, extra_config: &str, env: &[(&str, &str)]) -> Service {
         let dir = tempfile::tempdir().unwrap();
         let state = dir.path().join("state");
         let pool = super::repo().join("models/tiny-pool");
@@ -63,7 +68,14 @@ impl Service {
         let path = dir.path().join("crayon.toml");
         std::fs::write(&path, config).unwrap();
         let socket = dir.path().join("crayon.sock");
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_crayond"));
+        let mut cmd = if env.iter().any(|(k, _)| *k == "WATCHDOG_USEC") {
+            // systemd names the watched process in WATCHDOG_PID; exec keeps the shell's pid.
+            let mut c = Command::new("sh");
+            c.args(["-c", "WATCHDOG_PID=$$ exec \"$0\" \"$@\"", env!("CARGO_BIN_EXE_crayond")]);
+            c
+        } else {
+            Command::new(env!("CARGO_BIN_EXE_crayond"))
+        };
         cmd.args(["--config", path.to_str().unwrap(), "--socket", socket.to_str().unwrap()]);
         if let Some(b) = bus {
             cmd.args(["--dbus", &b.address]);
@@ -72,6 +84,7 @@ impl Service {
             .env_remove("CRAYON_CONFIG")
             .env_remove("NOTIFY_SOCKET")
             .env("RUST_LOG", "warn")
+            .envs(env.iter().copied())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
