@@ -326,7 +326,7 @@ fn speaks_the_systemd_notify_protocol_ready_watchdog_reloading_stopping() {
     let mut s =
         Service::start_with_env(None, "", &[("NOTIFY_SOCKET", path.to_str().unwrap()), ("WATCHDOG_USEC", "200000")]);
     let mut seen = Vec::new();
-    let mut next_until = |want: &str, seen: &mut Vec<String>| loop {
+    let next_until = |want: &str, seen: &mut Vec<String>| loop {
         let mut buf = [0u8; 4096];
         let n = sock.recv(&mut buf).expect("no sd_notify message in time");
         let msg = String::from_utf8_lossy(&buf[..n]).into_owned();
