@@ -347,6 +347,36 @@ fn speaks_the_systemd_notify_protocol_ready_watchdog_reloading_stopping() {
     assert_eq!(s.wait_exit(), Some(0), "{seen:?}");
 }
 
+#[test]
+fn the_daemon_outlives_whoever_started_it_closing_stdout() {
+    // Scripts often read the "ready" line and go away; the next status line must not kill the daemon.
+    use std::io::BufRead;
+    let dir = tempfile::tempdir().unwrap();
+    let pool = common::repo().join("models/tiny-pool");
+    let config = dir.path().join("crayon.toml");
+    std::fs::write(&config, common::daemon::tiny_config(Some(&pool), &dir.path().join("state"), "")).unwrap();
+    let socket = dir.path().join("crayon.sock");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_crayond"))
+        .args(["--config", config.to_str().unwrap(), "--socket", socket.to_str().unwrap()])
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    assert!(lines.any(|l| l.unwrap() == "crayond: ready"));
+    drop(lines); // stdout closed
+    unsafe { libc::kill(child.id() as i32, libc::SIGHUP) }; // prints "crayond: reloaded" into the void
+    let mut c = Client::connect(&socket, PATIENCE).unwrap();
+    let deadline = std::time::Instant::now() + PATIENCE;
+    while c.call(json!({"op": "status"}), &mut |_| true).unwrap()["reloads"] != 1 {
+        assert!(std::time::Instant::now() < deadline, "no reload");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(ask(&mut c, "still here?", 3).is_ok());
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    assert_eq!(child.wait().unwrap().code(), Some(0));
+}
+
 // ---- D-Bus ----
 
 fn busctl(bus: &Bus) -> Command {

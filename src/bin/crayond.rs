@@ -8,6 +8,7 @@
 //! logs to the journal, drains in-flight requests on SIGTERM and reloads config and model on SIGHUP
 //! without dropping requests (docs/service.md). `--check` validates a deployment and exits.
 
+use std::io::Write as _;
 use std::ops::ControlFlow;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -19,6 +20,14 @@ use crayon::config::Config;
 use crayon::server::Service;
 use crayon::{CancelToken, Engine, Message, Prompt};
 use tokio::signal::unix::{SignalKind, signal};
+
+/// One status line on stdout, for scripts and tests. A daemon must not die because whoever started
+/// it stopped reading (println! panics on EPIPE), so write errors are ignored.
+macro_rules! announce {
+    ($($arg:tt)*) => {{
+        let _ = writeln!(std::io::stdout(), $($arg)*);
+    }};
+}
 
 #[derive(Parser)]
 #[command(name = "crayond", version, about = "The Crayon on-device LLM service.")]
@@ -66,7 +75,7 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e}");
-            eprintln!("crayond: {e}");
+            let _ = writeln!(std::io::stderr(), "crayond: {e}");
             notify(&[sd_notify::NotifyState::Status(&format!("failed: {e}"))]);
             ExitCode::from(exit_code(&e) as u8)
         }
@@ -142,7 +151,7 @@ async fn run(
         None
     } else {
         let s = crayon::socket::SocketServer::start(service.clone(), &cfg.socket)?;
-        println!("crayond: serving socket {}", s.path().display());
+        announce!("crayond: serving socket {}", s.path().display());
         status.push(format!("socket {}", s.path().display()));
         Some(s)
     };
@@ -150,7 +159,7 @@ async fn run(
         None
     } else {
         let d = crayon::dbus::DbusServer::start(service.clone(), &cfg.dbus).await?;
-        println!("crayond: serving D-Bus {} on the {} bus", cfg.dbus.name, cfg.dbus.bus);
+        announce!("crayond: serving D-Bus {} on the {} bus", cfg.dbus.name, cfg.dbus.bus);
         status.push(format!("D-Bus {}", cfg.dbus.name));
         Some(d)
     };
@@ -166,7 +175,7 @@ async fn run(
             let bound = listener.local_addr().map_err(|e| io("HTTP listener", e))?;
             let remote = &cfg.remote.url;
             // One line on stdout, for scripts and tests that start us on port 0.
-            println!(
+            announce!(
                 "crayond: serving HTTP on http://{bound} (route mode {}{})",
                 cfg.router.mode.name(),
                 if remote.is_empty() { String::new() } else { format!(", server {remote}") }
@@ -180,7 +189,7 @@ async fn run(
         }
     };
     let status = format!("serving {}", status.join(", "));
-    println!("crayond: ready");
+    announce!("crayond: ready");
     notify(&[sd_notify::NotifyState::Ready, sd_notify::NotifyState::Status(&status)]);
     tracing::info!("{status}");
 
@@ -235,7 +244,7 @@ async fn run(
         );
     }
     tracing::info!("stopped");
-    println!("crayond: stopped");
+    announce!("crayond: stopped");
     Ok(())
 }
 
@@ -251,12 +260,12 @@ async fn reload(cli: &Cli, service: &Arc<Service>, serving: &str) {
     let status = match result {
         Ok(Ok(())) => {
             tracing::info!(seconds = t0.elapsed().as_secs_f64(), "reloaded");
-            println!("crayond: reloaded");
+            announce!("crayond: reloaded");
             serving.to_string()
         }
         Ok(Err(e)) => {
             tracing::error!("reload failed, still serving the previous config: {e}");
-            println!("crayond: reload failed: {e}");
+            announce!("crayond: reload failed: {e}");
             format!("{serving} (last reload failed: {e})")
         }
         Err(_) => "reload panicked; still serving the previous config".to_string(),
