@@ -54,6 +54,12 @@ struct Args {
     out: PathBuf,
     #[arg(long, default_value_t = 2)]
     threads: usize,
+    /// Rebuild the table and plot in --out from an earlier run's results.json (nothing is measured)
+    #[arg(long, value_name = "RESULTS_JSON")]
+    from_results: Option<PathBuf>,
+    /// With --from-results: that run's wall time in seconds, for the table's title
+    #[arg(long, default_value_t = 0.0)]
+    seconds: f64,
     #[arg(long, hide = true)]
     bench: bool,
 }
@@ -74,14 +80,14 @@ struct Item {
 }
 
 /// One method on one task: per question right/wrong and the device's margin, and the customization time.
-#[derive(Serialize, Default, Clone)]
+#[derive(Serialize, Deserialize, Default, Clone)]
 struct Outcome {
     right: Vec<bool>,
     margin: Vec<f32>,
     customize_ms: f64,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, Deserialize)]
 struct TaskResult {
     name: String,
     family: String,
@@ -102,6 +108,10 @@ fn main() -> anyhow::Result<()> {
     let t0 = Instant::now();
     std::fs::create_dir_all(&args.out)?;
     let py = repo().join(".venv/bin/python");
+    if let Some(src) = &args.from_results {
+        let results: Vec<TaskResult> = serde_json::from_str(&std::fs::read_to_string(src)?)?;
+        return write_report(&results, &args, args.seconds, &py);
+    }
     let pip = std::process::Command::new(repo().join(".venv/bin/pip"))
         .args([
             "install",
@@ -150,10 +160,18 @@ fn main() -> anyhow::Result<()> {
     }
     let seconds = t0.elapsed().as_secs_f64();
     std::fs::write(args.out.join("results.json"), serde_json::to_string(&results)?)?;
-    let table = report(&results, &args, seconds);
+    write_report(&results, &args, seconds, &py)
+}
+
+/// table.md and plot.png (via benches/suite_plot.py) in the output folder.
+fn write_report(results: &[TaskResult], args: &Args, seconds: f64, py: &Path) -> anyhow::Result<()> {
+    if args.from_results.is_some() {
+        std::fs::write(args.out.join("results.json"), serde_json::to_string(results)?)?;
+    }
+    let table = report(results, args, seconds);
     std::fs::write(args.out.join("table.md"), &table)?;
     println!("{table}");
-    let plot = std::process::Command::new(&py)
+    let plot = std::process::Command::new(py)
         .args([
             "benches/suite_plot.py",
             &args.out.join("results.json").to_string_lossy(),
@@ -325,10 +343,11 @@ fn run_task(
 }
 
 /// Hybrid outcome at margin threshold `t`: the device's Crayon answer when its margin reaches `t`,
-/// otherwise the server's with the blend. Returns (right per question, offloaded count).
-fn hybrid(task: &TaskResult, t: f32) -> Option<(Vec<bool>, usize)> {
+/// otherwise the answer of server method `server` ("server + Crayon blend", the policy of
+/// docs/routing.md, or "server plain model"). Returns (right per question, offloaded count).
+fn hybrid(task: &TaskResult, t: f32, server: &str) -> Option<(Vec<bool>, usize)> {
     let dev = task.methods.get("Crayon blend")?;
-    let srv = task.methods.get("server + Crayon blend")?;
+    let srv = task.methods.get(server)?;
     let mut off = 0;
     let right = dev
         .margin
@@ -413,17 +432,22 @@ fn report(results: &[TaskResult], args: &Args, seconds: f64) -> String {
         let time = if mean_ms == 0.0 { "—".to_string() } else { format!("{:.1} s", mean_ms / 1e3) };
         let _ = writeln!(s, "| {name} | {a:.1} ({lo:.1}–{hi:.1}) | {mmlu:.1} | {qa:.1} | {time} |");
     }
-    let _ = writeln!(s, "\n| hybrid: margin threshold | accuracy % (95% CI) | offloaded % |\n|---|---|---|");
-    for t in [0.0, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 1.01] {
-        let runs: Vec<(Vec<bool>, usize)> = results.iter().filter_map(|r| hybrid(r, t)).collect();
-        if runs.is_empty() {
-            break;
+    for (server, title) in [
+        ("server + Crayon blend", "hybrid (unsure → server + blend): margin threshold"),
+        ("server plain model", "hybrid variant (unsure → server plain model): margin threshold"),
+    ] {
+        let _ = writeln!(s, "\n| {title} | accuracy % (95% CI) | offloaded % |\n|---|---|---|");
+        for t in [0.0, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 1.01] {
+            let runs: Vec<(Vec<bool>, usize)> = results.iter().filter_map(|r| hybrid(r, t, server)).collect();
+            if runs.is_empty() {
+                break;
+            }
+            let off: usize = runs.iter().map(|r| r.1).sum();
+            let per_task: Vec<Vec<bool>> = runs.into_iter().map(|r| r.0).collect();
+            let (a, lo, hi) = accuracy_ci(&per_task);
+            let share = 100.0 * off as f64 / n_items.max(1) as f64;
+            let _ = writeln!(s, "| {t:.2} | {a:.1} ({lo:.1}–{hi:.1}) | {share:.0} |");
         }
-        let off: usize = runs.iter().map(|r| r.1).sum();
-        let per_task: Vec<Vec<bool>> = runs.into_iter().map(|r| r.0).collect();
-        let (a, lo, hi) = accuracy_ci(&per_task);
-        let _ =
-            writeln!(s, "| {t:.2} | {a:.1} ({lo:.1}–{hi:.1}) | {:.0} |", 100.0 * off as f64 / n_items.max(1) as f64);
     }
     let _ = writeln!(s, "\nPer task (accuracy %):\n");
     let _ = write!(s, "| task |");

@@ -35,12 +35,15 @@ def main(src: str, dst: str) -> None:
              color=["#d95f02" if "Crayon" in names[i] else "#7570b3" for i in order])
     ax1.set_xlabel("accuracy % (95% bootstrap CI)")
     ax1.set_title(f"{len(results)} tasks, {sum(len(r['methods'][names[0]]['right']) for r in results)} questions")
-    if all("server + Crayon blend" in r["methods"] for r in results):
+    for server, label in [("server + Crayon blend", "unsure → server + blend"),
+                          ("server plain model", "unsure → server plain model")]:
+        if not all(server in r["methods"] for r in results):
+            continue
         xs, ys = [], []
         for t in np.linspace(0, 1.01, 41):
             right, off, n = 0, 0, 0
             for r in results:
-                d, s = r["methods"]["Crayon blend"], r["methods"]["server + Crayon blend"]
+                d, s = r["methods"]["Crayon blend"], r["methods"][server]
                 for mg, dr, sr in zip(d["margin"], d["right"], s["right"]):
                     n += 1
                     if mg < t:
@@ -50,11 +53,13 @@ def main(src: str, dst: str) -> None:
                         right += dr
             xs.append(100 * off / n)
             ys.append(100 * right / n)
-        ax2.plot(xs, ys, marker=".")
-        ax2.set_xlabel("share of questions offloaded to the server %")
-        ax2.set_ylabel("accuracy %")
-        ax2.set_title("hybrid: device Crayon blend, unsure → server + blend")
-        ax2.grid(alpha=0.3)
+        ax2.plot(xs, ys, marker=".", label=label)
+    ax2.axhline(pooled(results, "Crayon blend"), color="#d95f02", ls=":", lw=1, label="device Crayon blend alone")
+    ax2.set_xlabel("share of questions offloaded to the server %")
+    ax2.set_ylabel("accuracy %")
+    ax2.set_title("hybrid: device Crayon blend, unsure (low margin) → server")
+    ax2.legend(fontsize=8)
+    ax2.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(dst, dpi=110)
     print(f"plot -> {dst}")
