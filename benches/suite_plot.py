@@ -57,7 +57,7 @@ def main(src: str, dst: str) -> None:
     ax2.axhline(pooled(results, "Crayon blend"), color="#d95f02", ls=":", lw=1, label="device Crayon blend alone")
     ax2.set_xlabel("share of questions offloaded to the server %")
     ax2.set_ylabel("accuracy %")
-    ax2.set_title("hybrid: device Crayon blend, unsure (low margin) → server")
+    ax2.set_title("hybrid: device Crayon blend; unsure → server")
     ax2.legend(fontsize=8)
     ax2.grid(alpha=0.3)
     fig.tight_layout()
