@@ -54,9 +54,13 @@ struct Args {
     out: PathBuf,
     #[arg(long, default_value_t = 2)]
     threads: usize,
-    /// Rebuild the table and plot in --out from an earlier run's results.json (nothing is measured)
-    #[arg(long, value_name = "RESULTS_JSON")]
-    from_results: Option<PathBuf>,
+    /// Run only these tasks (comma-separated names, as in tasks.jsonl)
+    #[arg(long, value_delimiter = ',')]
+    only: Vec<String>,
+    /// Rebuild the table and plot in --out from earlier runs' results.json files, concatenated in the
+    /// order given (nothing is measured)
+    #[arg(long, value_name = "RESULTS_JSON", num_args = 1..)]
+    from_results: Vec<PathBuf>,
     /// With --from-results: that run's wall time in seconds, for the table's title
     #[arg(long, default_value_t = 0.0)]
     seconds: f64,
@@ -108,8 +112,13 @@ fn main() -> anyhow::Result<()> {
     let t0 = Instant::now();
     std::fs::create_dir_all(&args.out)?;
     let py = repo().join(".venv/bin/python");
-    if let Some(src) = &args.from_results {
-        let results: Vec<TaskResult> = serde_json::from_str(&std::fs::read_to_string(src)?)?;
+    if !args.from_results.is_empty() {
+        let mut results: Vec<TaskResult> = Vec::new();
+        for src in &args.from_results {
+            let part: Vec<TaskResult> = serde_json::from_str(&std::fs::read_to_string(src)?)
+                .with_context(|| format!("reading {}", src.display()))?;
+            results.extend(part);
+        }
         return write_report(&results, &args, args.seconds, &py);
     }
     let pip = std::process::Command::new(repo().join(".venv/bin/pip"))
@@ -132,8 +141,14 @@ fn main() -> anyhow::Result<()> {
         data.arg("--quick");
     }
     anyhow::ensure!(data.current_dir(repo()).status()?.success(), "benches/suite_data.py failed");
-    let tasks: Vec<Task> =
+    let mut tasks: Vec<Task> =
         std::fs::read_to_string(&tasks_file)?.lines().map(serde_json::from_str).collect::<Result<_, _>>()?;
+    if !args.only.is_empty() {
+        if let Some(unknown) = args.only.iter().find(|n| !tasks.iter().any(|t| &t.name == *n)) {
+            anyhow::bail!("--only: no task named '{unknown}' in {}", tasks_file.display());
+        }
+        tasks.retain(|t| args.only.contains(&t.name));
+    }
 
     let state = tempfile::tempdir()?;
     let cfg = device_config(state.path(), args.threads)?;
@@ -165,7 +180,7 @@ fn main() -> anyhow::Result<()> {
 
 /// table.md and plot.png (via benches/suite_plot.py) in the output folder.
 fn write_report(results: &[TaskResult], args: &Args, seconds: f64, py: &Path) -> anyhow::Result<()> {
-    if args.from_results.is_some() {
+    if !args.from_results.is_empty() {
         std::fs::write(args.out.join("results.json"), serde_json::to_string(results)?)?;
     }
     let table = report(results, args, seconds);
