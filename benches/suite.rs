@@ -87,6 +87,8 @@ struct Item {
 #[derive(Serialize, Deserialize, Default, Clone)]
 struct Outcome {
     right: Vec<bool>,
+    /// NaN where there is none (server answers); JSON writes NaN as null.
+    #[serde(deserialize_with = "nan_as_null")]
     margin: Vec<f32>,
     customize_ms: f64,
 }
@@ -96,6 +98,11 @@ struct TaskResult {
     name: String,
     family: String,
     methods: BTreeMap<String, Outcome>,
+}
+
+fn nan_as_null<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<f32>, D::Error> {
+    let v: Vec<Option<f32>> = Deserialize::deserialize(d)?;
+    Ok(v.into_iter().map(|x| x.unwrap_or(f32::NAN)).collect())
 }
 
 fn repo() -> PathBuf {
