@@ -332,19 +332,7 @@ pub fn check_listen(listen: &str, config: &Config) -> Result<SocketAddr> {
     Ok(addr)
 }
 
-/// Serves HTTP until `shutdown` resolves, then lets in-flight requests finish. `on_ready` receives
-/// the bound address (port 0 picks a free one).
-pub async fn serve(
-    service: Arc<Service>,
-    addr: SocketAddr,
-    on_ready: impl FnOnce(SocketAddr),
-    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
-) -> std::io::Result<()> {
-    let listener = tokio::net::TcpListener::bind(addr).await?;
-    on_ready(listener.local_addr()?);
-    axum::serve(listener, app(service)).with_graceful_shutdown(shutdown).await
-}
-
+/// The HTTP routes (crayond binds the listener and runs them with graceful shutdown).
 pub fn app(service: Arc<Service>) -> HttpRouter {
     HttpRouter::new()
         .route("/health", get(health))
