@@ -451,3 +451,96 @@ fn bad_remote_settings_stop_crayond_at_start_naming_the_file() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("no server.token_file"));
 }
+
+/// A TLS terminator in front of a server `crayond`: socat (a real process) holding a certificate for
+/// 127.0.0.1 signed by a private CA that openssl makes here — how a server is usually exposed.
+struct TlsFront {
+    child: std::process::Child,
+    url: String,
+    ca: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for TlsFront {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn openssl(dir: &Path, args: &[&str]) {
+    let out = std::process::Command::new("openssl").current_dir(dir).args(args).output().expect("openssl runs");
+    assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+fn tls_front(backend: &str) -> TlsFront {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"];
+    let ca = ["-keyout", "ca.key", "-out", "ca.pem", "-days", "2", "-subj", "/CN=crayon-test-ca"];
+    openssl(d, &[&["req", "-x509"][..], &ec, &ca].concat());
+    openssl(
+        d,
+        &[&["req"][..], &ec, &["-keyout", "server.key", "-out", "server.csr", "-subj", "/CN=127.0.0.1"]].concat(),
+    );
+    std::fs::write(
+        d.join("ext.cnf"),
+        "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n",
+    )
+    .unwrap();
+    openssl(
+        d,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            "server.pem",
+            "-days",
+            "2",
+            "-extfile",
+            "ext.cnf",
+        ],
+    );
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let target = backend.trim_start_matches("http://");
+    let child = std::process::Command::new("socat")
+        .current_dir(d)
+        .arg(format!("OPENSSL-LISTEN:{port},bind=127.0.0.1,reuseaddr,fork,cert=server.pem,key=server.key,verify=0"))
+        .arg(format!("TCP:{target}"))
+        .stderr(std::process::Stdio::null()) // handshake failures the test provokes, and the readiness probe
+        .spawn()
+        .expect("socat runs (scripts/setup installs it)");
+    let t0 = std::time::Instant::now();
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(t0.elapsed() < PATIENCE, "socat did not listen on {port}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    TlsFront { child, url: format!("https://127.0.0.1:{port}"), ca: d.join("ca.pem"), _dir: dir }
+}
+
+#[test]
+fn tls_with_a_private_ca_reaches_the_server_and_an_unknown_issuer_falls_back() {
+    let srv = server();
+    let front = tls_front(&srv.url);
+
+    let trusted = device(&front.url, "server_only", &format!("ca_file = {:?}\n", front.ca));
+    let out = ask(&trusted, QUERY, json!({}));
+    assert_eq!(route(&out), ("server", "server_only"), "{out}");
+    assert!(out["crayon"]["fallback"].is_null(), "{out}");
+    assert_eq!(srv.health()["requests"], 1, "the request went through TLS to the server");
+
+    // Without the private CA the certificate is not trusted: nothing is sent, the device answers.
+    let untrusted = device(&front.url, "server_only", "");
+    let out = ask(&untrusted, QUERY, json!({}));
+    assert_eq!(route(&out), ("device", "server_only"), "{out}");
+    let why = out["crayon"]["fallback"].as_str().unwrap();
+    assert!(why.to_lowercase().contains("certificate") || why.contains("UnknownIssuer"), "{why}");
+    assert_eq!(srv.health()["requests"], 1, "an untrusted server gets no request");
+}
