@@ -2,8 +2,12 @@
 //! blend-to-ready latency for pools of 4/8/16/32 adapters, switch latency between cached blends,
 //! prefill/decode speed with a merged blend against the base, resident memory with 0/1/4 cached
 //! blends, and the peer: a LoraHub-style gradient-free search of the blend weights (40 steps).
+//! `churn` builds more blends than `adapters.cache_mb` holds (from weights, as a server does, so it
+//! also runs on a server pool) and prints resident memory after each, with `runtime.share_weights` on
+//! and off, each in a fresh process.
 //!
 //!     cargo bench --bench customize -- --config crayon.dev.toml [--runs 5] [--threads 2]
+//!     cargo bench --bench customize -- --config server.toml --only churn [--blends 8]
 //!
 //! Pools larger than the trained one reuse its adapters under new names (latency depends on count
 //! and rank, not on the values).
@@ -33,9 +37,15 @@ struct Args {
     /// Optimization steps of the LoraHub-style search
     #[arg(long, default_value_t = 40)]
     search_steps: usize,
-    /// Sections to run (comma-separated): memory, ready, switch, speed, search
+    /// Sections to run (comma-separated): memory, ready, switch, speed, search, churn
     #[arg(long, value_delimiter = ',', default_value = "memory,ready,switch,speed,search")]
     only: Vec<String>,
+    /// Blends the churn section builds one after the other
+    #[arg(long, default_value_t = 8)]
+    blends: usize,
+    /// Internal: run one churn variant in this process (share_weights = VALUE) and print JSON lines
+    #[arg(long, hide = true)]
+    churn_child: Option<bool>,
     #[arg(long, hide = true)]
     bench: bool,
 }
@@ -47,6 +57,10 @@ fn main() -> anyhow::Result<()> {
     anyhow::ensure!(!cfg.pool.dir.as_os_str().is_empty(), "the config names no [pool] dir");
     let state = tempfile::tempdir()?;
     cfg.adapters.state_dir = state.path().to_path_buf();
+    if let Some(share) = args.churn_child {
+        cfg.runtime.share_weights = share;
+        return churn_child(&cfg, args.blends);
+    }
     let examples = task_examples()?;
     println!(
         "Model {}, pool {}, {} examples per customization, {} threads, {} runs; x86-64 2 cores.\n",
@@ -58,6 +72,12 @@ fn main() -> anyhow::Result<()> {
     );
 
     let on = |s: &str| args.only.iter().any(|o| o == s);
+    if on("churn") {
+        churn(&args, &cfg)?;
+    }
+    if args.only.iter().all(|o| o == "churn") {
+        return Ok(());
+    }
     if on("memory") {
         memory(&cfg, &examples)?; // first: a fresh process, before other engines take memory
     }
@@ -228,6 +248,81 @@ fn memory(cfg: &Config, examples: &[Example]) -> anyhow::Result<()> {
         }
     }
     println!();
+    Ok(())
+}
+
+/// Runs both churn variants in fresh processes (memory is per process) and prints them side by side.
+fn churn(args: &Args, cfg: &Config) -> anyhow::Result<()> {
+    let exe = std::env::current_exe()?;
+    let mut runs = Vec::new();
+    for share in [true, false] {
+        let mut cmd = std::process::Command::new(&exe);
+        cmd.args(std::env::args_os().skip(1)).arg("--churn-child").arg(share.to_string());
+        let out = cmd.output()?;
+        anyhow::ensure!(out.status.success(), "churn run failed: {}", String::from_utf8_lossy(&out.stderr));
+        let rows: Vec<serde_json::Value> =
+            String::from_utf8(out.stdout)?.lines().filter_map(|l| serde_json::from_str(l).ok()).collect();
+        runs.push(rows);
+    }
+    println!(
+        "## Memory while building {} blends one after the other (adapters.cache_mb = {}; from weights)\n",
+        args.blends, cfg.adapters.cache_mb
+    );
+    println!("RSS = VmRSS MB (anonymous + file-backed); ready = blends the cache keeps; ms = merge + session.\n");
+    println!("| after | shared: RSS (anon + file) | ready | ms | not shared: RSS (anon + file) | ready | ms |");
+    println!("|---|---|---|---|---|---|---|");
+    let num = |r: &serde_json::Value, k: &str| r[k].as_f64().unwrap_or(f64::NAN);
+    let cell = |r: &serde_json::Value| {
+        format!(
+            "{:.0} ({:.0} + {:.0}) | {} | {:.0}",
+            num(r, "rss"),
+            num(r, "anon"),
+            num(r, "file"),
+            r["ready"],
+            num(r, "ms")
+        )
+    };
+    for (a, b) in runs[0].iter().zip(&runs[1]) {
+        println!("| {} | {} | {} |", a["step"].as_str().unwrap_or("?"), cell(a), cell(b));
+    }
+    // What one ready blend adds, from the last row; the median build time over all blends.
+    let per_blend = |rows: &[serde_json::Value]| {
+        let (first, last) = (&rows[0], &rows[rows.len() - 1]);
+        (num(last, "rss") - num(first, "rss")) / num(last, "ready").max(1.0)
+    };
+    let build = |rows: &[serde_json::Value]| pct(rows[1..].iter().map(|r| num(r, "ms")).collect(), 0.5);
+    let (ps, pn) = (per_blend(&runs[0]), per_blend(&runs[1]));
+    let (bs, bn) = (build(&runs[0]), build(&runs[1]));
+    println!("\n| | shared | not shared | not shared / shared |\n|---|---|---|---|");
+    println!("| MB per ready blend | {ps:.0} | {pn:.0} | {:.2} |", pn / ps);
+    println!("| blend build ms (median) | {bs:.0} | {bn:.0} | {:.2} |", bn / bs);
+    println!();
+    Ok(())
+}
+
+fn churn_child(cfg: &Config, blends: usize) -> anyhow::Result<()> {
+    let row = |step: String, ready: usize, ms: f64| {
+        let mb = |f: &str| common::status_mb(f).unwrap_or(f64::NAN).round();
+        let (rss, anon, file) = (mb("VmRSS"), mb("RssAnon"), mb("RssFile"));
+        let r = serde_json::json!({"step": step, "rss": rss, "anon": anon, "file": file, "ready": ready, "ms": ms});
+        println!("{r}");
+    };
+    let mut engine = Engine::load(cfg)?;
+    engine.logits(None, &[1])?;
+    row("base model loaded".into(), 0, f64::NAN);
+    let n = engine.pool().map(|p| p.names().len()).ok_or_else(|| anyhow::anyhow!("the config names no pool"))?;
+    // Distinct, deterministic weights: blend i leans on adapter i mod n.
+    for i in 0..blends {
+        let mut w = vec![0.5 / n as f32; n];
+        w[i % n] += 0.5;
+        w[(i / n) % n] += 0.01 * (i / n) as f32;
+        let sum: f32 = w.iter().sum();
+        w.iter_mut().for_each(|x| *x /= sum);
+        let name = format!("churn{i}");
+        let report = engine.customize_weights(&name, &w)?;
+        engine.logits(Some(&name), &[1])?;
+        row(format!("blend {}", i + 1), engine.ready_adapters().len(), report.merge_ms + report.session_ms);
+    }
     Ok(())
 }
 

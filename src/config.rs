@@ -292,6 +292,9 @@ pub struct RuntimeConfig {
     pub optimization: String,
     /// Path prefix for an ONNX Runtime per-operator profile (JSON); empty: off. For diagnosis only.
     pub profile: PathBuf,
+    /// One copy of the model's weights (mapped from the file) and of their packed form for the base
+    /// model and every ready blend; off: each session holds its own (docs/benchmarks.md, "Memory").
+    pub share_weights: bool,
 }
 
 impl Default for RuntimeConfig {
@@ -302,6 +305,7 @@ impl Default for RuntimeConfig {
             intra_threads: 0,
             optimization: "all".into(),
             profile: PathBuf::new(),
+            share_weights: true,
         }
     }
 }

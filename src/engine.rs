@@ -12,7 +12,7 @@ use crate::chat::{ChatTemplate, Message};
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::generate::{self, CancelToken, Generation, GenerationParams, Prompt};
-use crate::model::{Decoder, ModelFiles, WeightOverride};
+use crate::model::{Decoder, ModelFiles, SharedWeights, WeightOverride};
 use crate::pool::Pool;
 use crate::pool::blend;
 use crate::pool::embed::TaskEmbedder;
@@ -20,6 +20,9 @@ use crate::pool::merge;
 use crate::runtime::{Provider, Runtime};
 use crate::tokenizer::Tokenizer;
 use crate::weights::WeightFile;
+
+/// The token embedding table's name in exported models (a lookup table, never packed).
+const EMBEDDING_WEIGHT: &str = "model.embed_tokens.weight";
 
 /// Upper bound on examples per customization: embedding is cheap, but requests must stay bounded.
 pub const MAX_EXAMPLES: usize = 256;
@@ -30,7 +33,7 @@ pub const MAX_CHOICES: usize = 26;
 struct Customizer {
     pool: Pool,
     embedder: TaskEmbedder,
-    base_weights: WeightFile,
+    base_weights: Arc<WeightFile>,
 }
 
 /// A merged model kept ready.
@@ -55,6 +58,8 @@ pub struct Engine {
     files: ModelFiles,
     runtime: Arc<Runtime>,
     base: Decoder,
+    /// The model's weights shared by the base session and every blend's (`runtime.share_weights`).
+    shared: Option<Arc<SharedWeights>>,
     tokenizer: Tokenizer,
     template: ChatTemplate,
     stop_ids: Vec<u32>,
@@ -82,13 +87,14 @@ impl Engine {
             ));
         }
         let template = ChatTemplate::load(&files.path(&files.manifest.tokenizer_config))?;
+        let weights = Arc::new(WeightFile::open(&files.path(&files.manifest.weights))?);
         let customizer = if config.pool.dir.as_os_str().is_empty() {
             None
         } else {
             Some(Customizer {
                 pool: Pool::open(&config.pool.dir, &files)?,
                 embedder: TaskEmbedder::new(&files)?,
-                base_weights: WeightFile::open(&files.path(&files.manifest.weights))?,
+                base_weights: Arc::clone(&weights),
             })
         };
         let store = match &customizer {
@@ -96,7 +102,15 @@ impl Engine {
             None => None,
         };
         let runtime = Runtime::get(&config.runtime)?;
-        let base = Decoder::load(&files, &runtime, &config.runtime, overrides)?;
+        let shared = match config.runtime.share_weights {
+            true => {
+                let blended = customizer.as_ref().map(|c| c.pool.blended_weights(&files)).unwrap_or_default();
+                Some(Arc::new(SharedWeights::new(Arc::clone(&weights), &blended, EMBEDDING_WEIGHT)?))
+            }
+            false => None,
+        };
+        let base = Decoder::load(&files, &runtime, &config.runtime, shared.as_ref(), overrides)?;
+        weights.release_resident_pages();
         if let (Some(c), Some(s)) = (&customizer, &store) {
             tracing::info!(pool = %c.pool.id, adapters = c.pool.adapters.len(), saved = s.list().count(), "adapter pool ready");
         }
@@ -105,6 +119,7 @@ impl Engine {
             files,
             runtime,
             base,
+            shared,
             tokenizer,
             template,
             config: config.clone(),
@@ -352,7 +367,11 @@ impl Engine {
 
     pub fn remove_adapter(&mut self, name: &str) -> Result<Customization> {
         let c = self.store_mut()?.remove(name)?;
+        let before = self.ready.len();
         self.ready.retain(|r| r.name != name);
+        if self.ready.len() != before {
+            crate::runtime::release_freed_memory();
+        }
         Ok(c)
     }
 
@@ -414,13 +433,16 @@ impl Engine {
         let t0 = Instant::now();
         let overrides = merge::merge(&cz.pool, &self.files, &cz.base_weights, &c.weights, threads)?;
         let merge_ms = ms(t0.elapsed());
-        // Merged f32 weights, ONNX Runtime's packed copy for its GEMMs, and the session's own
-        // buffers: measured at 2.7-3.5x the merged bytes on SmolLM2-135M (docs/benchmarks.md).
-        let bytes = 3 * overrides.iter().map(|o| o.data.len() * 4).sum::<usize>();
+        let bytes = ready_bytes(overrides.iter().map(|o| o.data.len() * 4).sum(), self.shared.as_ref(), &self.files);
         let t1 = Instant::now();
-        let decoder = Decoder::load(&self.files, &self.runtime, &self.config.runtime, overrides)?;
+        let decoder = Decoder::load(&self.files, &self.runtime, &self.config.runtime, self.shared.as_ref(), overrides)?;
+        cz.base_weights.release_resident_pages();
         let session_ms = ms(t1.elapsed());
+        let before = self.ready.len();
         self.ready.retain(|r| r.name != c.name);
+        if self.ready.len() != before {
+            crate::runtime::release_freed_memory();
+        }
         self.clock += 1;
         self.ready.push(Ready { name: c.name.clone(), decoder, bytes, last_used: self.clock });
         self.evict();
@@ -437,6 +459,22 @@ impl Engine {
             };
             let gone = self.ready.remove(oldest);
             tracing::info!(adapter = %gone.name, "customized model dropped from memory (LRU)");
+            drop(gone);
+            crate::runtime::release_freed_memory();
+        }
+    }
+}
+
+/// What a ready blend adds to the process, for the cache budget. With shared weights: its merged
+/// matrices, ONNX Runtime's packed copy of them, and with a tied LM head the session's own transposed
+/// copy of the embedding table. Without: the session's own copy of the rest of the file instead.
+/// Measured to match within a few percent (docs/benchmarks.md, "Memory").
+fn ready_bytes(merged: usize, shared: Option<&Arc<SharedWeights>>, files: &ModelFiles) -> usize {
+    match shared {
+        Some(sh) => 2 * merged + sh.tied_head_bytes(),
+        None => {
+            let file = std::fs::metadata(files.path(&files.manifest.weights)).map_or(0, |m| m.len() as usize);
+            merged + file.max(merged)
         }
     }
 }

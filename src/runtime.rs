@@ -184,3 +184,17 @@ impl std::fmt::Display for Provider {
         f.write_str(self.name())
     }
 }
+
+/// Hands memory freed inside the allocator's heaps back to the system. glibc keeps freed blocks for
+/// reuse, and after dropping a blend (hundreds of MB of weights and ONNX Runtime buffers, freed by
+/// several threads into several arenas) much of it stays resident: a server building one blend after
+/// another grew to 11 GB with a 4 GB cache budget. Called after a blend is dropped, a rare event; the
+/// alternative, a fixed 1 MiB mmap threshold, bounded memory as well but made every session build
+/// ~15% slower (fresh pages to fault in). Measured in docs/benchmarks.md ("Memory").
+pub(crate) fn release_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only returns free pages to the system; it is thread-safe.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}

@@ -95,6 +95,22 @@ impl WeightFile {
         })
     }
 
+    /// The tensor's bytes in the mapping, when stored as 4-byte-aligned f32 (else `None`).
+    pub fn f32_bytes(&self, name: &str) -> Option<&[u8]> {
+        let info = self.tensors.get(name)?;
+        let bytes = &self.map[info.start..info.end];
+        (info.dtype == Dtype::F32 && bytemuck::try_cast_slice::<u8, f32>(bytes).is_ok()).then_some(bytes)
+    }
+
+    /// Drops this mapping's resident pages (they are read again from the file if used). ONNX Runtime
+    /// reads most shared weights once, to pack them, so they need not count against the process.
+    pub fn release_resident_pages(&self) {
+        // SAFETY: a read-only mapping of a file Crayon never writes: a dropped page reads back unchanged.
+        if let Err(e) = unsafe { self.map.unchecked_advise(memmap2::UncheckedAdvice::DontNeed) } {
+            tracing::debug!(path = %self.path.display(), "madvise(DONTNEED) failed: {e}");
+        }
+    }
+
     /// Row `row` of a 2-D tensor stored as f32 (e.g. one token's embedding).
     pub fn f32_row(&self, name: &str, row: usize) -> Result<Vec<f32>> {
         let info =

@@ -46,6 +46,35 @@ fn one_adapter_at_weight_one_equals_that_adapter_alone() {
     assert!(diff < 1e-4, "one-hot blend vs PEFT single adapter: max |diff| {diff}");
 }
 
+/// Sharing the model's weights across sessions (`runtime.share_weights`) is a memory layout, not a
+/// numerical change: base and blended logits are identical with and without it, for a pool that
+/// replaces every matrix (plain initializers) and one that replaces a subset (the shared packed
+/// container, with the blend's matrices as the session's own).
+#[test]
+fn shared_and_private_weights_give_identical_logits() {
+    for pool in ["models/tiny-pool", "models/tiny-server-pool"] {
+        let (mut cfg, _state) = tiny_with_pool();
+        cfg.pool.dir = repo().join(pool);
+        let mut logits = Vec::new();
+        for share in [true, false] {
+            cfg.runtime.share_weights = share;
+            let mut engine = Engine::load(&cfg).unwrap();
+            let n = engine.pool().unwrap().adapters.len();
+            let weights: Vec<f32> = (0..n).map(|i| (i + 1) as f32).collect();
+            engine.customize_weights("mix", &weights).unwrap();
+            engine.customize_weights("other", &weights.iter().rev().copied().collect::<Vec<_>>()).unwrap();
+            let ids = [1, 20, 30, 40, 50];
+            let got = [None, Some("mix"), Some("other")].map(|a| engine.logits(a, &ids).unwrap());
+            logits.push(got);
+        }
+        assert!(logits[0][1] != logits[0][0], "{pool}: the blend must change the model");
+        for (i, what) in ["base", "blend 'mix'", "blend 'other'"].iter().enumerate() {
+            let diff = max_abs_diff(&logits[0][i], &logits[1][i]);
+            assert!(diff == 0.0, "{pool}, {what}: shared vs private weights differ by {diff}");
+        }
+    }
+}
+
 #[test]
 fn blend_weights_from_examples_form_a_distribution() {
     let (cfg, _state) = tiny_with_pool();

@@ -2,6 +2,7 @@
 //! before ONNX Runtime sees anything, so that a broken folder gets a precise message.
 
 mod decoder;
+mod shared;
 
 use std::path::{Path, PathBuf};
 
@@ -10,6 +11,7 @@ use serde::Deserialize;
 use crate::error::{Error, Result};
 
 pub use decoder::{Decoder, KvCache, WeightOverride};
+pub use shared::SharedWeights;
 
 pub const MANIFEST_FILE: &str = "crayon_model.json";
 const MANIFEST_FORMAT: &str = "crayon-model/1";

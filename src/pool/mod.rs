@@ -108,6 +108,15 @@ pub struct Pool {
 }
 
 impl Pool {
+    /// Names of the model weights a blend of this pool replaces (every layer's targeted matrices).
+    pub fn blended_weights(&self, model: &ModelFiles) -> std::collections::HashSet<String> {
+        let targets: std::collections::BTreeSet<&str> =
+            self.adapters.iter().flat_map(|a| a.targets.iter().map(String::as_str)).collect();
+        (0..model.arch.num_hidden_layers)
+            .flat_map(|i| targets.iter().map(move |t| format!("model.layers.{i}.{t}.weight")))
+            .collect()
+    }
+
     /// Loads `dir/pool.json` and every adapter, and checks them against `model`: same base weights
     /// (SHA-256), known targets, every tensor present with the right shape and a supported dtype.
     pub fn open(dir: &Path, model: &ModelFiles) -> Result<Pool> {

@@ -126,6 +126,7 @@ impl Service {
         *self.shared.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(shared);
         *self.catalog.write().unwrap_or_else(|p| p.into_inner()) = list;
         drop(old);
+        crate::runtime::release_freed_memory(); // the old model's sessions and weights
         self.counters.reloads.fetch_add(1, Ordering::Relaxed);
         Ok(())
     }
