@@ -533,3 +533,63 @@ fn bus_policy_denies_callers_outside_root_the_service_user_and_its_group() {
     let (rc, _, err) = run(dbus_send(&bus).arg("org.crayon.Crayon1.ListAdapters"));
     assert_eq!(rc, 0, "root may call: {err}");
 }
+
+/// `crayonctl --socket` is a client of the running daemon: the same answer as a socket client gets,
+/// customization, listing, status and removal in the daemon, and precise errors with exit codes.
+#[test]
+fn crayonctl_uses_the_daemon_over_its_socket() {
+    let s = Service::start(None, "");
+    let socket = format!("--socket={}", s.socket.display());
+    let ctl = |args: &[&str]| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_crayonctl"));
+        cmd.arg(&socket).args(args).env_remove("CRAYON_CONFIG");
+        run(&mut cmd)
+    };
+
+    let (code, out, err) = ctl(&["generate", "-n", "6", "Tell me about cats."]);
+    assert_eq!(code, 0, "{err}");
+    let (_, reference) = ask(&mut connect(&s), "Tell me about cats.", 6).unwrap();
+    assert_eq!(out.trim_end_matches('\n'), reference, "the daemon's own answer, streamed to stdout");
+    let (code, out, err) = ctl(&["generate", "--raw", "-n", "3", "--json", "The sky is"]);
+    assert_eq!(code, 0, "{err}");
+    let v: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["object"], "text_completion", "--raw is a text completion: {v}");
+
+    let examples = s.dir.path().join("examples.jsonl");
+    let lines: Vec<String> = (0..3)
+        .map(|i| {
+            json!({"input": format!("Question: {i} + {i}?\nAnswer:"), "output": format!(" {}", 2 * i)}).to_string()
+        })
+        .collect();
+    std::fs::write(&examples, lines.join("\n")).unwrap();
+    let (code, out, err) = ctl(&["customize", "sums", "-e", examples.to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("adapter 'sums' from 3 examples"), "{out}");
+    let (code, out, _) = ctl(&["adapters", "--json"]);
+    assert_eq!(code, 0);
+    let list: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(list[0]["name"], "sums", "{list}");
+    let (code, out, err) = ctl(&["generate", "-a", "sums", "-n", "2", "--stats", "Question: 4 + 4?"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(!out.trim().is_empty() && err.contains("answered by device"), "{out} / {err}");
+    let (code, out, _) = ctl(&["status"]);
+    assert_eq!(code, 0);
+    assert!(out.contains("crayond") && out.contains("requests 4"), "{out}");
+    let (code, _, err) = ctl(&["remove", "sums"]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(status(&s)["failed"], 0);
+
+    // Errors: what, where, and the exit status.
+    let (code, _, err) = ctl(&["generate", "-a", "sums", "hi"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("no such adapter") && err.contains(&s.socket.display().to_string()), "{err}");
+    let missing = s.dir.path().join("nobody.sock");
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_crayonctl"));
+    let (code, _, err) = run(cmd.arg(format!("--socket={}", missing.display())).arg("status"));
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("cannot connect") && err.contains("is crayond running"), "{err}");
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_crayonctl"));
+    let (code, _, err) = run(cmd.arg("status").env_remove("CRAYON_CONFIG"));
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("add --socket"), "{err}");
+}

@@ -200,6 +200,21 @@ impl Service {
         Ok(full_response(Endpoint::Chat, &job.model, &done))
     }
 
+    /// A text completion (an OpenAI completions body with the `crayon` extension), answered as
+    /// [`Service::chat_blocking`] answers a chat.
+    pub fn completion_blocking(
+        &self,
+        client: &str,
+        body: &[u8],
+        cancel: &CancelToken,
+        on_text: &mut dyn FnMut(&str) -> ControlFlow<()>,
+    ) -> Result<Value> {
+        self.counters.requests.fetch_add(1, Ordering::Relaxed);
+        let job = parse_job(self, body, Endpoint::Completion).map_err(Error::InvalidRequest)?;
+        let done = self.execute_counted(client, &job, cancel, on_text)?;
+        Ok(full_response(Endpoint::Completion, &job.model, &done))
+    }
+
     /// Customizes an adapter from a customize request body (`{"name", "examples", "calibrate",
     /// "choices"}`, as `POST /v1/crayon/adapters`), for `client`'s turn in the queue.
     pub fn customize_blocking(&self, client: &str, body: &[u8], cancel: &CancelToken) -> Result<Value> {

@@ -614,8 +614,9 @@ fn run_request(
     cancel: &CancelToken,
     emit: &dyn Fn(Value),
 ) -> Result<Value> {
+    let chat = matches!(op, Op::Chat { .. });
     match op {
-        Op::Chat { body, stream } => {
+        Op::Chat { body, stream } | Op::Complete { body, stream } => {
             let bytes = serde_json::to_vec(&body).map_err(|e| Error::InvalidRequest(e.to_string()))?;
             let mut on_text = |t: &str| {
                 if stream && !t.is_empty() {
@@ -627,7 +628,10 @@ fn run_request(
                     std::ops::ControlFlow::Continue(())
                 }
             };
-            let v = service.chat_blocking(client, &bytes, cancel, &mut on_text)?;
+            let v = match chat {
+                true => service.chat_blocking(client, &bytes, cancel, &mut on_text)?,
+                false => service.completion_blocking(client, &bytes, cancel, &mut on_text)?,
+            };
             if cancel.is_cancelled() {
                 return Err(Error::Cancelled);
             }

@@ -66,6 +66,12 @@ pub enum Op {
         #[serde(default)]
         stream: bool,
     },
+    /// An OpenAI completions body (`prompt` as raw text, no chat template), otherwise as `Chat`.
+    Complete {
+        body: Value,
+        #[serde(default)]
+        stream: bool,
+    },
     /// A customize body: `{"name", "examples": [{"input", "output"}], "calibrate", "choices"}`.
     Customize { body: Value },
     /// Saved adapters.
@@ -144,6 +150,9 @@ mod tests {
         assert!(matches!(r.op, Op::Remove { ref name } if name == "x"));
         let r: Request = serde_json::from_value(json!({"id": 4, "op": "chat", "body": {}})).unwrap();
         assert!(matches!(r.op, Op::Chat { stream: false, .. }));
+        let r: Request =
+            serde_json::from_value(json!({"id": 5, "op": "complete", "stream": true, "body": {}})).unwrap();
+        assert!(matches!(r.op, Op::Complete { stream: true, .. }));
         assert!(serde_json::from_value::<Request>(json!({"op": "status"})).is_err());
         assert!(serde_json::from_value::<Request>(json!({"id": 1, "op": "reboot"})).is_err());
     }

@@ -1,4 +1,7 @@
-//! crayonctl: the command-line client. For now it runs the engine in-process.
+//! crayonctl: the command-line client. With `--socket` it talks to a running `crayond` (its model,
+//! adapters and queue, shared with every app on the machine); without, it runs the engine in-process.
+
+mod remote;
 
 use std::io::{Read, Write};
 use std::ops::ControlFlow;
@@ -14,11 +17,21 @@ use crayon::{CancelToken, Engine, Message, Prompt};
     version,
     about = "Talk to Crayon: generate text with the on-device model, customize it per task."
 )]
-#[command(after_help = "Exit status: 0 success, 1 model/runtime failure, 2 bad config or request.\n\
-Example: crayonctl -c config/crayon.toml generate \"What is the capital of France?\"")]
+#[command(after_help = "Exit status: 0 success, 1 model/runtime/daemon failure, 2 bad config or request, \
+130 cancelled (Ctrl-C).\n\
+Examples:\n  crayonctl -c config/crayon.toml generate \"What is the capital of France?\"   (model in this process)\n  \
+crayonctl --socket generate \"What is the capital of France?\"   (the crayond service, $CRAYON_SOCKET or \
+/run/crayon/crayon.sock)")]
 struct Cli {
     #[command(flatten)]
     common: CommonArgs,
+    /// Use the crayond service (--socket, or --socket=PATH) instead of loading the model here [default path:
+    /// $CRAYON_SOCKET, else /run/crayon/crayon.sock]; --config and the model options are then unused
+    #[arg(long, global = true, num_args = 0..=1, require_equals = true, default_missing_value = "", value_name = "PATH")]
+    socket: Option<String>,
+    /// With --socket: longest wait, in seconds, for the next reply from the daemon
+    #[arg(long, global = true, default_value_t = 300)]
+    socket_timeout: u64,
     #[command(subcommand)]
     cmd: Command,
 }
@@ -39,6 +52,12 @@ enum Command {
     Remove {
         /// Adapter name
         name: String,
+    },
+    /// The service's status: model, provider, routing, counters (needs --socket)
+    Status {
+        /// Print JSON
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -96,11 +115,15 @@ struct GenerateArgs {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     cli.common.init_logging("warn");
-    match run(&cli) {
+    let outcome = match &cli.socket {
+        Some(path) => run_remote(&cli, path).map_err(|e| (e.to_string(), e.exit_code())),
+        None => run(&cli).map_err(|e| (e.to_string(), exit_code(&e))),
+    };
+    match outcome {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("crayonctl: {e}");
-            ExitCode::from(exit_code(&e) as u8)
+        Err((msg, code)) => {
+            eprintln!("crayonctl: {msg}");
+            ExitCode::from(code as u8)
         }
     }
 }
@@ -116,6 +139,24 @@ fn run(cli: &Cli) -> crayon::Result<()> {
             println!("removed adapter '{name}'");
             Ok(())
         }
+        Command::Status { .. } => {
+            Err(crayon::Error::InvalidRequest("`status` reports on the crayond service: add --socket [PATH]".into()))
+        }
+    }
+}
+
+fn run_remote(cli: &Cli, path: &str) -> Result<(), remote::RemoteError> {
+    let path = match path.is_empty() {
+        true => crayon::socket::client::default_path(),
+        false => std::path::PathBuf::from(path),
+    };
+    let mut daemon = remote::Remote::connect(&path, std::time::Duration::from_secs(cli.socket_timeout.max(1)))?;
+    match &cli.cmd {
+        Command::Generate(args) => daemon.generate(args),
+        Command::Customize(args) => daemon.customize(args),
+        Command::Adapters { json } => daemon.adapters(*json),
+        Command::Remove { name } => daemon.remove(name),
+        Command::Status { json } => daemon.status(*json),
     }
 }
 
@@ -160,16 +201,20 @@ fn list_adapters(cfg: crayon::Config, json: bool) -> crayon::Result<()> {
         println!("no customized adapters (make one with `crayonctl customize NAME --examples FILE`)");
     }
     for c in list {
-        let top = c
-            .adapters
-            .iter()
-            .zip(&c.weights)
-            .max_by(|a, b| a.1.total_cmp(b.1))
-            .map(|(n, w)| format!("{n} {w:.2}"))
-            .unwrap_or_default();
-        println!("{:<24} {:>3} examples  pool {}  top {}", c.name, c.example_count, c.pool_id, top);
+        print_adapter_line(&c.name, c.example_count, &c.pool_id, &c.adapters, &c.weights);
     }
     Ok(())
+}
+
+/// One line of `crayonctl adapters`: name, examples, pool and the heaviest base adapter.
+fn print_adapter_line(name: &str, examples: usize, pool: &str, adapters: &[String], weights: &[f32]) {
+    let top = adapters
+        .iter()
+        .zip(weights)
+        .max_by(|a, b| a.1.total_cmp(b.1))
+        .map(|(n, w)| format!("{n} {w:.2}"))
+        .unwrap_or_default();
+    println!("{name:<24} {examples:>3} examples  pool {pool}  top {top}");
 }
 
 fn read_examples(path: &std::path::Path) -> crayon::Result<Vec<crayon::Example>> {
