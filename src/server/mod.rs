@@ -194,10 +194,7 @@ impl Service {
         cancel: &CancelToken,
         on_text: &mut dyn FnMut(&str) -> ControlFlow<()>,
     ) -> Result<Value> {
-        self.counters.requests.fetch_add(1, Ordering::Relaxed);
-        let job = parse_job(self, body, Endpoint::Chat).map_err(Error::InvalidRequest)?;
-        let done = self.execute_counted(client, &job, cancel, on_text)?;
-        Ok(full_response(Endpoint::Chat, &job.model, &done))
+        self.answer_blocking(Endpoint::Chat, client, body, cancel, on_text)
     }
 
     /// A text completion (an OpenAI completions body with the `crayon` extension), answered as
@@ -209,10 +206,21 @@ impl Service {
         cancel: &CancelToken,
         on_text: &mut dyn FnMut(&str) -> ControlFlow<()>,
     ) -> Result<Value> {
+        self.answer_blocking(Endpoint::Completion, client, body, cancel, on_text)
+    }
+
+    fn answer_blocking(
+        &self,
+        endpoint: Endpoint,
+        client: &str,
+        body: &[u8],
+        cancel: &CancelToken,
+        on_text: &mut dyn FnMut(&str) -> ControlFlow<()>,
+    ) -> Result<Value> {
         self.counters.requests.fetch_add(1, Ordering::Relaxed);
-        let job = parse_job(self, body, Endpoint::Completion).map_err(Error::InvalidRequest)?;
+        let job = parse_job(self, body, endpoint).map_err(Error::InvalidRequest)?;
         let done = self.execute_counted(client, &job, cancel, on_text)?;
-        Ok(full_response(Endpoint::Completion, &job.model, &done))
+        Ok(full_response(endpoint, &job.model, &done))
     }
 
     /// Customizes an adapter from a customize request body (`{"name", "examples", "calibrate",
