@@ -544,3 +544,58 @@ fn tls_with_a_private_ca_reaches_the_server_and_an_unknown_issuer_falls_back() {
     assert!(why.to_lowercase().contains("certificate") || why.contains("UnknownIssuer"), "{why}");
     assert_eq!(srv.health()["requests"], 1, "an untrusted server gets no request");
 }
+
+/// Posts `body` to `url`'s `path` from the local address `from` (127.0.0.x), by hand: the HTTP
+/// client crates cannot choose a source address.
+fn post_from(from: &str, url: &str, path: &str, body: &Value) -> Value {
+    use std::io::{Read, Write};
+    let server: std::net::SocketAddr = url.trim_start_matches("http://").parse().unwrap();
+    let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    sock.bind(&format!("{from}:0").parse::<std::net::SocketAddr>().unwrap().into()).unwrap();
+    sock.connect(&server.into()).unwrap();
+    let mut stream: std::net::TcpStream = sock.into();
+    stream.set_read_timeout(Some(PATIENCE)).unwrap();
+    let body = body.to_string();
+    write!(
+        stream,
+        "POST {path} HTTP/1.1\r\nHost: {server}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut reply = String::new();
+    stream.read_to_string(&mut reply).unwrap();
+    let (head, json) = reply.split_once("\r\n\r\n").unwrap();
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    serde_json::from_str(json).unwrap()
+}
+
+/// The HTTP server shares the model fairly between devices (peer IP addresses): a device that sent
+/// five requests does not make another device's one request wait behind all five.
+#[test]
+fn http_clients_take_turns_by_peer_address() {
+    let state = tempfile::tempdir().unwrap();
+    let d = Daemon::start(&tiny_config(None, state.path(), ""));
+    let done = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let body = json!({"prompt": "Once upon a time", "max_tokens": 48, "stop": []});
+    let mut threads = Vec::new();
+    for i in 0..5 {
+        let (url, body, done) = (d.url.clone(), body.clone(), done.clone());
+        threads.push(std::thread::spawn(move || {
+            post_from("127.0.0.2", &url, "/v1/completions", &body);
+            done.lock().unwrap().push(format!("flood {i}"));
+        }));
+    }
+    let t0 = std::time::Instant::now();
+    while d.health()["queued"].as_u64().unwrap_or(0) < 4 {
+        assert!(t0.elapsed() < PATIENCE, "the five requests were never queued: {}", d.health());
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    post_from("127.0.0.1", &d.url, "/v1/completions", &body);
+    done.lock().unwrap().push("other device".into());
+    for t in threads {
+        t.join().unwrap();
+    }
+    let order = done.lock().unwrap().clone();
+    let rank = order.iter().position(|s| s == "other device").unwrap();
+    assert!(rank <= 1, "the other device waited behind the flood: {order:?}");
+}

@@ -184,6 +184,8 @@ async fn run(
             let stop = http_stop.clone();
             let app = crayon::server::app(service.clone());
             Some(tokio::spawn(async move {
+                // Peer addresses tell HTTP clients apart in the engine queue's round-robin.
+                let app = app.into_make_service_with_connect_info::<std::net::SocketAddr>();
                 axum::serve(listener, app).with_graceful_shutdown(async move { stop.notified().await }).await
             }))
         }

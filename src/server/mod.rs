@@ -329,8 +329,22 @@ impl Service {
     }
 }
 
-/// HTTP requests share one place in the queue's round (they are not told apart by connection).
-const HTTP_CLIENT: &str = "http";
+/// Who is asking over HTTP, for the queue's round-robin: the peer's IP address (every connection of
+/// one device is one client, so a device flooding the server waits its turn behind the others).
+/// `"http"` when the server was not started with peer addresses (an embedding app's own router).
+struct HttpClient(String);
+
+impl<S: Send + Sync> axum::extract::FromRequestParts<S> for HttpClient {
+    type Rejection = Infallible;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        _: &S,
+    ) -> std::result::Result<Self, Infallible> {
+        let peer = parts.extensions.get::<axum::extract::ConnectInfo<SocketAddr>>();
+        Ok(HttpClient(peer.map_or_else(|| "http".into(), |c| format!("http:{}", c.0.ip()))))
+    }
+}
 
 /// How long a client may take to send its request body (a slow upload holds no model slot, but a
 /// connection).
@@ -438,7 +452,7 @@ struct CustomizeRequest {
     choices: Vec<String>,
 }
 
-async fn customize(State(s): State<Arc<Service>>, headers: HeaderMap, body: Body) -> Response {
+async fn customize(State(s): State<Arc<Service>>, client: HttpClient, headers: HeaderMap, body: Body) -> Response {
     if let Some(r) = unauthorized(&s, &headers) {
         return r;
     }
@@ -467,7 +481,7 @@ async fn customize(State(s): State<Arc<Service>>, headers: HeaderMap, body: Body
     let _guard = CancelOnDrop(cancel.clone());
     let joined = tokio::task::spawn_blocking(move || {
         let _permit = permit;
-        worker.customize_request(HTTP_CLIENT, req, &cancel)
+        worker.customize_request(&client.0, req, &cancel)
     })
     .await;
     match joined {
@@ -479,6 +493,7 @@ async fn customize(State(s): State<Arc<Service>>, headers: HeaderMap, body: Body
 
 async fn remove_adapter(
     State(s): State<Arc<Service>>,
+    client: HttpClient,
     headers: HeaderMap,
     axum::extract::Path(name): axum::extract::Path<String>,
 ) -> Response {
@@ -489,7 +504,7 @@ async fn remove_adapter(
     let worker = s.clone();
     let removed = tokio::task::spawn_blocking(move || {
         let _permit = permit;
-        worker.remove_blocking(HTTP_CLIENT, &name, &CancelToken::new())
+        worker.remove_blocking(&client.0, &name, &CancelToken::new())
     });
     match removed.await {
         Ok(Ok(v)) => axum::Json(v).into_response(),
@@ -527,12 +542,17 @@ enum Endpoint {
     Completion,
 }
 
-async fn chat_completions(State(s): State<Arc<Service>>, headers: HeaderMap, body: Body) -> Response {
-    handle(s, headers, body, Endpoint::Chat).await
+async fn chat_completions(
+    State(s): State<Arc<Service>>,
+    client: HttpClient,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    handle(s, client, headers, body, Endpoint::Chat).await
 }
 
-async fn completions(State(s): State<Arc<Service>>, headers: HeaderMap, body: Body) -> Response {
-    handle(s, headers, body, Endpoint::Completion).await
+async fn completions(State(s): State<Arc<Service>>, client: HttpClient, headers: HeaderMap, body: Body) -> Response {
+    handle(s, client, headers, body, Endpoint::Completion).await
 }
 
 /// A parsed request, ready for a blocking thread.
@@ -562,7 +582,7 @@ struct Done {
     blend_error: Option<String>,
 }
 
-async fn handle(s: Arc<Service>, headers: HeaderMap, body: Body, endpoint: Endpoint) -> Response {
+async fn handle(s: Arc<Service>, client: HttpClient, headers: HeaderMap, body: Body, endpoint: Endpoint) -> Response {
     if let Some(r) = unauthorized(&s, &headers) {
         return r;
     }
@@ -577,7 +597,7 @@ async fn handle(s: Arc<Service>, headers: HeaderMap, body: Body, endpoint: Endpo
         Err(msg) => return fail(StatusCode::BAD_REQUEST, &msg, "invalid_request_error"),
     };
     let Ok(permit) = s.slots.clone().try_acquire_owned() else { return s.busy() };
-    run_job(s, job, permit).await
+    run_job(s, client, job, permit).await
 }
 
 fn parse_job(s: &Service, bytes: &[u8], endpoint: Endpoint) -> std::result::Result<Job, String> {
@@ -630,7 +650,7 @@ impl Drop for CancelOnDrop {
     }
 }
 
-async fn run_job(s: Arc<Service>, job: Job, permit: OwnedSemaphorePermit) -> Response {
+async fn run_job(s: Arc<Service>, client: HttpClient, job: Job, permit: OwnedSemaphorePermit) -> Response {
     // Unbounded (the text is bounded by max_tokens): the generating thread holds the engine and must
     // never wait on a slow reader.
     let (tx, mut rx) = mpsc::unbounded_channel::<Msg>();
@@ -651,7 +671,7 @@ async fn run_job(s: Arc<Service>, job: Job, permit: OwnedSemaphorePermit) -> Res
                 Err(_) => ControlFlow::Break(()), // the client is gone
             }
         };
-        let msg = match worker.execute_counted(HTTP_CLIENT, &job, &cancel, &mut on_text) {
+        let msg = match worker.execute_counted(&client.0, &job, &cancel, &mut on_text) {
             Ok(done) => Msg::Done(Box::new(done)),
             Err(e) => Msg::Failed(e),
         };
