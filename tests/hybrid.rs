@@ -570,18 +570,21 @@ fn post_from(from: &str, url: &str, path: &str, body: &Value) -> Value {
 }
 
 /// The HTTP server shares the model fairly between devices (peer IP addresses): a device that sent
-/// five requests does not make another device's one request wait behind all five.
+/// five requests does not make another device's one request wait behind all five. Each turn is a
+/// long generation, so the other device's request is queued well within the first turn even on a
+/// loaded machine; it must then come at most one turn later (unfair: after all five).
 #[test]
 fn http_clients_take_turns_by_peer_address() {
     let state = tempfile::tempdir().unwrap();
     let d = Daemon::start(&tiny_config(None, state.path(), ""));
     let done = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-    let body = json!({"prompt": "Once upon a time", "max_tokens": 48, "stop": []});
+    let body = json!({"prompt": "Once upon a time", "max_tokens": 300, "stop": []});
     let mut threads = Vec::new();
     for i in 0..5 {
         let (url, body, done) = (d.url.clone(), body.clone(), done.clone());
         threads.push(std::thread::spawn(move || {
-            post_from("127.0.0.2", &url, "/v1/completions", &body);
+            let out = post_from("127.0.0.2", &url, "/v1/completions", &body);
+            assert_eq!(out["usage"]["completion_tokens"], 300, "a full-length turn: {out}");
             done.lock().unwrap().push(format!("flood {i}"));
         }));
     }
@@ -590,7 +593,8 @@ fn http_clients_take_turns_by_peer_address() {
         assert!(t0.elapsed() < PATIENCE, "the five requests were never queued: {}", d.health());
         std::thread::sleep(Duration::from_millis(2));
     }
-    post_from("127.0.0.1", &d.url, "/v1/completions", &body);
+    let short = json!({"prompt": "Once upon a time", "max_tokens": 4, "stop": []});
+    post_from("127.0.0.1", &d.url, "/v1/completions", &short);
     done.lock().unwrap().push("other device".into());
     for t in threads {
         t.join().unwrap();
