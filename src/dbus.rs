@@ -21,7 +21,7 @@ use zbus::{Connection, fdo, interface};
 use crate::config::DbusConfig;
 use crate::error::{Error, Result};
 use crate::generate::CancelToken;
-use crate::server::Service;
+use crate::server::{Endpoint, Service};
 
 pub const OBJECT_PATH: &str = "/org/crayon/Crayon1";
 pub const INTERFACE: &str = "org.crayon.Crayon1";
@@ -177,7 +177,11 @@ impl Crayon1 {
         let body = serde_json::to_vec(&chat_body(&prompt, &options)?).map_err(|e| DbusError::Failed(e.to_string()))?;
         let client = client_key(&hdr);
         let v = self
-            .blocking(move |s| s.chat_blocking(&client, &body, &CancelToken::new(), &mut |_| ControlFlow::Continue(())))
+            .blocking(move |s| {
+                s.answer_blocking(Endpoint::Chat, &client, &body, &CancelToken::new(), &mut |_| {
+                    ControlFlow::Continue(())
+                })
+            })
             .await?;
         Ok(split_result(&v))
     }
@@ -240,7 +244,7 @@ impl Crayon1 {
                 ControlFlow::Continue(())
             };
             let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                service.chat_blocking(&client, &body, &cancel, &mut on_text)
+                service.answer_blocking(Endpoint::Chat, &client, &body, &cancel, &mut on_text)
             }))
             .unwrap_or_else(|_| Err(Error::Internal("the request handler panicked".into())));
             let r = match r {
@@ -277,7 +281,9 @@ impl Crayon1 {
         let client = client_key(&hdr);
         let v = self
             .blocking(move |s| {
-                s.chat_blocking(&client, request.as_bytes(), &CancelToken::new(), &mut |_| ControlFlow::Continue(()))
+                s.answer_blocking(Endpoint::Chat, &client, request.as_bytes(), &CancelToken::new(), &mut |_| {
+                    ControlFlow::Continue(())
+                })
             })
             .await?;
         Ok(v.to_string())

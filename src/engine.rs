@@ -367,11 +367,7 @@ impl Engine {
 
     pub fn remove_adapter(&mut self, name: &str) -> Result<Customization> {
         let c = self.store_mut()?.remove(name)?;
-        let before = self.ready.len();
-        self.ready.retain(|r| r.name != name);
-        if self.ready.len() != before {
-            crate::runtime::release_freed_memory();
-        }
+        self.drop_ready(name);
         Ok(c)
     }
 
@@ -438,16 +434,21 @@ impl Engine {
         let decoder = Decoder::load(&self.files, &self.runtime, &self.config.runtime, self.shared.as_ref(), overrides)?;
         cz.base_weights.release_resident_pages();
         let session_ms = ms(t1.elapsed());
-        let before = self.ready.len();
-        self.ready.retain(|r| r.name != c.name);
-        if self.ready.len() != before {
-            crate::runtime::release_freed_memory();
-        }
+        self.drop_ready(&c.name);
         self.clock += 1;
         self.ready.push(Ready { name: c.name.clone(), decoder, bytes, last_used: self.clock });
         self.evict();
         tracing::info!(adapter = %c.name, merge_ms, session_ms, "customized model ready");
         Ok((merge_ms, session_ms))
+    }
+
+    /// Drops the ready model named `name`, if any, and gives its memory back to the system.
+    fn drop_ready(&mut self, name: &str) {
+        let before = self.ready.len();
+        self.ready.retain(|r| r.name != name);
+        if self.ready.len() != before {
+            crate::runtime::release_freed_memory();
+        }
     }
 
     /// Drops least recently used models beyond `adapters.cache_mb`, always keeping the newest.

@@ -184,32 +184,10 @@ impl Service {
         })
     }
 
-    /// Answers an OpenAI chat-completions request body (with the `crayon` extension) on the calling
-    /// thread, for `client`'s turn in the queue; streams text to `on_text` and returns the full
-    /// `chat.completion` object. The caller holds a slot ([`Service::try_slot`]).
-    pub fn chat_blocking(
-        &self,
-        client: &str,
-        body: &[u8],
-        cancel: &CancelToken,
-        on_text: &mut dyn FnMut(&str) -> ControlFlow<()>,
-    ) -> Result<Value> {
-        self.answer_blocking(Endpoint::Chat, client, body, cancel, on_text)
-    }
-
-    /// A text completion (an OpenAI completions body with the `crayon` extension), answered as
-    /// [`Service::chat_blocking`] answers a chat.
-    pub fn completion_blocking(
-        &self,
-        client: &str,
-        body: &[u8],
-        cancel: &CancelToken,
-        on_text: &mut dyn FnMut(&str) -> ControlFlow<()>,
-    ) -> Result<Value> {
-        self.answer_blocking(Endpoint::Completion, client, body, cancel, on_text)
-    }
-
-    fn answer_blocking(
+    /// Answers an OpenAI request body of `endpoint`'s kind (with the `crayon` extension) on the
+    /// calling thread, for `client`'s turn in the queue; streams text to `on_text` and returns the
+    /// full `chat.completion` / `text_completion` object. The caller holds a slot ([`Service::try_slot`]).
+    pub fn answer_blocking(
         &self,
         endpoint: Endpoint,
         client: &str,
@@ -536,8 +514,9 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-#[derive(Clone, Copy, PartialEq)]
-enum Endpoint {
+/// Which OpenAI request a body is: a chat (messages, chat template) or a text completion (prompt).
+#[derive(Clone, Copy, PartialEq, Debug)]
+pub enum Endpoint {
     Chat,
     Completion,
 }

@@ -27,7 +27,7 @@ use serde_json::{Value, json};
 use crate::config::SocketConfig;
 use crate::error::{Error, Result};
 use crate::generate::CancelToken;
-use crate::server::Service;
+use crate::server::{Endpoint, Service};
 use proto::{Code, Op, PROTOCOL_VERSION, Split, error_event, frame, split_frame};
 
 const LISTENER: Token = Token(0);
@@ -614,7 +614,10 @@ fn run_request(
     cancel: &CancelToken,
     emit: &dyn Fn(Value),
 ) -> Result<Value> {
-    let chat = matches!(op, Op::Chat { .. });
+    let endpoint = match op {
+        Op::Complete { .. } => Endpoint::Completion,
+        _ => Endpoint::Chat,
+    };
     match op {
         Op::Chat { body, stream } | Op::Complete { body, stream } => {
             let bytes = serde_json::to_vec(&body).map_err(|e| Error::InvalidRequest(e.to_string()))?;
@@ -628,10 +631,7 @@ fn run_request(
                     std::ops::ControlFlow::Continue(())
                 }
             };
-            let v = match chat {
-                true => service.chat_blocking(client, &bytes, cancel, &mut on_text)?,
-                false => service.completion_blocking(client, &bytes, cancel, &mut on_text)?,
-            };
+            let v = service.answer_blocking(endpoint, client, &bytes, cancel, &mut on_text)?;
             if cancel.is_cancelled() {
                 return Err(Error::Cancelled);
             }
