@@ -106,9 +106,14 @@ impl ModelFiles {
     /// Names of the weights an adapter may replace, e.g. `model.layers.3.self_attn.q_proj.weight`.
     pub fn target_weight_names(&self) -> Vec<String> {
         (0..self.arch.num_hidden_layers)
-            .flat_map(|i| self.manifest.adapter_targets.iter().map(move |t| format!("model.layers.{i}.{t}.weight")))
+            .flat_map(|i| self.manifest.adapter_targets.iter().map(move |t| target_weight_name(i, t)))
             .collect()
     }
+}
+
+/// The model weight an adapter target replaces in `layer`, e.g. `model.layers.3.self_attn.q_proj.weight`.
+pub fn target_weight_name(layer: usize, target: &str) -> String {
+    format!("model.layers.{layer}.{target}.weight")
 }
 
 /// Shape [out, in] of an adapter target such as `self_attn.q_proj`.

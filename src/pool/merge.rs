@@ -71,7 +71,7 @@ fn merge_one(
 ) -> Result<WeightOverride> {
     let [out, inp] = target_shape(&model.arch, target)
         .ok_or_else(|| Error::InvalidRequest(format!("unknown adapter target '{target}'")))?;
-    let name = format!("model.layers.{layer}.{target}.weight");
+    let name = crate::model::target_weight_name(layer, target);
     let mut merged = base.f32(&name)?.into_owned();
     if merged.len() != out * inp {
         return Err(Error::model(base.path(), format!("'{name}' has {} values, expected {out} x {inp}", merged.len())));

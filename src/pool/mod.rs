@@ -113,7 +113,7 @@ impl Pool {
         let targets: std::collections::BTreeSet<&str> =
             self.adapters.iter().flat_map(|a| a.targets.iter().map(String::as_str)).collect();
         (0..model.arch.num_hidden_layers)
-            .flat_map(|i| targets.iter().map(move |t| format!("model.layers.{i}.{t}.weight")))
+            .flat_map(|i| targets.iter().map(move |t| crate::model::target_weight_name(i, t)))
             .collect()
     }
 
