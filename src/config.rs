@@ -17,6 +17,7 @@ pub struct Config {
     pub model: ModelConfig,
     pub runtime: RuntimeConfig,
     pub generation: GenerationConfig,
+    pub choices: crate::choices::ChoicesConfig,
     pub pool: PoolConfig,
     pub blend: crate::pool::blend::BlendConfig,
     pub adapters: AdaptersConfig,
@@ -418,6 +419,7 @@ impl Config {
     }
 
     pub fn validate(&self) -> std::result::Result<(), String> {
+        self.choices.validate()?;
         let g = &self.generation;
         if !(g.temperature.is_finite() && g.temperature >= 0.0) {
             return Err(format!("generation.temperature must be >= 0, got {}", g.temperature));

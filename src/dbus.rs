@@ -135,14 +135,23 @@ pub fn chat_body(prompt: &str, options: &HashMap<String, String>) -> Result<Valu
                 ext.insert("adapter".into(), json!(v));
             }
             "choices" => {
-                ext.insert("choices".into(), json!(v.split('|').map(str::trim).collect::<Vec<_>>()));
+                // A JSON array of strings for options that contain '|', else '|'-separated.
+                let list: Vec<String> = match v.trim_start().starts_with('[') {
+                    true => serde_json::from_str(v).map_err(|_| bad("not a JSON array of strings"))?,
+                    false => v.split('|').map(|c| c.trim().to_string()).collect(),
+                };
+                ext.insert("choices".into(), json!(list));
+            }
+            "normalization" | "calibration" => {
+                let scoring = ext.entry("choice_scoring").or_insert_with(|| json!({}));
+                scoring[k] = json!(v);
             }
             "route" => {
                 ext.insert("route".into(), json!({"mode": v}));
             }
             _ => {
                 return Err(Error::InvalidRequest(format!(
-                    "unknown option '{k}' (known: system, max_tokens, temperature, top_p, top_k, seed, adapter, choices, route)"
+                    "unknown option '{k}' (known: system, max_tokens, temperature, top_p, top_k, seed, adapter, choices, normalization, calibration, route)"
                 )));
             }
         }

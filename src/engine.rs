@@ -9,6 +9,7 @@ use serde::Serialize;
 
 use crate::adapters::{self, AdapterStore, Customization, Example};
 use crate::chat::{ChatTemplate, Message};
+use crate::choices::{self, Calibration, ChoiceJob};
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::generate::{self, CancelToken, Generation, GenerationParams, Prompt};
@@ -26,8 +27,7 @@ const EMBEDDING_WEIGHT: &str = "model.embed_tokens.weight";
 
 /// Upper bound on examples per customization: embedding is cheap, but requests must stay bounded.
 pub const MAX_EXAMPLES: usize = 256;
-/// Upper bound on the options of one choice question.
-pub const MAX_CHOICES: usize = 26;
+pub use crate::choices::MAX_CHOICES;
 
 /// The pool and what blending needs next to it.
 struct Customizer {
@@ -207,12 +207,67 @@ impl Engine {
         }
         let max_new = params.max_new_tokens.min(limit - ids.len());
         let adapter = params.adapter.as_deref();
+        let choice_ids = self.choice_ids(prompt, &ids, &params.choices, limit)?;
+        let scoring = &self.config.choices;
+        let calibration = params.choice_scoring.calibration.unwrap_or(scoring.calibration);
+        let content_free = match (choice_ids.is_empty(), calibration) {
+            (false, Calibration::ContentFree) => Some(self.content_free_ids(prompt)?),
+            _ => None,
+        };
         self.ensure_ready(adapter)?;
-        let Engine { base, ready, tokenizer, stop_ids, .. } = self;
-        let choice_tokens = choice_tokens(tokenizer, &params.choices)?;
+        let Engine { base, ready, tokenizer, stop_ids, config, .. } = self;
+        let choices = (!choice_ids.is_empty()).then(|| ChoiceJob {
+            texts: &params.choices,
+            options: &choice_ids,
+            content_free: content_free.as_deref(),
+            normalization: params.choice_scoring.normalization.unwrap_or(config.choices.normalization),
+        });
         let decoder = select(base, ready, adapter)?;
-        let job = generate::Job { tokenizer, stop_ids, ids: &ids, max_new, params, choice_tokens: &choice_tokens };
+        let job = generate::Job { tokenizer, stop_ids, ids: &ids, max_new, params, choices };
         generate::run(decoder, &job, cancel, on_text)
+    }
+
+    /// Token ids of each option as it continues `prompt` (see [`choices::continuation`]), checked to
+    /// fit in the context after the prompt.
+    fn choice_ids(
+        &self,
+        prompt: &Prompt,
+        prompt_ids: &[u32],
+        options: &[String],
+        limit: usize,
+    ) -> Result<Vec<Vec<u32>>> {
+        choices::validate(options)?;
+        let raw_text = match prompt {
+            Prompt::Text(t) => Some(t.as_str()),
+            Prompt::Chat(_) | Prompt::Tokens(_) => None,
+        };
+        let mut out = Vec::with_capacity(options.len());
+        for (i, o) in options.iter().enumerate() {
+            let ids = self.tokenizer.encode(&choices::continuation(raw_text, o))?;
+            if ids.is_empty() {
+                return Err(Error::InvalidRequest(format!("choice {} has no tokens", i + 1)));
+            }
+            if prompt_ids.len() + ids.len() > limit {
+                return Err(Error::InvalidRequest(format!(
+                    "the prompt ({} tokens) and choice {} ({} tokens) exceed the context limit of {limit}",
+                    prompt_ids.len(),
+                    i + 1,
+                    ids.len()
+                )));
+            }
+            out.push(ids);
+        }
+        Ok(out)
+    }
+
+    /// The content-free prompt of option calibration, in the request's form (chat or text).
+    fn content_free_ids(&self, prompt: &Prompt) -> Result<Vec<u32>> {
+        let text = self.config.choices.content_free.clone();
+        let cf = match prompt {
+            Prompt::Chat(_) => Prompt::Chat(vec![Message::new("user", text)]),
+            Prompt::Text(_) | Prompt::Tokens(_) => Prompt::Text(text),
+        };
+        self.prompt_ids(&cf)
     }
 
     /// Logits at every position of `ids` (no cache), with the base model or an adapter.
@@ -263,7 +318,7 @@ impl Engine {
             example_embeddings: embs,
             calibrated: None,
         };
-        let (merge_ms, session_ms) = self.make_ready(&customization)?;
+        let (merge_ms, session_ms) = self.make_ready(&customization, merge::Composition::Deltas)?;
         self.store_mut()?.save(customization.clone())?;
         Ok(CustomizeReport { customization, embed_ms, merge_ms, session_ms, total_ms: ms(t0.elapsed()) })
     }
@@ -275,7 +330,7 @@ impl Engine {
         adapters::validate_name(name)?;
         let t0 = Instant::now();
         let customization = self.weights_customization(name, weights)?;
-        let (merge_ms, session_ms) = self.make_ready(&customization)?;
+        let (merge_ms, session_ms) = self.make_ready(&customization, merge::Composition::Deltas)?;
         self.store_mut()?.save(customization.clone())?;
         Ok(CustomizeReport { customization, embed_ms: 0.0, merge_ms, session_ms, total_ms: ms(t0.elapsed()) })
     }
@@ -299,9 +354,33 @@ impl Engine {
             format!("{}{}", adapters::BLEND_PREFIX, &adapters::digest_str(&format!("{}{key:?}", c.pool.id))[..16]);
         if !self.ready.iter().any(|r| r.name == name) {
             customization.name = name.clone();
-            self.make_ready(&customization)?;
+            self.make_ready(&customization, merge::Composition::Deltas)?;
         }
         Ok(name)
+    }
+
+    /// Makes any finite weight vector ready as `name`, composed as `composition`, *unnormalised and not
+    /// persisted*: for experiments and the benchmark's peers (LoraHub searches signed weights in
+    /// [-1.5, 1.5] and composes factors). Returns the merge and session times in ms. The service never
+    /// calls this: its blends are distributions over the pool (`customize_weights`).
+    pub fn ready_experimental_blend(
+        &mut self,
+        name: &str,
+        weights: &[f32],
+        composition: merge::Composition,
+    ) -> Result<(f64, f64)> {
+        adapters::validate_name(name)?;
+        let c = self.customizer()?;
+        if weights.len() != c.pool.adapters.len() || weights.iter().any(|w| !w.is_finite()) {
+            return Err(Error::InvalidRequest(format!(
+                "{} finite blend weights needed, got {:?}",
+                c.pool.adapters.len(),
+                weights
+            )));
+        }
+        let mut customization = self.weights_customization(name, &vec![1.0; weights.len()])?;
+        customization.weights = weights.to_vec();
+        self.make_ready(&customization, composition)
     }
 
     fn weights_customization(&self, name: &str, weights: &[f32]) -> Result<Customization> {
@@ -400,7 +479,7 @@ impl Engine {
                 name: name.into(),
                 msg: "no such adapter (see `crayonctl adapters`)".into(),
             })?;
-            self.make_ready(&c)?;
+            self.make_ready(&c, merge::Composition::Deltas)?;
         }
         self.clock += 1;
         let clock = self.clock;
@@ -411,7 +490,7 @@ impl Engine {
     }
 
     /// Merges a customization into the weights and builds its session; returns (merge, session) ms.
-    fn make_ready(&mut self, c: &Customization) -> Result<(f64, f64)> {
+    fn make_ready(&mut self, c: &Customization, composition: merge::Composition) -> Result<(f64, f64)> {
         let cz = self.customizer()?;
         if c.pool_id != cz.pool.id || c.adapters != cz.pool.names() {
             return Err(Error::Adapter {
@@ -427,7 +506,7 @@ impl Engine {
             n => n,
         };
         let t0 = Instant::now();
-        let overrides = merge::merge(&cz.pool, &self.files, &cz.base_weights, &c.weights, threads)?;
+        let overrides = merge::merge(&cz.pool, &self.files, &cz.base_weights, &c.weights, composition, threads)?;
         let merge_ms = ms(t0.elapsed());
         let bytes = ready_bytes(overrides.iter().map(|o| o.data.len() * 4).sum(), self.shared.as_ref(), &self.files);
         let t1 = Instant::now();
@@ -489,37 +568,6 @@ fn select<'a>(base: &'a mut Decoder, ready: &'a mut [Ready], adapter: Option<&st
             msg: "is not loaded (adapters.cache_mb too small?)".into(),
         }),
     }
-}
-
-/// The tokens each choice can begin with: its first token with and without a leading space (a chat
-/// answer starts without one, a completion after "Answer:" with one).
-pub(crate) fn choice_tokens(tokenizer: &Tokenizer, choices: &[String]) -> Result<Vec<Vec<u32>>> {
-    if choices.len() > MAX_CHOICES {
-        return Err(Error::InvalidRequest(format!("at most {MAX_CHOICES} choices, got {}", choices.len())));
-    }
-    let mut out = Vec::with_capacity(choices.len());
-    for c in choices {
-        let c = c.trim();
-        if c.is_empty() {
-            return Err(Error::InvalidRequest("choices must not be empty strings".into()));
-        }
-        let mut toks = Vec::new();
-        for variant in [c.to_string(), format!(" {c}")] {
-            if let Some(&t) = tokenizer.encode(&variant)?.first() {
-                if !toks.contains(&t) {
-                    toks.push(t);
-                }
-            }
-        }
-        if let Some(j) = out.iter().position(|other: &Vec<u32>| other.iter().any(|t| toks.contains(t))) {
-            return Err(Error::InvalidRequest(format!(
-                "choices '{}' and '{c}' begin with the same token, so their probabilities cannot be told apart",
-                choices[j].trim()
-            )));
-        }
-        out.push(toks);
-    }
-    Ok(out)
 }
 
 fn ms(d: Duration) -> f64 {

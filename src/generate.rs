@@ -10,6 +10,7 @@ use ort::session::RunOptions;
 use serde::Serialize;
 
 use crate::chat::Message;
+use crate::choices::{self, ChoiceJob, OptionScore, ScoringOverrides};
 use crate::config::GenerationConfig;
 use crate::error::{Error, Result};
 use crate::model::{Decoder, KvCache};
@@ -31,9 +32,12 @@ pub struct GenerationParams {
     pub stop: Vec<String>,
     /// Customized adapter to answer with; `None`: the base model.
     pub adapter: Option<String>,
-    /// For a multiple-choice question: the answer options (e.g. "A", "B", "C", "D"). The generation
-    /// then also reports their probabilities at the first answer position ([`Generation::choice_probs`]).
+    /// For a choice question: the answer options, full texts ("Paris", "Lyon") or labels ("A", "B").
+    /// The answer is then the option whose text the model finds most likely after the prompt
+    /// ([`crate::choices`]); nothing is sampled.
     pub choices: Vec<String>,
+    /// Per-request overrides of `[choices]` scoring.
+    pub choice_scoring: ScoringOverrides,
 }
 
 impl GenerationParams {
@@ -44,6 +48,7 @@ impl GenerationParams {
             stop: g.stop.clone(),
             adapter: None,
             choices: Vec::new(),
+            choice_scoring: ScoringOverrides::default(),
         }
     }
 }
@@ -75,10 +80,12 @@ pub struct Generation {
     pub tokens: Vec<TokenInfo>,
     pub finish_reason: FinishReason,
     pub prompt_tokens: usize,
-    /// Probability of each of `params.choices` at the first answer position, normalized over the
-    /// choices (empty without choices). See `docs/routing.md`.
+    /// Probability of each of `params.choices` (softmax of their scores; empty without choices).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub choice_probs: Vec<f32>,
+    /// Each option's likelihood (empty without choices); `text` is then the chosen option.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub choice_scores: Vec<OptionScore>,
     #[serde(serialize_with = "as_secs")]
     pub prefill_time: Duration,
     #[serde(serialize_with = "as_secs")]
@@ -90,6 +97,19 @@ fn as_secs<S: serde::Serializer>(d: &Duration, s: S) -> std::result::Result<S::O
 }
 
 impl Generation {
+    fn empty(prompt_tokens: usize) -> Generation {
+        Generation {
+            text: String::new(),
+            tokens: Vec::new(),
+            finish_reason: FinishReason::Length,
+            prompt_tokens,
+            choice_probs: Vec::new(),
+            choice_scores: Vec::new(),
+            prefill_time: Duration::ZERO,
+            decode_time: Duration::ZERO,
+        }
+    }
+
     pub fn prefill_tokens_per_s(&self) -> f64 {
         self.prompt_tokens as f64 / self.prefill_time.as_secs_f64().max(1e-9)
     }
@@ -141,8 +161,8 @@ pub(crate) struct Job<'a> {
     /// Already capped by the context limit.
     pub max_new: usize,
     pub params: &'a GenerationParams,
-    /// Per choice, the tokens that begin it (with and without a leading space).
-    pub choice_tokens: &'a [Vec<u32>],
+    /// For a choice question: what scoring needs (then nothing is sampled).
+    pub choices: Option<ChoiceJob<'a>>,
 }
 
 /// Runs one generation on `decoder`: prefill, then the decode loop with sampling, stop tokens, stop
@@ -158,7 +178,10 @@ pub(crate) fn run(
     if cancel.is_cancelled() {
         let _ = run_options.terminate();
     }
-    let result = decode_loop(decoder, job, cancel, &run_options, on_text);
+    let result = match &job.choices {
+        Some(c) => choose(decoder, job, c, cancel, &run_options, on_text),
+        None => decode_loop(decoder, job, cancel, &run_options, on_text),
+    };
     cancel.attach(None);
     result
 }
@@ -170,16 +193,8 @@ fn decode_loop(
     run_options: &RunOptions,
     on_text: &mut dyn FnMut(&str) -> ControlFlow<()>,
 ) -> Result<Generation> {
-    let Job { tokenizer, stop_ids, ids, max_new, params, choice_tokens } = *job;
-    let mut out = Generation {
-        text: String::new(),
-        tokens: Vec::new(),
-        finish_reason: FinishReason::Length,
-        prompt_tokens: ids.len(),
-        choice_probs: Vec::new(),
-        prefill_time: Duration::ZERO,
-        decode_time: Duration::ZERO,
-    };
+    let Job { tokenizer, stop_ids, ids, max_new, params, .. } = *job;
+    let mut out = Generation::empty(ids.len());
     let mut cache = decoder.new_cache()?;
     let started = Instant::now();
     let mut logits = match step(decoder, ids, &mut cache, cancel, run_options)? {
@@ -187,7 +202,6 @@ fn decode_loop(
         None => return Ok(cancelled(out)),
     };
     out.prefill_time = started.elapsed();
-    out.choice_probs = choice_probs(&logits, choice_tokens);
     let decode_start = Instant::now();
     let mut sampler = Sampler::new(params.sampling.clone());
     let mut stream = StreamDecoder::default();
@@ -256,22 +270,50 @@ fn step(
     }
 }
 
-/// Softmax over the vocabulary, summed per choice over the tokens that begin it, renormalized over
-/// the choices.
-pub(crate) fn choice_probs(logits: &[f32], choice_tokens: &[Vec<u32>]) -> Vec<f32> {
-    if choice_tokens.is_empty() {
-        return Vec::new();
+/// Answers a choice question: prefill the prompt once, score every option from its cache (and after
+/// the content-free prompt when calibrating), answer with the best option.
+fn choose(
+    decoder: &mut Decoder,
+    job: &Job,
+    c: &ChoiceJob,
+    cancel: &CancelToken,
+    run_options: &RunOptions,
+    on_text: &mut dyn FnMut(&str) -> ControlFlow<()>,
+) -> Result<Generation> {
+    let mut out = Generation::empty(job.ids.len());
+    let started = Instant::now();
+    let mut cache = decoder.new_cache()?;
+    let Some(last) = step(decoder, job.ids, &mut cache, cancel, run_options)? else { return Ok(cancelled(out)) };
+    out.prefill_time = started.elapsed();
+    let scoring = Instant::now();
+    let Some(lps) = choices::option_logprobs(decoder, &cache, &last, c.options, cancel, run_options)? else {
+        return Ok(cancelled(out));
+    };
+    drop(cache);
+    let content_free = match c.content_free {
+        Some(cf_ids) => {
+            let mut cf_cache = decoder.new_cache()?;
+            let Some(cf_last) = step(decoder, cf_ids, &mut cf_cache, cancel, run_options)? else {
+                return Ok(cancelled(out));
+            };
+            match choices::option_logprobs(decoder, &cf_cache, &cf_last, c.options, cancel, run_options)? {
+                Some(l) => Some(l),
+                None => return Ok(cancelled(out)),
+            }
+        }
+        None => None,
+    };
+    let scored = choices::decide(c, &lps, content_free.as_deref(), c.options);
+    out.decode_time = scoring.elapsed();
+    out.text = scored.options[scored.chosen].text.clone();
+    out.tokens = scored.chosen_tokens;
+    out.choice_probs = scored.probs;
+    out.choice_scores = scored.options;
+    out.finish_reason = FinishReason::Stop;
+    if on_text(&out.text).is_break() {
+        out.finish_reason = FinishReason::Cancelled;
     }
-    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let mass: Vec<f64> = choice_tokens
-        .iter()
-        .map(|toks| toks.iter().filter_map(|&t| logits.get(t as usize)).map(|&l| f64::from(l - max).exp()).sum())
-        .collect();
-    let total: f64 = mass.iter().sum();
-    if total <= 0.0 || !total.is_finite() {
-        return vec![1.0 / choice_tokens.len() as f32; choice_tokens.len()];
-    }
-    mass.iter().map(|m| (m / total) as f32).collect()
+    Ok(out)
 }
 
 fn cancelled(mut out: Generation) -> Generation {
@@ -350,19 +392,6 @@ mod tests {
         }
         let rest = m.finish();
         (out, false, rest)
-    }
-
-    #[test]
-    fn choice_probs_sum_variants_and_renormalize() {
-        let logits = [0.0f32, 2.0, 1.0, 0.5, -1.0];
-        let p = choice_probs(&logits, &[vec![1, 3], vec![2], vec![4]]);
-        let e = |x: f32| f64::from(x).exp();
-        let (a, b, c) = (e(2.0) + e(0.5), e(1.0), e(-1.0));
-        let t = a + b + c;
-        for (got, want) in p.iter().zip([a / t, b / t, c / t]) {
-            assert!((f64::from(*got) - want).abs() < 1e-6, "{p:?}");
-        }
-        assert!(choice_probs(&logits, &[]).is_empty());
     }
 
     #[test]

@@ -4,6 +4,7 @@
 
 pub mod adapters;
 pub mod chat;
+pub mod choices;
 pub mod cli;
 pub mod config;
 pub mod dbus;

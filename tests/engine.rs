@@ -11,7 +11,14 @@ use crayon::model::WeightOverride;
 use crayon::{CancelToken, Engine, Error, FinishReason, GenerationParams, Message, Prompt};
 
 fn greedy(max_new_tokens: usize) -> GenerationParams {
-    GenerationParams { max_new_tokens, sampling: Default::default(), stop: vec![], adapter: None, choices: vec![] }
+    GenerationParams {
+        max_new_tokens,
+        sampling: Default::default(),
+        stop: vec![],
+        adapter: None,
+        choices: vec![],
+        choice_scoring: Default::default(),
+    }
 }
 
 fn collect(engine: &mut Engine, prompt: &Prompt, params: &GenerationParams) -> (crayon::Generation, Vec<String>) {
@@ -230,4 +237,107 @@ fn weights_are_replaceable_by_name() {
     assert!(bad("model.layers.9.self_attn.q_proj.weight", original.len()).contains("not an adapter target"));
     assert!(bad("model.embed_tokens.weight", original.len()).contains("not an adapter target"));
     assert!(bad(name, 3).contains("has 3 values"));
+}
+
+/// Σ log p(option | prompt) by one full forward pass over prompt + option (no shared cache).
+fn option_logprob_full(engine: &mut Engine, prompt: &[u32], option: &[u32]) -> f32 {
+    let all: Vec<u32> = prompt.iter().chain(option).copied().collect();
+    let vocab = engine.files().arch.vocab_size;
+    let logits = engine.logits(None, &all).unwrap();
+    let mut sum = 0.0f64;
+    for (j, &t) in option.iter().enumerate() {
+        let row = &logits[(prompt.len() + j - 1) * vocab..(prompt.len() + j) * vocab];
+        let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let lse = f64::from(max) + row.iter().map(|&l| f64::from(l - max).exp()).sum::<f64>().ln();
+        sum += f64::from(row[t as usize]) - lse;
+    }
+    sum as f32
+}
+
+#[test]
+fn choice_scores_equal_a_full_forward_pass_per_option() {
+    use crayon::choices::{Calibration, Normalization, ScoringOverrides};
+    let cfg = tiny();
+    let mut engine = Engine::load(&cfg).unwrap();
+    let prompt_text = "Question: Which vehicle is parked outside?\nAnswer:";
+    // Options that share first tokens, one long enough to take several chunks of the scorer (32 tokens).
+    let long = "the green car with a dented door, ".repeat(6) + "and a flat tyre";
+    let options: Vec<String> = vec!["the red car".into(), "the blue car".into(), "a bicycle".into(), long];
+    let mut params = greedy(8);
+    params.choices = options.clone();
+    params.choice_scoring = ScoringOverrides { normalization: Some(Normalization::Sum), calibration: None };
+    let (g, chunks) = collect(&mut engine, &Prompt::Text(prompt_text.into()), &params);
+    let prompt_ids = engine.tokenizer().encode(prompt_text).unwrap();
+    let mut full = Vec::new();
+    for (o, s) in options.iter().zip(&g.choice_scores) {
+        let ids = engine.tokenizer().encode(&format!(" {o}")).unwrap();
+        let want = option_logprob_full(&mut engine, &prompt_ids, &ids);
+        assert_eq!(s.tokens, ids.len(), "{o}");
+        assert!((s.logprob - want).abs() < 1e-3, "{o}: cached {} vs full pass {want}", s.logprob);
+        assert!((s.mean_logprob - want / ids.len() as f32).abs() < 1e-4);
+        assert!((s.score - s.logprob).abs() < 1e-6, "sum normalization scores the sum");
+        full.push(want);
+    }
+    let best = full.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).unwrap().0;
+    assert_eq!(g.text, options[best].trim(), "the answer is the most likely option");
+    assert_eq!(chunks.concat(), g.text);
+    assert_eq!(g.finish_reason, FinishReason::Stop);
+    assert_eq!(g.tokens.len(), g.choice_scores[best].tokens);
+    let total: f32 = g.choice_probs.iter().sum();
+    assert!((total - 1.0).abs() < 1e-5);
+
+    // Calibration: the content-free log-likelihood is the option's after "Answer:" ([choices] default).
+    params.choice_scoring =
+        ScoringOverrides { normalization: Some(Normalization::Mean), calibration: Some(Calibration::ContentFree) };
+    let (g, _) = collect(&mut engine, &Prompt::Text(prompt_text.into()), &params);
+    let cf_ids = engine.tokenizer().encode("Answer:").unwrap();
+    for (o, s) in options.iter().zip(&g.choice_scores) {
+        let ids = engine.tokenizer().encode(&format!(" {o}")).unwrap();
+        let cf = option_logprob_full(&mut engine, &cf_ids, &ids);
+        assert!((s.content_free_logprob.unwrap() - cf).abs() < 1e-3, "{o}");
+        let n = ids.len() as f32;
+        assert!((s.score - (s.logprob / n - cf / n)).abs() < 1e-3, "{o}: PMI of the means");
+    }
+}
+
+#[test]
+fn choice_questions_with_bad_options_are_refused_before_any_work() {
+    let cfg = tiny();
+    let mut engine = Engine::load(&cfg).unwrap();
+    let prompt = Prompt::Text("Question: pick one\nAnswer:".into());
+    let mut params = greedy(8);
+    let mut refuse = |choices: Vec<String>, needle: &str| {
+        params.choices = choices;
+        let err =
+            engine.generate(&prompt, &params, &CancelToken::new(), &mut |_| ControlFlow::Continue(())).unwrap_err();
+        assert!(matches!(err, Error::InvalidRequest(_)), "{err}");
+        assert!(err.to_string().contains(needle), "{err}");
+    };
+    refuse(vec!["only".into()], "at least 2");
+    refuse(vec!["yes".into(), "  ".into()], "choice 2 is empty");
+    refuse((0..27).map(|i| format!("option {i}")).collect(), "at most 26");
+    refuse(vec!["yes".into(), "x".repeat(3000)], "bytes");
+    // Fits the byte limit but not the context after the prompt (tiny model: 2048 positions by config).
+    let mut small = tiny();
+    small.model.max_context = 64;
+    let mut engine = Engine::load(&small).unwrap();
+    params.choices = vec!["yes".into(), "word ".repeat(100)];
+    let err = engine.generate(&prompt, &params, &CancelToken::new(), &mut |_| ControlFlow::Continue(())).unwrap_err();
+    assert!(err.to_string().contains("exceed the context limit"), "{err}");
+}
+
+#[test]
+fn chat_choices_continue_the_assistant_turn_without_a_space() {
+    let cfg = tiny();
+    let mut engine = Engine::load(&cfg).unwrap();
+    let chat = Prompt::Chat(vec![Message::new("user", "Yes or no?")]);
+    let mut params = greedy(8);
+    params.choices = vec!["yes".into(), "no".into()];
+    let (g, _) = collect(&mut engine, &chat, &params);
+    let prompt_ids = engine.prompt_ids(&chat).unwrap();
+    for (o, s) in ["yes", "no"].iter().zip(&g.choice_scores) {
+        let ids = engine.tokenizer().encode(o).unwrap();
+        let want = option_logprob_full(&mut engine, &prompt_ids, &ids);
+        assert!((s.logprob - want).abs() < 1e-3, "{o}: {} vs {want}", s.logprob);
+    }
 }

@@ -155,7 +155,10 @@ fn the_server_receives_the_query_pool_id_and_weights_but_no_example_text() {
     }
     let ext: Vec<&str> = body["crayon"].as_object().unwrap().keys().map(String::as_str).collect();
     for k in &ext {
-        assert!(["route", "pool_id", "weights", "choices"].contains(k), "unexpected crayon field '{k}' sent");
+        assert!(
+            ["route", "pool_id", "weights", "choices", "choice_scoring"].contains(k),
+            "unexpected crayon field '{k}' sent"
+        );
     }
 }
 
@@ -302,9 +305,9 @@ fn http_api_rejects_bad_requests_precisely_and_keeps_serving() {
         (json!({"messages": [{"role": "robot", "content": "x"}]}), 400, "robot"),
         (json!({"messages": [{"role": "user", "content": "x"}], "max_tokens": 0}), 400, "max_tokens"),
         (
-            json!({"messages": [{"role": "user", "content": "x"}], "crayon": {"choices": ["A", " A"]}}),
+            json!({"messages": [{"role": "user", "content": "x"}], "crayon": {"choices": ["A"]}}),
             400,
-            "same token",
+            "at least 2 choices",
         ),
         (json!({"messages": [{"role": "user", "content": "x"}], "stop": [""]}), 400, "stop"),
         (json!({"messages": [{"role": "user", "content": "x"}], "n": 3}), 400, "n = 3"),

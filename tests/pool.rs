@@ -46,6 +46,41 @@ fn one_adapter_at_weight_one_equals_that_adapter_alone() {
     assert!(diff < 1e-4, "one-hot blend vs PEFT single adapter: max |diff| {diff}");
 }
 
+/// LoraHub's composition `(Σ w B)(Σ w A)` (the benchmark's peer) weights both factors: one adapter at
+/// weight 2 is its delta times 4, and two adapters have cross terms the sum of deltas lacks.
+#[test]
+fn factor_composition_weights_both_factors() {
+    use crayon::pool::merge::Composition;
+    let (cfg, _state) = tiny_with_pool();
+    let mut engine = Engine::load(&cfg).unwrap();
+    let n = engine.pool().unwrap().adapters.len();
+    let at = |pairs: &[(usize, f32)]| {
+        let mut w = vec![0.0; n];
+        for &(i, v) in pairs {
+            w[i] = v;
+        }
+        w
+    };
+    engine.ready_experimental_blend("f2", &at(&[(0, 2.0)]), Composition::Factors).unwrap();
+    engine.ready_experimental_blend("d4", &at(&[(0, 4.0)]), Composition::Deltas).unwrap();
+    engine.ready_experimental_blend("f11", &at(&[(0, 1.0), (1, 1.0)]), Composition::Factors).unwrap();
+    engine.ready_experimental_blend("d11", &at(&[(0, 1.0), (1, 1.0)]), Composition::Deltas).unwrap();
+    let ids = [1, 20, 30, 40, 50];
+    let [f2, d4, f11, d11, base] = ["f2", "d4", "f11", "d11"]
+        .map(Some)
+        .into_iter()
+        .chain([None])
+        .map(|a| engine.logits(a, &ids).unwrap())
+        .collect::<Vec<_>>()
+        .try_into()
+        .unwrap();
+    let diff = max_abs_diff(&f2, &d4);
+    assert!(diff < 1e-4, "(2B)(2A) must equal 4BA: max |diff| {diff}");
+    assert!(max_abs_diff(&f2, &base) > 1e-3, "the composition must change the model");
+    assert!(max_abs_diff(&f11, &d11) > 1e-4, "factor composition has cross terms B_0 A_1 + B_1 A_0");
+    assert!(engine.ready_experimental_blend("bad", &at(&[(0, f32::NAN)]), Composition::Factors).is_err());
+}
+
 /// Sharing the model's weights across sessions (`runtime.share_weights`) is a memory layout, not a
 /// numerical change: base and blended logits are identical with and without it, for a pool that
 /// replaces every matrix (plain initializers) and one that replaces a subset (the shared packed

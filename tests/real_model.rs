@@ -26,6 +26,7 @@ fn answers_a_fixed_question_coherently_and_streams_it() {
         stop: vec![],
         adapter: None,
         choices: vec![],
+        choice_scoring: Default::default(),
     };
     let mut chunks = Vec::new();
     let out = engine
@@ -60,6 +61,7 @@ fn logits_and_greedy_tokens_match_transformers() {
         stop: vec![],
         adapter: None,
         choices: vec![],
+        choice_scoring: Default::default(),
     };
     let out = engine.generate(&chat, &params, &CancelToken::new(), &mut |_| ControlFlow::Continue(())).unwrap();
     let ids: Vec<u32> = out.tokens.iter().map(|t| t.id).collect();
@@ -107,6 +109,7 @@ fn customized_from_five_examples_answers_in_the_task_format() {
         stop: vec![],
         adapter: Some("science".into()),
         choices: vec![],
+        choice_scoring: Default::default(),
     };
     let q = "Question: Which of these is a source of light?\n A. a rock\n B. a candle flame\n C. a pillow\n D. a spoon\nAnswer:";
     let out = engine

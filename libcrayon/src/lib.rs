@@ -21,6 +21,7 @@ use std::ptr;
 use std::sync::Mutex;
 use std::time::Duration;
 
+use crayon_core::choices::MAX_CHOICES;
 use crayon_core::socket::client::{Canceller, Client, ClientError, DEFAULT_TIMEOUT, default_path};
 use crayon_core::socket::proto::Code;
 use serde_json::{Value, json};
@@ -320,36 +321,92 @@ pub unsafe extern "C" fn crayon_generate(
     unsafe { clear(out_text) };
     guard(|| {
         let c = unsafe { client_ref(client) }?;
-        let prompt = unsafe { arg_str(prompt, "prompt") }?;
-        let mut messages = Vec::new();
-        let mut body = json!({});
-        if !options.is_null() {
-            let o = unsafe { &*options };
-            if let Some(system) = unsafe { opt_str(o.system, "options.system") }? {
-                messages.push(json!({"role": "system", "content": system}));
-            }
-            if o.max_tokens > 0 {
-                body["max_tokens"] = json!(o.max_tokens);
-            }
-            if o.temperature >= 0.0 {
-                body["temperature"] = json!(o.temperature);
-            }
-            if o.top_p >= 0.0 {
-                body["top_p"] = json!(o.top_p);
-            }
-            if o.seed != 0 {
-                body["seed"] = json!(o.seed);
-            }
-            if let Some(a) = unsafe { opt_str(o.adapter, "options.adapter") }? {
-                body["crayon"] = json!({"adapter": a});
-            }
-        }
-        messages.push(json!({"role": "user", "content": prompt}));
-        body["messages"] = json!(messages);
+        let body = unsafe { chat_body(prompt, options) }?;
         let result =
             c.call(json!({"op": "chat", "stream": true, "body": body}), &mut token_sink(on_token, user_data))?;
         let text = result["choices"][0]["message"]["content"].as_str().unwrap_or_default();
         unsafe { give(out_text, text) };
+        Ok(())
+    })
+}
+
+/// The chat body of a one-message request with `options` (may be NULL).
+unsafe fn chat_body(prompt: *const c_char, options: *const crayon_generate_options) -> Fallible<Value> {
+    let prompt = unsafe { arg_str(prompt, "prompt") }?;
+    let mut messages = Vec::new();
+    let mut body = json!({});
+    if !options.is_null() {
+        let o = unsafe { &*options };
+        if let Some(system) = unsafe { opt_str(o.system, "options.system") }? {
+            messages.push(json!({"role": "system", "content": system}));
+        }
+        if o.max_tokens > 0 {
+            body["max_tokens"] = json!(o.max_tokens);
+        }
+        if o.temperature >= 0.0 {
+            body["temperature"] = json!(o.temperature);
+        }
+        if o.top_p >= 0.0 {
+            body["top_p"] = json!(o.top_p);
+        }
+        if o.seed != 0 {
+            body["seed"] = json!(o.seed);
+        }
+        if let Some(a) = unsafe { opt_str(o.adapter, "options.adapter") }? {
+            body["crayon"] = json!({"adapter": a});
+        }
+    }
+    messages.push(json!({"role": "user", "content": prompt}));
+    body["messages"] = json!(messages);
+    Ok(body)
+}
+
+/// Answers a choice question: `prompt` (one user message) with `count` options (full answer texts such
+/// as "Paris", or labels such as "A"). The service scores each option by the likelihood of its text
+/// after the prompt and answers with the best; its index goes to `*out_index` (may be NULL; SIZE_MAX
+/// when a server answered in free text that names none of the options). The
+/// `crayon` object of the reply (every option's log-probability and score, the probabilities, the
+/// route) goes to `*out_json` as JSON (may be NULL; free it with crayon_string_free). `options` may be
+/// NULL; its sampling fields do not apply (nothing is sampled).
+///
+/// # Safety
+/// `choices` must point to `count` valid strings.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn crayon_choose(
+    client: *mut crayon_client,
+    prompt: *const c_char,
+    options: *const crayon_generate_options,
+    choices: *const *const c_char,
+    count: usize,
+    out_index: *mut usize,
+    out_json: *mut *mut c_char,
+) -> crayon_status {
+    unsafe { clear(out_json) };
+    guard(|| {
+        let c = unsafe { client_ref(client) }?;
+        if choices.is_null() || count < 2 {
+            return Err(invalid("a choice question needs at least 2 choices (choices NULL or count < 2)"));
+        }
+        if count > MAX_CHOICES {
+            return Err(invalid(format!("at most {MAX_CHOICES} choices, got {count}")));
+        }
+        let mut list = Vec::with_capacity(count);
+        for i in 0..count {
+            list.push(unsafe { arg_str(*choices.add(i), &format!("choices[{i}]")) }?.to_string());
+        }
+        let mut body = unsafe { chat_body(prompt, options) }?;
+        match body.get_mut("crayon") {
+            Some(ext) => ext["choices"] = json!(list),
+            None => body["crayon"] = json!({"choices": list}),
+        }
+        let result = c.call(json!({"op": "chat", "stream": false, "body": body}), &mut |_| true)?;
+        let ext = &result["crayon"];
+        let index = ext["choice"].as_str().and_then(|chosen| list.iter().position(|o| o.trim() == chosen));
+        let index = index.unwrap_or(usize::MAX);
+        if !out_index.is_null() {
+            unsafe { *out_index = index };
+        }
+        unsafe { give(out_json, &ext.to_string()) };
         Ok(())
     })
 }

@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import random
 import shutil
 import sys
 import time
@@ -55,7 +56,8 @@ def build(args) -> None:
     manifest = json.loads((model_dir / "crayon_model.json").read_text())
     examples = balanced_mixture(args.per_task, args.seed)
     settings = {k: getattr(args, k) for k in ("k", "per_task", "rank", "alpha", "steps", "batch", "lr", "seed",
-                                              "max_prompt_tokens")}
+                                              "max_prompt_tokens", "max_answer_tokens", "heldout")}
+    settings["format"] = "rc"  # question -> answer text (crayon_pool/data.py)
     targets = args.targets.split(",")
     unknown = [t for t in targets if t not in TARGETS]
     if unknown:
@@ -94,14 +96,16 @@ def build(args) -> None:
         name = f"c{c:02d}"
         members = [e for e, l in zip(examples, labels) if l == c]
         mix = {t: sum(e.task == t for e in members) for t in TASKS}
+        train, heldout = split_heldout(members, args.heldout, args.seed * 1000 + c)
         done = out / name / "train.json"
         if done.exists():
             stats = json.loads(done.read_text())
             log(f"{name}: already trained, kept")
         else:
-            stats = train_adapter(model_dir, tok, members, out / name, rank=args.rank, alpha=args.alpha, targets=targets,
-                                  steps=args.steps, batch=args.batch, lr=args.lr, seed=args.seed * 1000 + c,
-                                  label=f"{name} ({len(members)} ex)", max_prompt_tokens=args.max_prompt_tokens)
+            stats = train_adapter(model_dir, tok, train, heldout, out / name, rank=args.rank, alpha=args.alpha,
+                                  targets=targets, steps=args.steps, batch=args.batch, lr=args.lr,
+                                  seed=args.seed * 1000 + c, label=f"{name} ({len(train)} ex)",
+                                  max_prompt_tokens=args.max_prompt_tokens, max_answer_tokens=args.max_answer_tokens)
             done.write_text(json.dumps(stats, indent=2) + "\n")
         adapters.append({
             "name": name, "dir": name, "rank": args.rank, "alpha": args.alpha,
@@ -132,13 +136,23 @@ def build(args) -> None:
         "embedding": None if center is None else {"method": METHOD, "layer": 0, "center": [float(v) for v in center],
                                                   "normalize": True},
         "paired_with": paired["pool_id"] if paired else None,
-        "prompt_format": "olmes multiple-choice: 'Question: ...\\n A. ...\\nAnswer:' -> ' <letter>'",
+        "prompt_format": "olmes rc: 'Question: ...\\nAnswer:' -> ' <answer text>' (choices scored by likelihood)",
         "settings": settings,
         "adapters": adapters,
     }
     (out / "pool.json").write_text(json.dumps(pool, indent=1) + "\n")
     size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
     log(f"pool {pool['pool_id']} written to {out} ({size / 1e6:.1f} MB) in {time.time() - t0:.0f}s")
+
+
+def split_heldout(members: list, share: float, seed: int) -> tuple[list, list]:
+    """(train, held out): `share` of a cluster (at most 64 examples) is kept out of training to measure
+    whether the adapter learned its cluster rather than its training examples."""
+    n = min(64, int(len(members) * share))
+    order = list(range(len(members)))
+    random.Random(seed).shuffle(order)
+    held = set(order[:n])
+    return [e for i, e in enumerate(members) if i not in held], [e for i, e in enumerate(members) if i in held]
 
 
 def read_pairing(pool_dir: Path, examples, k: int) -> dict:
@@ -162,15 +176,18 @@ def main(argv=None):
     b = sub.add_parser("build", help="build (or resume building) a pool")
     b.add_argument("--model", type=Path, required=True, help="model folder written by crayon-export")
     b.add_argument("--out", type=Path, required=True)
-    b.add_argument("--k", type=int, default=8, help="number of clusters = adapters")
-    b.add_argument("--per-task", type=int, default=200, help="training examples per task")
+    b.add_argument("--k", type=int, default=16, help="number of clusters = adapters")
+    b.add_argument("--per-task", type=int, default=1000, help="training examples per task")
     b.add_argument("--rank", type=int, default=4)
     b.add_argument("--alpha", type=int, default=8)
     b.add_argument("--steps", type=int, default=40, help="optimizer steps per adapter")
     b.add_argument("--batch", type=int, default=8)
     b.add_argument("--lr", type=float, default=1e-3)
     b.add_argument("--seed", type=int, default=0)
-    b.add_argument("--max-prompt-tokens", type=int, default=192, help="training prompts keep their last N tokens")
+    b.add_argument("--max-prompt-tokens", type=int, default=96, help="training prompts keep their last N tokens")
+    b.add_argument("--max-answer-tokens", type=int, default=32, help="training answers keep their first N tokens")
+    b.add_argument("--heldout", type=float, default=0.1,
+                   help="share of each cluster held out of training for the held-out loss (at most 64 examples)")
     b.add_argument("--targets", default=",".join(TARGETS), help="comma-separated linear layers to adapt")
     b.add_argument("--pair-with", type=Path, help="train on the clusters of this pool's assignments.jsonl (server pool)")
     b.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")

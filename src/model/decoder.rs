@@ -132,6 +132,20 @@ impl Decoder {
         keep: usize,
         run_options: Option<&RunOptions>,
     ) -> Result<Vec<f32>> {
+        let (logits, next) = self.forward_branch(ids, cache, keep, run_options)?;
+        *cache = next;
+        Ok(logits)
+    }
+
+    /// Like [`Decoder::forward`], but leaves `cache` as it is and returns the extended cache as a new
+    /// one: several continuations of one prompt share the prompt's cache (choice scoring).
+    pub fn forward_branch(
+        &mut self,
+        ids: &[u32],
+        cache: &KvCache,
+        keep: usize,
+        run_options: Option<&RunOptions>,
+    ) -> Result<(Vec<f32>, KvCache)> {
         if ids.is_empty() || keep == 0 || keep > ids.len() {
             return Err(Error::InvalidRequest(format!("forward: {} ids, keep {keep}", ids.len())));
         }
@@ -189,9 +203,7 @@ impl Decoder {
                 })?,
             );
         }
-        cache.values = next;
-        cache.len = total;
-        Ok(logits)
+        Ok((logits, KvCache { values: next, len: total }))
     }
 }
 

@@ -1,6 +1,10 @@
 //! Merging a blend into the model weights: for every targeted matrix,
 //! `W' = W + sum_k w_k * (alpha_k / r_k) * B_k A_k`, computed exactly as one GEMM per matrix over the
 //! concatenated ranks (B_cat [out, R] with scaled columns, A_cat [R, in]), never by averaging A and B.
+//!
+//! [`Composition::Factors`] is LoraHub's composition, `W' = W + (Σ_k w_k s_k B_k)(Σ_k w_k A_k)`, kept
+//! for the customization benchmark's LoraHub peer (it needs equal ranks and has cross terms
+//! `B_i A_j`, which is why the product merges deltas).
 
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -11,6 +15,16 @@ use crate::weights::WeightFile;
 
 use super::Pool;
 
+/// How the adapters' factors combine into one delta per matrix.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Composition {
+    /// `Σ_k w_k s_k B_k A_k`: the exact weighted sum of the adapters' deltas (the product's blend).
+    #[default]
+    Deltas,
+    /// `(Σ_k w_k s_k B_k)(Σ_k w_k A_k)`: LoraHub's composition of the factors (equal ranks only).
+    Factors,
+}
+
 /// Merged weights for every matrix touched by an adapter with non-zero weight. `threads` workers
 /// (at least one) split the matrices between them.
 pub fn merge(
@@ -18,6 +32,7 @@ pub fn merge(
     model: &ModelFiles,
     base: &WeightFile,
     weights: &[f32],
+    composition: Composition,
     threads: usize,
 ) -> Result<Vec<WeightOverride>> {
     if weights.len() != pool.adapters.len() {
@@ -47,7 +62,7 @@ pub fn merge(
                 loop {
                     let i = next.fetch_add(1, Ordering::Relaxed);
                     let Some(&(layer, target)) = jobs.get(i) else { break };
-                    let r = merge_one(pool, model, base, weights, layer, target);
+                    let r = merge_one(pool, model, base, weights, composition, layer, target);
                     results.lock().unwrap_or_else(|p| p.into_inner())[i] = Some(r);
                 }
             });
@@ -66,6 +81,7 @@ fn merge_one(
     model: &ModelFiles,
     base: &WeightFile,
     weights: &[f32],
+    composition: Composition,
     layer: usize,
     target: &str,
 ) -> Result<WeightOverride> {
@@ -84,9 +100,16 @@ fn merge_one(
             continue;
         }
         if let Some(pair) = adapter.lora(layer, target)? {
-            a_cat.extend_from_slice(&pair.a);
+            match composition {
+                Composition::Deltas => a_cat.extend_from_slice(&pair.a),
+                // LoraHub weights A as well as B (see compose_factors).
+                Composition::Factors => a_cat.extend(pair.a.iter().map(|v| v * w)),
+            }
             blocks.push((adapter.rank, w * adapter.scale(), pair.b.into_owned()));
         }
+    }
+    if composition == Composition::Factors {
+        (a_cat, blocks) = compose_factors(&blocks, &a_cat, inp, out)?;
     }
     let rank: usize = blocks.iter().map(|b| b.0).sum();
     if rank == 0 {
@@ -123,4 +146,30 @@ fn merge_one(
         );
     }
     Ok(WeightOverride { name, data: merged })
+}
+
+/// LoraHub's factors from the concatenated ones: one rank-r block with B = Σ w_k s_k B_k and
+/// A = Σ w_k A_k (`blocks` carry w_k s_k; `a_cat`'s blocks are already weighted by w_k).
+#[allow(clippy::type_complexity)]
+fn compose_factors(
+    blocks: &[(usize, f32, Vec<f32>)],
+    a_cat: &[f32],
+    inp: usize,
+    out: usize,
+) -> Result<(Vec<f32>, Vec<(usize, f32, Vec<f32>)>)> {
+    let Some(&(r, _, _)) = blocks.first() else { return Ok((Vec::new(), Vec::new())) };
+    if blocks.iter().any(|b| b.0 != r) {
+        return Err(Error::InvalidRequest("composing factors needs adapters of equal rank".into()));
+    }
+    let mut a = vec![0.0f32; r * inp];
+    let mut b = vec![0.0f32; out * r];
+    for (k, (_, factor, bk)) in blocks.iter().enumerate() {
+        for (dst, src) in a.iter_mut().zip(&a_cat[k * r * inp..(k + 1) * r * inp]) {
+            *dst += src;
+        }
+        for (dst, src) in b.iter_mut().zip(bk) {
+            *dst += src * factor;
+        }
+    }
+    Ok((a, vec![(r, 1.0, b)]))
 }

@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 
 use crate::adapters::Example;
+use crate::choices::OptionScore;
 use crate::config::{RouteMode, RouterConfig, Thresholds};
 use crate::engine::Engine;
 use crate::error::{Error, Result};
@@ -121,6 +122,8 @@ pub struct Answer {
     /// parsed from its text).
     pub choice: Option<String>,
     pub choice_probs: Vec<f32>,
+    /// Each option's likelihood (device answers and Crayon servers; empty otherwise).
+    pub choice_scores: Vec<OptionScore>,
     pub prompt_tokens: usize,
     pub completion_tokens: usize,
     pub route: Route,
@@ -162,8 +165,23 @@ pub fn best_choice(choices: &[String], probs: &[f32]) -> Option<String> {
     choices.get(i).map(|c| c.trim().to_string())
 }
 
-/// The option a free-text answer names: its first word, stripped of punctuation (e.g. "B." or "(b)").
+/// The option a free-text answer (from a server that does not score options) names: the longest
+/// option its text begins with, ignoring case and leading punctuation ("Paris is..." → "Paris"), or
+/// else an option equal to its first word stripped of punctuation ("B." or "(b)" → "B").
 pub fn parse_choice(choices: &[String], text: &str) -> Option<String> {
+    let lower = text.trim_start_matches(|c: char| c.is_whitespace() || c == '(' || c == '"').to_lowercase();
+    let by_prefix = choices
+        .iter()
+        .map(|c| c.trim())
+        .filter(|c| !c.is_empty() && lower.starts_with(&c.to_lowercase()))
+        .max_by_key(|c| c.len());
+    if let Some(c) = by_prefix {
+        // "A" must not match "Afterwards ...": a one-word prefix must end at a word boundary.
+        let rest = &lower[c.to_lowercase().len()..];
+        if rest.chars().next().is_none_or(|ch| !ch.is_alphanumeric()) {
+            return Some(c.to_string());
+        }
+    }
     let word: String = text.split_whitespace().next()?.chars().filter(|c| c.is_alphanumeric()).collect();
     choices.iter().map(|c| c.trim()).find(|c| c.eq_ignore_ascii_case(&word)).map(str::to_string)
 }
@@ -183,14 +201,7 @@ pub fn check_request(p: &GenerationParams) -> Result<()> {
     if p.stop.iter().any(String::is_empty) {
         return Err(Error::InvalidRequest("stop strings must not be empty".into()));
     }
-    if p.choices.len() > crate::engine::MAX_CHOICES || p.choices.iter().any(|c| c.trim().is_empty()) {
-        return Err(Error::InvalidRequest(format!(
-            "give at most {} non-empty choices, got {}",
-            crate::engine::MAX_CHOICES,
-            p.choices.len()
-        )));
-    }
-    Ok(())
+    crate::choices::validate(&p.choices)
 }
 
 /// What the device knows before generating: thresholds in force, scope, and the blend to send.
@@ -321,6 +332,7 @@ impl Router {
             text: local.text,
             finish_reason: local.finish_reason,
             choice_probs: local.choice_probs,
+            choice_scores: local.choice_scores,
             prompt_tokens: local.prompt_tokens,
             completion_tokens: local.tokens.len(),
             route,
@@ -388,6 +400,7 @@ fn finish_remote(
         finish_reason: a.finish_reason,
         choice,
         choice_probs: a.choice_probs,
+        choice_scores: a.choice_scores,
         prompt_tokens: a.prompt_tokens,
         completion_tokens: a.completion_tokens,
         route,
@@ -476,10 +489,7 @@ pub fn check_calibration(examples: &[Example], choices: &[String]) -> Result<()>
             i + 1
         )));
     }
-    if choices.len() > crate::engine::MAX_CHOICES || choices.iter().any(|c| c.trim().is_empty()) {
-        return Err(Error::InvalidRequest(format!("give at most {} non-empty choices", crate::engine::MAX_CHOICES)));
-    }
-    Ok(())
+    crate::choices::validate(choices)
 }
 
 /// The threshold in [0, 1] with the fewest examples on the wrong side (right answers must reach
@@ -520,6 +530,7 @@ mod tests {
             finish_reason: FinishReason::Stop,
             prompt_tokens: 1,
             choice_probs: choice_probs.to_vec(),
+            choice_scores: Vec::new(),
             prefill_time: Duration::ZERO,
             decode_time: Duration::ZERO,
         }
@@ -554,6 +565,11 @@ mod tests {
         assert_eq!(parse_choice(&ch, " B. a candle").as_deref(), Some("B"));
         assert_eq!(parse_choice(&ch, "(c)").as_deref(), Some("C"));
         assert_eq!(parse_choice(&ch, "Because"), None);
+        assert_eq!(parse_choice(&ch, "Afterwards"), None, "a label is not a prefix of a longer word");
+        let texts: Vec<String> = vec!["Paris".into(), "Paris, Texas".into(), "Lyon".into()];
+        assert_eq!(parse_choice(&texts, "Paris, Texas is in the US").as_deref(), Some("Paris, Texas"));
+        assert_eq!(parse_choice(&texts, " paris.").as_deref(), Some("Paris"));
+        assert_eq!(parse_choice(&texts, "I think Lyon"), None);
         assert_eq!(best_choice(&ch, &[0.2, 0.1, 0.7]).as_deref(), Some("C"));
     }
 

@@ -63,6 +63,7 @@ pub struct RemoteAnswer {
     pub server_blend: bool,
     pub choice: Option<String>,
     pub choice_probs: Vec<f32>,
+    pub choice_scores: Vec<crate::choices::OptionScore>,
     pub prompt_tokens: usize,
     pub completion_tokens: usize,
     pub attempts: u32,
@@ -200,6 +201,9 @@ impl RemoteClient {
             }
             if !p.choices.is_empty() {
                 ext["choices"] = json!(p.choices);
+                if p.choice_scoring != Default::default() {
+                    ext["choice_scoring"] = json!(p.choice_scoring);
+                }
             }
             body["crayon"] = ext;
         }
@@ -327,6 +331,8 @@ struct ResponseExtension {
     choice: Option<String>,
     #[serde(default)]
     choice_probs: Vec<f32>,
+    #[serde(default)]
+    choice_scores: Vec<crate::choices::OptionScore>,
 }
 
 /// Parses an OpenAI chat or text completion; anything without an answer string is malformed.
@@ -346,7 +352,8 @@ fn parse_answer(body: &str) -> std::result::Result<RemoteAnswer, String> {
         model: r.model,
         server_blend: ext.as_ref().is_some_and(|e| e.blend.is_some()),
         choice: ext.as_ref().and_then(|e| e.choice.clone()),
-        choice_probs: ext.map(|e| e.choice_probs).unwrap_or_default(),
+        choice_probs: ext.as_ref().map(|e| e.choice_probs.clone()).unwrap_or_default(),
+        choice_scores: ext.map(|e| e.choice_scores).unwrap_or_default(),
         prompt_tokens: usage.prompt_tokens,
         completion_tokens: usage.completion_tokens,
         attempts: 0,

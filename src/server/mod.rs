@@ -766,6 +766,7 @@ fn execute(
             text: g.text,
             finish_reason: g.finish_reason,
             choice_probs: g.choice_probs,
+            choice_scores: g.choice_scores,
             prompt_tokens: g.prompt_tokens,
             completion_tokens: g.tokens.len(),
             route,
@@ -787,6 +788,7 @@ fn extension(d: &Done) -> Value {
         blend_error: d.blend_error.as_deref(),
         choice: a.choice.as_deref(),
         choice_probs: &a.choice_probs,
+        choice_scores: &a.choice_scores,
     })
     .unwrap_or(Value::Null)
 }

@@ -6,6 +6,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
 use crate::chat::Message;
+use crate::choices::{OptionScore, ScoringOverrides};
 use crate::generate::{FinishReason, GenerationParams, Prompt};
 use crate::router::{Answer, Route, RouteOverrides};
 
@@ -66,9 +67,12 @@ pub struct Extension {
     /// A device's pool id and blend weights (a server blends its own paired pool with them).
     pub pool_id: Option<String>,
     pub weights: Option<Vec<f32>>,
-    /// Options of a choice question (scored by probability; see docs/routing.md).
+    /// Options of a choice question, scored by likelihood (see docs/routing.md).
     #[serde(default)]
     pub choices: Vec<String>,
+    /// Overrides of `[choices]` scoring: `{"normalization": "sum"|"mean"|"bytes", "calibration": "none"|"content_free"}`.
+    #[serde(default)]
+    pub choice_scoring: ScoringOverrides,
     pub route: Option<RouteOverrides>,
 }
 
@@ -154,6 +158,7 @@ impl Common {
         }
         if let Some(ext) = &self.crayon {
             p.choices = ext.choices.clone();
+            p.choice_scoring = ext.choice_scoring;
         }
         Ok(p)
     }
@@ -180,6 +185,9 @@ pub struct ResponseExtension<'a> {
     pub choice: Option<&'a str>,
     #[serde(skip_serializing_if = "<[f32]>::is_empty")]
     pub choice_probs: &'a [f32],
+    /// Every option's log-likelihood and score (see `crate::choices`).
+    #[serde(skip_serializing_if = "<[OptionScore]>::is_empty")]
+    pub choice_scores: &'a [OptionScore],
 }
 
 pub fn usage(a: &Answer) -> Value {

@@ -110,6 +110,60 @@ struct GenerateArgs {
     /// Answer with this customized adapter (see `crayonctl adapters`)
     #[arg(long, short = 'a')]
     adapter: Option<String>,
+    /// A choice question: an answer option (repeat for each, 2 to 26). The answer is the option whose
+    /// text the model finds most likely after the prompt; --stats prints every option's score
+    #[arg(long = "choice", value_name = "TEXT")]
+    choices: Vec<String>,
+    /// How option log-likelihoods are compared [default: choices.normalization]
+    #[arg(long, value_enum)]
+    normalization: Option<NormalizationArg>,
+    /// Divide out each option's prior after a content-free prompt [default: choices.calibration]
+    #[arg(long, value_enum)]
+    calibration: Option<CalibrationArg>,
+}
+
+/// `--normalization` values (see `[choices]` in docs/config.md).
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum NormalizationArg {
+    Sum,
+    Mean,
+    Bytes,
+}
+
+/// `--calibration` values.
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum CalibrationArg {
+    None,
+    ContentFree,
+}
+
+impl GenerateArgs {
+    /// The scoring overrides the flags ask for.
+    fn choice_scoring(&self) -> crayon::choices::ScoringOverrides {
+        use crayon::choices::{Calibration, Normalization};
+        crayon::choices::ScoringOverrides {
+            normalization: self.normalization.map(|n| match n {
+                NormalizationArg::Sum => Normalization::Sum,
+                NormalizationArg::Mean => Normalization::Mean,
+                NormalizationArg::Bytes => Normalization::Bytes,
+            }),
+            calibration: self.calibration.map(|c| match c {
+                CalibrationArg::None => Calibration::None,
+                CalibrationArg::ContentFree => Calibration::ContentFree,
+            }),
+        }
+    }
+}
+
+/// Every option's score, best first, to standard error (`--stats` with `--choice`).
+fn print_choice_scores(scores: &[crayon::choices::OptionScore], probs: &[f32]) {
+    let mut rows: Vec<(&crayon::choices::OptionScore, f32)> =
+        scores.iter().zip(probs.iter().copied().chain(std::iter::repeat(f32::NAN))).collect();
+    rows.sort_by(|a, b| b.0.score.total_cmp(&a.0.score));
+    eprintln!("{:>8} {:>9} {:>9} {:>6} {:>6}  option", "prob", "score", "logprob", "mean", "tokens");
+    for (o, p) in rows {
+        eprintln!("{p:>8.4} {:>9.4} {:>9.3} {:>6.3} {:>6}  {}", o.score, o.logprob, o.mean_logprob, o.tokens, o.text);
+    }
 }
 
 fn main() -> ExitCode {
@@ -274,6 +328,8 @@ fn generate(cfg: crayon::Config, args: &GenerateArgs) -> crayon::Result<()> {
     s.seed = args.seed.or(s.seed);
     params.stop.extend(args.stop.iter().cloned());
     params.adapter = args.adapter.clone();
+    params.choices = args.choices.clone();
+    params.choice_scoring = args.choice_scoring();
 
     let cancel = CancelToken::new();
     let on_signal = cancel.clone();
@@ -297,6 +353,9 @@ fn generate(cfg: crayon::Config, args: &GenerateArgs) -> crayon::Result<()> {
         let _ = writeln!(stdout, "{json}");
     } else {
         let _ = writeln!(stdout);
+    }
+    if args.stats && !result.choice_scores.is_empty() {
+        print_choice_scores(&result.choice_scores, &result.choice_probs);
     }
     if args.stats {
         // Decode speed needs at least two tokens (the first one comes out of the prefill).

@@ -87,6 +87,9 @@ impl Remote {
         if let Some(a) = &args.adapter {
             body["model"] = json!(a);
         }
+        if !args.choices.is_empty() {
+            body["crayon"] = json!({"choices": args.choices, "choice_scoring": args.choice_scoring()});
+        }
         let op = if args.raw {
             body["prompt"] = json!(prompt);
             "complete"
@@ -123,6 +126,13 @@ impl Remote {
         }
         if args.stats {
             let c = &result["crayon"];
+            if let Ok(scores) = serde_json::from_value::<Vec<crayon::choices::OptionScore>>(c["choice_scores"].clone())
+            {
+                let probs: Vec<f32> = serde_json::from_value(c["choice_probs"].clone()).unwrap_or_default();
+                if !scores.is_empty() {
+                    super::print_choice_scores(&scores, &probs);
+                }
+            }
             eprintln!(
                 "[{} prompt tokens, {} generated, finish: {}, answered by {} ({}), {:.0} ms in crayond]",
                 result["usage"]["prompt_tokens"],
