@@ -14,18 +14,23 @@ Protocol (one JSON object per line):
 """
 
 import json
+import os
 import sys
+import traceback
+import warnings
 
 import nevergrad as ng
 import numpy as np
 
 
 def main() -> None:
+    warnings.filterwarnings("ignore", category=UserWarning)  # scipy's COBYLA notes on its own defaults
     setup = json.loads(sys.stdin.readline())
     dim, budget = int(setup["dim"]), int(setup["budget"])
-    np.random.seed(int(setup.get("seed", 0)))
+    seed = int(setup.get("seed", 0)) % 2**32
+    np.random.seed(seed)
     param = ng.p.Array(init=[0.0] * dim, lower=[-1.5] * dim, upper=[1.5] * dim)
-    param.random_state.seed(int(setup.get("seed", 0)))
+    param.random_state.seed(seed)
     opt = ng.optimizers.NGOpt(parametrization=param, budget=budget)
     for _ in range(budget):
         cand = opt.ask()
@@ -38,4 +43,9 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except Exception:
+        traceback.print_exc()
+        # nevergrad's worker threads would keep a failed process alive: leave at once.
+        os._exit(1)

@@ -78,6 +78,12 @@ struct Args {
     /// Keep the tasks already in --out/results.json and run only the others
     #[arg(long)]
     resume: bool,
+    /// Also run the Crayon temperature / top-k sweep (three more passes per task)
+    #[arg(long)]
+    sweep: bool,
+    /// Stop after the screen (its scoring table tells which scoring to make the default)
+    #[arg(long)]
+    screen_only: bool,
     /// Rebuild the table and plot in --out from earlier runs' results.json files, concatenated in the
     /// order given (nothing is measured)
     #[arg(long, value_name = "RESULTS_JSON", num_args = 1..)]
@@ -215,11 +221,16 @@ fn main() -> anyhow::Result<()> {
         });
         std::fs::write(&screen_file, serde_json::to_string(&screen)?)?;
     }
+    if args.screen_only {
+        println!("{}", report(&[], &screen, &args, t0.elapsed().as_secs_f64(), default_scoring));
+        return Ok(());
+    }
     if !args.quick {
         let kept: Vec<String> =
             screen.iter().filter(|s| above_chance(s, default_scoring)).map(|s| s.name.clone()).collect();
         eprintln!("[suite] screen: {} of {} candidate tasks above chance", kept.len(), tasks.len());
         tasks.retain(|t| kept.contains(&t.name));
+        interleave_families(&mut tasks);
     }
 
     let server = if args.no_server { None } else { Some(start_server(state.path(), args.threads)?) };
@@ -240,7 +251,15 @@ fn main() -> anyhow::Result<()> {
             continue;
         }
         let t = Instant::now();
-        results.push(run_task(&mut engine, &cfg, remote.as_ref(), task, args.search_steps, default_scoring)?);
+        results.push(run_task(
+            &mut engine,
+            &cfg,
+            remote.as_ref(),
+            task,
+            args.search_steps,
+            args.sweep,
+            default_scoring,
+        )?);
         // Written after every task: an interrupted run keeps what it measured (--resume goes on).
         std::fs::write(&results_file, serde_json::to_string(&results)?)?;
         eprintln!(
@@ -253,6 +272,23 @@ fn main() -> anyhow::Result<()> {
     results.retain(|r| tasks.iter().any(|t| t.name == r.name));
     let seconds = t0.elapsed().as_secs_f64();
     write_report(&results, &screen, &args, seconds, &py, default_scoring)
+}
+
+/// Orders the tasks round-robin over their families, so that an interrupted run has measured each
+/// family alike.
+fn interleave_families(tasks: &mut Vec<Task>) {
+    let mut families: Vec<String> = Vec::new();
+    for t in tasks.iter() {
+        if !families.contains(&t.family) {
+            families.push(t.family.clone());
+        }
+    }
+    let mut queues: Vec<std::collections::VecDeque<Task>> =
+        families.iter().map(|f| tasks.iter().filter(|t| &t.family == f).cloned().collect()).collect();
+    tasks.clear();
+    while queues.iter().any(|q| !q.is_empty()) {
+        tasks.extend(queues.iter_mut().filter_map(|q| q.pop_front()));
+    }
 }
 
 /// The bench's Python peers: the data/plot packages in .venv and LoraHub's optimizer in .venv-lorahub.
@@ -357,14 +393,16 @@ fn start_server(dir: &Path, threads: usize) -> anyhow::Result<Daemon> {
     Daemon::start(&path)
 }
 
-/// A choice question's parameters; content-free likelihoods are always measured so that every scoring
-/// variant can be computed from this one pass.
-fn choice_params(engine: &Engine, adapter: Option<&str>, choices: &[String]) -> GenerationParams {
+/// A choice question's parameters. With `all_variants` content-free likelihoods are measured whatever
+/// the default, so that every scoring variant can be computed from this one pass.
+fn choice_params(engine: &Engine, adapter: Option<&str>, choices: &[String], all_variants: bool) -> GenerationParams {
     let mut p = engine.default_params();
     p.max_new_tokens = 1;
     p.adapter = adapter.map(str::to_string);
     p.choices = choices.to_vec();
-    p.choice_scoring = ScoringOverrides { normalization: None, calibration: Some(Calibration::ContentFree) };
+    if all_variants {
+        p.choice_scoring = ScoringOverrides { normalization: None, calibration: Some(Calibration::ContentFree) };
+    }
     p
 }
 
@@ -410,7 +448,8 @@ fn rescore(o: &Outcome, scoring: Scoring) -> (Vec<bool>, Vec<f32>) {
     (right, margin)
 }
 
-/// Scores every question with the device model (`adapter`; with `examples`, as a few-shot prefix).
+/// Scores every question with the device model (`adapter`; with `examples`, as a few-shot prefix),
+/// measuring what every scoring variant needs.
 fn score_device(
     engine: &mut Engine,
     adapter: Option<&str>,
@@ -418,11 +457,24 @@ fn score_device(
     items: &[Item],
     scoring: Scoring,
 ) -> anyhow::Result<Outcome> {
+    score_device_with(engine, adapter, examples, items, scoring, true)
+}
+
+/// [`score_device`]; without `all_variants` only the default scoring is measured (cheaper: the single
+/// adapters and the sweep need nothing else).
+fn score_device_with(
+    engine: &mut Engine,
+    adapter: Option<&str>,
+    examples: &[Example],
+    items: &[Item],
+    scoring: Scoring,
+    all_variants: bool,
+) -> anyhow::Result<Outcome> {
     let mut out = Outcome::default();
     for item in items {
         let prefix = few_shot_prefix(engine, examples, item)?;
         let prompt = Prompt::Text(format!("{prefix}{}", item.prompt));
-        let params = choice_params(engine, adapter, &item.choices);
+        let params = choice_params(engine, adapter, &item.choices, all_variants);
         let g = engine.generate(&prompt, &params, &CancelToken::new(), &mut |_| ControlFlow::Continue(()))?;
         let gold = item.choices.iter().position(|c| c == &item.gold).context("gold is not an option")?;
         out.options.push(
@@ -447,9 +499,10 @@ fn score_server(
     let mut out = Outcome::default();
     for item in items {
         let prompt = Prompt::Text(item.prompt.clone());
-        let mut params = choice_params(engine, None, &item.choices);
-        params.choice_scoring = ScoringOverrides::default(); // the server's own configured scoring
+        let params = choice_params(engine, None, &item.choices, false); // the server's own scoring
         let a = remote.complete(&RemoteRequest { prompt: &prompt, params: &params, blend: blend.clone() })?;
+        // A server whose pool is not paired with the device's answers with its plain model instead.
+        anyhow::ensure!(blend.is_none() || a.server_blend, "the server did not apply the blend (pool not paired)");
         let choice = a.choice.or_else(|| router::parse_choice(&item.choices, &a.text));
         out.right.push(choice.as_deref() == Some(item.gold.as_str()));
         out.margin.push(f32::NAN);
@@ -473,7 +526,6 @@ fn lorahub(engine: &mut Engine, examples: &[Example], budget: usize, seed: u64) 
         .current_dir(repo())
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
         .spawn()
         .context("starting benches/lorahub.py")?;
     let mut stdin = child.stdin.take().context("no stdin")?;
@@ -505,6 +557,7 @@ fn run_task(
     remote: Option<&RemoteClient>,
     task: &Task,
     steps: usize,
+    sweep: bool,
     scoring: Scoring,
 ) -> anyhow::Result<TaskResult> {
     let items = &task.test;
@@ -530,9 +583,11 @@ fn run_task(
     for i in 0..n {
         let one_hot: Vec<f32> = (0..n).map(|j| if j == i { 1.0 } else { 0.0 }).collect();
         let ms = blend_ms(engine, "single", &one_hot)?;
-        let mut o = score_device(engine, Some("single"), &[], items, scoring)?;
+        let mut o = score_device_with(engine, Some("single"), &[], items, scoring, false)?;
         o.customize_ms = ms;
         o.options.clear(); // the per-question file keeps right/margin for the 16 single adapters
+        o.bytes.clear();
+        o.gold.clear();
         singles.push(o);
     }
     let nearest = sims.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).map_or(0, |(i, _)| i);
@@ -557,14 +612,14 @@ fn run_task(
         "random blend".into(),
         Outcome { customize_ms: ms, ..score_device(engine, Some("random"), &[], items, scoring)? },
     );
-    for (temperature, top_k) in [(0.05, 0), (0.5, 0), (0.1, 2)] {
-        let bc = BlendConfig { temperature, top_k, ..cfg.blend.clone() };
+    for (temperature, top_k) in if sweep { &[(0.05, 0), (0.5, 0), (0.1, 2)][..] } else { &[] } {
+        let bc = BlendConfig { temperature: *temperature, top_k: *top_k, ..cfg.blend.clone() };
         let w = blend::weights(&sims, &bc);
         let ms = blend_ms(engine, "sweep", &w)?;
         let name = format!("sweep: Crayon, temperature {temperature}, top_k {top_k}");
-        let mut o = score_device(engine, Some("sweep"), &[], items, scoring)?;
+        let mut o = score_device_with(engine, Some("sweep"), &[], items, scoring, false)?;
         o.customize_ms = ms;
-        o.options.clear();
+        (o.options, o.bytes, o.gold) = Default::default();
         m.insert(name, o);
     }
     let t = Instant::now();
@@ -776,7 +831,7 @@ fn report(results: &[TaskResult], screen: &[TaskResult], args: &Args, seconds: f
     // Scoring variants from the same pass: test questions (base, Crayon) and the screen sets.
     let _ = writeln!(
         s,
-        "\n| scoring (normalization / calibration) | base, screen sets % | base, test % | Crayon blend, test % | AUC Crayon blend |\n|---|---|---|---|---|"
+        "\n| scoring (normalization / calibration) | base, screen sets % | AUC base, screen | base, test % | Crayon blend, test % | AUC Crayon blend, test |\n|---|---|---|---|---|---|"
     );
     for norm in [Normalization::Sum, Normalization::Mean, Normalization::Bytes] {
         for cal in [Calibration::None, Calibration::ContentFree] {
@@ -789,11 +844,16 @@ fn report(results: &[TaskResult], screen: &[TaskResult], args: &Args, seconds: f
                 }
                 (100.0 * r.iter().filter(|&&x| x).count() as f64 / r.len().max(1) as f64, r, m)
             };
-            let (scr, _, _) = acc(screen, "base zero-shot");
+            let (scr, sr, sm) = acc(screen, "base zero-shot");
             let (base, _, _) = acc(results, "base zero-shot");
             let (cr, r, m) = acc(results, "Crayon blend");
             let mark = if (norm, cal) == scoring { " (default)" } else { "" };
-            let _ = writeln!(s, "| {norm:?} / {cal:?}{mark} | {scr:.1} | {base:.1} | {cr:.1} | {:.3} |", auc(&r, &m));
+            let _ = writeln!(
+                s,
+                "| {norm:?} / {cal:?}{mark} | {scr:.1} | {:.3} | {base:.1} | {cr:.1} | {:.3} |",
+                auc(&sr, &sm),
+                auc(&r, &m)
+            );
         }
     }
 
