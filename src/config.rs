@@ -236,6 +236,10 @@ impl Default for ServiceConfig {
 pub struct PoolConfig {
     /// Adapter pool folder written by `crayon_pool` (holds `pool.json`); empty: customization is off.
     pub dir: PathBuf,
+    /// A server's exemplar bank for a device pool it cannot merge (`crayon_pool exemplars`): devices'
+    /// blends for that pool are answered with exemplars drawn by the blend weights in front of the
+    /// question (docs/routing.md). Empty: none.
+    pub exemplars: PathBuf,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]

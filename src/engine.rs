@@ -17,6 +17,7 @@ use crate::model::{Decoder, ModelFiles, SharedWeights, WeightOverride};
 use crate::pool::Pool;
 use crate::pool::blend;
 use crate::pool::embed::TaskEmbedder;
+use crate::pool::exemplars::{self, ExemplarBank};
 use crate::pool::merge;
 use crate::runtime::{Provider, Runtime};
 use crate::tokenizer::Tokenizer;
@@ -65,6 +66,8 @@ pub struct Engine {
     stop_ids: Vec<u32>,
     config: Config,
     customizer: Option<Customizer>,
+    /// Exemplars standing in for a device pool this server cannot merge (`[pool] exemplars`).
+    exemplars: Option<ExemplarBank>,
     store: Option<AdapterStore>,
     ready: Vec<Ready>,
     clock: u64,
@@ -97,6 +100,10 @@ impl Engine {
                 base_weights: Arc::clone(&weights),
             })
         };
+        let exemplars = match config.pool.exemplars.as_os_str().is_empty() {
+            true => None,
+            false => Some(ExemplarBank::load(&config.pool.exemplars)?),
+        };
         let store = match &customizer {
             Some(_) => Some(AdapterStore::open(&config.adapters.state_dir)?),
             None => None,
@@ -124,6 +131,7 @@ impl Engine {
             template,
             config: config.clone(),
             customizer,
+            exemplars,
             store,
             ready: Vec::new(),
             clock: 0,
@@ -357,6 +365,30 @@ impl Engine {
             self.make_ready(&customization, merge::Composition::Deltas)?;
         }
         Ok(name)
+    }
+
+    /// A device's blend for the pool of this server's exemplar bank, as exemplars in front of `prompt`
+    /// (`src/pool/exemplars.rs`): the prompt to answer with the plain model and a label naming what was
+    /// used. `None` without a bank for `pool_id`. Exemplars that would push the prompt past the context
+    /// (with room to answer) are dropped, the lightest clusters' first.
+    pub fn exemplar_prompt(&self, pool_id: &str, weights: &[f32], prompt: &Prompt) -> Option<Result<(Prompt, String)>> {
+        let bank = self.exemplars.as_ref().filter(|b| b.pool_id == pool_id)?;
+        let picked = match bank.pick(weights, exemplars::EXEMPLARS_PER_QUESTION) {
+            Ok(p) => p,
+            Err(e) => return Some(Err(e)),
+        };
+        let room = self.config.model.max_context.saturating_sub(self.config.generation.max_new_tokens.max(64));
+        for n in (0..=picked.len()).rev() {
+            let candidate = exemplars::with_exemplars(prompt, &picked[..n]);
+            match self.prompt_ids(&candidate) {
+                Ok(ids) if ids.len() <= room || n == 0 => {
+                    return Some(Ok((candidate, format!("exemplars:{n}"))));
+                }
+                Ok(_) => continue,
+                Err(e) => return Some(Err(e)),
+            }
+        }
+        None
     }
 
     /// Makes any finite weight vector ready as `name`, composed as `composition`, *unnormalised and not

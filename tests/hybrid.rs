@@ -268,6 +268,46 @@ fn server_applies_a_paired_blend_and_flags_one_it_cannot() {
     }
 }
 
+/// A server without a pool paired with the device's answers that pool's blends from its exemplar bank:
+/// exemplars drawn by the weights go in front of the question (the prompt grows), the reply names them,
+/// and blends it has neither a pool nor a bank for are still flagged.
+#[test]
+fn server_answers_an_unpaired_pool_from_its_exemplar_bank() {
+    let dir = tempfile::tempdir().unwrap();
+    let bank = dir.path().join("exemplars.json");
+    let ex = |q: &str, a: &str| json!({"input": format!("Question: {q}\nAnswer:"), "output": format!(" {a}")});
+    std::fs::write(
+        &bank,
+        json!({"format": "crayon-exemplars/1", "pool_id": "phone-pool-v9", "adapters": ["c00", "c01"],
+               "clusters": [[ex("What is 1 plus 1?", "2"), ex("What is 2 plus 2?", "4")], [ex("Sky colour?", "blue")]]})
+        .to_string(),
+    )
+    .unwrap();
+    let srv = Daemon::start(&tiny_config(
+        Some(&server_pool()),
+        &dir.path().join("state"),
+        &format!("exemplars = {bank:?}\n"),
+    ));
+    let ask = |crayon: Value| {
+        let (status, body) = srv.post(
+            "/v1/completions",
+            &json!({"prompt": "Question: What is 3 plus 3?\nAnswer:", "max_tokens": 2,
+                    "crayon": {"choices": ["6", "7"], "pool_id": crayon["pool_id"], "weights": crayon["weights"]}}),
+        );
+        assert_eq!(status, 200, "{body}");
+        body
+    };
+    let plain = ask(json!({"pool_id": "unknown-pool", "weights": [1, 0]}));
+    assert!(plain["crayon"]["blend_error"].as_str().unwrap().contains("unknown-pool"), "{plain}");
+    let steered = ask(json!({"pool_id": "phone-pool-v9", "weights": [0.7, 0.3]}));
+    assert_eq!(steered["crayon"]["blend"], "exemplars:5", "{steered}");
+    assert!(steered["crayon"]["blend_error"].is_null(), "{steered}");
+    let grew = steered["usage"]["prompt_tokens"].as_u64().unwrap() - plain["usage"]["prompt_tokens"].as_u64().unwrap();
+    assert!(grew > 20, "five exemplars went in front of the question: +{grew} tokens");
+    let wrong = ask(json!({"pool_id": "phone-pool-v9", "weights": [1, 0, 0]}));
+    assert!(wrong["crayon"]["blend_error"].as_str().unwrap().contains("exemplar bank of 2 clusters"), "{wrong}");
+}
+
 fn pool_id(dir: &Path) -> String {
     let v: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("pool.json")).unwrap()).unwrap();
     v["pool_id"].as_str().unwrap().to_string()

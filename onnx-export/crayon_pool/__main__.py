@@ -36,7 +36,7 @@ from tokenizers import Tokenizer
 from tqdm import tqdm
 
 from . import POOL_FORMAT
-from .data import TASKS, balanced_mixture
+from .data import TASKS, balanced_mixture, load_task
 from .data import digest as data_digest
 from .embed import METHOD, Embedder, kmeans, normalize
 from .train import blend_reference, device, train_adapter
@@ -170,6 +170,31 @@ def read_pairing(pool_dir: Path, examples, k: int) -> dict:
     return {"pool_id": other["pool_id"], "labels": labels, "sha256": hashlib.sha256(raw).hexdigest()[:16]}
 
 
+def exemplars(args) -> None:
+    """A server's stand-in for a pool it cannot merge: for each of the device pool's clusters, some of
+    the cluster's own public training examples, which a Crayon server puts in front of an offloaded
+    question in proportion to the device's blend weights (`[pool] exemplars`, docs/routing.md). Only the
+    weights come from the device; the examples are the server's copy of public training data."""
+    pool = json.loads((args.pool / "pool.json").read_text())
+    by_id = {r["id"]: r["cluster"] for r in map(json.loads, (args.pool / "assignments.jsonl").read_text().splitlines())}
+    tasks = sorted({i.split(":")[0] for i in by_id})
+    examples = {e.id: e for t in tasks for e in load_task(t) if e.id in by_id}
+    rng = random.Random(args.seed)
+    clusters: dict[str, list] = {a["name"]: [] for a in pool["adapters"]}
+    names = [a["name"] for a in pool["adapters"]]
+    ids = sorted(examples)
+    rng.shuffle(ids)
+    for i in ids:
+        e = examples[i]
+        group = clusters[names[by_id[i]]]
+        if len(group) < args.per_cluster and len(e.prompt) <= args.max_chars:
+            group.append({"input": e.prompt, "output": e.answer})
+    bank = {"format": "crayon-exemplars/1", "pool_id": pool["pool_id"], "adapters": names,
+            "clusters": [clusters[n] for n in names]}
+    args.out.write_text(json.dumps(bank, indent=0) + "\n")
+    log(f"{sum(len(c) for c in bank['clusters'])} exemplars of {len(names)} clusters -> {args.out}")
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="crayon-pool", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -191,7 +216,16 @@ def main(argv=None):
     b.add_argument("--targets", default=",".join(TARGETS), help="comma-separated linear layers to adapt")
     b.add_argument("--pair-with", type=Path, help="train on the clusters of this pool's assignments.jsonl (server pool)")
     b.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
+    x = sub.add_parser("exemplars", help="write a server's exemplar bank for a device pool's clusters")
+    x.add_argument("--pool", type=Path, required=True, help="the device pool (pool.json + assignments.jsonl)")
+    x.add_argument("--out", type=Path, required=True)
+    x.add_argument("--per-cluster", type=int, default=16)
+    x.add_argument("--max-chars", type=int, default=400, help="leave out longer prompts (few-shot prefixes stay short)")
+    x.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
+    if args.cmd == "exemplars":
+        exemplars(args)
+        return
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.use_deterministic_algorithms(True, warn_only=True)

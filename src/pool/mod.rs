@@ -4,6 +4,7 @@
 
 pub mod blend;
 pub mod embed;
+pub mod exemplars;
 pub mod merge;
 
 use std::borrow::Cow;

@@ -728,20 +728,35 @@ fn execute(
         let mut engine = s.queue.lock(client, cancel)?;
         let queue_ms = t0.elapsed().as_secs_f64() * 1e3;
         let t_route = Instant::now();
-        // A blend this server cannot apply (no pool, another pool, bad weights) still gets an
-        // answer from the plain model, flagged, rather than an error: the device asked for help.
+        // A blend this server cannot merge may still be served from its exemplar bank for that pool;
+        // one it cannot apply at all (no pool, another pool, bad weights) still gets an answer from
+        // the plain model, flagged, rather than an error: the device asked for help.
+        let mut params = job.params.clone();
+        params.adapter = None;
+        let mut prompt = None;
         let (name, blend_error) = match engine.prepare_blend(pool_id, weights) {
-            Ok(n) => (Some(n), None),
-            Err(e) => {
-                tracing::warn!(error = %e, "blend not applied; answering with the plain model");
-                (None, Some(e.to_string()))
+            Ok(n) => {
+                params.adapter = Some(n.clone());
+                (Some(n), None)
             }
+            Err(e) => match engine.exemplar_prompt(pool_id, weights, &job.prompt) {
+                Some(Ok((p, label))) => {
+                    prompt = Some(p);
+                    (Some(label), None)
+                }
+                other => {
+                    let msg = match other {
+                        Some(Err(x)) => x.to_string(),
+                        _ => e.to_string(),
+                    };
+                    tracing::warn!(error = %msg, "blend not applied; answering with the plain model");
+                    (None, Some(msg))
+                }
+            },
         };
         let routing_ms = t_route.elapsed().as_secs_f64() * 1e3;
-        let mut params = job.params.clone();
-        params.adapter = name.clone();
         let t1 = Instant::now();
-        let g = engine.generate(&job.prompt, &params, cancel, on_text)?;
+        let g = engine.generate(prompt.as_ref().unwrap_or(&job.prompt), &params, cancel, on_text)?;
         let local_ms = t1.elapsed().as_secs_f64() * 1e3;
         let route = Route {
             answered_by: AnsweredBy::Device,
