@@ -233,7 +233,7 @@ fn main() -> anyhow::Result<()> {
         interleave_families(&mut tasks);
     }
 
-    let server = if args.no_server { None } else { Some(start_server(state.path(), args.threads)?) };
+    let server = if args.no_server { None } else { Some(start_server(state.path(), args.threads, &cfg.pool.dir)?) };
     let remote = match &server {
         Some(s) => {
             Some(RemoteClient::new(&RemoteConfig { url: s.url.clone(), timeout_ms: 600_000, ..Default::default() })?)
@@ -247,7 +247,14 @@ fn main() -> anyhow::Result<()> {
         Vec::new()
     };
     for task in &tasks {
-        if results.iter().any(|r| r.name == task.name) {
+        if let Some(done) = results.iter_mut().find(|r| r.name == task.name) {
+            // A resumed task measured without (some) server methods gets them now.
+            if let Some(r) = remote.as_ref() {
+                if add_server_methods(r, &engine, task, done)? {
+                    std::fs::write(&results_file, serde_json::to_string(&results)?)?;
+                    eprintln!("[suite] {}: server methods added", task.name);
+                }
+            }
             continue;
         }
         let t = Instant::now();
@@ -373,7 +380,9 @@ fn device_config(state: &Path, args: &Args) -> anyhow::Result<Config> {
     Ok(cfg)
 }
 
-fn start_server(dir: &Path, threads: usize) -> anyhow::Result<Daemon> {
+/// The server: Qwen2.5-Coder-0.5B with its pool (paired with device pool v1) and, when the device pool
+/// ships one, the device pool's exemplar bank (`[pool] exemplars`, for blends it cannot merge).
+fn start_server(dir: &Path, threads: usize, device_pool: &Path) -> anyhow::Result<Daemon> {
     let model = repo().join("models/qwen2.5-coder-0.5b-instruct");
     anyhow::ensure!(
         model.join("crayon_model.json").is_file(),
@@ -384,9 +393,13 @@ fn start_server(dir: &Path, threads: usize) -> anyhow::Result<Daemon> {
     std::fs::write(
         &path,
         format!(
-            "[model]\ndir = {model:?}\n[runtime]\nort_library = {:?}\nintra_threads = {threads}\n[pool]\ndir = {:?}\n[adapters]\nstate_dir = {:?}\n",
+            "[model]\ndir = {model:?}\n[runtime]\nort_library = {:?}\nintra_threads = {threads}\n[pool]\ndir = {:?}\n{}[adapters]\nstate_dir = {:?}\n",
             repo().join("models/lib/libonnxruntime.so.1.31.1"),
             repo().join("pools/qwen2.5-coder-0.5b-instruct"),
+            match device_pool.join("exemplars.json") {
+                bank if bank.is_file() => format!("exemplars = {bank:?}\n"),
+                _ => String::new(),
+            },
             dir.join("server"),
         ),
     )?;
@@ -572,7 +585,7 @@ fn run_task(
     crayon.customize_ms = report.total_ms;
     let crayon_weights = report.customization.weights.clone();
     weights.insert("similarities".to_string(), sims.clone());
-    weights.insert("Crayon blend".to_string(), crayon_weights.clone());
+    weights.insert("Crayon blend".to_string(), crayon_weights);
     m.insert("Crayon blend".into(), crayon);
 
     // Every single adapter: the nearest one and the oracle (best in hindsight) are among them.
@@ -631,18 +644,38 @@ fn run_task(
         Outcome { customize_ms: ms, ..score_device(engine, Some("lorahub"), &[], items, scoring)? },
     );
 
+    let mut result =
+        TaskResult { name: task.name.clone(), family: task.family.clone(), chance: task.chance, weights, methods: m };
     if let Some(r) = remote {
-        m.insert("server plain model".into(), score_server(r, engine, None, items)?);
-        let pool_id = report.customization.pool_id.clone();
-        match score_server(r, engine, Some((pool_id, crayon_weights)), items) {
+        add_server_methods(r, engine, task, &mut result)?;
+    }
+    Ok(result)
+}
+
+/// `server plain model` and `server + Crayon blend` (the Crayon weights recorded for the task), where
+/// missing. Returns whether any was added. A server that cannot apply the blend is reported, not fatal.
+fn add_server_methods(
+    remote: &RemoteClient,
+    engine: &Engine,
+    task: &Task,
+    result: &mut TaskResult,
+) -> anyhow::Result<bool> {
+    let mut added = false;
+    if !result.methods.contains_key("server plain model") {
+        result.methods.insert("server plain model".into(), score_server(remote, engine, None, &task.test)?);
+        added = true;
+    }
+    let (Some(weights), Some(pool)) = (result.weights.get("Crayon blend"), engine.pool()) else { return Ok(added) };
+    if !result.methods.contains_key("server + Crayon blend") {
+        match score_server(remote, engine, Some((pool.id.clone(), weights.clone())), &task.test) {
             Ok(o) => {
-                m.insert("server + Crayon blend".into(), o);
+                result.methods.insert("server + Crayon blend".into(), o);
+                added = true;
             }
-            // A server pool not paired with the device's pool refuses the blend: reported, not fatal.
             Err(e) => eprintln!("[suite] server + Crayon blend skipped: {e:#}"),
         }
     }
-    Ok(TaskResult { name: task.name.clone(), family: task.family.clone(), chance: task.chance, weights, methods: m })
+    Ok(added)
 }
 
 /// Hybrid at offload share `share`: the least confident `share` of all questions (by the device Crayon

@@ -358,8 +358,15 @@ fn generate(cfg: crayon::Config, args: &GenerateArgs) -> crayon::Result<()> {
         print_choice_scores(&result.choice_scores, &result.choice_probs);
     }
     if args.stats {
-        // Decode speed needs at least two tokens (the first one comes out of the prefill).
+        // Decode speed needs at least two tokens (the first one comes out of the prefill); a choice
+        // question decodes nothing: it scores its options.
         let decode = match result.tokens.len() {
+            _ if !result.choice_scores.is_empty() => format!(
+                ", {} options ({} tokens) scored in {:.0} ms",
+                result.choice_scores.len(),
+                result.choice_scores.iter().map(|s| s.tokens).sum::<usize>(),
+                result.decode_time.as_secs_f64() * 1e3
+            ),
             0 | 1 => String::new(),
             n => format!(", {} generated at {:.1} tok/s", n, result.decode_tokens_per_s()),
         };
