@@ -15,13 +15,14 @@ fn model(name: &str) -> std::path::PathBuf {
 
 fn config(model_dir: &std::path::Path, pool: &str, state: &std::path::Path, extra: &str) -> String {
     format!(
-        "[model]\ndir = {model_dir:?}\n[runtime]\nort_library = {:?}\nintra_threads = 2\n[pool]\ndir = {:?}\n[adapters]\nstate_dir = {state:?}\n{extra}",
+        "[model]\ndir = {model_dir:?}\n[runtime]\nort_library = {:?}\nintra_threads = 2\n[adapters]\nstate_dir = {state:?}\n[pool]\ndir = {:?}\n{extra}",
         common::ort_library(),
         common::repo().join(pool),
     )
 }
 
-const LIGHT: &str = "Question: Which of these is a source of light?\n A. a rock\n B. a candle flame\n C. a pillow\n D. a spoon\nAnswer:";
+const LIGHT: &str = "Question: Which of these is a source of light?\nAnswer:";
+const LIGHT_OPTIONS: [&str; 4] = ["a rock", "a candle flame", "a pillow", "a spoon"];
 
 fn ask(dev: &Daemon, body: Value) -> Value {
     let (status, out) = dev.post("/v1/completions", &body);
@@ -36,9 +37,9 @@ fn device_and_server_with_real_models() {
         &model("qwen2.5-coder-0.5b-instruct"),
         "pools/qwen2.5-coder-0.5b-instruct",
         &tmp.path().join("server-state"),
-        "",
+        // Its pool is paired with device pool v1; the device's pool v2 is served from its exemplar bank.
+        &format!("exemplars = {:?}\n", common::repo().join("pools/smollm2-135m-instruct/exemplars.json")),
     ));
-    assert!(server.health()["paired_with"].as_str().unwrap().starts_with("smollm2-135m-instruct"));
     let dev = Daemon::start(&config(
         &model("smollm2-135m-instruct"),
         "pools/smollm2-135m-instruct",
@@ -53,28 +54,29 @@ fn device_and_server_with_real_models() {
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
-    let (status, made) = dev.post(
-        "/v1/crayon/adapters",
-        &json!({"name": "science", "examples": examples, "calibrate": true, "choices": ["A", "B", "C", "D"]}),
-    );
+    let (status, made) =
+        dev.post("/v1/crayon/adapters", &json!({"name": "science", "examples": examples, "calibrate": true}));
     assert_eq!(status, 200, "{made}");
     let min_scope = made["calibration"]["thresholds"]["min_scope"].as_f64().unwrap();
-    assert!(min_scope > 0.5, "science examples resemble each other: {made}");
+    assert!(min_scope > 0.3, "science examples resemble each other: {made}");
 
-    // Out of scope: the server's plain model answers, before the device generates anything.
+    // Out of scope (code, not a science question): the server's plain model answers, before the device
+    // generates anything.
     let far = ask(
         &dev,
-        json!({"model": "science", "prompt": "The capital city of France is", "max_tokens": 4, "temperature": 0}),
+        json!({"model": "science", "prompt": "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n",
+               "max_tokens": 12, "temperature": 0}),
     );
     let c = &far["crayon"];
     assert_eq!((c["answered_by"].as_str(), c["reason"].as_str()), (Some("server"), Some("out_of_scope")), "{far}");
     assert!(c["scope"].as_f64().unwrap() < min_scope && c["server_blend"] == false, "{far}");
-    assert!(far["choices"][0]["text"].as_str().unwrap().contains("Paris"), "{far}");
+    assert!(!far["choices"][0]["text"].as_str().unwrap().trim().is_empty(), "{far}");
 
-    // In scope, not confident enough: the server answers with the same blend on its paired pool.
+    // In scope, not confident enough: the server answers with the same blend (its exemplar bank for the
+    // device's pool: the pool it is paired with is v1).
     let hard = ask(
         &dev,
-        json!({"model": "science", "prompt": LIGHT, "max_tokens": 2, "crayon": {"choices": ["A", "B", "C", "D"],
+        json!({"model": "science", "prompt": LIGHT, "max_tokens": 2, "crayon": {"choices": LIGHT_OPTIONS,
                "route": {"min_margin": 1.0}}}),
     );
     let c = &hard["crayon"];
@@ -82,13 +84,13 @@ fn device_and_server_with_real_models() {
     assert_eq!(c["server_blend"], true, "{hard}");
     assert_eq!(c["server_model"], "qwen2.5-coder-0.5b-instruct", "{hard}");
     // Which option it picks is the model's business (docs/benchmarks.md measures accuracy); it must be one.
-    assert!(matches!(c["choice"].as_str(), Some("A" | "B" | "C" | "D")), "{hard}");
+    assert!(LIGHT_OPTIONS.contains(&c["choice"].as_str().unwrap_or("")), "{hard}");
     assert_eq!(c["choice_probs"].as_array().unwrap().len(), 4, "the server scored the options: {hard}");
 
     // In scope and confident enough: the device answers.
     let easy = ask(
         &dev,
-        json!({"model": "science", "prompt": LIGHT, "max_tokens": 2, "crayon": {"choices": ["A", "B", "C", "D"],
+        json!({"model": "science", "prompt": LIGHT, "max_tokens": 2, "crayon": {"choices": LIGHT_OPTIONS,
                "route": {"min_margin": 0.0}}}),
     );
     assert_eq!(easy["crayon"]["answered_by"], "device", "{easy}");
