@@ -47,6 +47,10 @@ fn the_c_example_generates_and_customizes_against_the_daemon() {
         assert_eq!(rc, 0, "static={static_link}\n{out}\n{err}");
         assert!(out.contains("libcrayon 0.1.0 (header 0.1.0, protocol 1)"), "{out}");
         assert!(out.contains("customized: {\"adapter\""), "{out}");
+        assert!(
+            ["choice> 6 (scored)", "choice> 8 (scored)", "choice> 9 (scored)"].iter().any(|c| out.contains(c)),
+            "crayon_choose names one of the options and returns their scores: {out}"
+        );
         assert!(out.contains("unknown adapter -> CRAYON_ERR_NOT_FOUND: adapter 'no-such-adapter'"), "{out}");
         assert!(out.contains("adapters now: []") && out.ends_with("ok\n"), "{out}");
     }

@@ -89,6 +89,18 @@ int main(int argc, char **argv)
     printf("c-example-math> %s\n", text);
     crayon_string_free(text);
 
+    /* 3b. A choice question: the options are scored by likelihood, nothing is sampled. */
+    const char *options[] = {"6", "8", "9"};
+    size_t chosen = 0;
+    char *scores = NULL;
+    st = crayon_choose(client, "What is 7 + 1?", &opts, options, 3, &chosen, &scores);
+    if (st != CRAYON_OK) {
+        crayon_client_free(client);
+        return fail("crayon_choose", st);
+    }
+    printf("choice> %s (%s)\n", chosen < 3 ? options[chosen] : "none", strstr(scores, "choice_scores") ? "scored" : "?");
+    crayon_string_free(scores);
+
     /* 4. Errors are codes plus messages: an adapter that does not exist. */
     opts.adapter = "no-such-adapter";
     st = crayon_generate(client, "hello", &opts, NULL, NULL, NULL);
