@@ -23,7 +23,7 @@ def pooled(results, name, rng=None):
 
 def main(src: str, dst: str) -> None:
     results = json.load(open(src))
-    names = [n for n in results[0]["methods"] if not n.startswith("sweep")]
+    names = [n for n in results[0]["methods"] if not n.startswith(("sweep", "single adapter"))]
     rng = np.random.default_rng(0)
     acc = [pooled(results, n) for n in names]
     boot = [[pooled(results, n, rng) for _ in range(1000)] for n in names]
