@@ -410,6 +410,7 @@ impl Config {
             &mut self.runtime.ort_library,
             &mut self.runtime.profile,
             &mut self.pool.dir,
+            &mut self.pool.exemplars,
             &mut self.adapters.state_dir,
             &mut self.remote.token_file,
             &mut self.remote.ca_file,
@@ -502,11 +503,12 @@ mod tests {
     #[test]
     fn relative_paths_resolve_against_the_config_folder() {
         let cfg = Config::parse(
-            "[model]\ndir = \"models/m\"\n[runtime]\nort_library = \"/abs/lib.so\"",
+            "[model]\ndir = \"models/m\"\n[runtime]\nort_library = \"/abs/lib.so\"\n[pool]\nexemplars = \"bank.json\"",
             Path::new("/etc/crayon"),
         )
         .unwrap();
         assert_eq!(cfg.model.dir, PathBuf::from("/etc/crayon/models/m"));
+        assert_eq!(cfg.pool.exemplars, PathBuf::from("/etc/crayon/bank.json"));
         assert_eq!(cfg.runtime.ort_library, PathBuf::from("/abs/lib.so"));
     }
 
