@@ -78,7 +78,8 @@ struct Args {
     /// Keep the tasks already in --out/results.json and run only the others
     #[arg(long)]
     resume: bool,
-    /// Also run the Crayon temperature / top-k sweep (three more passes per task)
+    /// Also run the Crayon temperature / top-k sweep (five more passes per task; with --resume, added
+    /// to the tasks already measured)
     #[arg(long)]
     sweep: bool,
     /// Stop after the screen (its scoring table tells which scoring to make the default)
@@ -248,12 +249,14 @@ fn main() -> anyhow::Result<()> {
     };
     for task in &tasks {
         if let Some(done) = results.iter_mut().find(|r| r.name == task.name) {
-            // A resumed task measured without (some) server methods gets them now.
+            // A resumed task measured without (some) server methods or sweep settings gets them now.
+            let mut added = args.sweep && add_sweep(&mut engine, &cfg, task, done, default_scoring)?;
             if let Some(r) = remote.as_ref() {
-                if add_server_methods(r, &engine, task, done)? {
-                    std::fs::write(&results_file, serde_json::to_string(&results)?)?;
-                    eprintln!("[suite] {}: server methods added", task.name);
-                }
+                added |= add_server_methods(r, &engine, task, done)?;
+            }
+            if added {
+                std::fs::write(&results_file, serde_json::to_string(&results)?)?;
+                eprintln!("[suite] {}: missing methods added", task.name);
             }
             continue;
         }
@@ -356,6 +359,8 @@ fn write_report(
     }
     let table = report(results, screen, args, seconds, scoring);
     std::fs::write(args.out.join("table.md"), &table)?;
+    let summary = summary(results, seconds, scoring);
+    std::fs::write(args.out.join("summary.json"), serde_json::to_string_pretty(&summary)?)?;
     println!("{table}");
     let plot = std::process::Command::new(py)
         .args([
@@ -625,16 +630,6 @@ fn run_task(
         "random blend".into(),
         Outcome { customize_ms: ms, ..score_device(engine, Some("random"), &[], items, scoring)? },
     );
-    for (temperature, top_k) in if sweep { &[(0.05, 0), (0.5, 0), (0.1, 2)][..] } else { &[] } {
-        let bc = BlendConfig { temperature: *temperature, top_k: *top_k, ..cfg.blend.clone() };
-        let w = blend::weights(&sims, &bc);
-        let ms = blend_ms(engine, "sweep", &w)?;
-        let name = format!("sweep: Crayon, temperature {temperature}, top_k {top_k}");
-        let mut o = score_device_with(engine, Some("sweep"), &[], items, scoring, false)?;
-        o.customize_ms = ms;
-        (o.options, o.bytes, o.gold) = Default::default();
-        m.insert(name, o);
-    }
     let t = Instant::now();
     let best = lorahub(engine, &task.examples, steps, task_seed(&task.name))?;
     let ms = t.elapsed().as_secs_f64() * 1e3;
@@ -646,10 +641,43 @@ fn run_task(
 
     let mut result =
         TaskResult { name: task.name.clone(), family: task.family.clone(), chance: task.chance, weights, methods: m };
+    if sweep {
+        add_sweep(engine, cfg, task, &mut result, scoring)?;
+    }
     if let Some(r) = remote {
         add_server_methods(r, engine, task, &mut result)?;
     }
     Ok(result)
+}
+
+/// Settings of the blend sweep (an ablation reported separately): temperature and top-k.
+const SWEEP: [(f32, usize); 5] = [(0.02, 0), (0.05, 0), (0.5, 0), (0.1, 1), (0.1, 2)];
+
+/// The Crayon blend at other `[blend]` settings, from the task's recorded similarities, where missing.
+/// Returns whether any was added.
+fn add_sweep(
+    engine: &mut Engine,
+    cfg: &Config,
+    task: &Task,
+    result: &mut TaskResult,
+    scoring: Scoring,
+) -> anyhow::Result<bool> {
+    let Some(sims) = result.weights.get("similarities").cloned() else { return Ok(false) };
+    let mut added = false;
+    for (temperature, top_k) in SWEEP {
+        let name = format!("sweep: Crayon, temperature {temperature}, top_k {top_k}");
+        if result.methods.contains_key(&name) {
+            continue;
+        }
+        let w = blend::weights(&sims, &BlendConfig { temperature, top_k, ..cfg.blend.clone() });
+        let ms = blend_ms(engine, "sweep", &w)?;
+        let mut o = score_device_with(engine, Some("sweep"), &[], &task.test, scoring, false)?;
+        o.customize_ms = ms;
+        (o.options, o.bytes, o.gold) = Default::default();
+        result.methods.insert(name, o);
+        added = true;
+    }
+    Ok(added)
 }
 
 /// `server plain model` and `server + Crayon blend` (the Crayon weights recorded for the task), where
@@ -788,6 +816,52 @@ const METHOD_ORDER: [&str; 12] = [
     "sweep",
     "single adapter",
 ];
+
+/// The table's numbers for programs (docs/data/customization-benchmark-summary.json): per method the
+/// pooled accuracy with its interval and Crayon's paired difference, the margin AUC, the hybrid curve.
+fn summary(results: &[TaskResult], seconds: f64, scoring: Scoring) -> serde_json::Value {
+    use serde_json::json;
+    let mut names: Vec<String> = results.first().map(|r| r.methods.keys().cloned().collect()).unwrap_or_default();
+    names.retain(|n| results.iter().all(|r| r.methods.contains_key(n)) && !n.starts_with("single adapter"));
+    let crayon = pick(results, "Crayon blend", None);
+    let methods: serde_json::Map<String, serde_json::Value> = names
+        .iter()
+        .map(|name| {
+            let (a, lo, hi) = accuracy_ci(&pick(results, name, None));
+            let (d, dlo, dhi) = paired_diff_ci(&crayon, &pick(results, name, None));
+            let times: Vec<f64> = results.iter().filter_map(|r| r.methods.get(name)).map(|o| o.customize_ms).collect();
+            let o = json!({"accuracy": a, "ci95": [lo, hi], "crayon_minus_method": d, "crayon_minus_method_ci95": [dlo, dhi],
+                           "customize_ms_mean": times.iter().sum::<f64>() / times.len().max(1) as f64});
+            (name.clone(), o)
+        })
+        .collect();
+    let auc_of = |name: &str| {
+        let (r, m): (Vec<bool>, Vec<f32>) = results
+            .iter()
+            .filter_map(|t| t.methods.get(name))
+            .flat_map(|o| o.right.iter().copied().zip(o.margin.iter().copied()))
+            .unzip();
+        auc(&r, &m)
+    };
+    let hybrid_curve: Vec<serde_json::Value> = [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0]
+        .iter()
+        .filter_map(|&share| {
+            let (per_task, off) = hybrid(results, share, "server + Crayon blend")?;
+            let n: usize = per_task.iter().map(Vec::len).sum();
+            let (a, lo, hi) = accuracy_ci(&per_task);
+            Some(json!({"offloaded": off as f64 / n.max(1) as f64, "accuracy": a, "ci95": [lo, hi]}))
+        })
+        .collect();
+    json!({
+        "tasks": results.len(),
+        "questions": results.iter().map(|r| r.methods.get("Crayon blend").map_or(0, |o| o.right.len())).sum::<usize>(),
+        "scoring": format!("{:?}/{:?}", scoring.0, scoring.1),
+        "seconds": seconds,
+        "methods": methods,
+        "auc_margin": {"base zero-shot": auc_of("base zero-shot"), "Crayon blend": auc_of("Crayon blend")},
+        "hybrid_server_plus_blend": hybrid_curve,
+    })
+}
 
 fn pick(results: &[TaskResult], name: &str, family: Option<&str>) -> Vec<Vec<bool>> {
     results
