@@ -82,6 +82,17 @@ struct Args {
     /// to the tasks already measured)
     #[arg(long)]
     sweep: bool,
+    /// The light pool ablation (another --pool, --k, rank, ...): only base zero-shot, Crayon blend,
+    /// nearest single adapter, uniform and random blend, and — for a task whose dataset has its own
+    /// adapter in the pool (`--cluster-by task` pools) — the Crayon blend with that adapter left out
+    /// (leave-one-dataset-out); no LoraHub, server, single-adapter or sweep passes
+    #[arg(long)]
+    light: bool,
+    /// With --light: also every single adapter (the oracle) and each adapter's answer loss on the 5
+    /// examples, with the two methods that use it: `lowest example loss single adapter` and
+    /// `example-loss blend` (softmax of −loss / 0.1); added to tasks already measured with --resume
+    #[arg(long)]
+    singles: bool,
     /// Stop after the screen (its scoring table tells which scoring to make the default)
     #[arg(long)]
     screen_only: bool,
@@ -89,6 +100,10 @@ struct Args {
     /// order given (nothing is measured)
     #[arg(long, value_name = "RESULTS_JSON", num_args = 1..)]
     from_results: Vec<PathBuf>,
+    /// With --from-results: also the methods of another run (e.g. a --light run on another pool), added
+    /// to the same tasks as "LABEL: method" (repeatable)
+    #[arg(long, value_name = "LABEL=RESULTS_JSON")]
+    with_methods: Vec<String>,
     /// With --from-results: that run's wall time in seconds, for the table's title
     #[arg(long, default_value_t = 0.0)]
     seconds: f64,
@@ -171,6 +186,12 @@ fn main() -> anyhow::Result<()> {
                 .with_context(|| format!("reading {}", src.display()))?;
             results.extend(part);
         }
+        for spec in &args.with_methods {
+            let (label, path) = spec.split_once('=').context("--with-methods takes LABEL=RESULTS_JSON")?;
+            let other: Vec<TaskResult> =
+                serde_json::from_str(&std::fs::read_to_string(path)?).with_context(|| format!("reading {path}"))?;
+            add_methods(&mut results, label, other);
+        }
         let screen = read_screen(&args.out.join("screen.json")).unwrap_or_default();
         return write_report(&results, &screen, &args, args.seconds, &py, (scoring.normalization, scoring.calibration));
     }
@@ -234,7 +255,11 @@ fn main() -> anyhow::Result<()> {
         interleave_families(&mut tasks);
     }
 
-    let server = if args.no_server { None } else { Some(start_server(state.path(), args.threads, &cfg.pool.dir)?) };
+    let server = if args.no_server || args.light {
+        None
+    } else {
+        Some(start_server(state.path(), args.threads, &cfg.pool.dir)?)
+    };
     let remote = match &server {
         Some(s) => {
             Some(RemoteClient::new(&RemoteConfig { url: s.url.clone(), timeout_ms: 600_000, ..Default::default() })?)
@@ -249,6 +274,13 @@ fn main() -> anyhow::Result<()> {
     };
     for task in &tasks {
         if let Some(done) = results.iter_mut().find(|r| r.name == task.name) {
+            if args.light && args.singles && !done.methods.contains_key("oracle single adapter") {
+                let t = Instant::now();
+                add_singles_and_loss_routing(&mut engine, task, done, default_scoring)?;
+                std::fs::write(&results_file, serde_json::to_string(&results)?)?;
+                eprintln!("[suite] {}: single adapters added in {:.0} s", task.name, t.elapsed().as_secs_f64());
+                continue;
+            }
             // A resumed task measured without (some) server methods or sweep settings gets them now.
             let mut added = args.sweep && add_sweep(&mut engine, &cfg, task, done, default_scoring)?;
             if let Some(r) = remote.as_ref() {
@@ -261,6 +293,16 @@ fn main() -> anyhow::Result<()> {
             continue;
         }
         let t = Instant::now();
+        if args.light {
+            let mut r = run_task_light(&mut engine, &cfg, task, default_scoring)?;
+            if args.singles {
+                add_singles_and_loss_routing(&mut engine, task, &mut r, default_scoring)?;
+            }
+            results.push(r);
+            std::fs::write(&results_file, serde_json::to_string(&results)?)?;
+            eprintln!("[suite] {} (light) done in {:.0} s", task.name, t.elapsed().as_secs_f64());
+            continue;
+        }
         results.push(run_task(
             &mut engine,
             &cfg,
@@ -282,6 +324,16 @@ fn main() -> anyhow::Result<()> {
     results.retain(|r| tasks.iter().any(|t| t.name == r.name));
     let seconds = t0.elapsed().as_secs_f64();
     write_report(&results, &screen, &args, seconds, &py, default_scoring)
+}
+
+/// Adds `other`'s methods (and weights) to the tasks of `results` with the same name, as "label: name".
+fn add_methods(results: &mut [TaskResult], label: &str, other: Vec<TaskResult>) {
+    for o in other {
+        if let Some(r) = results.iter_mut().find(|r| r.name == o.name) {
+            r.methods.extend(o.methods.into_iter().map(|(n, m)| (format!("{label}: {n}"), m)));
+            r.weights.extend(o.weights.into_iter().map(|(n, w)| (format!("{label}: {n}"), w)));
+        }
+    }
 }
 
 /// Orders the tasks round-robin over their families, so that an interrupted run has measured each
@@ -650,6 +702,101 @@ fn run_task(
     Ok(result)
 }
 
+/// The light pool ablation of one task (`--light`).
+fn run_task_light(engine: &mut Engine, cfg: &Config, task: &Task, scoring: Scoring) -> anyhow::Result<TaskResult> {
+    let items = &task.test;
+    let mut m: BTreeMap<String, Outcome> = BTreeMap::new();
+    let mut weights = BTreeMap::new();
+    m.insert("base zero-shot".into(), score_device(engine, None, &[], items, scoring)?);
+    let report = engine.customize("crayon", &task.examples)?;
+    let sims = report.customization.similarities.clone();
+    let mut crayon = score_device(engine, Some("crayon"), &[], items, scoring)?;
+    crayon.customize_ms = report.total_ms;
+    weights.insert("similarities".to_string(), sims.clone());
+    weights.insert("Crayon blend".to_string(), report.customization.weights.clone());
+    m.insert("Crayon blend".into(), crayon);
+    let n = sims.len();
+    let nearest = sims.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).map_or(0, |(i, _)| i);
+    let one_hot: Vec<f32> = (0..n).map(|j| if j == nearest { 1.0 } else { 0.0 }).collect();
+    for (name, w) in [("nearest single adapter", one_hot), ("uniform blend", vec![1.0 / n as f32; n]), {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(task_seed(&task.name));
+        ("random blend", (0..n).map(|_| rng.random_range(0.0f32..1.0)).collect())
+    }] {
+        let ms = blend_ms(engine, "light", &w)?;
+        weights.insert(name.to_string(), w);
+        m.insert(
+            name.into(),
+            Outcome { customize_ms: ms, ..score_device(engine, Some("light"), &[], items, scoring)? },
+        );
+    }
+    // Leave one dataset out: with one adapter per training dataset, a pool trained without the task's
+    // dataset is exactly this pool without that adapter; the blend is recomputed over the others.
+    let own = engine.pool().and_then(|p| p.names().iter().position(|a| *a == task.name));
+    if let Some(own) = own {
+        let others: Vec<f32> = sims.iter().enumerate().filter(|&(i, _)| i != own).map(|(_, &s)| s).collect();
+        let mut w = blend::weights(&others, &cfg.blend);
+        w.insert(own, 0.0);
+        let ms = blend_ms(engine, "light", &w)?;
+        weights.insert("Crayon blend, own dataset left out".to_string(), w);
+        m.insert(
+            "Crayon blend, own dataset left out".into(),
+            Outcome { customize_ms: ms, ..score_device(engine, Some("light"), &[], items, scoring)? },
+        );
+    }
+    Ok(TaskResult { name: task.name.clone(), family: task.family.clone(), chance: task.chance, weights, methods: m })
+}
+
+/// Every single adapter (kept as `single adapter NAME`, and the best as `oracle single adapter`) and
+/// each one's mean answer loss on the task's 5 examples — the signal LoraHub optimizes, here used
+/// directly: `lowest example loss single adapter` (K merges and K loss evaluations instead of a search)
+/// and `example-loss blend` (weights softmax(−loss / 0.1)).
+fn add_singles_and_loss_routing(
+    engine: &mut Engine,
+    task: &Task,
+    result: &mut TaskResult,
+    scoring: Scoring,
+) -> anyhow::Result<()> {
+    let items = &task.test;
+    let names: Vec<String> =
+        engine.pool().map(|p| p.names().iter().map(|s| s.to_string()).collect()).unwrap_or_default();
+    let n = names.len();
+    let (mut singles, mut losses, mut routing_ms) = (Vec::new(), Vec::new(), 0.0);
+    for i in 0..n {
+        let one_hot: Vec<f32> = (0..n).map(|j| if j == i { 1.0 } else { 0.0 }).collect();
+        let t = Instant::now();
+        let ms = blend_ms(engine, "single", &one_hot)?;
+        losses.push(few_shot_loss(engine, "single", &task.examples)? as f32);
+        routing_ms += t.elapsed().as_secs_f64() * 1e3;
+        let mut o = score_device_with(engine, Some("single"), &[], items, scoring, false)?;
+        o.customize_ms = ms;
+        (o.options, o.bytes, o.gold) = Default::default();
+        singles.push(o);
+    }
+    let hits = |o: &Outcome| o.right.iter().filter(|&&r| r).count();
+    let oracle = (0..n).max_by_key(|&i| (hits(&singles[i]), std::cmp::Reverse(i))).unwrap_or(0);
+    let lowest = losses.iter().enumerate().min_by(|a, b| a.1.total_cmp(b.1)).map_or(0, |(i, _)| i);
+    result.methods.insert("oracle single adapter".into(), singles[oracle].clone());
+    result.methods.insert(
+        "lowest example loss single adapter".into(),
+        Outcome { customize_ms: routing_ms, ..singles[lowest].clone() },
+    );
+    let min = losses.iter().copied().fold(f32::INFINITY, f32::min);
+    let w: Vec<f32> = losses.iter().map(|&l| (-(l - min) / 0.1).exp()).collect();
+    let sum: f32 = w.iter().sum();
+    let w: Vec<f32> = w.iter().map(|x| x / sum).collect();
+    let ms = blend_ms(engine, "light", &w)?;
+    result.methods.insert(
+        "example-loss blend".into(),
+        Outcome { customize_ms: routing_ms + ms, ..score_device(engine, Some("light"), &[], items, scoring)? },
+    );
+    result.weights.insert("example-loss blend".to_string(), w);
+    result.weights.insert("example loss".to_string(), losses);
+    for (name, o) in names.iter().zip(singles) {
+        result.methods.insert(format!("single adapter {name}"), o);
+    }
+    Ok(())
+}
+
 /// Settings of the blend sweep (an ablation reported separately): temperature and top-k.
 const SWEEP: [(f32, usize); 5] = [(0.02, 0), (0.05, 0), (0.5, 0), (0.1, 1), (0.1, 2)];
 
@@ -802,7 +949,7 @@ fn auc(right: &[bool], margin: &[f32]) -> f64 {
 }
 
 /// Table order: baselines, the pool methods, the peer, the server, then the sweep.
-const METHOD_ORDER: [&str; 12] = [
+const METHOD_ORDER: [&str; 14] = [
     "base zero-shot",
     "base + 5 examples",
     "nearest single adapter",
@@ -811,6 +958,8 @@ const METHOD_ORDER: [&str; 12] = [
     "random blend",
     "Crayon blend",
     "LoraHub",
+    "lowest example loss",
+    "example-loss blend",
     "server plain",
     "server +",
     "sweep",
@@ -871,6 +1020,41 @@ fn pick(results: &[TaskResult], name: &str, family: Option<&str>) -> Vec<Vec<boo
         .collect()
 }
 
+/// Methods measured on some tasks only (e.g. leave-one-dataset-out, which needs the task's dataset in
+/// the pool): each against Crayon blend on the same tasks' questions.
+fn partial_methods(s: &mut String, results: &[TaskResult]) {
+    use std::fmt::Write;
+    let mut partial: Vec<&String> = results
+        .iter()
+        .flat_map(|r| r.methods.keys())
+        .filter(|n| !n.starts_with("single adapter") && results.iter().any(|r| !r.methods.contains_key(*n)))
+        .collect();
+    partial.sort();
+    partial.dedup();
+    if partial.is_empty() {
+        return;
+    }
+    let _ = writeln!(
+        s,
+        "\n| method measured on some tasks | tasks | questions | accuracy % (95% CI) | Crayon blend on the same questions % | Crayon blend − method, points (paired 95% CI) |\n|---|---|---|---|---|---|"
+    );
+    for name in partial {
+        let some: Vec<&TaskResult> =
+            results.iter().filter(|r| r.methods.contains_key(name) && r.methods.contains_key("Crayon blend")).collect();
+        let get = |m: &str| -> Vec<Vec<bool>> { some.iter().map(|r| r.methods[m].right.clone()).collect() };
+        let (method, crayon) = (get(name), get("Crayon blend"));
+        let (a, lo, hi) = accuracy_ci(&method);
+        let (d, dlo, dhi) = paired_diff_ci(&crayon, &method);
+        let _ = writeln!(
+            s,
+            "| {name} | {} | {} | {a:.1} ({lo:.1}–{hi:.1}) | {:.1} | {d:+.1} ({dlo:+.1} to {dhi:+.1}) |",
+            some.len(),
+            method.iter().map(Vec::len).sum::<usize>(),
+            accuracy_ci(&crayon).0
+        );
+    }
+}
+
 fn report(results: &[TaskResult], screen: &[TaskResult], args: &Args, seconds: f64, scoring: Scoring) -> String {
     use std::fmt::Write;
     let mut s = String::new();
@@ -919,6 +1103,7 @@ fn report(results: &[TaskResult], screen: &[TaskResult], args: &Args, seconds: f
             fam[0], fam[1], fam[2]
         );
     }
+    partial_methods(&mut s, results);
     let chance: f64 =
         results.iter().map(|r| r.chance * r.methods.values().next().map_or(0, |o| o.right.len()) as f64).sum::<f64>()
             / n_items.max(1) as f64;

@@ -28,6 +28,10 @@ pub struct Customization {
     pub adapters: Vec<String>,
     pub weights: Vec<f32>,
     pub similarities: Vec<f32>,
+    /// With `[blend] method = "example_loss"`: each adapter's mean answer loss (nats per token) on the
+    /// examples, from which the weights came.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub example_losses: Option<Vec<f32>>,
     /// SHA-256 over the examples (inputs and outputs), so a caller can tell whether a customization
     /// came from the same examples without the service keeping them.
     pub example_digest: String,
@@ -177,6 +181,7 @@ mod tests {
             adapters: vec!["a".into(), "b".into()],
             weights: vec![0.25, 0.75],
             similarities: vec![0.1, 0.2],
+            example_losses: None,
             example_digest: digest(&[Example { input: "x".into(), output: "y".into() }]),
             example_count: 1,
             created_unix: 1,

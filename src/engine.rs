@@ -28,6 +28,13 @@ const EMBEDDING_WEIGHT: &str = "model.embed_tokens.weight";
 
 /// Upper bound on examples per customization: embedding is cheap, but requests must stay bounded.
 pub const MAX_EXAMPLES: usize = 256;
+/// `example_loss` blending measures the loss on at most this many examples (each adapter costs a model
+/// pass over them)...
+pub const LOSS_EXAMPLES: usize = 16;
+/// ...with inputs cut to their last this many tokens...
+pub const LOSS_PROMPT_TOKENS: usize = 256;
+/// ...and outputs to their first this many (the pool's adapters were trained on 96 and 32).
+pub const LOSS_ANSWER_TOKENS: usize = 64;
 pub use crate::choices::MAX_CHOICES;
 
 /// The pool and what blending needs next to it.
@@ -311,7 +318,13 @@ impl Engine {
         }
         let centroids: Vec<&[f32]> = c.pool.adapters.iter().map(|a| a.centroid.as_slice()).collect();
         let sims = blend::similarities(&embs, &centroids, self.config.blend.similarity)?;
-        let weights = blend::weights(&sims, &self.config.blend);
+        let (weights, example_losses) = match self.config.blend.method {
+            blend::BlendMethod::Similarity => (blend::weights(&sims, &self.config.blend), None),
+            blend::BlendMethod::ExampleLoss => {
+                let losses = self.adapter_losses(examples)?;
+                (blend::weights_from_losses(&losses, &self.config.blend), Some(losses))
+            }
+        };
         let embed_ms = ms(t0.elapsed());
         let customization = Customization {
             name: name.to_string(),
@@ -319,6 +332,7 @@ impl Engine {
             adapters: c.pool.names().iter().map(|s| s.to_string()).collect(),
             weights,
             similarities: sims,
+            example_losses,
             example_digest: adapters::digest(examples),
             example_count: examples.len(),
             created_unix: SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()),
@@ -329,6 +343,68 @@ impl Engine {
         let (merge_ms, session_ms) = self.make_ready(&customization, merge::Composition::Deltas)?;
         self.store_mut()?.save(customization.clone())?;
         Ok(CustomizeReport { customization, embed_ms, merge_ms, session_ms, total_ms: ms(t0.elapsed()) })
+    }
+
+    /// Mean answer loss (nats per token) of the examples' outputs after their inputs under each pool
+    /// adapter alone, in pool order (`[blend] method = "example_loss"`). Each adapter is merged into a
+    /// model of its own, used and dropped (never cached, so no customization is evicted); the first
+    /// [`LOSS_EXAMPLES`] examples are used, inputs cut to their last [`LOSS_PROMPT_TOKENS`] tokens and
+    /// outputs to their first [`LOSS_ANSWER_TOKENS`], as the pool was trained.
+    pub fn adapter_losses(&self, examples: &[Example]) -> Result<Vec<f32>> {
+        let pairs = self.loss_pairs(examples)?;
+        let n = self.customizer()?.pool.adapters.len();
+        let mut losses = Vec::with_capacity(n);
+        for i in 0..n {
+            let one_hot: Vec<f32> = (0..n).map(|j| if j == i { 1.0 } else { 0.0 }).collect();
+            let mut decoder = self.blend_decoder(&one_hot, merge::Composition::Deltas)?;
+            losses.push(answer_loss(&mut decoder, &pairs, self.files.arch.vocab_size)?);
+        }
+        Ok(losses)
+    }
+
+    /// Mean answer loss of the examples under the base model or a ready adapter (the quantity
+    /// `example_loss` blending and LoraHub's search minimize).
+    pub fn examples_loss(&mut self, adapter: Option<&str>, examples: &[Example]) -> Result<f32> {
+        let pairs = self.loss_pairs(examples)?;
+        let vocab = self.files.arch.vocab_size;
+        answer_loss(self.decoder_for(adapter)?, &pairs, vocab)
+    }
+
+    /// (input tokens, output tokens) of the examples the loss is measured on.
+    fn loss_pairs(&self, examples: &[Example]) -> Result<Vec<(Vec<u32>, Vec<u32>)>> {
+        let mut pairs = Vec::new();
+        for e in examples.iter().take(LOSS_EXAMPLES) {
+            let input = self.tokenizer.encode(&e.input)?;
+            let output = self.tokenizer.encode(&e.output)?;
+            if input.is_empty() || output.is_empty() {
+                continue;
+            }
+            let input = input[input.len().saturating_sub(LOSS_PROMPT_TOKENS)..].to_vec();
+            pairs.push((input, output[..output.len().min(LOSS_ANSWER_TOKENS)].to_vec()));
+        }
+        if pairs.is_empty() {
+            return Err(Error::InvalidRequest(
+                "blend method example_loss needs examples with a non-empty input and output".into(),
+            ));
+        }
+        Ok(pairs)
+    }
+
+    /// A decoder with `weights` merged, outside the ready set (nothing is evicted or persisted).
+    fn blend_decoder(&self, weights: &[f32], composition: merge::Composition) -> Result<Decoder> {
+        let cz = self.customizer()?;
+        let threads = self.merge_threads();
+        let overrides = merge::merge(&cz.pool, &self.files, &cz.base_weights, weights, composition, threads)?;
+        let decoder = Decoder::load(&self.files, &self.runtime, &self.config.runtime, self.shared.as_ref(), overrides)?;
+        cz.base_weights.release_resident_pages();
+        Ok(decoder)
+    }
+
+    fn merge_threads(&self) -> usize {
+        match self.config.adapters.merge_threads {
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            n => n,
+        }
     }
 
     /// Makes a customized adapter from given blend weights (one per pool adapter, in pool order;
@@ -435,6 +511,7 @@ impl Engine {
             adapters: c.pool.names().iter().map(|s| s.to_string()).collect(),
             weights: weights.iter().map(|w| w / total).collect(),
             similarities: Vec::new(),
+            example_losses: None,
             example_digest: String::new(),
             example_count: 0,
             created_unix: SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()),
@@ -533,10 +610,7 @@ impl Engine {
                 ),
             });
         }
-        let threads = match self.config.adapters.merge_threads {
-            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
-            n => n,
-        };
+        let threads = self.merge_threads();
         let t0 = Instant::now();
         let overrides = merge::merge(&cz.pool, &self.files, &cz.base_weights, &c.weights, composition, threads)?;
         let merge_ms = ms(t0.elapsed());
@@ -604,4 +678,22 @@ fn select<'a>(base: &'a mut Decoder, ready: &'a mut [Ready], adapter: Option<&st
 
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
+}
+
+/// Mean negative log-likelihood per output token of `pairs` (input, output) under `decoder`.
+fn answer_loss(decoder: &mut Decoder, pairs: &[(Vec<u32>, Vec<u32>)], vocab: usize) -> Result<f32> {
+    let (mut total, mut count) = (0f64, 0usize);
+    for (input, output) in pairs {
+        let ids: Vec<u32> = input.iter().chain(output).copied().collect();
+        let mut cache = decoder.new_cache()?;
+        let logits = decoder.forward(&ids, &mut cache, ids.len(), None)?;
+        for (j, &t) in output.iter().enumerate() {
+            let row = &logits[(input.len() - 1 + j) * vocab..(input.len() + j) * vocab];
+            let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let lse = max + row.iter().map(|&l| (l - max).exp()).sum::<f32>().ln();
+            total += f64::from(lse - row[t as usize]);
+            count += 1;
+        }
+    }
+    Ok((total / count.max(1) as f64) as f32)
 }

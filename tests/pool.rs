@@ -296,3 +296,62 @@ fn wrong_shapes_unknown_targets_and_bad_centroids_are_refused() {
     let e = pool_error(|d| edit_manifest(d, |v| v["adapters"] = serde_json::json!([])));
     assert!(e.contains("no adapters"), "{e}");
 }
+
+/// A pool with one adapter per training dataset (`crayon_pool build --cluster-by task`): adapters are
+/// named by their dataset, each trained on that dataset alone (so leaving a dataset out is dropping its
+/// adapter), with a centroid the device's examples are compared with.
+#[test]
+fn task_pool_has_one_adapter_per_dataset_and_blends() {
+    let (mut cfg, _state) = tiny_with_pool();
+    cfg.pool.dir = repo().join("models/tiny-task-pool");
+    let manifest: serde_json::Value =
+        serde_json::from_str(&fs::read_to_string(cfg.pool.dir.join("pool.json")).unwrap()).unwrap();
+    let datasets =
+        ["arc_easy", "arc_challenge", "boolq", "csqa", "hellaswag", "openbookqa", "piqa", "socialiqa", "winogrande"];
+    let adapters = manifest["adapters"].as_array().unwrap();
+    assert_eq!(adapters.len(), datasets.len());
+    for (a, d) in adapters.iter().zip(datasets) {
+        assert_eq!(a["name"], d);
+        let mix = a["task_mix"].as_object().unwrap();
+        assert_eq!(mix.keys().collect::<Vec<_>>(), vec![d], "adapter {d} must be trained on {d} alone");
+        assert!(a["centroid"].as_array().is_some_and(|c| !c.is_empty()), "adapter {d} needs a centroid");
+    }
+    let mut engine = Engine::load(&cfg).unwrap();
+    assert_eq!(engine.pool().unwrap().names(), datasets);
+    let report = engine.customize("arith", &examples(5)).unwrap();
+    let w = &report.customization.weights;
+    assert_eq!(w.len(), datasets.len());
+    assert!((w.iter().sum::<f32>() - 1.0).abs() < 1e-5);
+    let ids = [1, 20, 30, 40, 50];
+    assert!(engine.logits(Some("arith"), &ids).unwrap() != engine.logits(None, &ids).unwrap());
+}
+
+/// `[blend] method = "example_loss"`: each adapter's loss equals the examples' loss under that adapter
+/// made ready on its own, the weights are the softmax of −loss, and nothing else is evicted or saved.
+#[test]
+fn example_loss_blend_weighs_adapters_by_their_loss_on_the_examples() {
+    let (mut cfg, _state) = tiny_with_pool();
+    cfg.blend.method = crayon::pool::blend::BlendMethod::ExampleLoss;
+    cfg.blend.loss_temperature = 0.05;
+    let mut engine = Engine::load(&cfg).unwrap();
+    let report = engine.customize("loss", &examples(3)).unwrap();
+    let c = &report.customization;
+    let losses = c.example_losses.clone().expect("example_loss customizations record the losses");
+    let n = engine.pool().unwrap().adapters.len();
+    assert_eq!(losses.len(), n);
+    for (i, &l) in losses.iter().enumerate() {
+        let one_hot: Vec<f32> = (0..n).map(|j| if j == i { 1.0 } else { 0.0 }).collect();
+        engine.customize_weights("single", &one_hot).unwrap();
+        let again = engine.examples_loss(Some("single"), &examples(3)).unwrap();
+        assert!((again - l).abs() < 1e-4, "adapter {i}: {l} in the blend, {again} alone");
+    }
+    let expect = crayon::pool::blend::weights_from_losses(&losses, &cfg.blend);
+    assert!(c.weights.iter().zip(&expect).all(|(a, b)| (a - b).abs() < 1e-6));
+    let best = losses.iter().enumerate().min_by(|a, b| a.1.total_cmp(b.1)).unwrap().0;
+    assert!(c.weights.iter().all(|&w| w <= c.weights[best]));
+    assert_eq!(engine.adapters().len(), 2, "only 'loss' and 'single' are saved: {:?}", engine.adapters());
+    // Outputs are what the loss is about: examples without any are refused.
+    let empty: Vec<Example> = examples(2).into_iter().map(|e| Example { output: String::new(), ..e }).collect();
+    let err = engine.customize("none", &empty).unwrap_err().to_string();
+    assert!(err.contains("non-empty input and output"), "{err}");
+}

@@ -51,25 +51,10 @@ impl Drop for Daemon {
     }
 }
 
-/// Mean negative log-likelihood of the examples' outputs given their inputs, under `adapter`.
+/// Mean negative log-likelihood of the examples' outputs given their inputs, under `adapter`
+/// (`Engine::examples_loss`: the quantity `[blend] method = "example_loss"` and LoraHub minimize).
 pub fn few_shot_loss(engine: &mut crayon::Engine, adapter: &str, examples: &[crayon::Example]) -> anyhow::Result<f64> {
-    let vocab = engine.files().arch.vocab_size;
-    let mut total = 0.0;
-    let mut count = 0usize;
-    for e in examples {
-        let prompt = engine.tokenizer().encode(&e.input)?;
-        let answer = engine.tokenizer().encode(&e.output)?;
-        let ids: Vec<u32> = prompt.iter().chain(&answer).copied().collect();
-        let logits = engine.logits(Some(adapter), &ids)?;
-        for (j, &t) in answer.iter().enumerate() {
-            let row = &logits[(prompt.len() - 1 + j) * vocab..(prompt.len() + j) * vocab];
-            let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            let lse = max + row.iter().map(|&l| (l - max).exp()).sum::<f32>().ln();
-            total += f64::from(lse - row[t as usize]);
-            count += 1;
-        }
-    }
-    Ok(total / count.max(1) as f64)
+    Ok(f64::from(engine.examples_loss(Some(adapter), examples)?))
 }
 
 /// LoraHub-style search of the blend weights: a gradient-free (1+1) evolution strategy, each step

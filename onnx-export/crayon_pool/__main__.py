@@ -58,6 +58,8 @@ def build(args) -> None:
     settings = {k: getattr(args, k) for k in ("k", "per_task", "rank", "alpha", "steps", "batch", "lr", "seed",
                                               "max_prompt_tokens", "max_answer_tokens", "heldout")}
     settings["format"] = "rc"  # question -> answer text (crayon_pool/data.py)
+    if args.cluster_by == "task":
+        settings["cluster_by"] = "task"  # absent for embedding clusters: older pools keep their settings
     targets = args.targets.split(",")
     unknown = [t for t in targets if t not in TARGETS]
     if unknown:
@@ -85,7 +87,14 @@ def build(args) -> None:
         raw = np.stack([embedder.raw(e.prompt) for e in tqdm(examples, desc="embed", unit="ex")])
         center = raw.mean(axis=0)
         x = normalize(raw - center)
-        centroids, labels = kmeans(x, args.k, args.seed)
+        if args.cluster_by == "task":
+            # One adapter per training dataset (the task-level pools of LoraHub and LoRAuter): the
+            # centroid is the dataset's mean embedding, so the device's similarities still apply, and
+            # leaving a dataset out of the pool is exactly dropping its adapter.
+            labels = np.array([TASKS.index(e.task) for e in examples])
+            centroids = normalize(np.stack([x[labels == c].mean(axis=0) for c in range(args.k)]))
+        else:
+            centroids, labels = kmeans(x, args.k, args.seed)
     with open(out / "assignments.jsonl", "w") as f:
         for e, c in zip(examples, labels):
             f.write(json.dumps({"id": e.id, "task": e.task, "cluster": int(c)}) + "\n")
@@ -93,7 +102,7 @@ def build(args) -> None:
     adapters = []
     log(f"training {args.k} adapters on {device()} (rank {args.rank}, alpha {args.alpha}, {args.steps} steps x {args.batch})")
     for c in range(args.k):
-        name = f"c{c:02d}"
+        name = TASKS[c] if args.cluster_by == "task" else f"c{c:02d}"
         members = [e for e, l in zip(examples, labels) if l == c]
         mix = {t: sum(e.task == t for e in members) for t in TASKS}
         train, heldout = split_heldout(members, args.heldout, args.seed * 1000 + c)
@@ -214,6 +223,9 @@ def main(argv=None):
     b.add_argument("--heldout", type=float, default=0.1,
                    help="share of each cluster held out of training for the held-out loss (at most 64 examples)")
     b.add_argument("--targets", default=",".join(TARGETS), help="comma-separated linear layers to adapt")
+    b.add_argument("--cluster-by", choices=["embedding", "task"], default="embedding",
+                   help="embedding: spherical k-means of the examples' embeddings (--k clusters); "
+                        "task: one adapter per training dataset (--k is the number of datasets)")
     b.add_argument("--pair-with", type=Path, help="train on the clusters of this pool's assignments.jsonl (server pool)")
     b.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
     x = sub.add_parser("exemplars", help="write a server's exemplar bank for a device pool's clusters")
@@ -231,6 +243,10 @@ def main(argv=None):
     torch.use_deterministic_algorithms(True, warn_only=True)
     if not (args.model / "crayon_model.json").is_file():
         sys.exit(f"[crayon-pool] error: {args.model} is not a Crayon model folder (no crayon_model.json)")
+    if args.cluster_by == "task":
+        if args.pair_with:
+            sys.exit("[crayon-pool] error: --cluster-by task and --pair-with exclude each other")
+        args.k = len(TASKS)
     build(args)
 
 

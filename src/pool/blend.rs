@@ -1,5 +1,7 @@
-//! Blend weights from a task's example embeddings: similarity to each adapter's centroid, then
-//! softmax with a temperature, optionally keeping only the top-k adapters. All knobs are config
+//! Blend weights from a task's examples. `similarity` (the default): similarity of the example
+//! embeddings to each adapter's centroid, then softmax with a temperature, optionally keeping only the
+//! top-k adapters. `example_loss`: each adapter's answer loss on the examples (the engine measures it
+//! with the adapter merged), then softmax of −loss with `loss_temperature`. All knobs are config
 //! (`[blend]`), so the customization benchmark can choose them.
 
 use serde::{Deserialize, Serialize};
@@ -16,9 +18,23 @@ pub enum Similarity {
     NearestShare,
 }
 
+/// How the blend weights are chosen from the examples.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BlendMethod {
+    /// Embedding similarity to the adapters' centroids: no model pass, well under a millisecond.
+    Similarity,
+    /// The loss of the examples' outputs under each adapter alone: one merged model per adapter (K
+    /// model builds today), chooses by what the examples ask the model to say, not by how they look.
+    ExampleLoss,
+}
+
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct BlendConfig {
+    pub method: BlendMethod,
+    /// Softmax temperature over the negative example losses (nats; > 0), for `example_loss`.
+    pub loss_temperature: f32,
     /// Softmax temperature over the similarities (> 0); smaller is sharper.
     pub temperature: f32,
     /// Keep only the k best adapters (weights renormalized); 0 keeps all.
@@ -28,7 +44,13 @@ pub struct BlendConfig {
 
 impl Default for BlendConfig {
     fn default() -> Self {
-        BlendConfig { temperature: 0.1, top_k: 0, similarity: Similarity::MeanCosine }
+        BlendConfig {
+            method: BlendMethod::Similarity,
+            loss_temperature: 0.1,
+            temperature: 0.1,
+            top_k: 0,
+            similarity: Similarity::MeanCosine,
+        }
     }
 }
 
@@ -36,6 +58,9 @@ impl BlendConfig {
     pub fn validate(&self) -> std::result::Result<(), String> {
         if !(self.temperature.is_finite() && self.temperature > 0.0) {
             return Err(format!("blend.temperature must be > 0, got {}", self.temperature));
+        }
+        if !(self.loss_temperature.is_finite() && self.loss_temperature > 0.0) {
+            return Err(format!("blend.loss_temperature must be > 0, got {}", self.loss_temperature));
         }
         Ok(())
     }
@@ -77,9 +102,25 @@ pub fn weights(sims: &[f32], cfg: &BlendConfig) -> Vec<f32> {
     w
 }
 
+/// Blend weights from each adapter's answer loss on the examples: softmax of −loss over
+/// `loss_temperature`, with the same top-k as [`weights`].
+pub fn weights_from_losses(losses: &[f32], cfg: &BlendConfig) -> Vec<f32> {
+    let scores: Vec<f32> = losses.iter().map(|l| -l).collect();
+    weights(&scores, &BlendConfig { temperature: cfg.loss_temperature, ..cfg.clone() })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn loss_weights_favour_the_lowest_loss() {
+        let w = weights_from_losses(&[3.0, 2.0, 2.5], &BlendConfig::default());
+        assert!((w.iter().sum::<f32>() - 1.0).abs() < 1e-6);
+        assert!(w[1] > w[2] && w[2] > w[0]);
+        // 0.5 nats at temperature 0.1 is a factor e^5
+        assert!((w[1] / w[2] - 5f32.exp()).abs() < 1e-2);
+    }
 
     #[test]
     fn weights_are_a_distribution_favouring_the_most_similar() {
