@@ -93,6 +93,10 @@ struct Args {
     /// `example-loss blend` (softmax of −loss / 0.1); added to tasks already measured with --resume
     #[arg(long)]
     singles: bool,
+    /// With --resume: add each adapter's example loss and the two methods that use it to tasks that
+    /// already have every single adapter measured (a full run), without measuring those again
+    #[arg(long)]
+    example_losses: bool,
     /// Stop after the screen (its scoring table tells which scoring to make the default)
     #[arg(long)]
     screen_only: bool,
@@ -281,8 +285,13 @@ fn main() -> anyhow::Result<()> {
                 eprintln!("[suite] {}: single adapters added in {:.0} s", task.name, t.elapsed().as_secs_f64());
                 continue;
             }
-            // A resumed task measured without (some) server methods or sweep settings gets them now.
+            // A resumed task measured without (some) server methods, sweep settings or example-loss
+            // routing gets them now.
             let mut added = args.sweep && add_sweep(&mut engine, &cfg, task, done, default_scoring)?;
+            if args.example_losses && !done.methods.contains_key("example-loss blend") {
+                add_loss_routing(&mut engine, task, done, default_scoring)?;
+                added = true;
+            }
             if let Some(r) = remote.as_ref() {
                 added |= add_server_methods(r, &engine, task, done)?;
             }
@@ -780,20 +789,54 @@ fn add_singles_and_loss_routing(
         "lowest example loss single adapter".into(),
         Outcome { customize_ms: routing_ms, ..singles[lowest].clone() },
     );
-    let min = losses.iter().copied().fold(f32::INFINITY, f32::min);
-    let w: Vec<f32> = losses.iter().map(|&l| (-(l - min) / 0.1).exp()).collect();
-    let sum: f32 = w.iter().sum();
-    let w: Vec<f32> = w.iter().map(|x| x / sum).collect();
-    let ms = blend_ms(engine, "light", &w)?;
-    result.methods.insert(
-        "example-loss blend".into(),
-        Outcome { customize_ms: routing_ms + ms, ..score_device(engine, Some("light"), &[], items, scoring)? },
-    );
-    result.weights.insert("example-loss blend".to_string(), w);
-    result.weights.insert("example loss".to_string(), losses);
     for (name, o) in names.iter().zip(singles) {
         result.methods.insert(format!("single adapter {name}"), o);
     }
+    add_loss_blend(engine, task, result, losses, routing_ms, scoring)
+}
+
+/// `lowest example loss single adapter` and `example-loss blend` for a task whose single adapters
+/// were all measured already: only the adapters' example losses and the blend's pass are new.
+fn add_loss_routing(engine: &mut Engine, task: &Task, result: &mut TaskResult, scoring: Scoring) -> anyhow::Result<()> {
+    let names: Vec<String> =
+        engine.pool().map(|p| p.names().iter().map(|s| s.to_string()).collect()).unwrap_or_default();
+    let n = names.len();
+    let (mut losses, mut routing_ms) = (Vec::new(), 0.0);
+    for i in 0..n {
+        let one_hot: Vec<f32> = (0..n).map(|j| if j == i { 1.0 } else { 0.0 }).collect();
+        let t = Instant::now();
+        blend_ms(engine, "single", &one_hot)?;
+        losses.push(few_shot_loss(engine, "single", &task.examples)? as f32);
+        routing_ms += t.elapsed().as_secs_f64() * 1e3;
+    }
+    let lowest = losses.iter().enumerate().min_by(|a, b| a.1.total_cmp(b.1)).map_or(0, |(i, _)| i);
+    let single = result
+        .methods
+        .get(&format!("single adapter {}", names[lowest]))
+        .cloned()
+        .context("the task's single adapters were not measured (not a full run)")?;
+    result.methods.insert("lowest example loss single adapter".into(), Outcome { customize_ms: routing_ms, ..single });
+    add_loss_blend(engine, task, result, losses, routing_ms, scoring)
+}
+
+/// `example-loss blend`: the product's `[blend] method = "example_loss"` at its defaults (softmax of
+/// −loss / 0.1, all adapters), from the adapters' example `losses` measured in `routing_ms`.
+fn add_loss_blend(
+    engine: &mut Engine,
+    task: &Task,
+    result: &mut TaskResult,
+    losses: Vec<f32>,
+    routing_ms: f64,
+    scoring: Scoring,
+) -> anyhow::Result<()> {
+    let w = blend::weights_from_losses(&losses, &BlendConfig::default());
+    let ms = blend_ms(engine, "light", &w)?;
+    result.methods.insert(
+        "example-loss blend".into(),
+        Outcome { customize_ms: routing_ms + ms, ..score_device(engine, Some("light"), &[], &task.test, scoring)? },
+    );
+    result.weights.insert("example-loss blend".to_string(), w);
+    result.weights.insert("example loss".to_string(), losses);
     Ok(())
 }
 
