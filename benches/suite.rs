@@ -108,6 +108,9 @@ struct Args {
     /// to the same tasks as "LABEL: method" (repeatable)
     #[arg(long, value_name = "LABEL=RESULTS_JSON")]
     with_methods: Vec<String>,
+    /// With --from-results: the method the table's difference column compares every other with
+    #[arg(long, default_value = "Crayon blend")]
+    reference: String,
     /// With --from-results: that run's wall time in seconds, for the table's title
     #[arg(long, default_value_t = 0.0)]
     seconds: f64,
@@ -196,6 +199,15 @@ fn main() -> anyhow::Result<()> {
                 serde_json::from_str(&std::fs::read_to_string(path)?).with_context(|| format!("reading {path}"))?;
             add_methods(&mut results, label, other);
         }
+        let manifest: serde_json::Value = std::fs::read_to_string(repo().join(&args.pool).join("pool.json"))
+            .ok()
+            .and_then(|t| serde_json::from_str(&t).ok())
+            .unwrap_or_default();
+        let pool_names: Vec<String> = manifest["adapters"]
+            .as_array()
+            .map(|a| a.iter().filter_map(|x| x["name"].as_str().map(str::to_string)).collect())
+            .unwrap_or_default();
+        derive_loss_routing_without_own_dataset(&mut results, &pool_names);
         let screen = read_screen(&args.out.join("screen.json")).unwrap_or_default();
         return write_report(&results, &screen, &args, args.seconds, &py, (scoring.normalization, scoring.calibration));
     }
@@ -333,6 +345,25 @@ fn main() -> anyhow::Result<()> {
     results.retain(|r| tasks.iter().any(|t| t.name == r.name));
     let seconds = t0.elapsed().as_secs_f64();
     write_report(&results, &screen, &args, seconds, &py, default_scoring)
+}
+
+/// Leave-one-dataset-out for loss routing, derived from a `--light --singles` run's per-question data
+/// (exact, nothing measured): where the pool (`pool_names`, in pool order) has an adapter named after
+/// the task's dataset, the lowest example-loss adapter among the *others*, as `lowest example loss
+/// single adapter, own dataset left out`.
+fn derive_loss_routing_without_own_dataset(results: &mut [TaskResult], pool_names: &[String]) {
+    for r in results.iter_mut() {
+        let Some(losses) = r.weights.get("example loss") else { continue };
+        let Some(own) = pool_names.iter().position(|n| *n == r.name) else { continue };
+        if losses.len() != pool_names.len() {
+            continue;
+        }
+        let best = (0..losses.len()).filter(|&i| i != own).min_by(|&a, &b| losses[a].total_cmp(&losses[b]));
+        if let Some(o) = best.and_then(|i| r.methods.get(&format!("single adapter {}", pool_names[i]))) {
+            let o = o.clone();
+            r.methods.insert("lowest example loss single adapter, own dataset left out".into(), o);
+        }
+    }
 }
 
 /// Adds `other`'s methods (and weights) to the tasks of `results` with the same name, as "label: name".
@@ -1065,7 +1096,7 @@ fn pick(results: &[TaskResult], name: &str, family: Option<&str>) -> Vec<Vec<boo
 
 /// Methods measured on some tasks only (e.g. leave-one-dataset-out, which needs the task's dataset in
 /// the pool): each against Crayon blend on the same tasks' questions.
-fn partial_methods(s: &mut String, results: &[TaskResult]) {
+fn partial_methods(s: &mut String, results: &[TaskResult], reference: &str) {
     use std::fmt::Write;
     let mut partial: Vec<&String> = results
         .iter()
@@ -1079,13 +1110,13 @@ fn partial_methods(s: &mut String, results: &[TaskResult]) {
     }
     let _ = writeln!(
         s,
-        "\n| method measured on some tasks | tasks | questions | accuracy % (95% CI) | Crayon blend on the same questions % | Crayon blend − method, points (paired 95% CI) |\n|---|---|---|---|---|---|"
+        "\n| method measured on some tasks | tasks | questions | accuracy % (95% CI) | {reference} on the same questions % | {reference} − method, points (paired 95% CI) |\n|---|---|---|---|---|---|"
     );
     for name in partial {
         let some: Vec<&TaskResult> =
-            results.iter().filter(|r| r.methods.contains_key(name) && r.methods.contains_key("Crayon blend")).collect();
+            results.iter().filter(|r| r.methods.contains_key(name) && r.methods.contains_key(reference)).collect();
         let get = |m: &str| -> Vec<Vec<bool>> { some.iter().map(|r| r.methods[m].right.clone()).collect() };
-        let (method, crayon) = (get(name), get("Crayon blend"));
+        let (method, crayon) = (get(name), get(reference));
         let (a, lo, hi) = accuracy_ci(&method);
         let (d, dlo, dhi) = paired_diff_ci(&crayon, &method);
         let _ = writeln!(
@@ -1116,12 +1147,13 @@ fn report(results: &[TaskResult], screen: &[TaskResult], args: &Args, seconds: f
     let families = ["pool dataset", "new dataset", "mmlu"];
     let _ = writeln!(
         s,
-        "| method | accuracy % (95% CI) | pool-dataset tasks % | new-dataset tasks % | MMLU % | Crayon blend − method, points (paired 95% CI) | customization time (mean) |\n|---|---|---|---|---|---|---|"
+        "| method | accuracy % (95% CI) | pool-dataset tasks % | new-dataset tasks % | MMLU % | {} − method, points (paired 95% CI) | customization time (mean) |\n|---|---|---|---|---|---|---|",
+        args.reference
     );
     let mut names: Vec<String> = results.first().map(|r| r.methods.keys().cloned().collect()).unwrap_or_default();
     names.retain(|n| results.iter().all(|r| r.methods.contains_key(n)));
     names.sort_by_key(|n| METHOD_ORDER.iter().position(|p| n.starts_with(p)).unwrap_or(usize::MAX));
-    let crayon = pick(results, "Crayon blend", None);
+    let crayon = pick(results, &args.reference, None);
     for name in names.iter().filter(|n| !n.starts_with("single adapter")) {
         let (a, lo, hi) = accuracy_ci(&pick(results, name, None));
         let fam: Vec<String> = families
@@ -1131,7 +1163,7 @@ fn report(results: &[TaskResult], screen: &[TaskResult], args: &Args, seconds: f
                 if p.is_empty() { "—".into() } else { format!("{:.1}", accuracy_ci(&p).0) }
             })
             .collect();
-        let delta = if name == "Crayon blend" || crayon.is_empty() {
+        let delta = if *name == args.reference || crayon.is_empty() {
             "—".to_string()
         } else {
             let (d, lo, hi) = paired_diff_ci(&crayon, &pick(results, name, None));
@@ -1146,11 +1178,11 @@ fn report(results: &[TaskResult], screen: &[TaskResult], args: &Args, seconds: f
             fam[0], fam[1], fam[2]
         );
     }
-    partial_methods(&mut s, results);
     let chance: f64 =
         results.iter().map(|r| r.chance * r.methods.values().next().map_or(0, |o| o.right.len()) as f64).sum::<f64>()
             / n_items.max(1) as f64;
     let _ = writeln!(s, "| chance | {:.1} | | | | | |", 100.0 * chance);
+    partial_methods(&mut s, results, &args.reference);
 
     // Confidence: does the margin predict right/wrong?
     let _ = writeln!(s, "\n| confidence (margin) | AUC of margin vs right |\n|---|---|");
