@@ -93,8 +93,9 @@ struct Args {
     /// `example-loss blend` (softmax of −loss / 0.1); added to tasks already measured with --resume
     #[arg(long)]
     singles: bool,
-    /// With --resume: add each adapter's example loss and the two methods that use it to tasks that
-    /// already have every single adapter measured (a full run), without measuring those again
+    /// Also each adapter's example loss and the two methods that use it (`lowest example loss single
+    /// adapter`, `example-loss blend`); with --resume, added to the tasks already measured from their
+    /// single adapters, without measuring those again
     #[arg(long)]
     example_losses: bool,
     /// Stop after the screen (its scoring table tells which scoring to make the default)
@@ -264,8 +265,11 @@ fn main() -> anyhow::Result<()> {
         return Ok(());
     }
     if !args.quick {
-        let kept: Vec<String> =
-            screen.iter().filter(|s| above_chance(s, default_scoring)).map(|s| s.name.clone()).collect();
+        let kept: Vec<String> = screen
+            .iter()
+            .filter(|s| above_chance(s, default_scoring) && tasks.iter().any(|t| t.name == s.name))
+            .map(|s| s.name.clone())
+            .collect();
         eprintln!("[suite] screen: {} of {} candidate tasks above chance", kept.len(), tasks.len());
         tasks.retain(|t| kept.contains(&t.name));
         interleave_families(&mut tasks);
@@ -324,15 +328,11 @@ fn main() -> anyhow::Result<()> {
             eprintln!("[suite] {} (light) done in {:.0} s", task.name, t.elapsed().as_secs_f64());
             continue;
         }
-        results.push(run_task(
-            &mut engine,
-            &cfg,
-            remote.as_ref(),
-            task,
-            args.search_steps,
-            args.sweep,
-            default_scoring,
-        )?);
+        let mut r = run_task(&mut engine, &cfg, remote.as_ref(), task, args.search_steps, args.sweep, default_scoring)?;
+        if args.example_losses {
+            add_loss_routing(&mut engine, task, &mut r, default_scoring)?;
+        }
+        results.push(r);
         // Written after every task: an interrupted run keeps what it measured (--resume goes on).
         std::fs::write(&results_file, serde_json::to_string(&results)?)?;
         eprintln!(
@@ -1045,7 +1045,7 @@ const METHOD_ORDER: [&str; 14] = [
 fn summary(results: &[TaskResult], seconds: f64, scoring: Scoring) -> serde_json::Value {
     use serde_json::json;
     let mut names: Vec<String> = results.first().map(|r| r.methods.keys().cloned().collect()).unwrap_or_default();
-    names.retain(|n| results.iter().all(|r| r.methods.contains_key(n)) && !n.starts_with("single adapter"));
+    names.retain(|n| results.iter().all(|r| r.methods.contains_key(n)) && !is_single(n));
     let crayon = pick(results, "Crayon blend", None);
     let methods: serde_json::Map<String, serde_json::Value> = names
         .iter()
@@ -1101,7 +1101,7 @@ fn partial_methods(s: &mut String, results: &[TaskResult], reference: &str) {
     let mut partial: Vec<&String> = results
         .iter()
         .flat_map(|r| r.methods.keys())
-        .filter(|n| !n.starts_with("single adapter") && results.iter().any(|r| !r.methods.contains_key(*n)))
+        .filter(|n| !is_single(n) && results.iter().any(|r| !r.methods.contains_key(*n)))
         .collect();
     partial.sort();
     partial.dedup();
@@ -1154,7 +1154,7 @@ fn report(results: &[TaskResult], screen: &[TaskResult], args: &Args, seconds: f
     names.retain(|n| results.iter().all(|r| r.methods.contains_key(n)));
     names.sort_by_key(|n| METHOD_ORDER.iter().position(|p| n.starts_with(p)).unwrap_or(usize::MAX));
     let crayon = pick(results, &args.reference, None);
-    for name in names.iter().filter(|n| !n.starts_with("single adapter")) {
+    for name in names.iter().filter(|n| !is_single(n)) {
         let (a, lo, hi) = accuracy_ci(&pick(results, name, None));
         let fam: Vec<String> = families
             .iter()
@@ -1248,8 +1248,7 @@ fn report(results: &[TaskResult], screen: &[TaskResult], args: &Args, seconds: f
     }
 
     let _ = writeln!(s, "\nPer task (accuracy %; screen: base zero-shot on the screen set):\n");
-    let short: Vec<&String> =
-        names.iter().filter(|n| !n.starts_with("sweep") && !n.starts_with("single adapter")).collect();
+    let short: Vec<&String> = names.iter().filter(|n| !n.starts_with("sweep") && !is_single(n)).collect();
     let _ = write!(s, "| task | family | chance | screen |");
     for n in &short {
         let _ = write!(s, " {n} |");
@@ -1283,4 +1282,10 @@ fn report(results: &[TaskResult], screen: &[TaskResult], args: &Args, seconds: f
         let _ = writeln!(s, "\nDropped by the screen (base not ≥ 5 points above chance): {}", dropped.join(", "));
     }
     s
+}
+
+/// `single adapter NAME` rows (also another run's, `LABEL: single adapter NAME`): kept in the
+/// per-question file, left out of the tables.
+fn is_single(name: &str) -> bool {
+    name.starts_with("single adapter ") || name.contains(": single adapter ")
 }
