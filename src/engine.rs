@@ -356,8 +356,19 @@ impl Engine {
         let mut losses = Vec::with_capacity(n);
         for i in 0..n {
             let one_hot: Vec<f32> = (0..n).map(|j| if j == i { 1.0 } else { 0.0 }).collect();
-            let mut decoder = self.blend_decoder(&one_hot, merge::Composition::Deltas)?;
-            losses.push(answer_loss(&mut decoder, &pairs, self.files.arch.vocab_size)?);
+            let mut merged = self.blend_decoder(&one_hot, merge::Composition::Deltas)?;
+            let loss = answer_loss(&mut merged.decoder, &pairs, self.files.arch.vocab_size)?;
+            if !loss.is_finite() {
+                let c = self.customizer()?;
+                return Err(Error::Pool {
+                    path: c.pool.dir.clone(),
+                    msg: format!(
+                        "adapter {}: the examples' loss under it is {loss} (broken tensors?)",
+                        c.pool.names()[i]
+                    ),
+                });
+            }
+            losses.push(loss);
         }
         Ok(losses)
     }
@@ -390,21 +401,22 @@ impl Engine {
         Ok(pairs)
     }
 
-    /// A decoder with `weights` merged, outside the ready set (nothing is evicted or persisted).
-    fn blend_decoder(&self, weights: &[f32], composition: merge::Composition) -> Result<Decoder> {
+    /// A decoder with `weights` merged, outside the ready set (nothing is evicted or persisted), with
+    /// what it adds to the process in bytes and the merge and session-build times in ms.
+    fn blend_decoder(&self, weights: &[f32], composition: merge::Composition) -> Result<MergedDecoder> {
         let cz = self.customizer()?;
-        let threads = self.merge_threads();
-        let overrides = merge::merge(&cz.pool, &self.files, &cz.base_weights, weights, composition, threads)?;
-        let decoder = Decoder::load(&self.files, &self.runtime, &self.config.runtime, self.shared.as_ref(), overrides)?;
-        cz.base_weights.release_resident_pages();
-        Ok(decoder)
-    }
-
-    fn merge_threads(&self) -> usize {
-        match self.config.adapters.merge_threads {
+        let threads = match self.config.adapters.merge_threads {
             0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
             n => n,
-        }
+        };
+        let t0 = Instant::now();
+        let overrides = merge::merge(&cz.pool, &self.files, &cz.base_weights, weights, composition, threads)?;
+        let merge_ms = ms(t0.elapsed());
+        let bytes = ready_bytes(overrides.iter().map(|o| o.data.len() * 4).sum(), self.shared.as_ref(), &self.files);
+        let t1 = Instant::now();
+        let decoder = Decoder::load(&self.files, &self.runtime, &self.config.runtime, self.shared.as_ref(), overrides)?;
+        cz.base_weights.release_resident_pages();
+        Ok(MergedDecoder { decoder, bytes, merge_ms, session_ms: ms(t1.elapsed()) })
     }
 
     /// Makes a customized adapter from given blend weights (one per pool adapter, in pool order;
@@ -610,15 +622,7 @@ impl Engine {
                 ),
             });
         }
-        let threads = self.merge_threads();
-        let t0 = Instant::now();
-        let overrides = merge::merge(&cz.pool, &self.files, &cz.base_weights, &c.weights, composition, threads)?;
-        let merge_ms = ms(t0.elapsed());
-        let bytes = ready_bytes(overrides.iter().map(|o| o.data.len() * 4).sum(), self.shared.as_ref(), &self.files);
-        let t1 = Instant::now();
-        let decoder = Decoder::load(&self.files, &self.runtime, &self.config.runtime, self.shared.as_ref(), overrides)?;
-        cz.base_weights.release_resident_pages();
-        let session_ms = ms(t1.elapsed());
+        let MergedDecoder { decoder, bytes, merge_ms, session_ms } = self.blend_decoder(&c.weights, composition)?;
         self.drop_ready(&c.name);
         self.clock += 1;
         self.ready.push(Ready { name: c.name.clone(), decoder, bytes, last_used: self.clock });
@@ -678,6 +682,14 @@ fn select<'a>(base: &'a mut Decoder, ready: &'a mut [Ready], adapter: Option<&st
 
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
+}
+
+/// A decoder with a blend merged in, and what building it cost.
+struct MergedDecoder {
+    decoder: Decoder,
+    bytes: usize,
+    merge_ms: f64,
+    session_ms: f64,
 }
 
 /// Mean negative log-likelihood per output token of `pairs` (input, output) under `decoder`.
