@@ -37,12 +37,16 @@ struct Args {
     /// Optimization steps of the LoraHub-style search
     #[arg(long, default_value_t = 40)]
     search_steps: usize,
-    /// Sections to run (comma-separated): memory, ready, switch, speed, search, churn
+    /// Sections to run (comma-separated): memory, ready, switch, speed, search, churn, fidelity (a 4-bit
+    /// model's merged blends against the float32 model's, needs --float-model)
     #[arg(long, value_delimiter = ',', default_value = "memory,ready,switch,speed,search")]
     only: Vec<String>,
     /// Blends the churn section builds one after the other
     #[arg(long, default_value_t = 8)]
     blends: usize,
+    /// The float32 folder the fidelity section compares a 4-bit model (--model / model.dir) against
+    #[arg(long)]
+    float_model: Option<PathBuf>,
     /// Internal: run one churn variant in this process (share_weights = VALUE) and print JSON lines
     #[arg(long, hide = true)]
     churn_child: Option<bool>,
@@ -97,7 +101,92 @@ fn main() -> anyhow::Result<()> {
     if on("search") {
         lorahub_search(&mut engine, &examples, args.search_steps)?;
     }
+    if on("fidelity") {
+        drop(engine);
+        let float = args.float_model.as_deref().ok_or_else(|| anyhow::anyhow!("fidelity needs --float-model DIR"))?;
+        fidelity(&cfg, float, &examples)?;
+    }
     Ok(())
+}
+
+/// How much of a blend survives re-quantizing the merged matrices to 4 bits: the same blend weights
+/// merged into the float32 model and into the 4-bit one, compared at every position of a text: the
+/// science examples followed by the README's prose (512 tokens).
+fn fidelity(cfg: &Config, float_model: &Path, examples: &[Example]) -> anyhow::Result<()> {
+    let mut fcfg = cfg.clone();
+    fcfg.model.dir = float_model.to_path_buf();
+    let (mut q, mut f) = (Engine::load(cfg)?, Engine::load(&fcfg)?);
+    anyhow::ensure!(
+        q.files().manifest.precision == crayon::model::Precision::Q4
+            && f.files().manifest.precision == crayon::model::Precision::F32,
+        "fidelity compares a 4-bit --model with a float32 --float-model"
+    );
+    let mut text: String = examples.iter().map(|e| format!("{}{}\n\n", e.input, e.output)).collect();
+    text.push_str(&std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md"))?);
+    let mut ids = f.tokenizer().encode(&text)?;
+    ids.truncate(512);
+    let vocab = f.files().arch.vocab_size;
+    let n = f.pool().map_or(0, |p| p.adapters.len());
+    let mut blends: Vec<(String, Vec<f32>)> = (0..n.min(4))
+        .map(|i| {
+            let mut w = vec![0.0; n];
+            w[i] = 1.0;
+            (format!("adapter {i} alone"), w)
+        })
+        .collect();
+    blends.push(("uniform".into(), vec![1.0 / n as f32; n]));
+    let made = f.customize("from-examples", examples)?;
+    blends.push(("from examples/science.jsonl".into(), made.customization.weights.clone()));
+
+    let top1 = |l: &[f32]| -> Vec<usize> {
+        l.chunks(vocab).map(|r| r.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).map_or(0, |m| m.0)).collect()
+    };
+    let agree = |a: &[usize], b: &[usize]| a.iter().zip(b).filter(|(x, y)| x == y).count() as f64 / a.len() as f64;
+    let (fb, qb) = (f.logits(None, &ids)?, q.logits(None, &ids)?);
+    let (fb1, qb1) = (top1(&fb), top1(&qb));
+    println!("## 4-bit merged blends vs float32 merged blends ({} positions)\n", ids.len());
+    println!("Base models: top-1 agreement {:.1}%.\n", 100.0 * agree(&qb1, &fb1));
+    println!(
+        "| blend | top-1 agreement, merged 4-bit vs merged float32 | float32 blend's top-1 changes kept | correlation of logit changes |"
+    );
+    println!("|---|---|---|---|");
+    let mut rows = Vec::new();
+    for (label, w) in &blends {
+        f.customize_weights("x", w)?;
+        q.customize_weights("x", w)?;
+        let (fm, qm) = (f.logits(Some("x"), &ids)?, q.logits(Some("x"), &ids)?);
+        let (fm1, qm1) = (top1(&fm), top1(&qm));
+        let changed: Vec<usize> = (0..fm1.len()).filter(|&i| fm1[i] != fb1[i]).collect();
+        let kept = changed.iter().filter(|&&i| qm1[i] == fm1[i]).count() as f64 / changed.len().max(1) as f64;
+        let df: Vec<f32> = fm.iter().zip(&fb).map(|(a, b)| a - b).collect();
+        let dq: Vec<f32> = qm.iter().zip(&qb).map(|(a, b)| a - b).collect();
+        let corr = correlation(&dq, &df);
+        let a = agree(&qm1, &fm1);
+        println!("| {label} | {:.1}% | {:.1}% of {} | {corr:.3} |", 100.0 * a, 100.0 * kept, changed.len());
+        rows.push(serde_json::json!({"blend": label, "top1_agreement": a, "changes_kept": kept,
+            "changes": changed.len(), "delta_correlation": corr}));
+    }
+    println!();
+    let out = Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/data/quantized-merge-fidelity.json");
+    let doc = serde_json::json!({"positions": ids.len(), "base_top1_agreement": agree(&qb1, &fb1),
+        "model": cfg.model.dir.display().to_string(), "float_model": float_model.display().to_string(), "blends": rows});
+    std::fs::write(&out, serde_json::to_string_pretty(&doc)? + "\n")?;
+    println!("(written to {})\n", out.display());
+    Ok(())
+}
+
+fn correlation(a: &[f32], b: &[f32]) -> f64 {
+    let n = a.len() as f64;
+    let ma = a.iter().map(|&v| f64::from(v)).sum::<f64>() / n;
+    let mb = b.iter().map(|&v| f64::from(v)).sum::<f64>() / n;
+    let (mut ab, mut aa, mut bb) = (0.0, 0.0, 0.0);
+    for (&x, &y) in a.iter().zip(b) {
+        let (dx, dy) = (f64::from(x) - ma, f64::from(y) - mb);
+        ab += dx * dy;
+        aa += dx * dx;
+        bb += dy * dy;
+    }
+    ab / (aa * bb).sqrt().max(1e-30)
 }
 
 /// The five examples of `examples/science.jsonl` (ARC-style science questions, the pool's format).

@@ -118,7 +118,10 @@ impl Engine {
         let runtime = Runtime::get(&config.runtime)?;
         let shared = match config.runtime.share_weights {
             true => {
-                let blended = customizer.as_ref().map(|c| c.pool.blended_weights(&files)).unwrap_or_default();
+                let blended = customizer
+                    .as_ref()
+                    .map(|c| c.pool.blended_weights(&files).iter().flat_map(|w| files.initializer_names(w)).collect())
+                    .unwrap_or_default();
                 Some(Arc::new(SharedWeights::new(Arc::clone(&weights), &blended, EMBEDDING_WEIGHT)?))
             }
             false => None,
@@ -412,7 +415,7 @@ impl Engine {
         let t0 = Instant::now();
         let overrides = merge::merge(&cz.pool, &self.files, &cz.base_weights, weights, composition, threads)?;
         let merge_ms = ms(t0.elapsed());
-        let bytes = ready_bytes(overrides.iter().map(|o| o.data.len() * 4).sum(), self.shared.as_ref(), &self.files);
+        let bytes = ready_bytes(overrides.iter().map(WeightOverride::bytes).sum(), self.shared.as_ref(), &self.files);
         let t1 = Instant::now();
         let decoder = Decoder::load(&self.files, &self.runtime, &self.config.runtime, self.shared.as_ref(), overrides)?;
         cz.base_weights.release_resident_pages();

@@ -10,6 +10,7 @@ use memmap2::Mmap;
 use safetensors::{Dtype, SafeTensors};
 
 use crate::error::{Error, Result};
+use crate::model::quant::{self, Q4Matrix};
 
 #[derive(Debug, Clone)]
 pub struct TensorInfo {
@@ -100,6 +101,56 @@ impl WeightFile {
         let info = self.tensors.get(name)?;
         let bytes = &self.map[info.start..info.end];
         (info.dtype == Dtype::F32 && bytemuck::try_cast_slice::<u8, f32>(bytes).is_ok()).then_some(bytes)
+    }
+
+    /// The tensor's bytes in the mapping, when stored as u8 (quantized blocks; else `None`).
+    pub fn u8_bytes(&self, name: &str) -> Option<&[u8]> {
+        let info = self.tensors.get(name)?;
+        (info.dtype == Dtype::U8).then(|| &self.map[info.start..info.end])
+    }
+
+    /// The 4-bit matrix stored as `name.q4` / `.scales` / `.offsets` (see [`quant`]), or `None` when
+    /// the file has no `name.q4`.
+    pub fn q4(&self, name: &str) -> Result<Option<Q4Matrix>> {
+        let Some(info) = self.tensors.get(&format!("{name}.q4")) else { return Ok(None) };
+        let bad = |msg: String| Error::model(&self.path, format!("4-bit tensor '{name}': {msg}"));
+        let [rows, nb, half] = info.shape[..] else { return Err(bad(format!("shape {:?} is not 3-D", info.shape))) };
+        let block = 2 * half;
+        let packed = self.u8_bytes(&format!("{name}.q4")).ok_or_else(|| bad("blocks are not u8".into()))?.to_vec();
+        let scales = self.f32(&format!("{name}.scales"))?.into_owned();
+        let offsets = self.f32(&format!("{name}.offsets"))?.into_owned();
+        if block == 0 || scales.len() != rows * nb || offsets.len() != rows * nb {
+            return Err(bad(format!(
+                "{} scales and {} offsets for {rows} rows of {nb} blocks",
+                scales.len(),
+                offsets.len()
+            )));
+        }
+        Ok(Some(Q4Matrix { rows, cols: nb * block, block, packed, scales, offsets }))
+    }
+
+    /// A model matrix as f32 values whatever its storage: float32 (borrowed), 4-bit (decoded).
+    pub fn dense(&self, name: &str) -> Result<Cow<'_, [f32]>> {
+        match self.q4(name)? {
+            Some(m) => Ok(Cow::Owned(m.decode())),
+            None => self.f32(name),
+        }
+    }
+
+    /// Row `row` of a 2-D model matrix as f32: float32, or 8-bit (`name.q8` + `name.scales`, the
+    /// embedding of a quantized folder).
+    pub fn dense_row(&self, name: &str, row: usize) -> Result<Vec<f32>> {
+        let q8 = format!("{name}.q8");
+        let Some(info) = self.tensors.get(&q8) else { return self.f32_row(name, row) };
+        let [rows, nb, block] = info.shape[..] else {
+            return Err(Error::model(&self.path, format!("8-bit tensor '{q8}' has shape {:?}, not 3-D", info.shape)));
+        };
+        let data = self.u8_bytes(&q8).ok_or_else(|| Error::model(&self.path, format!("'{q8}' is not u8")))?;
+        let scales = self.f32(&format!("{name}.scales"))?;
+        if row >= rows || scales.len() != rows * nb {
+            return Err(Error::model(&self.path, format!("tensor '{q8}': cannot read row {row} of {rows}")));
+        }
+        Ok(quant::decode_q8_row(data, &scales, nb * block, block, row))
     }
 
     /// Drops this mapping's resident pages (they are read again from the file if used). ONNX Runtime

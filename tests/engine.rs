@@ -218,7 +218,7 @@ fn weights_are_replaceable_by_name() {
     let name = "model.layers.0.self_attn.q_proj.weight";
     let original = Tensors::read(&cfg.model.dir.join("model.safetensors")).f32s(name);
     let logits_with = |data: Vec<f32>| {
-        let mut e = Engine::load_with_overrides(&cfg, vec![WeightOverride { name: name.into(), data }]).unwrap();
+        let mut e = Engine::load_with_overrides(&cfg, vec![WeightOverride::dense(name, data)]).unwrap();
         let dec = e.decoder_mut();
         let mut cache = dec.new_cache().unwrap();
         dec.forward(&r.input_ids, &mut cache, r.input_ids.len(), None).unwrap()
@@ -229,7 +229,7 @@ fn weights_are_replaceable_by_name() {
     assert!(max_abs_diff(&zeroed, &r.logits) > 1e-3, "replacing q_proj must change the logits");
 
     let bad = |name: &str, len: usize| {
-        Engine::load_with_overrides(&cfg, vec![WeightOverride { name: name.into(), data: vec![0.0; len] }])
+        Engine::load_with_overrides(&cfg, vec![WeightOverride::dense(name, vec![0.0; len])])
             .err()
             .expect("must fail")
             .to_string()

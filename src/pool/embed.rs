@@ -22,7 +22,7 @@ impl TaskEmbedder {
     pub fn new(model: &ModelFiles) -> Result<TaskEmbedder> {
         let weights = WeightFile::open(&model.path(&model.manifest.weights))?;
         let norm = weights.f32("model.layers.0.input_layernorm.weight")?.into_owned();
-        let wq = weights.f32("model.layers.0.self_attn.q_proj.weight")?.into_owned();
+        let wq = weights.dense("model.layers.0.self_attn.q_proj.weight")?.into_owned();
         let hidden = model.arch.hidden_size;
         let q = super::q_dim(model);
         if norm.len() != hidden || wq.len() != q * hidden {
@@ -38,7 +38,7 @@ impl TaskEmbedder {
         }
         let mut mean_x = vec![0f64; self.hidden];
         for &id in ids {
-            let x = self.weights.f32_row("model.embed_tokens.weight", id as usize)?;
+            let x = self.weights.dense_row("model.embed_tokens.weight", id as usize)?;
             let ms = x.iter().map(|&v| f64::from(v) * f64::from(v)).sum::<f64>() / self.hidden as f64;
             let inv = 1.0 / (ms + self.eps).sqrt();
             for ((m, &v), &g) in mean_x.iter_mut().zip(&x).zip(&self.norm) {

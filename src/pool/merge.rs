@@ -10,7 +10,7 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use crate::error::{Error, Result};
-use crate::model::{ModelFiles, WeightOverride, target_shape};
+use crate::model::{ModelFiles, Precision, WeightData, WeightOverride, quant, target_shape};
 use crate::weights::WeightFile;
 
 use super::Pool;
@@ -88,7 +88,7 @@ fn merge_one(
     let [out, inp] = target_shape(&model.arch, target)
         .ok_or_else(|| Error::InvalidRequest(format!("unknown adapter target '{target}'")))?;
     let name = crate::model::target_weight_name(layer, target);
-    let mut merged = base.f32(&name)?.into_owned();
+    let mut merged = base.dense(&name)?.into_owned();
     if merged.len() != out * inp {
         return Err(Error::model(base.path(), format!("'{name}' has {} values, expected {out} x {inp}", merged.len())));
     }
@@ -113,7 +113,7 @@ fn merge_one(
     }
     let rank: usize = blocks.iter().map(|b| b.0).sum();
     if rank == 0 {
-        return Ok(WeightOverride { name, data: merged });
+        return Ok(encoded(model, name, merged, out, inp));
     }
     b_cat.resize(out * rank, 0.0);
     let mut col = 0;
@@ -145,7 +145,19 @@ fn merge_one(
             1,
         );
     }
-    Ok(WeightOverride { name, data: merged })
+    Ok(encoded(model, name, merged, out, inp))
+}
+
+/// The merged matrix in the model's precision: re-quantized here, on the merge's worker threads, for a
+/// 4-bit model (`quantize(dequantize(W) + delta)`, fresh per-block range).
+fn encoded(model: &ModelFiles, name: String, merged: Vec<f32>, out: usize, inp: usize) -> WeightOverride {
+    match (model.manifest.precision, model.block_size()) {
+        (Precision::Q4, Ok(block)) if inp % block == 0 => {
+            WeightOverride { name, data: WeightData::Q4(quant::encode_q4(&merged, out, inp, block)) }
+        }
+        // Anything else is checked (and refused with a clear error) where the session is built.
+        _ => WeightOverride::dense(name, merged),
+    }
 }
 
 /// LoraHub's factors from the concatenated ones: one rank-r block with B = Σ w_k s_k B_k and

@@ -133,7 +133,7 @@ impl Pool {
         if m.format != POOL_FORMAT {
             return Err(bad(format!("format '{}' is not supported (expected '{POOL_FORMAT}')", m.format)));
         }
-        if m.base_model.weights_sha256 != model.manifest.weights_sha256 {
+        if !model.computes_with(&m.base_model.weights_sha256) {
             return Err(bad(format!(
                 "built for base weights {}…, but the model at {} has {}… (rebuild the pool for this model)",
                 short(&m.base_model.weights_sha256),

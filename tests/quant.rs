@@ -1,0 +1,147 @@
+//! The 4-bit model folder (`crayon-export --precision q4`) against its float32 reference: the tiny model
+//! is exported in both precisions from the same weights on the 4-bit grid (scripts/setup), so the
+//! float32 folder is exactly what the 4-bit blocks decode to and one pool serves both.
+
+mod common;
+
+use common::*;
+use crayon::model::WeightOverride;
+use crayon::{Config, Engine};
+
+fn tiny_q4() -> Config {
+    config_for(&model_dir("tiny-q4"))
+}
+
+fn with_pool(mut cfg: Config) -> (Config, tempfile::TempDir) {
+    cfg.pool.dir = repo().join("models/tiny-pool");
+    let state = tempfile::tempdir().unwrap();
+    cfg.adapters.state_dir = state.path().to_path_buf();
+    (cfg, state)
+}
+
+fn top1(logits: &[f32], vocab: usize) -> Vec<usize> {
+    logits
+        .chunks(vocab)
+        .map(|row| row.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).map(|(i, _)| i).unwrap_or(0))
+        .collect()
+}
+
+fn agreement(a: &[usize], b: &[usize]) -> f64 {
+    a.iter().zip(b).filter(|(x, y)| x == y).count() as f64 / a.len().max(1) as f64
+}
+
+/// Pearson correlation of two equally long vectors.
+fn correlation(a: &[f32], b: &[f32]) -> f64 {
+    let n = a.len() as f64;
+    let (ma, mb) = (a.iter().map(|&v| v as f64).sum::<f64>() / n, b.iter().map(|&v| v as f64).sum::<f64>() / n);
+    let (mut sab, mut saa, mut sbb) = (0.0, 0.0, 0.0);
+    for (&x, &y) in a.iter().zip(b) {
+        let (dx, dy) = (x as f64 - ma, y as f64 - mb);
+        sab += dx * dy;
+        saa += dx * dx;
+        sbb += dy * dy;
+    }
+    sab / (saa * sbb).sqrt().max(1e-30)
+}
+
+fn logits(cfg: &Config, ids: &[u32]) -> Vec<f32> {
+    Engine::load(cfg).unwrap().logits(None, ids).unwrap()
+}
+
+#[test]
+fn four_bit_folder_decodes_to_its_float32_reference() {
+    let f32_dir = model_dir("tiny");
+    let q4 = crayon::model::ModelFiles::open(&model_dir("tiny-q4")).unwrap();
+    let reference = crayon::model::ModelFiles::open(&f32_dir).unwrap();
+    assert_eq!(q4.manifest.precision, crayon::model::Precision::Q4);
+    assert!(q4.computes_with(&reference.manifest.weights_sha256), "decodes_to_sha256 must name the float32 export");
+
+    let base = crayon::weights::WeightFile::open(&f32_dir.join("model.safetensors")).unwrap();
+    let quant = crayon::weights::WeightFile::open(&q4.path(&q4.manifest.weights)).unwrap();
+    for name in reference.target_weight_names() {
+        let (want, got) = (base.f32(&name).unwrap(), quant.dense(&name).unwrap());
+        assert!(max_abs_diff(&want, &got) <= 1e-6, "{name} decodes away from the float32 weights");
+    }
+    let (want, got) = (
+        base.f32_row("model.embed_tokens.weight", 7).unwrap(),
+        quant.dense_row("model.embed_tokens.weight", 7).unwrap(),
+    );
+    assert_eq!(want, got, "8-bit embedding rows decode exactly");
+}
+
+#[test]
+fn four_bit_model_tracks_the_float32_reference() {
+    let r = reference(&model_dir("tiny"));
+    let vocab = crayon::model::ModelFiles::open(&model_dir("tiny")).unwrap().arch.vocab_size;
+    let got = logits(&tiny_q4(), &r.input_ids);
+    let diff = max_abs_diff(&got, &r.logits);
+    let agree = agreement(&top1(&got, vocab), &top1(&r.logits, vocab));
+    // int8 activations (MatMulNBits accuracy level 4) move logits a little; float32 weights do not.
+    assert!(diff < 0.5, "4-bit vs float32 reference: max |diff| {diff}");
+    assert!(agree >= 0.9, "4-bit vs float32 reference: top-1 agreement {agree}");
+}
+
+#[test]
+fn reencoding_the_decoded_weights_changes_nothing() {
+    // An override of the decoded matrix is re-encoded onto the same grid: the model is unchanged.
+    let cfg = tiny_q4();
+    let r = reference(&model_dir("tiny"));
+    let name = "model.layers.0.mlp.down_proj.weight";
+    let quant = crayon::weights::WeightFile::open(&cfg.model.dir.join("model.safetensors")).unwrap();
+    let decoded = quant.dense(name).unwrap().into_owned();
+    let base = logits(&cfg, &r.input_ids);
+    let mut e = Engine::load_with_overrides(&cfg, vec![WeightOverride::dense(name, decoded.clone())]).unwrap();
+    let same = e.logits(None, &r.input_ids).unwrap();
+    assert!(max_abs_diff(&same, &base) < 1e-5, "re-encoded weights changed the logits");
+    let mut e = Engine::load_with_overrides(&cfg, vec![WeightOverride::dense(name, vec![0.0; decoded.len()])]).unwrap();
+    assert!(max_abs_diff(&e.logits(None, &r.input_ids).unwrap(), &base) > 1e-3, "an override must take effect");
+    let err = Engine::load_with_overrides(&cfg, vec![WeightOverride::dense(name, vec![0.0; 5])]).err().unwrap();
+    assert!(err.to_string().contains("has 5 values"), "{err}");
+}
+
+#[test]
+fn merged_four_bit_blend_keeps_the_blends_effect() {
+    // The same blend merged into the float32 and the 4-bit model: re-quantizing the merged matrices
+    // must keep what the blend does to the logits (the change against each model's own base).
+    let r = pool_reference(&repo().join("models/tiny-pool"));
+    let vocab = 49152;
+    let run = |cfg: Config| {
+        let (cfg, _state) = with_pool(cfg);
+        let mut e = Engine::load(&cfg).unwrap();
+        e.customize_weights("mix", &r.blend_weights).unwrap();
+        let blended = e.logits(Some("mix"), &r.input_ids).unwrap();
+        let base = e.logits(None, &r.input_ids).unwrap();
+        let n = blended.len();
+        (blended[n - 4 * vocab..].to_vec(), base[n - 4 * vocab..].to_vec())
+    };
+    let (f_blend, f_base) = run(tiny());
+    assert!(max_abs_diff(&f_blend, &r.blend_logits) < 1e-4, "float32 merge vs PEFT");
+    let (q_blend, q_base) = run(tiny_q4());
+    let delta = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(x, y)| x - y).collect::<Vec<f32>>();
+    let corr = correlation(&delta(&q_blend, &q_base), &delta(&f_blend, &f_base));
+    let agree = agreement(&top1(&q_blend, vocab), &top1(&f_blend, vocab));
+    eprintln!(
+        "4-bit merged blend: correlation of logit changes {corr:.4}, top-1 agreement with float32 merged {agree:.3}"
+    );
+    assert!(corr > 0.9, "the 4-bit merge keeps the blend's effect: correlation {corr}");
+    assert!(agree >= 0.75, "4-bit merged vs float32 merged: top-1 agreement {agree}");
+}
+
+#[test]
+fn task_embeddings_match_across_precisions() {
+    let (f, _s1) = with_pool(tiny());
+    let (q, _s2) = with_pool(tiny_q4());
+    let (f, q) = (Engine::load(&f).unwrap(), Engine::load(&q).unwrap());
+    let text = "Question: which planet is largest?\nAnswer:";
+    let (a, b) = (f.task_embedding(text).unwrap().unwrap(), q.task_embedding(text).unwrap().unwrap());
+    assert!(max_abs_diff(&a, &b) < 1e-5, "the pool sees the same task in both precisions");
+}
+
+#[test]
+fn shared_and_private_four_bit_weights_give_identical_logits() {
+    let r = reference(&model_dir("tiny"));
+    let mut private = tiny_q4();
+    private.runtime.share_weights = false;
+    let (shared, private) = (logits(&tiny_q4(), &r.input_ids), logits(&private, &r.input_ids));
+    assert_eq!(shared, private);
+}
