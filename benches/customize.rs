@@ -144,10 +144,13 @@ fn fidelity(cfg: &Config, float_model: &Path, examples: &[Example]) -> anyhow::R
     let agree = |a: &[usize], b: &[usize]| a.iter().zip(b).filter(|(x, y)| x == y).count() as f64 / a.len() as f64;
     let (fb, qb) = (f.logits(None, &ids)?, q.logits(None, &ids)?);
     let (fb1, qb1) = (top1(&fb), top1(&qb));
-    println!("## 4-bit merged blends vs float32 merged blends ({} positions)\n", ids.len());
+    println!(
+        "## Blends on the 4-bit model (unmerged low-rank path) vs merged into the float32 model ({} positions)\n",
+        ids.len()
+    );
     println!("Base models: top-1 agreement {:.1}%.\n", 100.0 * agree(&qb1, &fb1));
     println!(
-        "| blend | top-1 agreement, merged 4-bit vs merged float32 | float32 blend's top-1 changes kept | correlation of logit changes |"
+        "| blend | top-1 agreement, 4-bit blend (unmerged) vs merged float32 | float32 blend's top-1 changes kept | correlation of logit changes |"
     );
     println!("|---|---|---|---|");
     let mut rows = Vec::new();

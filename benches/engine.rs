@@ -26,6 +26,10 @@ struct Args {
     runs: usize,
     #[arg(long, default_value_t = 1)]
     warmup: usize,
+    /// Also report the share of prompt positions whose top token matches this model folder's (the
+    /// float32 reference of a 4-bit model), as `top1_agreement`
+    #[arg(long)]
+    reference_model: Option<PathBuf>,
     /// Write an ONNX Runtime per-operator profile with this path prefix and report its file
     #[arg(long)]
     profile: Option<PathBuf>,
@@ -66,6 +70,25 @@ fn main() -> anyhow::Result<()> {
         }
     }
     let profile = if args.profile.is_some() { Some(dec.end_profiling()?) } else { None };
+    let peak_rss_mb = common::status_mb("VmHWM"); // before a reference model is loaded
+    let top1_agreement = match &args.reference_model {
+        Some(dir) => {
+            let mut rcfg = cfg.clone();
+            rcfg.model.dir = dir.clone();
+            rcfg.pool.dir = PathBuf::new();
+            let mut reference = Engine::load(&rcfg)?;
+            let (got, want) = (engine.logits(None, &ids)?, reference.logits(None, &ids)?);
+            let vocab = engine.files().arch.vocab_size;
+            let top = |l: &[f32]| -> Vec<usize> {
+                l.chunks(vocab)
+                    .map(|r| r.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).map_or(0, |m| m.0))
+                    .collect()
+            };
+            let (a, b) = (top(&got), top(&want));
+            Some(a.iter().zip(&b).filter(|(x, y)| x == y).count() as f64 / a.len().max(1) as f64)
+        }
+        None => None,
+    };
     let json = serde_json::json!({
         "profile": profile,
         "engine": "crayon",
@@ -74,7 +97,9 @@ fn main() -> anyhow::Result<()> {
         "load_s": load_s,
         "prefill_tok_s": prefill,
         "decode_tok_s": decode,
-        "peak_rss_mb": common::status_mb("VmHWM"),
+        "peak_rss_mb": peak_rss_mb,
+        "model": cfg.model.dir.display().to_string(),
+        "top1_agreement": top1_agreement,
     });
     println!("{json}");
     Ok(())

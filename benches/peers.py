@@ -1,7 +1,9 @@
-"""Three-way engine benchmark: Crayon (Rust, ONNX Runtime) vs llama.cpp (llama-cpp-python on the GGUF)
-vs ONNX Runtime GenAI (its model builder's ONNX, fp32 and int4), same model, same prompt token ids,
-same thread count, each engine in its own process. Prints a markdown table (medians over the runs,
-ratios against Crayon) and writes it with the raw JSON to benches/out/.
+"""Engine benchmark: Crayon (Rust, ONNX Runtime; the 4-bit folder and the float32 one) vs llama.cpp
+(llama-cpp-python on the GGUF) vs ONNX Runtime GenAI (its model builder's ONNX, fp32 and int4), same model,
+same prompt token ids, same thread count, each engine in its own process. Prints a markdown table
+(medians over the runs, ratios against Crayon 4-bit) and writes it with the raw JSON to benches/out/, and
+the medians to docs/data/engine-benchmark.json (`engines.crayon` is the 4-bit folder, with its top-token
+agreement with the float32 folder over the prompt's positions).
 
     benches/.venv/bin/python benches/peers.py --threads 2 --prompt-tokens 367 --new-tokens 100 --runs 5
 """
@@ -22,6 +24,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "benches" / "out"
 MODEL = ROOT / "models" / "smollm2-135m-instruct"
+MODEL_Q4 = ROOT / "models" / "smollm2-135m-instruct-q4"
 
 TEXT = (
     "The history of the printing press begins in the fifteenth century, when movable metal type made it "
@@ -123,13 +126,17 @@ def run_genai(precision: str, ids: list[int], new_tokens: int, runs: int, warmup
             "peak_rss_mb": peak_rss_mb()}
 
 
-def run_crayon(ids_file: Path, new_tokens: int, runs: int, warmup: int, threads: int) -> dict:
+def run_crayon(ids_file: Path, new_tokens: int, runs: int, warmup: int, threads: int, model: Path,
+               reference: Path | None = None) -> dict:
     cmd = ["cargo", "bench", "--quiet", "--bench", "engine", "--", "--config", str(ROOT / "crayon.dev.toml"),
-           "--threads", str(threads), "--ids", str(ids_file), "--new-tokens", str(new_tokens), "--runs", str(runs),
-           "--warmup", str(warmup)]
+           "--model", str(model), "--threads", str(threads), "--ids", str(ids_file), "--new-tokens", str(new_tokens),
+           "--runs", str(runs), "--warmup", str(warmup)]
+    if reference:
+        cmd += ["--reference-model", str(reference)]
     out = subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, text=True).stdout
     res = json.loads(out.strip().splitlines()[-1])
-    res["engine"] = f"Crayon (fp32, {res['provider']})"
+    precision = json.loads((model / "crayon_model.json").read_text()).get("precision", "f32")
+    res["engine"] = f"Crayon ({'4-bit' if precision == 'q4' else 'fp32'}, {res['provider']})"
     return res
 
 
@@ -155,15 +162,17 @@ def table(results: list[dict], args) -> str:
     med = lambda r, k: statistics.median(r[k])
     spread = lambda r, k: (max(r[k]) - min(r[k])) / med(r, k) * 100 if len(r[k]) > 1 else 0.0
     lines = [
-        f"| engine | prompt tok/s (median, spread) | vs Crayon | decode tok/s (median, spread) | vs Crayon | peak RSS MB | load s |",
-        "|---|---|---|---|---|---|---|",
+        f"| engine | prompt tok/s (median, spread) | vs {base['engine']} | decode tok/s (median, spread) | vs {base['engine']} "
+        f"| peak RSS MB | load s | top-1 agreement with fp32 |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         lines.append(
             f"| {r['engine']} | {med(r, 'prefill_tok_s'):.0f} (±{spread(r, 'prefill_tok_s') / 2:.0f}%) | "
             f"{med(r, 'prefill_tok_s') / med(base, 'prefill_tok_s'):.2f}x | {med(r, 'decode_tok_s'):.1f} "
             f"(±{spread(r, 'decode_tok_s') / 2:.0f}%) | {med(r, 'decode_tok_s') / med(base, 'decode_tok_s'):.2f}x | "
-            f"{r.get('peak_rss_mb') or 0:.0f} | {r['load_s']:.2f} |"
+            f"{r.get('peak_rss_mb') or 0:.0f} | {r['load_s']:.2f} | "
+            f"{'' if r.get('top1_agreement') is None else format(r['top1_agreement'], '.1%')} |"
         )
     head = (f"SmolLM2-135M-Instruct, {args.prompt_tokens}-token prompt, {args.new_tokens} new tokens (greedy, no early stop), "
             f"{args.threads} threads, {args.runs} runs after {args.warmup} warm-up; {platform.machine()}, "
@@ -180,7 +189,8 @@ def main():
     ap.add_argument("--new-tokens", type=int, default=100)
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=1)
-    ap.add_argument("--skip", action="append", default=[], help="engines to leave out: llama, genai-fp32, genai-int4")
+    ap.add_argument("--skip", action="append", default=[],
+                    help="engines to leave out: crayon (4-bit), crayon-fp32, llama, genai-fp32, genai-int4")
     args = ap.parse_args()
     if args.engine:  # child process: one engine
         ids = json.loads(args.ids_file.read_text())
@@ -193,12 +203,16 @@ def main():
     OUT.mkdir(parents=True, exist_ok=True)
     args.ids_file.write_text(json.dumps(prompt_ids(args.prompt_tokens)))
     results = []
-    for name in ["crayon", "llama", "genai-fp32", "genai-int4"]:
+    keys = []
+    for name in ["crayon", "crayon-fp32", "llama", "genai-fp32", "genai-int4"]:
         if name in args.skip:
             continue
         print(f"[bench] {name}", file=sys.stderr, flush=True)
+        keys.append({"llama": "llama.cpp"}.get(name, name))
         if name == "crayon":
-            results.append(run_crayon(args.ids_file, args.new_tokens, args.runs, args.warmup, args.threads))
+            results.append(run_crayon(args.ids_file, args.new_tokens, args.runs, args.warmup, args.threads, MODEL_Q4, MODEL))
+        elif name == "crayon-fp32":
+            results.append(run_crayon(args.ids_file, args.new_tokens, args.runs, args.warmup, args.threads, MODEL))
         else:
             if name.startswith("genai"):
                 build_genai(name.split("-")[1], args.threads)
@@ -206,6 +220,16 @@ def main():
     md = table(results, args)
     (OUT / "engine.json").write_text(json.dumps(results, indent=2))
     (OUT / "engine.md").write_text(md)
+    med = statistics.median
+    summary = {
+        "model": "SmolLM2-135M-Instruct", "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens,
+        "threads": args.threads, "runs": args.runs, "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+        "date": time.strftime("%Y-%m-%d"),
+        "engines": {k: {"label": r["engine"], "decode_tok_s": med(r["decode_tok_s"]), "prefill_tok_s": med(r["prefill_tok_s"]),
+                        "peak_rss_mb": r.get("peak_rss_mb"), **({"top1_agreement": r["top1_agreement"]} if r.get("top1_agreement") is not None else {})}
+                    for k, r in zip(keys, results)},
+    }
+    (ROOT / "docs" / "data" / "engine-benchmark.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(md)
 
 

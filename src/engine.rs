@@ -13,7 +13,7 @@ use crate::choices::{self, Calibration, ChoiceJob};
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::generate::{self, CancelToken, Generation, GenerationParams, Prompt};
-use crate::model::{Decoder, ModelFiles, SharedWeights, WeightOverride};
+use crate::model::{Decoder, LowRank, ModelFiles, Precision, SharedWeights, WeightOverride};
 use crate::pool::Pool;
 use crate::pool::blend;
 use crate::pool::embed::TaskEmbedder;
@@ -66,6 +66,8 @@ pub struct Engine {
     files: ModelFiles,
     runtime: Arc<Runtime>,
     base: Decoder,
+    /// A 4-bit model's unmerged-path session (rank-0 factors), from which every blend's decoder is made.
+    unmerged: Option<Decoder>,
     /// The model's weights shared by the base session and every blend's (`runtime.share_weights`).
     shared: Option<Arc<SharedWeights>>,
     tokenizer: Tokenizer,
@@ -127,6 +129,17 @@ impl Engine {
             false => None,
         };
         let base = Decoder::load(&files, &runtime, &config.runtime, shared.as_ref(), overrides)?;
+        // Blends on 4-bit weights stay unmerged: re-quantizing a merged delta rounds it away (docs/engine.md).
+        let unmerged = match (&customizer, files.manifest.precision, &files.manifest.lora_onnx) {
+            (Some(_), Precision::Q4, Some(_)) => {
+                Some(Decoder::load_unmerged(&files, &runtime, &config.runtime, shared.as_ref())?)
+            }
+            (Some(_), Precision::Q4, None) => {
+                tracing::warn!(model = %files.dir.display(), "4-bit folder without lora_onnx: blends are merged and re-quantized, which loses most of their effect; re-export it");
+                None
+            }
+            _ => None,
+        };
         weights.release_resident_pages();
         if let (Some(c), Some(s)) = (&customizer, &store) {
             tracing::info!(pool = %c.pool.id, adapters = c.pool.adapters.len(), saved = s.list().count(), "adapter pool ready");
@@ -136,6 +149,7 @@ impl Engine {
             files,
             runtime,
             base,
+            unmerged,
             shared,
             tokenizer,
             template,
@@ -413,6 +427,12 @@ impl Engine {
             n => n,
         };
         let t0 = Instant::now();
+        if let Some(unmerged) = &self.unmerged {
+            let factors = merge::low_rank(&cz.pool, &self.files, weights, composition, threads)?;
+            let bytes = factors.iter().map(LowRank::bytes).sum();
+            let decoder = unmerged.with_factors(&self.files, factors)?;
+            return Ok(MergedDecoder { decoder, bytes, merge_ms: ms(t0.elapsed()), session_ms: 0.0 });
+        }
         let overrides = merge::merge(&cz.pool, &self.files, &cz.base_weights, weights, composition, threads)?;
         let merge_ms = ms(t0.elapsed());
         let bytes = ready_bytes(overrides.iter().map(WeightOverride::bytes).sum(), self.shared.as_ref(), &self.files);

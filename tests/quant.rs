@@ -100,9 +100,10 @@ fn reencoding_the_decoded_weights_changes_nothing() {
 }
 
 #[test]
-fn merged_four_bit_blend_keeps_the_blends_effect() {
-    // The same blend merged into the float32 and the 4-bit model: re-quantizing the merged matrices
-    // must keep what the blend does to the logits (the change against each model's own base).
+fn four_bit_blend_keeps_the_blends_effect() {
+    // The same blend merged into the float32 model and applied unmerged (low-rank factors beside the
+    // 4-bit matrices) on the 4-bit one: what the blend does to the logits (the change against each
+    // model's own base) must be the same.
     let r = pool_reference(&repo().join("models/tiny-pool"));
     let vocab = 49152;
     let run = |cfg: Config| {
@@ -120,11 +121,11 @@ fn merged_four_bit_blend_keeps_the_blends_effect() {
     let delta = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(x, y)| x - y).collect::<Vec<f32>>();
     let corr = correlation(&delta(&q_blend, &q_base), &delta(&f_blend, &f_base));
     let agree = agreement(&top1(&q_blend, vocab), &top1(&f_blend, vocab));
-    eprintln!(
-        "4-bit merged blend: correlation of logit changes {corr:.4}, top-1 agreement with float32 merged {agree:.3}"
-    );
-    assert!(corr > 0.9, "the 4-bit merge keeps the blend's effect: correlation {corr}");
-    assert!(agree >= 0.75, "4-bit merged vs float32 merged: top-1 agreement {agree}");
+    eprintln!("4-bit blend: correlation of logit changes {corr:.4}, top-1 agreement with float32 merged {agree:.3}");
+    assert!(corr > 0.98, "the 4-bit blend keeps the blend's effect: correlation {corr}");
+    assert!(agree >= 0.99, "4-bit blend vs float32 merged: top-1 agreement {agree}");
+    let diff = max_abs_diff(&q_blend, &r.blend_logits);
+    assert!(diff < 0.5, "4-bit blend vs PEFT: max |diff| {diff}");
 }
 
 #[test]
@@ -144,4 +145,33 @@ fn shared_and_private_four_bit_weights_give_identical_logits() {
     private.runtime.share_weights = false;
     let (shared, private) = (logits(&tiny_q4(), &r.input_ids), logits(&private, &r.input_ids));
     assert_eq!(shared, private);
+}
+
+#[test]
+fn unmerged_factors_are_checked_and_rank_zero_is_the_base() {
+    use crayon::model::{Decoder, LowRank, ModelFiles};
+    let (cfg, _state) = with_pool(tiny_q4());
+    let files = ModelFiles::open(&cfg.model.dir).unwrap();
+    let rt = crayon::runtime::Runtime::get(&cfg.runtime).unwrap();
+    let r = reference(&model_dir("tiny"));
+    let mut unmerged = Decoder::load_unmerged(&files, &rt, &cfg.runtime, None).unwrap();
+    let mut base = Decoder::load(&files, &rt, &cfg.runtime, None, Vec::new()).unwrap();
+    let run = |d: &mut Decoder| {
+        let mut cache = d.new_cache().unwrap();
+        d.forward(&r.input_ids, &mut cache, 1, None).unwrap()
+    };
+    assert_eq!(run(&mut unmerged), run(&mut base), "rank-0 factors leave the model unchanged");
+
+    let module = "model.layers.1.mlp.up_proj".to_string();
+    let (inp, out) = (files.arch.hidden_size, files.arch.intermediate_size);
+    let one = |a: usize, b: usize| LowRank { module: module.clone(), rank: 1, a: vec![0.1; a], b: vec![0.1; b] };
+    let mut blended = unmerged.with_factors(&files, vec![one(inp, out)]).unwrap();
+    assert!(max_abs_diff(&run(&mut blended), &run(&mut base)) > 1e-4, "factors must take effect");
+    assert_eq!(run(&mut unmerged), run(&mut base), "other decoders of the session keep their own factors");
+    let err = unmerged.with_factors(&files, vec![one(inp + 1, out)]).err().unwrap().to_string();
+    assert!(err.contains("expected"), "{err}");
+    let mut bad = one(inp, out);
+    bad.module = "model.layers.9.mlp.up_proj".into();
+    let err = unmerged.with_factors(&files, vec![bad]).err().unwrap().to_string();
+    assert!(err.contains("not an adapter target"), "{err}");
 }

@@ -49,7 +49,7 @@ def step(msg: str):
 def write_folder(out: Path, cfg: LlamaConfig, weights: dict[str, np.ndarray], tok, tok_cfg: dict, source: dict,
                  precision: str = "f32", raw: dict | None = None, compute: str = "mixed") -> dict:
     out.mkdir(parents=True, exist_ok=True)
-    for stale in ("model.onnx", "model.safetensors", "reference.safetensors", "crayon_model.json"):
+    for stale in ("model.onnx", "model.lora.onnx", "model.safetensors", "reference.safetensors", "crayon_model.json"):
         (out / stale).unlink(missing_ok=True)
     quant = None
     if precision == "q4":
@@ -71,6 +71,9 @@ def write_folder(out: Path, cfg: LlamaConfig, weights: dict[str, np.ndarray], to
     model = build_decoder(cfg, weights_file, quant)
     onnx.save_model(model, str(out / "model.onnx"))
     onnx.checker.check_model(str(out / "model.onnx"))  # by path, so external data resolves against `out`
+    if quant:  # blends on 4-bit weights run unmerged: their low-rank factors are inputs of this graph
+        onnx.save_model(build_decoder(cfg, weights_file, quant, lora=True), str(out / "model.lora.onnx"))
+        onnx.checker.check_model(str(out / "model.lora.onnx"))
     stop_ids = [cfg.eos_token_id] + [i for i in (tok.token_to_id("<|endoftext|>"),) if i is not None and i != cfg.eos_token_id]
     manifest = {
         "format": "crayon-model/1",
@@ -85,7 +88,7 @@ def write_folder(out: Path, cfg: LlamaConfig, weights: dict[str, np.ndarray], to
         "stop_token_ids": stop_ids,
         "adapter_targets": ADAPTER_TARGETS,
         "precision": precision,
-        **({"quantization": quant, "decodes_to_sha256": decodes_to} if quant else {}),
+        **({"quantization": quant, "decodes_to_sha256": decodes_to, "lora_onnx": "model.lora.onnx"} if quant else {}),
         "io": {
             "input_ids": "input_ids", "attention_mask": "attention_mask", "position_ids": "position_ids",
             "num_logits_to_keep": "num_logits_to_keep", "past_key": "past_key_values.{layer}.key",

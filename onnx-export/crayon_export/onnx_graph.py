@@ -88,8 +88,24 @@ def safetensors_layout(path: Path) -> dict[str, tuple[list[int], int, int, str]]
     return out
 
 
-def build_decoder(cfg: LlamaConfig, weights_file: Path, quant: dict | None = None) -> onnx.ModelProto:
-    """`quant`: None for float32 weights, else the quantization info of a 4-bit folder (see quant.py)."""
+def layout_in_out(cfg: LlamaConfig, lora_input: str) -> tuple[int, int]:
+    """(in, out) features of the module a `<module>.lora_a|b` input belongs to."""
+    h, f = cfg.hidden_size, cfg.intermediate_size
+    q, kv = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
+    module = lora_input.rsplit(".", 1)[0]
+    for suffix, dims in ((".q_proj", (h, q)), (".k_proj", (h, kv)), (".v_proj", (h, kv)), (".o_proj", (q, h)),
+                         (".gate_proj", (h, f)), (".up_proj", (h, f)), (".down_proj", (f, h))):
+        if module.endswith(suffix):
+            return dims
+    raise ValueError(f"no adapter target for {lora_input}")
+
+
+def build_decoder(cfg: LlamaConfig, weights_file: Path, quant: dict | None = None, lora: bool = False) -> onnx.ModelProto:
+    """`quant`: None for float32 weights, else the quantization info of a 4-bit folder (see quant.py).
+    `lora`: every adapter-targetable matrix also adds `(x @ A^T) @ B^T`, a blend's low-rank delta kept
+    out of the quantized weights, from graph inputs `<module>.lora_a` [rank, in] and `<module>.lora_b`
+    [out, rank] (PEFT's layouts, the adapters' factors concatenated along the rank with the blend weights
+    and alpha/r folded into B); rank may be 0."""
     layout = safetensors_layout(weights_file)
     location = weights_file.name
     g = _G()
@@ -157,7 +173,19 @@ def build_decoder(cfg: LlamaConfig, weights_file: Path, quant: dict | None = Non
             blocksums[t] = g.op("ReduceSum", [r, g.const([-1], i64)], name=f"{t}_blksum", keepdims=0)
         return blocksums[t]
 
+    lora_inputs: list[str] = []
+
     def linear(t: str, weight: str, nm: str, bias: str | None = None) -> str:
+        y = dense(t, weight, nm, bias)
+        if lora and weight.startswith("model.layers."):
+            module = weight[: -len(".weight")]
+            a, b = f"{module}.lora_a", f"{module}.lora_b"
+            lora_inputs.extend([a, b])
+            low = g.op("Gemm", [g.op("Gemm", [t, a], name=f"{nm}_lora_a", transB=1), b], name=f"{nm}_lora_b", transB=1)
+            y = g.op("Add", [y, low], name=f"{nm}_lora")
+        return y
+
+    def dense(t: str, weight: str, nm: str, bias: str | None = None) -> str:
         if not quant:
             return g.op("Gemm", [t, w(weight)] + ([w(bias)] if bias else []), name=nm, transB=1)
         # scale * (q - 8) by MatMulNBits (its default zero point), plus the per-block offsets (see quant.py).
@@ -240,6 +268,10 @@ def build_decoder(cfg: LlamaConfig, weights_file: Path, quant: dict | None = Non
         helper.make_tensor_value_info("position_ids", TensorProto.INT64, ["batch", "sequence"]),
         helper.make_tensor_value_info("num_logits_to_keep", TensorProto.INT64, [1]),
     ] + [helper.make_tensor_value_info(n, TensorProto.FLOAT, kv_shape) for n in inputs]
+    for n in lora_inputs:  # A [rank, in], B [out, rank]
+        k, o = layout_in_out(cfg, n)
+        shape = ["lora_rank", k] if n.endswith("_a") else [o, "lora_rank"]
+        graph_inputs.append(helper.make_tensor_value_info(n, TensorProto.FLOAT, shape))
     graph_outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", "kept_sequence", cfg.vocab_size])] + [
         helper.make_tensor_value_info(n, TensorProto.FLOAT, ["batch", nkv, "total_sequence", d]) for n in outputs
     ]

@@ -4,7 +4,7 @@
 //! `past_key_values.*` inputs: ONNX Runtime owns those buffers and nothing is copied on our side.
 
 use std::borrow::Cow;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use ort::session::{RunOptions, Session, SessionInputValue};
 use ort::value::{DynValue, Tensor};
@@ -62,8 +62,30 @@ impl KvCache {
     }
 }
 
+/// A blend's delta for one adapter-targetable module, applied unmerged: the graph adds
+/// `(x @ a^T) @ b^T` to the module's output. `a` [rank, in] and `b` [out, rank] are row-major, PEFT's
+/// layouts (the blend weights and alpha/r folded into `b`); rank 0 leaves the module as it is.
+#[derive(Clone)]
+pub struct LowRank {
+    /// e.g. `model.layers.3.self_attn.q_proj`
+    pub module: String,
+    pub rank: usize,
+    pub a: Vec<f32>,
+    pub b: Vec<f32>,
+}
+
+impl LowRank {
+    pub fn bytes(&self) -> usize {
+        4 * (self.a.len() + self.b.len())
+    }
+}
+
 pub struct Decoder {
-    session: Session,
+    /// Shared by the decoders of every unmerged blend (they differ only in `factors`); a merged blend
+    /// or the base model has its own. Runs are serialized by the engine, so the lock is uncontended.
+    session: Arc<Mutex<Session>>,
+    /// The unmerged path's inputs (`<module>.lora_a`, `<module>.lora_b`), fed to every run.
+    factors: Vec<(String, Arc<DynValue>)>,
     arch: Architecture,
     provider: Provider,
     past_names: Vec<String>,
@@ -82,7 +104,71 @@ impl Decoder {
         shared: Option<&Arc<SharedWeights>>,
         overrides: Vec<WeightOverride>,
     ) -> Result<Decoder> {
-        let onnx = files.path(&files.manifest.onnx);
+        Decoder::load_graph(files, &files.manifest.onnx, rt, cfg, shared, overrides)
+    }
+
+    /// The session of the unmerged path (`lora_onnx` in the manifest of a 4-bit folder), as a decoder
+    /// whose factors all have rank 0 (the base model); [`Decoder::with_factors`] makes blends of it.
+    pub fn load_unmerged(
+        files: &ModelFiles,
+        rt: &Runtime,
+        cfg: &RuntimeConfig,
+        shared: Option<&Arc<SharedWeights>>,
+    ) -> Result<Decoder> {
+        let graph = files.manifest.lora_onnx.as_deref().ok_or_else(|| {
+            Error::model(files.dir.join(super::MANIFEST_FILE), "no lora_onnx graph (re-export with --precision q4)")
+        })?;
+        let mut d = Decoder::load_graph(files, graph, rt, cfg, shared, Vec::new())?;
+        let modules: Vec<String> = {
+            let session = d.session.lock().unwrap_or_else(|p| p.into_inner());
+            session.inputs().iter().filter_map(|i| i.name().strip_suffix(".lora_a").map(str::to_string)).collect()
+        };
+        if modules.is_empty() {
+            return Err(Error::model(files.path(graph), "graph has no <module>.lora_a inputs"));
+        }
+        d.factors = Vec::new();
+        for module in modules {
+            let empty = LowRank { module, rank: 0, a: Vec::new(), b: Vec::new() };
+            d.factors.extend(factor_values(files, empty)?.into_iter().map(|(n, v)| (n, Arc::new(v))));
+        }
+        Ok(d)
+    }
+
+    /// A decoder sharing this unmerged-path session with `blend`'s factors; modules the blend leaves
+    /// out keep rank 0. Builds no session: the cost is the factors' bytes.
+    pub fn with_factors(&self, files: &ModelFiles, blend: Vec<LowRank>) -> Result<Decoder> {
+        if self.factors.is_empty() {
+            return Err(Error::InvalidRequest("this decoder has no unmerged path".into()));
+        }
+        let mut factors = self.factors.clone();
+        for lr in blend {
+            for (name, value) in factor_values(files, lr)? {
+                let slot = factors.iter_mut().find(|(n, _)| *n == name).ok_or_else(|| {
+                    Error::InvalidRequest(format!("'{name}' is not an input of this graph's unmerged path"))
+                })?;
+                slot.1 = Arc::new(value);
+            }
+        }
+        Ok(Decoder {
+            session: Arc::clone(&self.session),
+            factors,
+            arch: self.arch.clone(),
+            provider: self.provider,
+            past_names: self.past_names.clone(),
+            present_names: self.present_names.clone(),
+            _shared: self._shared.clone(),
+        })
+    }
+
+    fn load_graph(
+        files: &ModelFiles,
+        graph: &str,
+        rt: &Runtime,
+        cfg: &RuntimeConfig,
+        shared: Option<&Arc<SharedWeights>>,
+        overrides: Vec<WeightOverride>,
+    ) -> Result<Decoder> {
+        let onnx = files.path(graph);
         let (mut builder, provider) = rt.session_builder(cfg)?;
         if let Some(sh) = shared {
             let skip: Vec<String> = overrides.iter().flat_map(|o| files.initializer_names(&o.name)).collect();
@@ -111,7 +197,15 @@ impl Decoder {
             (0..n).flat_map(|i| [format!("present.{i}.key"), format!("present.{i}.value")]).collect();
         check_io(&session, &onnx, &past_names, &present_names)?;
         tracing::info!(model = %files.dir.display(), provider = %provider, "decoder session ready");
-        Ok(Decoder { session, arch: files.arch.clone(), provider, past_names, present_names, _shared: shared.cloned() })
+        Ok(Decoder {
+            session: Arc::new(Mutex::new(session)),
+            factors: Vec::new(),
+            arch: files.arch.clone(),
+            provider,
+            past_names,
+            present_names,
+            _shared: shared.cloned(),
+        })
     }
 
     pub fn arch(&self) -> &Architecture {
@@ -125,7 +219,7 @@ impl Decoder {
 
     /// Finishes the profile enabled by `runtime.profile` and returns its file name.
     pub fn end_profiling(&mut self) -> Result<String> {
-        self.session.end_profiling().map_err(Error::ort("ending profiling"))
+        self.session.lock().unwrap_or_else(|p| p.into_inner()).end_profiling().map_err(Error::ort("ending profiling"))
     }
 
     pub fn new_cache(&self) -> Result<KvCache> {
@@ -190,9 +284,13 @@ impl Decoder {
         for (name, value) in self.past_names.iter().zip(&cache.values) {
             inputs.push((Cow::Borrowed(name.as_str()), SessionInputValue::from(value)));
         }
+        for (name, value) in &self.factors {
+            inputs.push((Cow::Borrowed(name.as_str()), SessionInputValue::from(&**value)));
+        }
+        let mut session = self.session.lock().unwrap_or_else(|p| p.into_inner());
         let mut outputs = match run_options {
-            Some(ro) => self.session.run_with_options(inputs, ro),
-            None => self.session.run(inputs),
+            Some(ro) => session.run_with_options(inputs, ro),
+            None => session.run(inputs),
         }
         .map_err(Error::ort("running the decoder"))?;
         let logits = {
@@ -282,6 +380,27 @@ fn override_tensors(files: &ModelFiles, o: WeightOverride) -> Result<Vec<(String
             ])
         }
     }
+}
+
+/// The `<module>.lora_a` [rank, in] and `<module>.lora_b` [out, rank] inputs for `lr`, sizes checked.
+fn factor_values(files: &ModelFiles, lr: LowRank) -> Result<Vec<(String, DynValue)>> {
+    let [out, inp] = target_shape(&files.arch, &format!("{}.weight", lr.module), files)?;
+    if lr.a.len() != inp * lr.rank || lr.b.len() != lr.rank * out {
+        return Err(Error::InvalidRequest(format!(
+            "factors for {}: {} and {} values, expected [{r}, {inp}] and [{out}, {r}]",
+            lr.module,
+            lr.a.len(),
+            lr.b.len(),
+            r = lr.rank
+        )));
+    }
+    let value = |shape: [usize; 2], data: Vec<f32>| {
+        Tensor::from_array((shape, data)).map(|t| t.into_dyn()).map_err(Error::ort("creating a factor tensor"))
+    };
+    Ok(vec![
+        (format!("{}.lora_a", lr.module), value([lr.rank, inp], lr.a)?),
+        (format!("{}.lora_b", lr.module), value([out, lr.rank], lr.b)?),
+    ])
 }
 
 /// Shape [out, in] of an adapter-targetable weight, or an error naming the valid targets.

@@ -11,7 +11,7 @@ use serde::Deserialize;
 
 use crate::error::{Error, Result};
 
-pub use decoder::{Decoder, KvCache, WeightData, WeightOverride};
+pub use decoder::{Decoder, KvCache, LowRank, WeightData, WeightOverride};
 pub use shared::SharedWeights;
 
 pub const MANIFEST_FILE: &str = "crayon_model.json";
@@ -36,6 +36,9 @@ pub struct Manifest {
     /// same source), so that a pool trained on the float32 export serves it too.
     #[serde(default)]
     pub decodes_to_sha256: Option<String>,
+    /// The graph with the unmerged low-rank path (a 4-bit folder's blends run on it).
+    #[serde(default)]
+    pub lora_onnx: Option<String>,
     /// Block layout of a quantized folder.
     #[serde(default)]
     pub quantization: Option<Quantization>,
@@ -99,6 +102,8 @@ impl ModelFiles {
         };
         for f in
             [&files.manifest.onnx, &files.manifest.weights, &files.manifest.tokenizer, &files.manifest.tokenizer_config]
+                .into_iter()
+                .chain(files.manifest.lora_onnx.as_ref())
         {
             let p = files.dir.join(f);
             if !p.is_file() {

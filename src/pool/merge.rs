@@ -5,12 +5,16 @@
 //! [`Composition::Factors`] is LoraHub's composition, `W' = W + (Σ_k w_k s_k B_k)(Σ_k w_k A_k)`, kept
 //! for the customization benchmark's LoraHub peer (it needs equal ranks and has cross terms
 //! `B_i A_j`, which is why the product merges deltas).
+//!
+//! On a 4-bit model the delta is not merged: re-quantizing `W + delta` rounds away a delta that is ~2%
+//! of a quantization step (docs/engine.md). [`low_rank`] hands the same concatenated factors to the
+//! graph's unmerged path instead, which adds `(x A_cat^T) B_cat^T` beside the shared 4-bit matrix.
 
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use crate::error::{Error, Result};
-use crate::model::{ModelFiles, Precision, WeightData, WeightOverride, quant, target_shape};
+use crate::model::{LowRank, ModelFiles, Precision, WeightData, WeightOverride, quant, target_shape};
 use crate::weights::WeightFile;
 
 use super::Pool;
@@ -35,16 +39,7 @@ pub fn merge(
     composition: Composition,
     threads: usize,
 ) -> Result<Vec<WeightOverride>> {
-    if weights.len() != pool.adapters.len() {
-        return Err(Error::InvalidRequest(format!(
-            "{} blend weights for a pool of {} adapters",
-            weights.len(),
-            pool.adapters.len()
-        )));
-    }
-    if weights.iter().any(|w| !w.is_finite()) {
-        return Err(Error::InvalidRequest("blend weights must be finite".into()));
-    }
+    check_weights(pool, weights)?;
     let mut jobs = Vec::new();
     for layer in 0..model.arch.num_hidden_layers {
         for target in &model.manifest.adapter_targets {
@@ -54,26 +49,7 @@ pub fn merge(
             }
         }
     }
-    let next = AtomicUsize::new(0);
-    let results: Mutex<Vec<Option<Result<WeightOverride>>>> = Mutex::new((0..jobs.len()).map(|_| None).collect());
-    std::thread::scope(|s| {
-        for _ in 0..threads.max(1).min(jobs.len().max(1)) {
-            s.spawn(|| {
-                loop {
-                    let i = next.fetch_add(1, Ordering::Relaxed);
-                    let Some(&(layer, target)) = jobs.get(i) else { break };
-                    let r = merge_one(pool, model, base, weights, composition, layer, target);
-                    results.lock().unwrap_or_else(|p| p.into_inner())[i] = Some(r);
-                }
-            });
-        }
-    });
-    results
-        .into_inner()
-        .unwrap_or_else(|p| p.into_inner())
-        .into_iter()
-        .map(|r| r.unwrap_or_else(|| Err(Error::InvalidRequest("merge worker did not finish".into()))))
-        .collect()
+    run_jobs(&jobs, threads, |layer, target| merge_one(pool, model, base, weights, composition, layer, target))
 }
 
 fn merge_one(
@@ -92,7 +68,49 @@ fn merge_one(
     if merged.len() != out * inp {
         return Err(Error::model(base.path(), format!("'{name}' has {} values, expected {out} x {inp}", merged.len())));
     }
-    let mut b_cat: Vec<f32> = Vec::new(); // [out, R], filled column block by column block
+    let f = concat_factors(pool, weights, composition, layer, target, out, inp)?;
+    if f.rank > 0 {
+        // SAFETY: the pointers and strides describe row-major buffers of the stated sizes:
+        // f.b is [out, rank], f.a is [rank, inp], merged is [out, inp].
+        unsafe {
+            matrixmultiply::sgemm(
+                out,
+                f.rank,
+                inp,
+                1.0,
+                f.b.as_ptr(),
+                f.rank as isize,
+                1,
+                f.a.as_ptr(),
+                inp as isize,
+                1,
+                1.0,
+                merged.as_mut_ptr(),
+                inp as isize,
+                1,
+            );
+        }
+    }
+    Ok(encoded(model, name, merged, out, inp))
+}
+
+/// One matrix's blended delta as factors: `delta = b @ a` with `b` [out, rank] (blend weights and
+/// alpha/r folded in) and `a` [rank, in].
+struct Factors {
+    rank: usize,
+    a: Vec<f32>,
+    b: Vec<f32>,
+}
+
+fn concat_factors(
+    pool: &Pool,
+    weights: &[f32],
+    composition: Composition,
+    layer: usize,
+    target: &str,
+    out: usize,
+    inp: usize,
+) -> Result<Factors> {
     let mut a_cat: Vec<f32> = Vec::new(); // [R, in]
     let mut blocks: Vec<(usize, f32, Vec<f32>)> = Vec::new();
     for (adapter, &w) in pool.adapters.iter().zip(weights) {
@@ -112,10 +130,7 @@ fn merge_one(
         (a_cat, blocks) = compose_factors(&blocks, &a_cat, inp, out)?;
     }
     let rank: usize = blocks.iter().map(|b| b.0).sum();
-    if rank == 0 {
-        return Ok(encoded(model, name, merged, out, inp));
-    }
-    b_cat.resize(out * rank, 0.0);
+    let mut b_cat = vec![0.0f32; out * rank]; // [out, R], filled column block by column block
     let mut col = 0;
     for (r, factor, b) in &blocks {
         for row in 0..out {
@@ -125,27 +140,57 @@ fn merge_one(
         }
         col += r;
     }
-    // SAFETY: the pointers and strides describe the row-major buffers just allocated:
-    // b_cat is [out, rank], a_cat is [rank, inp], merged is [out, inp].
-    unsafe {
-        matrixmultiply::sgemm(
-            out,
-            rank,
-            inp,
-            1.0,
-            b_cat.as_ptr(),
-            rank as isize,
-            1,
-            a_cat.as_ptr(),
-            inp as isize,
-            1,
-            1.0,
-            merged.as_mut_ptr(),
-            inp as isize,
-            1,
-        );
-    }
-    Ok(encoded(model, name, merged, out, inp))
+    Ok(Factors { rank, a: a_cat, b: b_cat })
+}
+
+/// A blend's delta for every adapter-targetable matrix, as the factors the graph's unmerged path
+/// takes (see [`LowRank`]): exact, nothing merged or re-quantized. Matrices no adapter with non-zero
+/// weight touches get rank 0. `threads` workers split the matrices.
+pub fn low_rank(
+    pool: &Pool,
+    model: &ModelFiles,
+    weights: &[f32],
+    composition: Composition,
+    threads: usize,
+) -> Result<Vec<LowRank>> {
+    check_weights(pool, weights)?;
+    let jobs: Vec<(usize, &str)> = (0..model.arch.num_hidden_layers)
+        .flat_map(|layer| model.manifest.adapter_targets.iter().map(move |t| (layer, t.as_str())))
+        .collect();
+    run_jobs(&jobs, threads, |layer, target| {
+        let [rows, cols] = target_shape(&model.arch, target)
+            .ok_or_else(|| Error::InvalidRequest(format!("unknown adapter target '{target}'")))?;
+        let f = concat_factors(pool, weights, composition, layer, target, rows, cols)?;
+        Ok(LowRank { module: format!("model.layers.{layer}.{target}"), rank: f.rank, a: f.a, b: f.b })
+    })
+}
+
+/// `f(layer, target)` for every job on `threads` workers (at least one), results in job order.
+fn run_jobs<T: Send>(
+    jobs: &[(usize, &str)],
+    threads: usize,
+    f: impl Fn(usize, &str) -> Result<T> + Sync,
+) -> Result<Vec<T>> {
+    let next = AtomicUsize::new(0);
+    let results: Mutex<Vec<Option<Result<T>>>> = Mutex::new((0..jobs.len()).map(|_| None).collect());
+    std::thread::scope(|s| {
+        for _ in 0..threads.max(1).min(jobs.len().max(1)) {
+            s.spawn(|| {
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    let Some(&(layer, target)) = jobs.get(i) else { break };
+                    let r = f(layer, target);
+                    results.lock().unwrap_or_else(|p| p.into_inner())[i] = Some(r);
+                }
+            });
+        }
+    });
+    results
+        .into_inner()
+        .unwrap_or_else(|p| p.into_inner())
+        .into_iter()
+        .map(|r| r.unwrap_or_else(|| Err(Error::InvalidRequest("merge worker did not finish".into()))))
+        .collect()
 }
 
 /// The merged matrix in the model's precision: re-quantized here, on the merge's worker threads, for a
@@ -158,6 +203,20 @@ fn encoded(model: &ModelFiles, name: String, merged: Vec<f32>, out: usize, inp: 
         // Anything else is checked (and refused with a clear error) where the session is built.
         _ => WeightOverride::dense(name, merged),
     }
+}
+
+fn check_weights(pool: &Pool, weights: &[f32]) -> Result<()> {
+    if weights.len() != pool.adapters.len() {
+        return Err(Error::InvalidRequest(format!(
+            "{} blend weights for a pool of {} adapters",
+            weights.len(),
+            pool.adapters.len()
+        )));
+    }
+    if weights.iter().any(|w| !w.is_finite()) {
+        return Err(Error::InvalidRequest("blend weights must be finite".into()));
+    }
+    Ok(())
 }
 
 /// LoraHub's factors from the concatenated ones: one rank-r block with B = Σ w_k s_k B_k and
