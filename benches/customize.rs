@@ -76,6 +76,12 @@ fn main() -> anyhow::Result<()> {
     );
 
     let on = |s: &str| args.only.iter().any(|o| o == s);
+    let mut summary = serde_json::Map::new();
+    summary.insert("model".into(), cfg.model.dir.display().to_string().into());
+    summary.insert("pool".into(), cfg.pool.dir.display().to_string().into());
+    summary.insert("threads".into(), cfg.runtime.intra_threads.into());
+    summary.insert("runs".into(), args.runs.into());
+    weight_sizes(&cfg, &mut summary)?;
     if on("churn") {
         churn(&args, &cfg)?;
     }
@@ -83,10 +89,10 @@ fn main() -> anyhow::Result<()> {
         return Ok(());
     }
     if on("memory") {
-        memory(&cfg, &examples)?; // first: a fresh process, before other engines take memory
+        memory(&cfg, &examples, &mut summary)?; // first: a fresh process, before other engines take memory
     }
     if on("ready") {
-        blend_to_ready(&cfg, &examples, args.runs)?;
+        blend_to_ready(&cfg, &examples, args.runs, &mut summary)?;
     }
     let mut engine = Engine::load(&cfg)?;
     if on("switch") || on("speed") {
@@ -96,7 +102,12 @@ fn main() -> anyhow::Result<()> {
         switch_latency(&mut engine, &examples, args.runs)?;
     }
     if on("speed") {
-        speed(&mut engine, args.prompt_tokens, args.new_tokens, args.runs)?;
+        speed(&mut engine, args.prompt_tokens, args.new_tokens, args.runs, &mut summary)?;
+    }
+    if ["memory", "ready", "speed"].iter().all(|s| on(s)) {
+        let out = Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/data/customize-benchmark.json");
+        std::fs::write(&out, serde_json::to_string_pretty(&summary)? + "\n")?;
+        println!("(medians written to {})\n", out.display());
     }
     if on("search") {
         lorahub_search(&mut engine, &examples, args.search_steps)?;
@@ -221,34 +232,67 @@ fn scaled_pool(real: &Path, n: usize, into: &Path) -> anyhow::Result<PathBuf> {
     Ok(dir)
 }
 
-fn blend_to_ready(cfg: &Config, examples: &[Example], runs: usize) -> anyhow::Result<()> {
-    println!("## Blend-to-ready (examples in -> merged model ready to serve)\n");
-    println!("| adapters in pool | p50 ms | p95 ms | embed+blend ms (p50) | merge ms (p50) | session ms (p50) |");
-    println!("|---|---|---|---|---|---|");
+type Summary = serde_json::Map<String, serde_json::Value>;
+
+/// The model's weight bytes and those of its adapter-targetable matrices, as stored.
+fn weight_sizes(cfg: &Config, summary: &mut Summary) -> anyhow::Result<()> {
+    let files = crayon::model::ModelFiles::open(&cfg.model.dir)?;
+    let weights = crayon::weights::WeightFile::open(&files.path(&files.manifest.weights))?;
+    let bytes =
+        |name: &str| weights.info(name).map_or(0, |i| i.shape.iter().product::<usize>() * i.dtype.bitsize() / 8);
+    let targets: usize =
+        files.target_weight_names().iter().flat_map(|w| files.initializer_names(w)).map(|n| bytes(&n)).sum();
+    let total = std::fs::metadata(files.path(&files.manifest.weights))?.len() as f64;
+    summary.insert("precision".into(), format!("{:?}", files.manifest.precision).to_lowercase().into());
+    summary.insert("quantized_weight_mb".into(), (total / MB).into());
+    summary.insert("target_matrix_mb".into(), (targets as f64 / MB).into());
+    Ok(())
+}
+
+const MB: f64 = 1024.0 * 1024.0;
+
+fn blend_to_ready(cfg: &Config, examples: &[Example], runs: usize, summary: &mut Summary) -> anyhow::Result<()> {
+    println!("## Blend-to-ready (examples in -> customized model ready to serve) and to its first token\n");
+    println!("First token: customize, then the first token of a question (the first example's input).\n");
+    println!(
+        "| adapters in pool | p50 ms | p95 ms | embed+blend ms (p50) | merge ms (p50) | session ms (p50) | first token ms (p50) |"
+    );
+    println!("|---|---|---|---|---|---|---|");
     let tmp = tempfile::tempdir()?;
     for n in [4, 8, 16, 32] {
         let mut c = cfg.clone();
         c.pool.dir = scaled_pool(&cfg.pool.dir, n, tmp.path())?;
         c.adapters.cache_mb = 0; // keep one ready model: measure the work, not the memory
         let mut engine = Engine::load(&c)?;
-        let (mut total, mut embed, mut merge, mut session) = (vec![], vec![], vec![], vec![]);
+        let question = engine.prompt_ids(&crayon::Prompt::Text(examples[0].input.clone()))?;
+        let (mut total, mut embed, mut merge, mut session, mut first) = (vec![], vec![], vec![], vec![], vec![]);
         for r in 0..runs + 1 {
+            let t = Instant::now();
             let rep = engine.customize(&format!("t{r}"), examples)?;
+            engine.logits(Some(&format!("t{r}")), &question)?;
+            let first_ms = t.elapsed().as_secs_f64() * 1e3;
             if r > 0 {
                 total.push(rep.total_ms);
                 embed.push(rep.embed_ms);
                 merge.push(rep.merge_ms);
                 session.push(rep.session_ms);
+                first.push(first_ms);
             }
         }
+        let (ready_p50, first_p50) = (pct(total.clone(), 0.5), pct(first, 0.5));
         println!(
-            "| {n} | {:.0} | {:.0} | {:.1} | {:.0} | {:.0} |",
-            pct(total.clone(), 0.5),
+            "| {n} | {ready_p50:.0} | {:.0} | {:.1} | {:.0} | {:.0} | {first_p50:.0} |",
             pct(total, 0.95),
             pct(embed, 0.5),
             pct(merge, 0.5),
             pct(session, 0.5)
         );
+        if n == 8 {
+            summary.insert("merged_ready_ms_p50".into(), ready_p50.into());
+            summary.insert("first_token_ms_p50".into(), first_p50.into());
+        } else {
+            summary.insert(format!("first_token_ms_p50_{n}_adapters"), first_p50.into());
+        }
     }
     println!();
     Ok(())
@@ -276,7 +320,13 @@ fn switch_latency(engine: &mut Engine, examples: &[Example], runs: usize) -> any
     Ok(())
 }
 
-fn speed(engine: &mut Engine, prompt_tokens: usize, new_tokens: usize, runs: usize) -> anyhow::Result<()> {
+fn speed(
+    engine: &mut Engine,
+    prompt_tokens: usize,
+    new_tokens: usize,
+    runs: usize,
+    summary: &mut Summary,
+) -> anyhow::Result<()> {
     let text = "The history of the printing press begins in the fifteenth century, when movable metal type made it possible to reproduce books quickly and cheaply. ";
     let mut ids = Vec::new();
     while ids.len() < prompt_tokens {
@@ -287,6 +337,7 @@ fn speed(engine: &mut Engine, prompt_tokens: usize, new_tokens: usize, runs: usi
         "## Speed with a merged blend vs the base model ({prompt_tokens}-token prompt, {new_tokens} new tokens)\n"
     );
     println!("| model | prefill tok/s (median) | decode tok/s (median) |\n|---|---|---|");
+    let mut decode = Vec::new();
     for adapter in [None, Some("a")] {
         let dec = engine.decoder_for(adapter)?;
         let (mut pre, mut de) = (vec![], vec![]);
@@ -306,6 +357,7 @@ fn speed(engine: &mut Engine, prompt_tokens: usize, new_tokens: usize, runs: usi
                 de.push(new_tokens as f64 / t.elapsed().as_secs_f64());
             }
         }
+        decode.push(pct(de.clone(), 0.5));
         println!(
             "| {} | {:.0} | {:.1} |",
             adapter.map_or("base".into(), |a| format!("blend '{a}'")),
@@ -314,6 +366,8 @@ fn speed(engine: &mut Engine, prompt_tokens: usize, new_tokens: usize, runs: usi
         );
     }
     println!();
+    summary.insert("merged_vs_base_decode_ratio".into(), (decode[1] / decode[0]).into());
+    summary.insert("base_decode_tok_s".into(), decode[0].into());
     Ok(())
 }
 
@@ -321,7 +375,7 @@ fn rss_mb() -> f64 {
     common::status_mb("VmRSS").unwrap_or(0.0)
 }
 
-fn memory(cfg: &Config, examples: &[Example]) -> anyhow::Result<()> {
+fn memory(cfg: &Config, examples: &[Example], summary: &mut Summary) -> anyhow::Result<()> {
     let mut c = cfg.clone();
     c.adapters.cache_mb = 1 << 20;
     let before = rss_mb();
@@ -331,15 +385,23 @@ fn memory(cfg: &Config, examples: &[Example]) -> anyhow::Result<()> {
     println!("| cached blends | RSS MB | per cached blend MB |\n|---|---|---|");
     let base = rss_mb();
     println!("| 0 (base model loaded; process before loading: {before:.0}) | {base:.0} | |");
+    let mut per_blend = 0.0;
     for i in 0..4 {
         engine.customize(&format!("m{i}"), &examples[..=i])?;
         engine.logits(Some(&format!("m{i}")), &[1])?;
         if i == 0 || i == 3 {
             let now = rss_mb();
-            println!("| {} | {now:.0} | {:.0} |", i + 1, (now - base) / (i + 1) as f64);
+            per_blend = (now - base) / (i + 1) as f64;
+            println!("| {} | {now:.0} | {per_blend:.0} |", i + 1);
         }
     }
     println!();
+    summary.insert("base_rss_mb".into(), base.into());
+    summary.insert("mb_per_cached_blend".into(), per_blend.into());
+    if engine.files().manifest.precision == crayon::model::Precision::Q4 {
+        let counted = engine.ready_bytes("m3").unwrap_or(0) as f64 / MB;
+        summary.insert("mb_per_unmerged_blend".into(), counted.into());
+    }
     Ok(())
 }
 

@@ -654,6 +654,11 @@ impl Engine {
         Ok((merge_ms, session_ms))
     }
 
+    /// Bytes the ready customization `name` is counted as in `adapters.cache_mb` (None when not ready).
+    pub fn ready_bytes(&self, name: &str) -> Option<usize> {
+        self.ready.iter().find(|r| r.name == name).map(|r| r.bytes)
+    }
+
     /// Drops the ready model named `name`, if any, and gives its memory back to the system.
     fn drop_ready(&mut self, name: &str) {
         let before = self.ready.len();
