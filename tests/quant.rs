@@ -175,3 +175,43 @@ fn unmerged_factors_are_checked_and_rank_zero_is_the_base() {
     let err = unmerged.with_factors(&files, vec![bad]).err().unwrap().to_string();
     assert!(err.contains("not an adapter target"), "{err}");
 }
+
+fn edit_manifest(dir: &std::path::Path, f: impl FnOnce(&mut serde_json::Value)) {
+    let path = dir.join("crayon_model.json");
+    let mut v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    f(&mut v);
+    std::fs::write(&path, v.to_string()).unwrap();
+}
+
+#[test]
+fn broken_four_bit_manifests_are_refused_clearly() {
+    use crayon::model::ModelFiles;
+    let open_err = |edit: &dyn Fn(&mut serde_json::Value)| {
+        let dir = copy_model(&model_dir("tiny-q4"));
+        edit_manifest(dir.path(), edit);
+        ModelFiles::open(dir.path()).err().expect("must fail").to_string()
+    };
+    let err = open_err(&|m| m["precision"] = "q8".into());
+    assert!(err.contains("unknown variant") && err.contains("q4"), "{err}");
+    let err = open_err(&|m| {
+        m.as_object_mut().unwrap().remove("quantization");
+    });
+    assert!(err.contains("block_size"), "{err}");
+    let err = open_err(&|m| m["lora_onnx"] = "missing.onnx".into());
+    assert!(err.contains("missing"), "{err}");
+}
+
+#[test]
+fn four_bit_folder_without_the_unmerged_graph_still_customizes() {
+    // Folders exported before lora_onnx existed merge and re-quantize (with a warning in the log).
+    let dir = copy_model(&model_dir("tiny-q4"));
+    edit_manifest(dir.path(), |m| {
+        m.as_object_mut().unwrap().remove("lora_onnx");
+    });
+    let (cfg, _state) = with_pool(config_for(dir.path()));
+    let r = pool_reference(&cfg.pool.dir);
+    let mut e = Engine::load(&cfg).unwrap();
+    e.customize_weights("mix", &r.blend_weights).unwrap();
+    let (blend, base) = (e.logits(Some("mix"), &r.input_ids).unwrap(), e.logits(None, &r.input_ids).unwrap());
+    assert!(max_abs_diff(&blend, &base) > 1e-3, "the merged 4-bit blend must change the model");
+}
