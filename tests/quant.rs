@@ -189,7 +189,7 @@ fn broken_four_bit_manifests_are_refused_clearly() {
     let open_err = |edit: &dyn Fn(&mut serde_json::Value)| {
         let dir = copy_model(&model_dir("tiny-q4"));
         edit_manifest(dir.path(), edit);
-        ModelFiles::open(dir.path()).err().expect("must fail").to_string()
+        ModelFiles::open(dir.path()).expect_err("must fail").to_string()
     };
     let err = open_err(&|m| m["precision"] = "q8".into());
     assert!(err.contains("unknown variant") && err.contains("q4"), "{err}");
