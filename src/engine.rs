@@ -654,6 +654,11 @@ impl Engine {
         Ok((merge_ms, session_ms))
     }
 
+    /// Whether blends run unmerged on the shared 4-bit weights (else each is a merged model).
+    pub fn blends_unmerged(&self) -> bool {
+        self.unmerged.is_some()
+    }
+
     /// Bytes the ready customization `name` is counted as in `adapters.cache_mb` (None when not ready).
     pub fn ready_bytes(&self, name: &str) -> Option<usize> {
         self.ready.iter().find(|r| r.name == name).map(|r| r.bytes)

@@ -290,12 +290,19 @@ fn check(common: &CommonArgs) -> crayon::Result<()> {
     )?;
     println!("config ok; model {} loaded in {:.2}s", cfg.model.dir.display(), load.as_secs_f64());
     println!("execution provider: {}", engine.provider());
+    let four_bit = engine.files().manifest.precision == crayon::model::Precision::Q4;
+    println!("weights: {}", if four_bit { "4-bit (MatMulNBits)" } else { "float32" });
     match engine.pool() {
         Some(pool) => println!(
-            "adapter pool: {} ({} adapters), {} saved customizations",
+            "adapter pool: {} ({} adapters), {} saved customizations; blends {}",
             pool.id,
             pool.adapters.len(),
-            engine.adapters().len()
+            engine.adapters().len(),
+            match (engine.blends_unmerged(), four_bit) {
+                (true, _) => "applied unmerged (low-rank factors beside the 4-bit weights)",
+                (false, true) => "merged and re-quantized (no lora_onnx in this folder: re-export it)",
+                (false, false) => "merged into the float32 weights",
+            }
         ),
         None => println!("adapter pool: none configured (customization off)"),
     }
