@@ -70,6 +70,9 @@ struct Args {
     /// Device pool folder
     #[arg(long, default_value = "pools/smollm2-135m-instruct")]
     pool: PathBuf,
+    /// Device model folder (e.g. models/smollm2-135m-instruct-q4: the 4-bit folder, blends unmerged)
+    #[arg(long, default_value = "models/smollm2-135m-instruct")]
+    model: PathBuf,
     #[arg(long, default_value_t = 2)]
     threads: usize,
     /// Run only these tasks (comma-separated names, as in tasks.jsonl)
@@ -468,7 +471,7 @@ fn write_report(
 
 fn device_config(state: &Path, args: &Args) -> anyhow::Result<Config> {
     let mut cfg = Config::default();
-    cfg.model.dir = repo().join("models/smollm2-135m-instruct");
+    cfg.model.dir = repo().join(&args.model);
     cfg.runtime.ort_library = repo().join("models/lib/libonnxruntime.so.1.31.1");
     cfg.runtime.intra_threads = args.threads;
     cfg.pool.dir = repo().join(&args.pool);
