@@ -149,10 +149,8 @@ fn fidelity(cfg: &Config, float_model: &Path, examples: &[Example]) -> anyhow::R
     let made = f.customize("from-examples", examples)?;
     blends.push(("from examples/science.jsonl".into(), made.customization.weights.clone()));
 
-    let top1 = |l: &[f32]| -> Vec<usize> {
-        l.chunks(vocab).map(|r| r.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).map_or(0, |m| m.0)).collect()
-    };
-    let agree = |a: &[usize], b: &[usize]| a.iter().zip(b).filter(|(x, y)| x == y).count() as f64 / a.len() as f64;
+    let top1 = |l: &[f32]| common::top_tokens(l, vocab);
+    let agree = common::agreement;
     let (fb, qb) = (f.logits(None, &ids)?, q.logits(None, &ids)?);
     let (fb1, qb1) = (top1(&fb), top1(&qb));
     println!(

@@ -19,6 +19,16 @@ pub fn pct(mut xs: Vec<f64>, p: f64) -> f64 {
     xs[i.min(xs.len() - 1)]
 }
 
+/// The arg-max token of every `vocab`-wide row of a logits buffer.
+pub fn top_tokens(logits: &[f32], vocab: usize) -> Vec<usize> {
+    logits.chunks(vocab).map(|r| r.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).map_or(0, |m| m.0)).collect()
+}
+
+/// Share of positions where two top-token lists agree.
+pub fn agreement(a: &[usize], b: &[usize]) -> f64 {
+    a.iter().zip(b).filter(|(x, y)| x == y).count() as f64 / a.len().max(1) as f64
+}
+
 /// A `crayond --listen 127.0.0.1:0` process with `config`; killed on drop.
 pub struct Daemon {
     child: std::process::Child,

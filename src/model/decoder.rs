@@ -141,12 +141,14 @@ impl Decoder {
             return Err(Error::InvalidRequest("this decoder has no unmerged path".into()));
         }
         let mut factors = self.factors.clone();
+        let slots: std::collections::HashMap<String, usize> =
+            factors.iter().enumerate().map(|(i, (n, _))| (n.clone(), i)).collect();
         for lr in blend {
             for (name, value) in factor_values(files, lr)? {
-                let slot = factors.iter_mut().find(|(n, _)| *n == name).ok_or_else(|| {
+                let &i = slots.get(&name).ok_or_else(|| {
                     Error::InvalidRequest(format!("'{name}' is not an input of this graph's unmerged path"))
                 })?;
-                slot.1 = Arc::new(value);
+                factors[i].1 = Arc::new(value);
             }
         }
         Ok(Decoder {

@@ -94,14 +94,8 @@ fn merge_one(
     Ok(encoded(model, name, merged, out, inp))
 }
 
-/// One matrix's blended delta as factors: `delta = b @ a` with `b` [out, rank] (blend weights and
-/// alpha/r folded in) and `a` [rank, in].
-struct Factors {
-    rank: usize,
-    a: Vec<f32>,
-    b: Vec<f32>,
-}
-
+/// One matrix's blended delta as factors, `delta = b @ a`: the adapters' `B` [out, r_k] (blend weight
+/// and alpha/r folded in) and `A` [r_k, in] concatenated along the rank.
 fn concat_factors(
     pool: &Pool,
     weights: &[f32],
@@ -110,7 +104,7 @@ fn concat_factors(
     target: &str,
     out: usize,
     inp: usize,
-) -> Result<Factors> {
+) -> Result<LowRank> {
     let mut a_cat: Vec<f32> = Vec::new(); // [R, in]
     let mut blocks: Vec<(usize, f32, Vec<f32>)> = Vec::new();
     for (adapter, &w) in pool.adapters.iter().zip(weights) {
@@ -140,7 +134,7 @@ fn concat_factors(
         }
         col += r;
     }
-    Ok(Factors { rank, a: a_cat, b: b_cat })
+    Ok(LowRank { module: format!("model.layers.{layer}.{target}"), rank, a: a_cat, b: b_cat })
 }
 
 /// A blend's delta for every adapter-targetable matrix, as the factors the graph's unmerged path
@@ -160,8 +154,7 @@ pub fn low_rank(
     run_jobs(&jobs, threads, |layer, target| {
         let [rows, cols] = target_shape(&model.arch, target)
             .ok_or_else(|| Error::InvalidRequest(format!("unknown adapter target '{target}'")))?;
-        let f = concat_factors(pool, weights, composition, layer, target, rows, cols)?;
-        Ok(LowRank { module: format!("model.layers.{layer}.{target}"), rank: f.rank, a: f.a, b: f.b })
+        concat_factors(pool, weights, composition, layer, target, rows, cols)
     })
 }
 
