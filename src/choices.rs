@@ -199,50 +199,60 @@ pub(crate) struct Scored {
 type TokenLogprobs = Vec<(f32, f32)>;
 
 /// Log-probabilities of each option after the prompt whose last logits are `last` and whose cache is
-/// `cache`. `None` when cancelled.
+/// `cache`. Each option runs on the prompt's cache and is cut off it again afterwards, so the prompt is
+/// computed once. `None` when cancelled.
 pub(crate) fn option_logprobs(
     decoder: &mut Decoder,
-    cache: &KvCache,
+    cache: &mut KvCache,
     last: &[f32],
     options: &[Vec<u32>],
     cancel: &CancelToken,
     run_options: &RunOptions,
 ) -> Result<Option<Vec<TokenLogprobs>>> {
-    let vocab = decoder.arch().vocab_size;
-    let first = LogSoftmax::new(last);
+    let prompt_len = cache.len();
     let mut out = Vec::with_capacity(options.len());
     for ids in options {
-        if cancel.is_cancelled() {
-            return Ok(None);
+        let scored = option_tokens(decoder, cache, last, ids, cancel, run_options);
+        cache.truncate(prompt_len);
+        match scored? {
+            Some(lps) => out.push(lps),
+            None => return Ok(None),
         }
-        let Some((&head, rest)) = ids.split_first() else {
-            return Err(Error::InvalidRequest("a choice has no tokens".into()));
-        };
-        let mut lps = vec![first.of(head)];
-        // Token j+1 is predicted at the position of token j: run all but the last option token.
-        let inputs = &ids[..ids.len() - 1];
-        let mut branch: Option<KvCache> = None;
-        for (c, chunk) in inputs.chunks(CHUNK_TOKENS).enumerate() {
-            let result = match branch.as_mut() {
-                None => decoder.forward_branch(chunk, cache, chunk.len(), Some(run_options)).map(|(l, b)| {
-                    branch = Some(b);
-                    l
-                }),
-                Some(b) => decoder.forward(chunk, b, chunk.len(), Some(run_options)),
-            };
-            let logits = match result {
-                Ok(l) => l,
-                Err(_) if cancel.is_cancelled() => return Ok(None),
-                Err(e) => return Err(e),
-            };
-            let targets = &rest[c * CHUNK_TOKENS..c * CHUNK_TOKENS + chunk.len()];
-            for (row, &t) in logits.chunks_exact(vocab).zip(targets) {
-                lps.push(LogSoftmax::new(row).of(t));
-            }
-        }
-        out.push(lps);
     }
     Ok(Some(out))
+}
+
+/// One option's per-token log-probabilities, its tokens appended to `cache`.
+fn option_tokens(
+    decoder: &mut Decoder,
+    cache: &mut KvCache,
+    last: &[f32],
+    ids: &[u32],
+    cancel: &CancelToken,
+    run_options: &RunOptions,
+) -> Result<Option<TokenLogprobs>> {
+    let vocab = decoder.arch().vocab_size;
+    if cancel.is_cancelled() {
+        return Ok(None);
+    }
+    let Some((&head, rest)) = ids.split_first() else {
+        return Err(Error::InvalidRequest("a choice has no tokens".into()));
+    };
+    let mut lps = vec![LogSoftmax::new(last).of(head)];
+    // Token j+1 is predicted at the position of token j: run all but the last option token.
+    let inputs = &ids[..ids.len() - 1];
+    for (c, chunk) in inputs.chunks(CHUNK_TOKENS).enumerate() {
+        let logits = match decoder.forward(chunk, cache, chunk.len(), Some(run_options)) {
+            Ok(l) => l,
+            Err(_) if cancel.is_cancelled() => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        let targets = &rest[c * CHUNK_TOKENS..c * CHUNK_TOKENS + chunk.len()];
+        for (row, &t) in logits.chunks_exact(vocab).zip(targets) {
+            lps.push(LogSoftmax::new(row).of(t));
+        }
+    }
+    Ok(Some(lps))
 }
 
 /// Scores and the winner from per-token log-probabilities (`content_free`: the same options after

@@ -195,7 +195,7 @@ fn decode_loop(
 ) -> Result<Generation> {
     let Job { tokenizer, stop_ids, ids, max_new, params, .. } = *job;
     let mut out = Generation::empty(ids.len());
-    let mut cache = decoder.new_cache()?;
+    let mut cache = decoder.new_cache_with_capacity(ids.len() + max_new)?;
     let started = Instant::now();
     let mut logits = match step(decoder, ids, &mut cache, cancel, run_options)? {
         Some(l) => l,
@@ -282,21 +282,22 @@ fn choose(
 ) -> Result<Generation> {
     let mut out = Generation::empty(job.ids.len());
     let started = Instant::now();
-    let mut cache = decoder.new_cache()?;
+    let longest = c.options.iter().map(Vec::len).max().unwrap_or(0);
+    let mut cache = decoder.new_cache_with_capacity(job.ids.len() + longest)?;
     let Some(last) = step(decoder, job.ids, &mut cache, cancel, run_options)? else { return Ok(cancelled(out)) };
     out.prefill_time = started.elapsed();
     let scoring = Instant::now();
-    let Some(lps) = choices::option_logprobs(decoder, &cache, &last, c.options, cancel, run_options)? else {
+    let Some(lps) = choices::option_logprobs(decoder, &mut cache, &last, c.options, cancel, run_options)? else {
         return Ok(cancelled(out));
     };
     drop(cache);
     let content_free = match c.content_free {
         Some(cf_ids) => {
-            let mut cf_cache = decoder.new_cache()?;
+            let mut cf_cache = decoder.new_cache_with_capacity(cf_ids.len() + longest)?;
             let Some(cf_last) = step(decoder, cf_ids, &mut cf_cache, cancel, run_options)? else {
                 return Ok(cancelled(out));
             };
-            match choices::option_logprobs(decoder, &cf_cache, &cf_last, c.options, cancel, run_options)? {
+            match choices::option_logprobs(decoder, &mut cf_cache, &cf_last, c.options, cancel, run_options)? {
                 Some(l) => Some(l),
                 None => return Ok(cancelled(out)),
             }

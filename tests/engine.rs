@@ -95,6 +95,58 @@ fn kv_cache_decoding_equals_full_recompute() {
 }
 
 #[test]
+fn kv_cache_truncate_rewinds_to_the_prompt() {
+    // Choice scoring runs each option on the prompt's cache and cuts it off again: the positions before
+    // the cut must be untouched by what was written after it.
+    let cfg = tiny();
+    let r = reference(&cfg.model.dir);
+    let mut engine = Engine::load(&cfg).unwrap();
+    let dec = engine.decoder_mut();
+    let prompt = &r.input_ids;
+    let (a, b): (Vec<u32>, Vec<u32>) = (r.greedy_ids[..4].to_vec(), vec![17, 300, 4000, 42, 7]);
+    let mut cache = dec.new_cache_with_capacity(prompt.len() + 8).unwrap();
+    dec.forward(prompt, &mut cache, 1, None).unwrap();
+    let first_a = dec.forward(&a, &mut cache, a.len(), None).unwrap();
+    cache.truncate(prompt.len());
+    let via_cache_b = dec.forward(&b, &mut cache, b.len(), None).unwrap();
+    cache.truncate(prompt.len());
+    let again_a = dec.forward(&a, &mut cache, a.len(), None).unwrap();
+    assert!(max_abs_diff(&first_a, &again_a) < 1e-5, "rewound cache changed option A's logits");
+    let fresh: Vec<u32> = prompt.iter().chain(&b).copied().collect();
+    let mut fresh_cache = dec.new_cache().unwrap();
+    let full_b = dec.forward(&fresh, &mut fresh_cache, b.len(), None).unwrap();
+    let diff = max_abs_diff(&via_cache_b, &full_b);
+    assert!(diff < 1e-4, "option B after a rewind differs from a fresh run by {diff}");
+}
+
+#[test]
+fn kv_cache_grows_in_place_and_stops_at_the_context() {
+    let cfg = tiny();
+    let r = reference(&cfg.model.dir);
+    let mut engine = Engine::load(&cfg).unwrap();
+    let context = engine.files().arch.max_position_embeddings;
+    let dec = engine.decoder_mut();
+    // One token at a time from an empty cache: every growth copies the positions held.
+    let mut cache = dec.new_cache().unwrap();
+    let mut rows = Vec::new();
+    for &t in &r.input_ids {
+        rows = dec.forward(&[t], &mut cache, 1, None).unwrap();
+    }
+    assert!(cache.capacity() >= r.input_ids.len() && cache.capacity() < 2 * r.input_ids.len() + 16);
+    let mut full_cache = dec.new_cache().unwrap();
+    let full = dec.forward(&r.input_ids, &mut full_cache, 1, None).unwrap();
+    let diff = max_abs_diff(&rows, &full);
+    assert!(diff < 1e-4, "token-by-token vs one pass: {diff}");
+    // Sized to the model's context at most, and a clear error beyond it (the cache keeps what it held).
+    assert_eq!(dec.new_cache_with_capacity(10 * context).unwrap().capacity(), context);
+    let held = cache.len();
+    let too_many = vec![5u32; context];
+    let err = dec.forward(&too_many, &mut cache, 1, None).unwrap_err().to_string();
+    assert!(err.contains("context"), "{err}");
+    assert_eq!(cache.len(), held);
+}
+
+#[test]
 fn stop_strings_end_the_answer_before_the_match() {
     let cfg = tiny();
     let r = reference(&cfg.model.dir);

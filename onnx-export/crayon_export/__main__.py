@@ -90,7 +90,7 @@ def write_folder(out: Path, cfg: LlamaConfig, weights: dict[str, np.ndarray], to
         "precision": precision,
         **({"quantization": quant, "decodes_to_sha256": decodes_to, "lora_onnx": "model.lora.onnx"} if quant else {}),
         "io": {
-            "input_ids": "input_ids", "attention_mask": "attention_mask", "position_ids": "position_ids",
+            "input_ids": "input_ids", "seqlens_k": "seqlens_k", "total_sequence_length": "total_sequence_length",
             "num_logits_to_keep": "num_logits_to_keep", "past_key": "past_key_values.{layer}.key",
             "past_value": "past_key_values.{layer}.value", "logits": "logits",
             "present_key": "present.{layer}.key", "present_value": "present.{layer}.value",
@@ -163,9 +163,10 @@ def qwen_coder_gguf(workdir: Path) -> Path:
 
 
 def tiny_config() -> LlamaConfig:
-    # Same architecture and tokenizer as SmolLM2 (GQA 2:1, tied embeddings), a few MB in all.
+    # Same architecture and tokenizer as SmolLM2 (GQA 2:1, tied embeddings), a few MB in all. head_dim 16:
+    # GroupQueryAttention on the CPU takes multiples of 16 only.
     return LlamaConfig(vocab_size=49152, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-                       num_attention_heads=2, num_key_value_heads=1, head_dim=8, rope_theta=100000.0,
+                       num_attention_heads=2, num_key_value_heads=1, head_dim=16, rope_theta=100000.0,
                        rms_norm_eps=1e-5, max_position_embeddings=8192, bos_token_id=1, eos_token_id=2, pad_token_id=2)
 
 

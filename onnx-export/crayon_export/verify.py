@@ -69,13 +69,15 @@ def exact_variant(folder: Path) -> str:
 
 
 def ort_run(sess, cfg: dict, ids: np.ndarray, past: list | None, start: int, keep: int):
-    """One forward pass: ids [S] appended after `start` cached positions; returns (logits [keep,V], present)."""
+    """One forward pass: ids [S] appended after `start` cached positions; returns (logits [keep,V], present).
+    The past is passed at its exact length, so each present is a new, longer tensor (the engine instead binds
+    past and present to one buffer of fixed capacity: tests/kv_cache.rs checks that both agree)."""
     n_layers, nkv, d = cfg["num_hidden_layers"], cfg["num_key_value_heads"], cfg["head_dim"]
     S = len(ids)
     feeds = {
         "input_ids": ids[None, :].astype(np.int64),
-        "attention_mask": np.ones((1, start + S), np.int64),
-        "position_ids": np.arange(start, start + S, dtype=np.int64)[None, :],
+        "seqlens_k": np.array([start + S - 1], np.int32),
+        "total_sequence_length": np.array(start + S, np.int32),
         "num_logits_to_keep": np.array([keep], np.int64),
     }
     for i in range(n_layers):

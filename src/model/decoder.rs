@@ -1,12 +1,14 @@
 //! The exported decoder graph in an ONNX Runtime session, and its KV cache.
 //!
-//! The cache is the graph's own `present.*` outputs, handed back as the next step's
-//! `past_key_values.*` inputs: ONNX Runtime owns those buffers and nothing is copied on our side.
+//! The cache is one buffer per layer and kind, [1, kv_heads, capacity, head_dim], bound through an
+//! `IoBinding` as both the step's `past_key_values.*` input and its `present.*` output: the graph's
+//! `GroupQueryAttention` sees the same pointer on both sides and writes the new positions in place, so a
+//! step costs no copy of the cache (the old graph concatenated the whole cache every step).
 
-use std::borrow::Cow;
 use std::sync::{Arc, Mutex};
 
-use ort::session::{RunOptions, Session, SessionInputValue};
+use ort::memory::{AllocationDevice, Allocator, AllocatorType, MemoryInfo, MemoryType};
+use ort::session::{RunOptions, Session};
 use ort::value::{DynValue, Tensor};
 
 use super::quant::{self, Q4Matrix};
@@ -45,10 +47,15 @@ impl WeightOverride {
     }
 }
 
-/// Keys and values of every layer for the positions processed so far (batch of one).
+/// Keys and values of every layer for the positions processed so far (batch of one), in buffers of a
+/// fixed capacity that grow (with one copy) when a forward pass needs more positions.
 pub struct KvCache {
+    /// Per layer, key then value: [1, kv_heads, capacity, head_dim], allocated by ONNX Runtime (only such
+    /// tensors can be bound as outputs). Positions from `len` on hold stale data that the next step
+    /// overwrites.
     values: Vec<DynValue>,
     len: usize,
+    capacity: usize,
 }
 
 impl KvCache {
@@ -59,6 +66,30 @@ impl KvCache {
 
     pub fn is_empty(&self) -> bool {
         self.len == 0
+    }
+
+    /// Positions the buffers hold before they must grow.
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    /// Forgets every position from `len` on: the next forward pass continues after position `len - 1`.
+    /// Several continuations of one prompt share its cache this way (choice scoring).
+    pub fn truncate(&mut self, len: usize) {
+        self.len = self.len.min(len);
+    }
+
+    /// Bytes of the buffers.
+    pub fn bytes(&self) -> usize {
+        self.values.len() * self.row_floats() * self.capacity * 4
+    }
+
+    /// Floats per position in one buffer (kv_heads * head_dim), from the buffers' shape.
+    fn row_floats(&self) -> usize {
+        self.values
+            .first()
+            .and_then(|v| v.shape().get(1).zip(v.shape().get(3)).map(|(h, d)| (h * d) as usize))
+            .unwrap_or(0)
     }
 }
 
@@ -224,17 +255,53 @@ impl Decoder {
         self.session.lock().unwrap_or_else(|p| p.into_inner()).end_profiling().map_err(Error::ort("ending profiling"))
     }
 
+    /// An empty cache; its buffers are allocated by the first forward pass, sized to what it needs.
     pub fn new_cache(&self) -> Result<KvCache> {
-        let shape = [1usize, self.arch.num_key_value_heads, 0, self.arch.head_dim];
-        let values = (0..self.past_names.len())
-            .map(|_| Tensor::<f32>::from_array((shape, Vec::<f32>::new())).map(|t| t.into_dyn()))
-            .collect::<std::result::Result<Vec<_>, _>>()
-            .map_err(Error::ort("creating an empty KV cache"))?;
-        Ok(KvCache { values, len: 0 })
+        self.new_cache_with_capacity(0)
+    }
+
+    /// An empty cache with room for `capacity` positions (a generation knows its prompt and budget, so
+    /// its buffers never grow), at most the model's context.
+    pub fn new_cache_with_capacity(&self, capacity: usize) -> Result<KvCache> {
+        let mut cache = KvCache { values: Vec::new(), len: 0, capacity: 0 };
+        if capacity > 0 {
+            self.reserve(&mut cache, capacity.min(self.arch.max_position_embeddings))?;
+        }
+        Ok(cache)
+    }
+
+    /// Makes room for `needed` positions: new buffers of at least 1.5 times the old capacity (growth by
+    /// one token at a time stays amortized), the positions held copied over.
+    fn reserve(&self, cache: &mut KvCache, needed: usize) -> Result<()> {
+        if needed <= cache.capacity && !cache.values.is_empty() {
+            return Ok(());
+        }
+        let limit = self.arch.max_position_embeddings;
+        if needed > limit {
+            return Err(Error::InvalidRequest(format!(
+                "{needed} positions exceed the model's context of {limit} tokens"
+            )));
+        }
+        let capacity = needed.max(cache.capacity + cache.capacity / 2).max(16).min(limit);
+        let (heads, d) = (self.arch.num_key_value_heads, self.arch.head_dim);
+        let allocator = Allocator::default();
+        let mut values = Vec::with_capacity(self.past_names.len());
+        for i in 0..self.past_names.len() {
+            let mut t = Tensor::<f32>::new(&allocator, [1usize, heads, capacity, d])
+                .map_err(Error::ort("allocating the KV cache"))?;
+            if let Some(old) = cache.values.get(i) {
+                copy_positions(old, &mut t, cache.len, heads, d)?;
+            }
+            values.push(t.into_dyn());
+        }
+        cache.values = values;
+        cache.capacity = capacity;
+        Ok(())
     }
 
     /// Runs `ids` after the positions already in `cache` and returns the logits of the last `keep`
-    /// positions as `keep` rows of `vocab_size`. On error the cache is left unchanged.
+    /// positions as `keep` rows of `vocab_size`. The new positions are written into the cache in place;
+    /// on error the cache still holds the positions it held (its length is unchanged).
     pub fn forward(
         &mut self,
         ids: &[u32],
@@ -242,20 +309,6 @@ impl Decoder {
         keep: usize,
         run_options: Option<&RunOptions>,
     ) -> Result<Vec<f32>> {
-        let (logits, next) = self.forward_branch(ids, cache, keep, run_options)?;
-        *cache = next;
-        Ok(logits)
-    }
-
-    /// Like [`Decoder::forward`], but leaves `cache` as it is and returns the extended cache as a new
-    /// one: several continuations of one prompt share the prompt's cache (choice scoring).
-    pub fn forward_branch(
-        &mut self,
-        ids: &[u32],
-        cache: &KvCache,
-        keep: usize,
-        run_options: Option<&RunOptions>,
-    ) -> Result<(Vec<f32>, KvCache)> {
         if ids.is_empty() || keep == 0 || keep > ids.len() {
             return Err(Error::InvalidRequest(format!("forward: {} ids, keep {keep}", ids.len())));
         }
@@ -265,71 +318,90 @@ impl Decoder {
                 self.arch.vocab_size
             )));
         }
-        let (s, past) = (ids.len(), cache.len);
-        let total = past + s;
-        let tensor = |shape: [usize; 2], data: Vec<i64>| {
-            Tensor::from_array((shape, data))
-                .map(|t| SessionInputValue::from(t.into_dyn()))
-                .map_err(Error::ort("creating inputs"))
-        };
-        let mut inputs: Vec<(Cow<str>, SessionInputValue)> = vec![
-            ("input_ids".into(), tensor([1, s], ids.iter().map(|&t| i64::from(t)).collect())?),
-            ("attention_mask".into(), tensor([1, total], vec![1; total])?),
-            ("position_ids".into(), tensor([1, s], (past as i64..total as i64).collect())?),
-            (
-                "num_logits_to_keep".into(),
-                Tensor::from_array(([1usize], vec![keep as i64]))
-                    .map(|t| SessionInputValue::from(t.into_dyn()))
-                    .map_err(Error::ort("creating inputs"))?,
-            ),
-        ];
-        for (name, value) in self.past_names.iter().zip(&cache.values) {
-            inputs.push((Cow::Borrowed(name.as_str()), SessionInputValue::from(value)));
-        }
-        for (name, value) in &self.factors {
-            inputs.push((Cow::Borrowed(name.as_str()), SessionInputValue::from(&**value)));
-        }
+        let total = cache.len + ids.len();
+        self.reserve(cache, total)?;
+        let total_i32 = i32::try_from(total).map_err(|_| Error::InvalidRequest(format!("{total} positions")))?;
         let mut session = self.session.lock().unwrap_or_else(|p| p.into_inner());
-        let mut outputs = match run_options {
-            Some(ro) => session.run_with_options(inputs, ro),
-            None => session.run(inputs),
+        let binding =
+            self.bind(&session, ids, total_i32, keep, cache).map_err(Error::ort("binding the decoder's inputs"))?;
+        let outputs = match run_options {
+            Some(ro) => session.run_binding_with_options(&binding, ro),
+            None => session.run_binding(&binding),
         }
         .map_err(Error::ort("running the decoder"))?;
-        let logits = {
-            let value = outputs
-                .get("logits")
-                .ok_or_else(|| Error::Ort { context: "reading outputs".into(), msg: "no 'logits' output".into() })?;
-            let (_, data) = value.try_extract_tensor::<f32>().map_err(Error::ort("reading logits"))?;
-            if data.len() != keep * self.arch.vocab_size {
-                return Err(Error::Ort {
-                    context: "reading logits".into(),
-                    msg: format!("got {} values, expected {keep} x {}", data.len(), self.arch.vocab_size),
-                });
-            }
-            data.to_vec()
-        };
-        let mut next = Vec::with_capacity(self.present_names.len());
-        for name in &self.present_names {
-            next.push(
-                outputs.remove(name.as_str()).ok_or_else(|| Error::Ort {
-                    context: "reading outputs".into(),
-                    msg: format!("no '{name}' output"),
-                })?,
-            );
+        let value = outputs
+            .get("logits")
+            .ok_or_else(|| Error::Ort { context: "reading outputs".into(), msg: "no 'logits' output".into() })?;
+        let (_, data) = value.try_extract_tensor::<f32>().map_err(Error::ort("reading logits"))?;
+        if data.len() != keep * self.arch.vocab_size {
+            return Err(Error::Ort {
+                context: "reading logits".into(),
+                msg: format!("got {} values, expected {keep} x {}", data.len(), self.arch.vocab_size),
+            });
         }
-        Ok((logits, KvCache { values: next, len: total }))
+        let logits = data.to_vec();
+        cache.len = total;
+        Ok(logits)
     }
+}
+
+/// The step's inputs and outputs: each cache buffer is bound as its layer's past *and* present, so
+/// `GroupQueryAttention` writes the new positions in place; logits go to a fresh CPU tensor.
+impl Decoder {
+    fn bind(
+        &self,
+        session: &Session,
+        ids: &[u32],
+        total: i32,
+        keep: usize,
+        cache: &mut KvCache,
+    ) -> ort::Result<ort::session::IoBinding> {
+        let mut binding = session.create_binding()?;
+        let ids = Tensor::from_array(([1usize, ids.len()], ids.iter().map(|&t| i64::from(t)).collect::<Vec<_>>()))?;
+        binding.bind_input("input_ids", &ids)?;
+        binding.bind_input("seqlens_k", &Tensor::from_array(([1usize], vec![total - 1]))?)?;
+        binding.bind_input("total_sequence_length", &Tensor::from_array((Vec::<usize>::new(), vec![total]))?)?;
+        binding.bind_input("num_logits_to_keep", &Tensor::from_array(([1usize], vec![keep as i64]))?)?;
+        for (name, value) in &self.factors {
+            binding.bind_input(name.as_str(), &**value)?;
+        }
+        for ((past, present), value) in self.past_names.iter().zip(&self.present_names).zip(cache.values.iter_mut()) {
+            binding.bind_input(past.as_str(), &*value)?;
+            binding.bind_output(present.as_str(), &mut *value)?;
+        }
+        let cpu = MemoryInfo::new(AllocationDevice::CPU, 0, AllocatorType::Device, MemoryType::Default)?;
+        binding.bind_output_to_device("logits", &cpu)?;
+        Ok(binding)
+    }
+}
+
+/// Copies positions `0..len` of every head from `from` into `to` (buffers of different capacities).
+fn copy_positions(from: &DynValue, to: &mut Tensor<f32>, len: usize, heads: usize, d: usize) -> Result<()> {
+    let (shape, src) = from.try_extract_tensor::<f32>().map_err(Error::ort("reading the KV cache"))?;
+    let old_cap = shape.get(2).copied().unwrap_or(0) as usize;
+    let (shape, dst) = to.try_extract_tensor_mut::<f32>().map_err(Error::ort("growing the KV cache"))?;
+    let new_cap = shape.get(2).copied().unwrap_or(0) as usize;
+    for h in 0..heads {
+        let n = len * d;
+        dst[h * new_cap * d..][..n].copy_from_slice(&src[h * old_cap * d..][..n]);
+    }
+    Ok(())
 }
 
 fn check_io(session: &Session, onnx: &std::path::Path, past: &[String], present: &[String]) -> Result<()> {
     let inputs: Vec<&str> = session.inputs().iter().map(|i| i.name()).collect();
     let outputs: Vec<&str> = session.outputs().iter().map(|o| o.name()).collect();
-    let need_in = ["input_ids", "attention_mask", "position_ids", "num_logits_to_keep"]
+    let need_in = ["input_ids", "seqlens_k", "total_sequence_length", "num_logits_to_keep"]
         .into_iter()
         .chain(past.iter().map(String::as_str));
     for name in need_in {
         if !inputs.contains(&name) {
-            return Err(Error::model(onnx, format!("graph has no input '{name}' (was it exported by crayon-export?)")));
+            return Err(Error::model(
+                onnx,
+                format!(
+                    "graph has no input '{name}' (exported by an older crayon-export? re-run scripts/setup or the exporter)"
+                ),
+            ));
         }
     }
     for name in std::iter::once("logits").chain(present.iter().map(String::as_str)) {
