@@ -124,7 +124,12 @@ impl Engine {
                     .as_ref()
                     .map(|c| c.pool.blended_weights(&files).iter().flat_map(|w| files.initializer_names(w)).collect())
                     .unwrap_or_default();
-                Some(Arc::new(SharedWeights::new(Arc::clone(&weights), &blended, EMBEDDING_WEIGHT)?))
+                let fused = files.fused_groups();
+                let suffixes: &[&str] = match files.manifest.precision {
+                    Precision::Q4 => &crate::model::quant::Q4_SUFFIXES,
+                    Precision::F32 => &[""],
+                };
+                Some(Arc::new(SharedWeights::new(Arc::clone(&weights), &blended, EMBEDDING_WEIGHT, &fused, suffixes)?))
             }
             false => None,
         };

@@ -100,6 +100,27 @@ fn reencoding_the_decoded_weights_changes_nothing() {
 }
 
 #[test]
+fn one_member_of_a_fused_projection_is_replaceable() {
+    // q, k and v run as one 4-bit product over adjacent tensors: replacing k alone must keep q and v
+    // from the file, and must act as replacing k does in the float32 model.
+    let cfg = tiny_q4();
+    let r = reference(&model_dir("tiny"));
+    let name = "model.layers.1.self_attn.k_proj.weight";
+    let quant = crayon::weights::WeightFile::open(&cfg.model.dir.join("model.safetensors")).unwrap();
+    let decoded = quant.dense(name).unwrap().into_owned();
+    let base = logits(&cfg, &r.input_ids);
+    let mut e = Engine::load_with_overrides(&cfg, vec![WeightOverride::dense(name, decoded.clone())]).unwrap();
+    assert!(max_abs_diff(&e.logits(None, &r.input_ids).unwrap(), &base) < 1e-5, "q and v must come from the file");
+    let zero = || vec![WeightOverride::dense(name, vec![0.0; decoded.len()])];
+    let q4 = Engine::load_with_overrides(&cfg, zero()).unwrap().logits(None, &r.input_ids).unwrap();
+    let f32 = Engine::load_with_overrides(&tiny(), zero()).unwrap().logits(None, &r.input_ids).unwrap();
+    assert!(max_abs_diff(&q4, &base) > 1e-3, "the override must take effect");
+    let vocab = 49152;
+    let agree = agreement(&top1(&q4, vocab), &top1(&f32, vocab));
+    assert!(agree >= 0.9, "4-bit and float32 with the same k replaced: top-1 agreement {agree}");
+}
+
+#[test]
 fn four_bit_blend_keeps_the_blends_effect() {
     // The same blend merged into the float32 model and applied unmerged (low-rank factors beside the
     // 4-bit matrices) on the 4-bit one: what the blend does to the logits (the change against each

@@ -26,8 +26,8 @@ from safetensors.numpy import save_file
 
 from . import EXPORTER_VERSION
 from .gguf_source import GgufError, LlamaConfig, expected_shapes, hf_name, open_gguf, read_config, read_weights
-from .onnx_graph import build_decoder
-from .quant import COMPUTE, pick_block, quantize_model, snap_to_grid
+from .onnx_graph import build_decoder, write_safetensors
+from .quant import COMPUTE, FUSED, fused_order, pick_block, quantize_model, snap_to_grid
 from .tokenizer import build_tokenizer, tokenizer_config, write_tokenizer
 
 ADAPTER_TARGETS = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
@@ -63,7 +63,10 @@ def write_folder(out: Path, cfg: LlamaConfig, weights: dict[str, np.ndarray], to
              f"from the GGUF's blocks, {quant['tensors_quantized_here']} quantized here")
     step(f"writing {len(weights)} tensors to model.safetensors")
     weights_file = out / "model.safetensors"
-    save_file(weights, str(weights_file), metadata={"format": "pt"})
+    if quant:  # fused projections are byte ranges over their adjacent members
+        write_safetensors(fused_order(weights, cfg.num_hidden_layers), weights_file, {"format": "pt"})
+    else:
+        save_file(weights, str(weights_file), metadata={"format": "pt"})
     os.chmod(weights_file, 0o644)  # safetensors creates 0600 files; the daemon runs as another user
     write_tokenizer(out, tok, tok_cfg)
     (out / "config.json").write_text(json.dumps(cfg.hf_dict(), indent=2) + "\n")
@@ -88,7 +91,7 @@ def write_folder(out: Path, cfg: LlamaConfig, weights: dict[str, np.ndarray], to
         "stop_token_ids": stop_ids,
         "adapter_targets": ADAPTER_TARGETS,
         "precision": precision,
-        **({"quantization": quant, "decodes_to_sha256": decodes_to, "lora_onnx": "model.lora.onnx"} if quant else {}),
+        **({"quantization": quant, "decodes_to_sha256": decodes_to, "lora_onnx": "model.lora.onnx", "fused": FUSED} if quant else {}),
         "io": {
             "input_ids": "input_ids", "seqlens_k": "seqlens_k", "total_sequence_length": "total_sequence_length",
             "num_logits_to_keep": "num_logits_to_keep", "past_key": "past_key_values.{layer}.key",

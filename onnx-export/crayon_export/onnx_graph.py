@@ -27,7 +27,7 @@ import onnx
 from onnx import TensorProto, helper
 
 from .gguf_source import LlamaConfig
-from .quant import accuracy_level
+from .quant import FUSED, Q4_SUFFIXES, accuracy_level
 
 OPSET = 17
 I64_MAX = np.iinfo(np.int64).max
@@ -89,6 +89,27 @@ def safetensors_layout(path: Path) -> dict[str, tuple[list[int], int, int, str]]
         b, e = meta["data_offsets"]
         out[name] = (meta["shape"], base + b, e - b, meta["dtype"])
     return out
+
+
+_ST_DTYPES = {np.dtype(np.float32): "F32", np.dtype(np.uint8): "U8", np.dtype(np.int64): "I64", np.dtype(np.int32): "I32"}
+
+
+def write_safetensors(tensors: dict[str, np.ndarray], path: Path, metadata: dict[str, str] | None = None):
+    """A safetensors file with the tensors in `tensors`' order (the `safetensors` package sorts them by dtype
+    and name): fused projections rely on their members being adjacent (quant.FUSED)."""
+    header: dict = {"__metadata__": metadata} if metadata else {}
+    offset = 0
+    for name, t in tensors.items():
+        n = t.nbytes
+        header[name] = {"dtype": _ST_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)))
+        f.write(raw)
+        for t in tensors.values():
+            f.write(np.ascontiguousarray(t).tobytes())
 
 
 def layout_in_out(cfg: LlamaConfig, lora_input: str) -> tuple[int, int]:
@@ -155,33 +176,58 @@ def build_decoder(cfg: LlamaConfig, weights_file: Path, quant: dict | None = Non
 
     blocksums: dict[str, str] = {}
 
-    def blocksum(t: str, k: int) -> str:  # [rows, k] -> [rows, k/block]: the input summed over each block
+    def blocksum(t: str, k: int) -> str:  # [..., k] -> [..., k/block]: the input summed over each block
+        # One MatMul with a 0/1 matrix instead of Reshape + ReduceSum: every node costs a few microseconds
+        # of dispatch, which at ~1000 nodes per token is a large part of a decode step.
         if t not in blocksums:
-            r = g.op("Reshape", [t, g.const([0, k // block, block], i64)], name=f"{t}_blk")
-            blocksums[t] = g.op("ReduceSum", [r, g.const([-1], i64)], name=f"{t}_blksum", keepdims=0)
+            ones = g.const(np.kron(np.eye(k // block), np.ones((block, 1))), f32)  # [k, k/block]
+            blocksums[t] = g.op("MatMul", [t, ones], name=f"{t}_blksum")
         return blocksums[t]
 
     lora_inputs: list[str] = []
 
     def linear(t: str, weight: str, nm: str, bias: str | None = None) -> str:
-        y = dense(t, weight, nm, bias)
+        y = dense(t, weight, nm, w(bias) if bias else None)
         if lora and weight.startswith("model.layers."):
-            module = weight[: -len(".weight")]
-            a, b = f"{module}.lora_a", f"{module}.lora_b"
-            lora_inputs.extend([a, b])
-            low = g.op("Gemm", [g.op("Gemm", [t, a], name=f"{nm}_lora_a", transB=1), b], name=f"{nm}_lora_b", transB=1)
-            y = g.op("Add", [y, low], name=f"{nm}_lora")
+            y = g.op("Add", [y, low_rank(t, weight, nm)], name=f"{nm}_lora")
         return y
+
+    def low_rank(t: str, weight: str, nm: str) -> str:  # (t @ A^T) @ B^T from the graph inputs of `weight`
+        module = weight[: -len(".weight")]
+        a, b = f"{module}.lora_a", f"{module}.lora_b"
+        lora_inputs.extend([a, b])
+        return g.op("Gemm", [g.op("Gemm", [t, a], name=f"{nm}_lora_a", transB=1), b], name=f"{nm}_lora_b", transB=1)
 
     def dense(t: str, weight: str, nm: str, bias: str | None = None) -> str:
         if not quant:
-            return g.op("Gemm", [t, w(weight)] + ([w(bias)] if bias else []), name=nm, transB=1)
+            return g.op("Gemm", [t, w(weight)] + ([bias] if bias else []), name=nm, transB=1)
         # scale * (q - 8) by MatMulNBits (its default zero point), plus the per-block offsets (see quant.py).
-        n, k = layout[weight + ".scales"][0][0], layout[weight + ".offsets"][0][0] * block
+        n, nb = layout[weight + ".scales"][0]
+        k = nb * block
         y = g.op("MatMulNBits", [t, w(weight + ".q4"), w(weight + ".scales")], name=nm, domain="com.microsoft",
                  K=k, N=n, bits=4, block_size=block, accuracy_level=accuracy_level(compute, weight))
-        y = g.op("Add", [y, g.op("MatMul", [blocksum(t, k), w(weight + ".offsets")], name=f"{nm}_off")], name=f"{nm}_q4_1")
-        return g.op("Add", [y, w(bias)], name=f"{nm}_bias") if bias else y
+        # blocksum(x) @ offsets^T + y in one Gemm
+        y = g.op("Gemm", [blocksum(t, k), w(weight + ".offsets"), y], name=f"{nm}_q4_1", transB=1)
+        return g.op("Add", [y, bias], name=f"{nm}_bias") if bias else y
+
+    def fused_linear(t: str, layer: str, fused: str, nm: str, biases: list[str] | None = None) -> str:
+        """The projections of FUSED[fused] as one 4-bit product, [rows, sum of their outputs]: the fused
+        tensors are byte ranges over the members' adjacent tensors in the weights file (quant.fused_order)."""
+        members = [f"{layer}{m}.weight" for m in FUSED[fused]]
+        weight = f"{layer}{fused}.weight"
+        for suffix in Q4_SUFFIXES:
+            parts = [layout[m + suffix] for m in members]
+            for (_, off, length, _), (_, nxt, _, _) in zip(parts, parts[1:]):
+                if off + length != nxt:
+                    raise ValueError(f"{members}: {suffix} tensors are not adjacent in {location}")
+            shape = [sum(p[0][0] for p in parts)] + parts[0][0][1:]
+            layout[weight + suffix] = (shape, parts[0][1], sum(p[2] for p in parts), parts[0][3])
+        bias = g.op("Concat", [w(b) for b in biases], name=f"{nm}_bias_cat", axis=0) if biases else None
+        y = dense(t, weight, nm, bias)
+        if lora:  # each member's low-rank delta, side by side like the members' rows
+            lows = [low_rank(t, m, f"{nm}_{j}") for j, m in enumerate(members)]
+            y = g.op("Add", [y, g.op("Concat", lows, name=f"{nm}_lora_cat", axis=-1)], name=f"{nm}_lora")
+        return y
 
     def proj_bias(p: str, which: str) -> str | None:
         return p + f"self_attn.{which}_proj.bias" if cfg.attention_bias else None
@@ -212,9 +258,14 @@ def build_decoder(cfg: LlamaConfig, weights_file: Path, quant: dict | None = Non
             h = rms_norm(x, p + "input_layernorm.weight", f"l{i}_ln1")
         else:
             h, x = skip_norm(x, pending, p + "input_layernorm.weight", f"l{i}_ln1")
-        q = seq3(linear(h, p + "self_attn.q_proj.weight", f"l{i}_q", proj_bias(p, "q")), nh * d, f"l{i}_q3")
-        k = seq3(linear(h, p + "self_attn.k_proj.weight", f"l{i}_k", proj_bias(p, "k")), nkv * d, f"l{i}_k3")
-        v = seq3(linear(h, p + "self_attn.v_proj.weight", f"l{i}_v", proj_bias(p, "v")), nkv * d, f"l{i}_v3")
+        if quant:  # one product for q, k and v; GroupQueryAttention takes them packed
+            biases = [proj_bias(p, x_) for x_ in "qkv"] if cfg.attention_bias else None
+            q = seq3(fused_linear(h, p, "self_attn.qkv_proj", f"l{i}_qkv", biases), (nh + 2 * nkv) * d, f"l{i}_qkv3")
+            k = v = ""
+        else:
+            q = seq3(linear(h, p + "self_attn.q_proj.weight", f"l{i}_q", proj_bias(p, "q")), nh * d, f"l{i}_q3")
+            k = seq3(linear(h, p + "self_attn.k_proj.weight", f"l{i}_k", proj_bias(p, "k")), nkv * d, f"l{i}_k3")
+            v = seq3(linear(h, p + "self_attn.v_proj.weight", f"l{i}_v", proj_bias(p, "v")), nkv * d, f"l{i}_v3")
         # The cache is [B, kv_heads, capacity, d]: with past and present bound to one buffer (the engine
         # does), the kernel writes the new positions in place; an empty past gives a present of `total`.
         ctx = g.op("GroupQueryAttention", [q, k, v, pk, pv, "seqlens_k", "total_sequence_length", cos_cache, sin_cache],
@@ -224,8 +275,13 @@ def build_decoder(cfg: LlamaConfig, weights_file: Path, quant: dict | None = Non
         attn = linear(ctx, p + "self_attn.o_proj.weight", f"l{i}_o")
 
         h, x = skip_norm(x, attn, p + "post_attention_layernorm.weight", f"l{i}_ln2")
-        gate = linear(h, p + "mlp.gate_proj.weight", f"l{i}_gate")
-        up = linear(h, p + "mlp.up_proj.weight", f"l{i}_up")
+        if quant:
+            ff = cfg.intermediate_size
+            gate, up = g.op("Split", [fused_linear(h, p, "mlp.gate_up_proj", f"l{i}_gate_up"), g.const([ff, ff], i64)],
+                            n_out=2, name=f"l{i}_gate_up_split", axis=-1)
+        else:
+            gate = linear(h, p + "mlp.gate_proj.weight", f"l{i}_gate")
+            up = linear(h, p + "mlp.up_proj.weight", f"l{i}_up")
         act = g.op("Mul", [g.op("Mul", [gate, g.op("Sigmoid", [gate], name=f"l{i}_sig")], name=f"l{i}_silu"), up], name=f"l{i}_act")
         pending = linear(act, p + "mlp.down_proj.weight", f"l{i}_down")
 

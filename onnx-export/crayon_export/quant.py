@@ -5,9 +5,9 @@ Layouts (all per output row, blocks of `block` values along the input dimension)
 - 4-bit linear weights ("q4_1", llama.cpp's Q4_1): `w = scale * q + min`, q in 0..15, written as
   `w = scale * (q - 8) + offset` with `offset = min + 8 * scale`.
   Stored as `<name>.q4` uint8 [out, blocks, block/2] (two values per byte, the even one in the low nibble:
-  MatMulNBits' layout), `<name>.scales` f32 [out, blocks] and `<name>.offsets` f32 [blocks, out].
+  MatMulNBits' layout), `<name>.scales` f32 [out, blocks] and `<name>.offsets` f32 [out, blocks].
   MatMulNBits computes `x @ (scale * (q - 8))^T` (8 is its default 4-bit zero point); the graph adds
-  `blocksum(x) @ offsets`, where blocksum(x) [rows, blocks] sums x over each block. Centering on 8 matters:
+  `blocksum(x) @ offsets^T`, where blocksum(x) [rows, blocks] sums x over each block. Centering on 8 matters:
   MatMulNBits quantizes x to int8 per block, and that error scales with the magnitude of the weights it
   multiplies; `scale * q` (all positive) doubled it, and top-token agreement fell from 97% to 92%.
 - 8-bit embedding / tied LM head ("q8_0", llama.cpp's Q8_0): `w = scale * (u - 128)`, u in 0..255.
@@ -101,7 +101,7 @@ def q4_tensors(name: str, q: np.ndarray, d: np.ndarray, m: np.ndarray) -> dict[s
     return {
         f"{name}.q4": np.ascontiguousarray(pack_nibbles(q)),
         f"{name}.scales": np.ascontiguousarray(d, dtype=np.float32),
-        f"{name}.offsets": np.ascontiguousarray(q4_offsets(d, m).T),
+        f"{name}.offsets": np.ascontiguousarray(q4_offsets(d, m)),
     }
 
 
@@ -196,13 +196,37 @@ def quantize_model(cfg, weights: dict[str, np.ndarray], raw: dict[str, tuple[str
     return out, info
 
 
+# Projections that read the same input run as one 4-bit matrix product: their rows are concatenated in
+# this order (the fused weight is named after the key). The folder stores each member under its own name,
+# adjacent in model.safetensors, so the fused tensors are byte ranges of the file (no second copy) and
+# every per-module reader (merges, task embeddings) keeps working.
+FUSED = {
+    "self_attn.qkv_proj": ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],
+    "mlp.gate_up_proj": ["mlp.gate_proj", "mlp.up_proj"],
+}
+Q4_SUFFIXES = (".q4", ".scales", ".offsets")
+
+
+def fused_order(tensors: dict[str, np.ndarray], layers: int) -> dict[str, np.ndarray]:
+    """`tensors` reordered so that, per layer, fused group and suffix, the members are adjacent in FUSED's
+    order (safetensors writes in this order, see write_safetensors)."""
+    out: dict[str, np.ndarray] = {}
+    for i in range(layers):
+        for members in FUSED.values():
+            for suffix in Q4_SUFFIXES:
+                for m in members:
+                    name = f"model.layers.{i}.{m}.weight{suffix}"
+                    out[name] = tensors[name]
+    return {**{k: v for k, v in tensors.items() if k not in out}, **out}
+
+
 def dequantize_tensors(tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """The float32 weights (Hugging Face names) a 4-bit folder's tensors decode to: the reference it is checked against."""
     out = {}
     for name, t in tensors.items():
         if name.endswith(".q4"):
             base = name[: -len(".q4")]
-            out[base] = q4_decode_stored(unpack_nibbles(t), tensors[base + ".scales"], tensors[base + ".offsets"].T)
+            out[base] = q4_decode_stored(unpack_nibbles(t), tensors[base + ".scales"], tensors[base + ".offsets"])
         elif name.endswith(".q8"):
             base = name[: -len(".q8")]
             out[base] = q8_dequantize(t, tensors[base + ".scales"])

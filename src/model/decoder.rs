@@ -207,18 +207,16 @@ impl Decoder {
             let skip: Vec<String> = overrides.iter().flat_map(|o| files.initializer_names(&o.name)).collect();
             builder = sh.attach(builder, &skip)?;
         }
-        for o in overrides {
-            for (name, tensor) in override_tensors(files, o)? {
-                let tensor = Arc::new(tensor);
-                // With the shared packed container, an override added as an initializer would leave its
-                // packed copy in the container for good; as an external initializer it stays the
-                // session's own and is freed with it (at a cost: ~0.3 s more per session on SmolLM2-135M).
-                builder = match shared.is_some_and(|sh| sh.packs_shared()) {
-                    true => builder.with_external_initializer(&name, tensor),
-                    false => builder.with_initializer(&name, tensor),
-                }
-                .map_err(Error::ort(format!("overriding weight {name}")))?;
+        for (name, tensor) in override_values(files, overrides)? {
+            let tensor = Arc::new(tensor);
+            // With the shared packed container, an override added as an initializer would leave its
+            // packed copy in the container for good; as an external initializer it stays the
+            // session's own and is freed with it (at a cost: ~0.3 s more per session on SmolLM2-135M).
+            builder = match shared.is_some_and(|sh| sh.packs_shared()) {
+                true => builder.with_external_initializer(&name, tensor),
+                false => builder.with_initializer(&name, tensor),
             }
+            .map_err(Error::ort(format!("overriding weight {name}")))?;
         }
         let session = builder
             .commit_from_file(&onnx)
@@ -415,45 +413,106 @@ fn check_io(session: &Session, onnx: &std::path::Path, past: &[String], present:
     Ok(())
 }
 
+/// The graph initializers `overrides` set. In a 4-bit folder, members of a fused projection (e.g. q, k
+/// and v) are encoded and stacked into the fused tensors, the members no override names taken from the
+/// weights file.
+fn override_values(files: &ModelFiles, overrides: Vec<WeightOverride>) -> Result<Vec<(String, DynValue)>> {
+    let mut out = Vec::new();
+    let mut fused: Vec<(super::FusedGroup, std::collections::HashMap<String, Q4Matrix>)> = Vec::new();
+    for o in overrides {
+        match files.fused_group(&o.name) {
+            Some(group) if files.manifest.precision == Precision::Q4 => {
+                let name = o.name.clone();
+                let m = q4_override(files, o)?;
+                match fused.iter_mut().find(|(g, _)| *g == group) {
+                    Some((_, ms)) => {
+                        ms.insert(name, m);
+                    }
+                    None => fused.push((group, [(name, m)].into())),
+                }
+            }
+            _ => out.extend(override_tensors(files, o)?),
+        }
+    }
+    if fused.is_empty() {
+        return Ok(out);
+    }
+    let file = crate::weights::WeightFile::open(&files.path(&files.manifest.weights))?;
+    for (group, mut given) in fused {
+        let mut parts = Vec::with_capacity(group.members.len());
+        for member in &group.members {
+            let m = match given.remove(member) {
+                Some(m) => m,
+                None => file.q4(member)?.ok_or_else(|| {
+                    Error::model(file.path(), format!("4-bit weight '{member}' of {} is missing", group.name))
+                })?,
+            };
+            parts.push(m);
+        }
+        let stacked = Q4Matrix::stack(&parts.iter().collect::<Vec<_>>());
+        out.extend(q4_tensors(files.initializer_names(&group.name), stacked)?);
+    }
+    Ok(out)
+}
+
 /// The graph initializers an override sets, checked against the weight's shape: the matrix itself in a
 /// float32 model; its blocks, scales and offsets in a 4-bit one (f32 data is encoded here).
 fn override_tensors(files: &ModelFiles, o: WeightOverride) -> Result<Vec<(String, DynValue)>> {
-    let [out, inp] = target_shape(&files.arch, &o.name, files)?;
-    let tensor = |shape: Vec<usize>, data: Vec<f32>| {
-        Tensor::from_array((shape, data)).map(|t| t.into_dyn()).map_err(Error::ort("creating a weight tensor"))
-    };
-    let wrong =
-        |what: String| Error::InvalidRequest(format!("override for {} has {what}, expected [{out}, {inp}]", o.name));
-    match (files.manifest.precision, o.data) {
-        (Precision::F32, WeightData::F32(data)) => {
-            if data.len() != out * inp {
-                return Err(wrong(format!("{} values", data.len())));
-            }
-            Ok(vec![(o.name, tensor(vec![out, inp], data)?)])
-        }
-        (Precision::F32, WeightData::Q4(_)) => Err(wrong("4-bit data for a float32 model".into())),
-        (Precision::Q4, data) => {
-            let block = files.block_size()?;
-            let m = match data {
-                WeightData::F32(v) if v.len() == out * inp && inp % block == 0 => quant::encode_q4(&v, out, inp, block),
-                WeightData::F32(v) => return Err(wrong(format!("{} values", v.len()))),
-                WeightData::Q4(m) if (m.rows, m.cols, m.block) == (out, inp, block) => m,
-                WeightData::Q4(m) => {
-                    return Err(wrong(format!("4-bit [{}, {}] in blocks of {}", m.rows, m.cols, m.block)));
-                }
+    match files.manifest.precision {
+        Precision::F32 => {
+            let [out, inp] = target_shape(&files.arch, &o.name, files)?;
+            let WeightData::F32(data) = o.data else {
+                return Err(Error::InvalidRequest(format!(
+                    "override for {} has 4-bit data for a float32 model",
+                    o.name
+                )));
             };
-            let [qs, ss, os] = Q4Matrix::shapes(out, inp, block);
-            let packed = Tensor::from_array((qs, m.packed))
-                .map(|t| t.into_dyn())
-                .map_err(Error::ort("creating a weight tensor"))?;
+            if data.len() != out * inp {
+                return Err(Error::InvalidRequest(format!(
+                    "override for {} has {} values, expected [{out}, {inp}]",
+                    o.name,
+                    data.len()
+                )));
+            }
+            let t = Tensor::from_array((vec![out, inp], data)).map_err(Error::ort("creating a weight tensor"))?;
+            Ok(vec![(o.name, t.into_dyn())])
+        }
+        Precision::Q4 => {
             let names = files.initializer_names(&o.name);
-            Ok(vec![
-                (names[0].clone(), packed),
-                (names[1].clone(), tensor(ss, m.scales)?),
-                (names[2].clone(), tensor(os, m.offsets)?),
-            ])
+            q4_tensors(names, q4_override(files, o)?)
         }
     }
+}
+
+/// A 4-bit override as a 4-bit matrix of the weight's shape (f32 data is encoded here).
+fn q4_override(files: &ModelFiles, o: WeightOverride) -> Result<Q4Matrix> {
+    let [out, inp] = target_shape(&files.arch, &o.name, files)?;
+    let block = files.block_size()?;
+    let wrong =
+        |what: String| Error::InvalidRequest(format!("override for {} has {what}, expected [{out}, {inp}]", o.name));
+    match o.data {
+        WeightData::F32(v) if v.len() == out * inp && inp % block == 0 => Ok(quant::encode_q4(&v, out, inp, block)),
+        WeightData::F32(v) => Err(wrong(format!("{} values", v.len()))),
+        WeightData::Q4(m) if (m.rows, m.cols, m.block) == (out, inp, block) => Ok(m),
+        WeightData::Q4(m) => Err(wrong(format!("4-bit [{}, {}] in blocks of {}", m.rows, m.cols, m.block))),
+    }
+}
+
+/// The `.q4`, `.scales` and `.offsets` tensors of `m` under `names` (in that order).
+fn q4_tensors(names: Vec<String>, m: Q4Matrix) -> Result<Vec<(String, DynValue)>> {
+    let [qs, ss, os] = Q4Matrix::shapes(m.rows, m.cols, m.block);
+    let values = (|| -> ort::Result<[DynValue; 3]> {
+        Ok([
+            Tensor::from_array((qs, m.packed))?.into_dyn(),
+            Tensor::from_array((ss, m.scales))?.into_dyn(),
+            Tensor::from_array((os, m.offsets))?.into_dyn(),
+        ])
+    })()
+    .map_err(Error::ort("creating a weight tensor"))?;
+    if names.len() != values.len() {
+        return Err(Error::InvalidRequest("a 4-bit weight has three tensors".into()));
+    }
+    Ok(names.into_iter().zip(values).collect())
 }
 
 /// The `<module>.lora_a` [rank, in] and `<module>.lora_b` [out, rank] inputs for `lr`, sizes checked.

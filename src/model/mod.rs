@@ -5,6 +5,7 @@ mod decoder;
 pub mod quant;
 mod shared;
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
@@ -42,6 +43,10 @@ pub struct Manifest {
     /// Block layout of a quantized folder.
     #[serde(default)]
     pub quantization: Option<Quantization>,
+    /// Projections the graph runs as one product, e.g. `self_attn.qkv_proj` -> q, k, v (in row order).
+    /// Their tensors in the weights file are adjacent, so the fused tensor is a byte range of it.
+    #[serde(default)]
+    pub fused: BTreeMap<String, Vec<String>>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -159,11 +164,34 @@ impl ModelFiles {
 
     /// The graph initializers that hold the model weight `weight` (e.g. a target matrix): the tensor
     /// itself in float32, its `.q4` / `.scales` / `.offsets` in a 4-bit folder.
+    /// A weight of a fused projection names the fused one (see [`ModelFiles::fused_group`]).
     pub fn initializer_names(&self, weight: &str) -> Vec<String> {
+        let weight = self.fused_group(weight).map_or_else(|| weight.to_string(), |g| g.name);
         match self.manifest.precision {
-            Precision::F32 => vec![weight.to_string()],
+            Precision::F32 => vec![weight],
             Precision::Q4 => quant::Q4_SUFFIXES.iter().map(|s| format!("{weight}{s}")).collect(),
         }
+    }
+
+    /// The fused projection `weight` (e.g. `model.layers.3.self_attn.k_proj.weight`) is part of, if any.
+    pub fn fused_group(&self, weight: &str) -> Option<FusedGroup> {
+        let rest = weight.strip_prefix("model.layers.")?;
+        let (layer, module) = rest.split_once('.')?;
+        let module = module.strip_suffix(".weight")?;
+        self.manifest.fused.iter().find(|(_, members)| members.iter().any(|m| m == module)).map(|(fused, members)| {
+            FusedGroup {
+                name: format!("model.layers.{layer}.{fused}.weight"),
+                members: members.iter().map(|m| format!("model.layers.{layer}.{m}.weight")).collect(),
+            }
+        })
+    }
+
+    /// Every fused projection of the model.
+    pub fn fused_groups(&self) -> Vec<FusedGroup> {
+        (0..self.arch.num_hidden_layers)
+            .flat_map(|i| self.manifest.fused.values().filter_map(move |m| m.first().map(|m| target_weight_name(i, m))))
+            .filter_map(|w| self.fused_group(&w))
+            .collect()
     }
 
     /// Names of the weights an adapter may replace, e.g. `model.layers.3.self_attn.q_proj.weight`.
@@ -172,6 +200,13 @@ impl ModelFiles {
             .flat_map(|i| self.manifest.adapter_targets.iter().map(move |t| target_weight_name(i, t)))
             .collect()
     }
+}
+
+/// A fused projection: its weight name and its members' in row order (Hugging Face names).
+#[derive(Debug, Clone, PartialEq)]
+pub struct FusedGroup {
+    pub name: String,
+    pub members: Vec<String>,
 }
 
 /// The model weight an adapter target replaces in `layer`, e.g. `model.layers.3.self_attn.q_proj.weight`.

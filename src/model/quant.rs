@@ -2,10 +2,10 @@
 //! exactly as the exporter (`onnx-export/crayon_export/quant.py`) and the graph's `MatMulNBits` read them.
 //!
 //! A 4-bit matrix `W` [out, in] is stored per row in blocks of `block` values along `in`:
-//! `W[r, b*block + j] = scale[r, b] * (q - 8) + offset[b, r]`, q in 0..15 — llama.cpp's Q4_1 (scale and
+//! `W[r, b*block + j] = scale[r, b] * (q - 8) + offset[r, b]`, q in 0..15 — llama.cpp's Q4_1 (scale and
 //! min) rewritten around MatMulNBits' default zero point 8 (offset = min + 8 scale). Tensors:
 //! `NAME.q4` u8 [out, blocks, block/2] (value 2i in the low nibble of byte i), `NAME.scales` f32
-//! [out, blocks], `NAME.offsets` f32 [blocks, out]. The embedding is 8-bit (Q8_0):
+//! [out, blocks], `NAME.offsets` f32 [out, blocks]. The embedding is 8-bit (Q8_0):
 //! `NAME.q8` u8 [rows, blocks, block] with `W = scale * (u - 128)`, `NAME.scales` f32 [rows, blocks].
 //!
 //! A merged customization re-encodes `dequantize(W) + delta` with fresh per-block minimum and maximum
@@ -24,7 +24,7 @@ pub struct Q4Matrix {
     pub packed: Vec<u8>,
     /// [rows, cols/block]
     pub scales: Vec<f32>,
-    /// [cols/block, rows] (transposed: the graph multiplies block sums by it)
+    /// [rows, cols/block]
     pub offsets: Vec<f32>,
 }
 
@@ -36,7 +36,21 @@ impl Q4Matrix {
     /// Shapes of the `.q4`, `.scales` and `.offsets` tensors.
     pub fn shapes(rows: usize, cols: usize, block: usize) -> [Vec<usize>; 3] {
         let nb = cols / block;
-        [vec![rows, nb, block / 2], vec![rows, nb], vec![nb, rows]]
+        [vec![rows, nb, block / 2], vec![rows, nb], vec![rows, nb]]
+    }
+
+    /// The rows of `parts` one after the other (all with the same columns and block), as a fused
+    /// projection stores them. Every tensor is row-major with rows first, so this is concatenation.
+    pub fn stack(parts: &[&Q4Matrix]) -> Q4Matrix {
+        let first = parts[0];
+        Q4Matrix {
+            rows: parts.iter().map(|m| m.rows).sum(),
+            cols: first.cols,
+            block: first.block,
+            packed: parts.iter().flat_map(|m| m.packed.iter().copied()).collect(),
+            scales: parts.iter().flat_map(|m| m.scales.iter().copied()).collect(),
+            offsets: parts.iter().flat_map(|m| m.offsets.iter().copied()).collect(),
+        }
     }
 
     /// The float32 values, row-major [rows, cols].
@@ -51,7 +65,7 @@ pub fn decode_q4(packed: &[u8], scales: &[f32], offsets: &[f32], rows: usize, co
     let mut out = vec![0f32; rows * cols];
     for r in 0..rows {
         for b in 0..nb {
-            let (s, o) = (scales[r * nb + b], offsets[b * rows + r]);
+            let (s, o) = (scales[r * nb + b], offsets[r * nb + b]);
             let bytes = &packed[(r * nb + b) * block / 2..(r * nb + b + 1) * block / 2];
             let dst = &mut out[r * cols + b * block..r * cols + (b + 1) * block];
             for (i, &byte) in bytes.iter().enumerate() {
@@ -83,7 +97,7 @@ pub fn encode_q4(w: &[f32], rows: usize, cols: usize, block: usize) -> Q4Matrix 
                 *byte = q(x[2 * i]) | (q(x[2 * i + 1]) << 4);
             }
             scales[r * nb + b] = d;
-            offsets[b * rows + r] = lo + 8.0 * d;
+            offsets[r * nb + b] = lo + 8.0 * d;
         }
     }
     Q4Matrix { rows, cols, block, packed, scales, offsets }

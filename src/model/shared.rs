@@ -25,6 +25,7 @@ use ort::memory::{Allocator, MemoryInfo};
 use ort::session::builder::{PrepackedWeights, SessionBuilder};
 use ort::value::DynValue;
 
+use super::FusedGroup;
 use crate::error::{Error, Result};
 use crate::weights::WeightFile;
 
@@ -45,34 +46,57 @@ impl SharedWeights {
     /// Wraps each f32 and u8 tensor of the model's mapped weights file (others are left to ONNX
     /// Runtime). `blended`: the graph initializers blends replace; `embedding`: the float32 token
     /// embedding table (read by a lookup, never packed).
-    pub fn new(file: Arc<WeightFile>, blended: &HashSet<String>, embedding: &str) -> Result<SharedWeights> {
+    /// `fused`: projections the graph reads as one tensor per suffix (`suffixes`: `.q4` / `.scales` /
+    /// `.offsets`), mapped over their members' adjacent bytes; the members themselves are then not graph
+    /// initializers and are not attached.
+    pub fn new(
+        file: Arc<WeightFile>,
+        blended: &HashSet<String>,
+        embedding: &str,
+        fused: &[FusedGroup],
+        suffixes: &[&str],
+    ) -> Result<SharedWeights> {
         use ort::sys::ONNXTensorElementDataType as T;
         let mut values = HashMap::new();
         let mut bytes = 0;
-        for name in file.names() {
-            let Some(info) = file.info(name) else { continue };
+        let tensor = |name: &str| -> Option<Mapped<'_>> {
+            let info = file.info(name)?;
             let (data, elem) = match (file.f32_bytes(name), file.u8_bytes(name)) {
                 (Some(d), _) => (d, T::ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT),
                 (None, Some(d)) => (d, T::ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8),
-                _ => continue,
+                _ => return None,
             };
-            let shape: Vec<i64> = info.shape.iter().map(|&d| d as i64).collect();
-            // SAFETY: `data` lies in `file`'s read-only mapping, which this struct keeps alive for as
-            // long as any session may use the tensor (see `values`); ONNX Runtime never writes to
-            // initializers; `elem` is the element type `data` is stored as.
+            Some((data, elem, info.shape.iter().map(|&d| d as i64).collect()))
+        };
+        let mut members = HashSet::new();
+        for group in fused {
+            for suffix in suffixes {
+                let names: Vec<String> = group.members.iter().map(|m| format!("{m}{suffix}")).collect();
+                let (data, elem, shape) = span(&file, &names, &tensor)?;
+                let name = format!("{}{suffix}", group.name);
+                let value = unsafe { mapped_tensor(data, &shape, elem) }
+                    .map_err(|msg| Error::Ort { context: format!("sharing weight {name}"), msg })?;
+                bytes += data.len();
+                values.insert(name, Arc::new(value));
+                members.extend(names);
+            }
+        }
+        for name in file.names().filter(|n| !members.contains(*n)) {
+            let Some((data, elem, shape)) = tensor(name) else { continue };
             let value = unsafe { mapped_tensor(data, &shape, elem) }
                 .map_err(|msg| Error::Ort { context: format!("sharing weight {name}"), msg })?;
             bytes += data.len();
             values.insert(name.to_string(), Arc::new(value));
         }
-        // Matrices ONNX Runtime pre-packs: float32 2-D weights (Gemm) other than the looked-up
-        // embedding, and the u8 blocks of MatMulNBits (4-bit matrices, the 8-bit tied LM head).
-        let untouched_matrix = |name: &&str| {
-            !blended.contains(*name)
-                && *name != embedding
-                && file.info(name).is_some_and(|i| i.shape.len() == 2 || file.u8_bytes(name).is_some())
-        };
-        let share_packed = !blended.is_empty() && file.names().any(|n| untouched_matrix(&n));
+        // A matrix no blend replaces can have one pre-packed copy for every session.
+        let share_packed = !blended.is_empty()
+            && values.iter().any(|(name, v)| {
+                !blended.contains(name)
+                    && name != embedding
+                    && v.shape().len() >= 2
+                    && !name.ends_with(".scales")
+                    && !name.ends_with(".offsets")
+            });
         tracing::info!(mapped_mb = bytes >> 20, share_packed, "model weights shared across sessions");
         let prepacked = share_packed.then(PrepackedWeights::new);
         let tied_head_bytes = match file.info(LM_HEAD) {
@@ -82,8 +106,6 @@ impl SharedWeights {
         Ok(SharedWeights { values, prepacked, tied_head_bytes, _file: file })
     }
 
-    /// Bytes of the embedding table when the LM head is tied to it (no `lm_head.weight`): each session
-    /// then holds its own transposed copy, folded at build time.
     pub fn tied_head_bytes(&self) -> usize {
         self.tied_head_bytes
     }
@@ -114,6 +136,31 @@ impl SharedWeights {
 ///
 /// # Safety
 /// `data` must stay valid and unchanged for as long as the returned value or any session using it lives.
+/// A tensor's bytes in the mapped file, element type and shape.
+type Mapped<'f> = (&'f [u8], ort::sys::ONNXTensorElementDataType, Vec<i64>);
+
+/// The bytes of tensors `names`, which must lie one after the other in the file with the same element
+/// type and trailing dimensions, as one tensor stacked along the first dimension.
+fn span<'f>(file: &'f WeightFile, names: &[String], tensor: &dyn Fn(&str) -> Option<Mapped<'f>>) -> Result<Mapped<'f>> {
+    let bad = |msg: String| Error::model(file.path(), format!("fused tensor over {}: {msg}", names.join(", ")));
+    let parts =
+        names.iter().map(|n| tensor(n).ok_or_else(|| bad(format!("'{n}' is missing")))).collect::<Result<Vec<_>>>()?;
+    let (first, elem, shape0) = &parts[0];
+    let mut shape = shape0.clone();
+    let mut len = first.len();
+    for (prev, (data, e, sh)) in parts.iter().zip(&parts[1..]) {
+        if prev.0.as_ptr_range().end != data.as_ptr() || e != elem || sh[1..] != shape0[1..] {
+            return Err(bad("the members are not adjacent tensors of one layout (re-export the folder)".into()));
+        }
+        shape[0] += sh[0];
+        len += data.len();
+    }
+    // SAFETY: the members are adjacent slices of the same mapped file (checked above), so the range
+    // from the first one's start over `len` bytes is inside that mapping.
+    let data = unsafe { std::slice::from_raw_parts(first.as_ptr(), len) };
+    Ok((data, *elem, shape))
+}
+
 unsafe fn mapped_tensor(
     data: &[u8],
     shape: &[i64],
