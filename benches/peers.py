@@ -3,7 +3,8 @@
 same prompt token ids, same thread count, each engine in its own process. Prints a markdown table
 (medians over the runs, ratios against Crayon 4-bit) and writes it with the raw JSON to benches/out/, and
 the medians to docs/data/engine-benchmark.json (`engines.crayon` is the 4-bit folder, with its top-token
-agreement with the float32 folder over the prompt's positions).
+agreement with the float32 folder over the prompt's positions; every engine's agreement is measured
+against the same float32 graph's top tokens).
 
     benches/.venv/bin/python benches/peers.py --threads 2 --prompt-tokens 367 --new-tokens 100 --runs 5
 """
@@ -52,6 +53,53 @@ def gguf_path() -> Path:
     return p
 
 
+REFERENCE_TOP1 = OUT / "reference_top1.json"
+
+
+def reference_argmax(ids: list[int]) -> list[int]:
+    """The top token at every prompt position from Crayon's float32 graph: the reference every engine's
+    top-1 agreement is measured against (the Crayon rows get theirs from benches/engine.rs, same graph)."""
+    import numpy as np
+    import onnxruntime as ort
+
+    cfg = json.loads((MODEL / "config.json").read_text())
+    so = ort.SessionOptions()
+    so.intra_op_num_threads, so.log_severity_level = 2, 3
+    sess = ort.InferenceSession(str(MODEL / "model.onnx"), so, providers=["CPUExecutionProvider"])
+    n = len(ids)
+    feed = {"input_ids": np.array([ids], np.int64), "seqlens_k": np.array([n - 1], np.int32),
+            "total_sequence_length": np.array(n, np.int32), "num_logits_to_keep": np.array([n], np.int64)}
+    empty = np.zeros((1, cfg["num_key_value_heads"], 0, cfg["head_dim"]), np.float32)
+    for i in range(cfg["num_hidden_layers"]):
+        feed[f"past_key_values.{i}.key"] = feed[f"past_key_values.{i}.value"] = empty
+    return sess.run(["logits"], feed)[0][0].argmax(-1).tolist()
+
+
+def top1_agreement(argmax: list[int]) -> float | None:
+    if not REFERENCE_TOP1.is_file():
+        return None
+    ref = json.loads(REFERENCE_TOP1.read_text())
+    return sum(a == b for a, b in zip(argmax, ref)) / len(ref) if len(ref) == len(argmax) else None
+
+
+def genai_argmax(folder: Path, ids: list[int]) -> list[int]:
+    """Top tokens of GenAI's graph over the prompt in one pass (onnxruntime on the builder's model.onnx)."""
+    import numpy as np
+    import onnxruntime as ort
+
+    cfg = json.loads((MODEL / "config.json").read_text())
+    so = ort.SessionOptions()
+    so.intra_op_num_threads, so.log_severity_level = 2, 3
+    sess = ort.InferenceSession(str(folder / "model.onnx"), so, providers=["CPUExecutionProvider"])
+    n = len(ids)
+    feed = {"input_ids": np.array([ids], np.int64), "attention_mask": np.ones((1, n), np.int64)}
+    for i in sess.get_inputs():
+        if i.name.startswith("past_key_values"):
+            dtype = np.float16 if "float16" in i.type else np.float32
+            feed[i.name] = np.zeros((1, cfg["num_key_value_heads"], 0, cfg["head_dim"]), dtype)
+    return sess.run(["logits"], feed)[0][0].argmax(-1).tolist()
+
+
 def run_llama(ids: list[int], new_tokens: int, runs: int, warmup: int, threads: int) -> dict:
     import numpy as np
     from llama_cpp import Llama
@@ -75,8 +123,14 @@ def run_llama(ids: list[int], new_tokens: int, runs: int, warmup: int, threads: 
         if r >= warmup:
             prefill.append(len(ids) / p)
             decode.append(new_tokens / d)
+    rss = peak_rss_mb()
+    del llm
+    llm = Llama(model_path=str(gguf_path()), n_ctx=len(ids) + 16, n_batch=512, n_ubatch=512, n_threads=threads,
+                n_threads_batch=threads, logits_all=True, verbose=False)
+    llm.eval(ids)
+    argmax = [int(np.argmax(llm.scores[i])) for i in range(len(ids))]
     return {"engine": "llama.cpp (GGUF Q4_1)", "load_s": load, "prefill_tok_s": prefill, "decode_tok_s": decode,
-            "peak_rss_mb": peak_rss_mb()}
+            "peak_rss_mb": rss, "top1_agreement": top1_agreement(argmax)}
 
 
 def build_genai(precision: str, threads: int) -> Path:
@@ -122,8 +176,10 @@ def run_genai(precision: str, ids: list[int], new_tokens: int, runs: int, warmup
         if r >= warmup:
             prefill.append(len(ids) / p)
             decode.append(new_tokens / d)
+    rss = peak_rss_mb()
+    del model
     return {"engine": f"ORT GenAI ({precision})", "load_s": load, "prefill_tok_s": prefill, "decode_tok_s": decode,
-            "peak_rss_mb": peak_rss_mb()}
+            "peak_rss_mb": rss, "top1_agreement": top1_agreement(genai_argmax(folder, ids))}
 
 
 def run_crayon(ids_file: Path, new_tokens: int, runs: int, warmup: int, threads: int, model: Path,
@@ -182,7 +238,7 @@ def table(results: list[dict], args) -> str:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--engine", choices=["llama", "genai-fp32", "genai-int4"], help=argparse.SUPPRESS)
+    ap.add_argument("--engine", choices=["reference", "llama", "genai-fp32", "genai-int4"], help=argparse.SUPPRESS)
     ap.add_argument("--ids-file", type=Path, default=OUT / "prompt_ids.json")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--prompt-tokens", type=int, default=367)
@@ -194,6 +250,9 @@ def main():
     args = ap.parse_args()
     if args.engine:  # child process: one engine
         ids = json.loads(args.ids_file.read_text())
+        if args.engine == "reference":
+            REFERENCE_TOP1.write_text(json.dumps(reference_argmax(ids)))
+            return
         if args.engine == "llama":
             res = run_llama(ids, args.new_tokens, args.runs, args.warmup, args.threads)
         else:
@@ -202,6 +261,8 @@ def main():
         return
     OUT.mkdir(parents=True, exist_ok=True)
     args.ids_file.write_text(json.dumps(prompt_ids(args.prompt_tokens)))
+    # In a process of its own: a child's peak RSS (ru_maxrss) includes what its parent held when it forked.
+    subprocess.run([sys.executable, __file__, "--engine", "reference", "--ids-file", str(args.ids_file)], check=True)
     results = []
     keys = []
     for name in ["crayon", "crayon-fp32", "llama", "genai-fp32", "genai-int4"]:
