@@ -68,6 +68,8 @@ pub struct Engine {
     base: Decoder,
     /// A 4-bit model's unmerged-path session (rank-0 factors), from which every blend's decoder is made.
     unmerged: Option<Decoder>,
+    /// The pool's factors for the unmerged path, built once: a blend of them is only per-rank scales.
+    pool_factors: Option<merge::PoolFactors>,
     /// The model's weights shared by the base session and every blend's (`runtime.share_weights`).
     shared: Option<Arc<SharedWeights>>,
     tokenizer: Tokenizer,
@@ -145,6 +147,14 @@ impl Engine {
             }
             _ => None,
         };
+        let pool_factors = match (&customizer, &unmerged) {
+            (Some(c), Some(_)) => {
+                let f = merge::PoolFactors::new(&c.pool, &files, merge_threads(&config.adapters))?;
+                tracing::info!(factors_mb = f.shared.bytes() >> 20, "pool factors shared by every blend");
+                Some(f)
+            }
+            _ => None,
+        };
         weights.release_resident_pages();
         if let (Some(c), Some(s)) = (&customizer, &store) {
             tracing::info!(pool = %c.pool.id, adapters = c.pool.adapters.len(), saved = s.list().count(), "adapter pool ready");
@@ -155,6 +165,7 @@ impl Engine {
             runtime,
             base,
             unmerged,
+            pool_factors,
             shared,
             tokenizer,
             template,
@@ -427,11 +438,16 @@ impl Engine {
     /// what it adds to the process in bytes and the merge and session-build times in ms.
     fn blend_decoder(&self, weights: &[f32], composition: merge::Composition) -> Result<MergedDecoder> {
         let cz = self.customizer()?;
-        let threads = match self.config.adapters.merge_threads {
-            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
-            n => n,
-        };
+        let threads = merge_threads(&self.config.adapters);
         let t0 = Instant::now();
+        if let (Some(unmerged), Some(pf), merge::Composition::Deltas) =
+            (&self.unmerged, &self.pool_factors, composition)
+        {
+            let scales = pf.scales(&cz.pool, weights)?;
+            let bytes = scales.iter().map(|(_, v)| 4 * v.len()).sum();
+            let decoder = unmerged.with_scales(&pf.shared, scales)?;
+            return Ok(MergedDecoder { decoder, bytes, merge_ms: ms(t0.elapsed()), session_ms: 0.0 });
+        }
         if let Some(unmerged) = &self.unmerged {
             let factors = merge::low_rank(&cz.pool, &self.files, weights, composition, threads)?;
             let bytes = factors.iter().map(LowRank::bytes).sum();
@@ -746,4 +762,12 @@ fn answer_loss(decoder: &mut Decoder, pairs: &[(Vec<u32>, Vec<u32>)], vocab: usi
         }
     }
     Ok((total / count.max(1) as f64) as f32)
+}
+
+/// Worker threads for merges and factor building (`adapters.merge_threads`, 0 = one per core).
+fn merge_threads(cfg: &crate::config::AdaptersConfig) -> usize {
+    match cfg.merge_threads {
+        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        n => n,
+    }
 }

@@ -197,6 +197,42 @@ fn unmerged_factors_are_checked_and_rank_zero_is_the_base() {
     assert!(err.contains("not an adapter target"), "{err}");
 }
 
+#[test]
+fn shared_pool_factors_with_scales_equal_the_folded_factors() {
+    // A blend as per-rank scales over the pool's factors (built once) must give what the same blend's
+    // own factors with the weights folded into B give; zero scales are the base model.
+    use crayon::model::{Decoder, ModelFiles};
+    use crayon::pool::merge::{self, Composition, PoolFactors};
+    let (cfg, _state) = with_pool(tiny_q4());
+    let files = ModelFiles::open(&cfg.model.dir).unwrap();
+    let pool = crayon::pool::Pool::open(&cfg.pool.dir, &files).unwrap();
+    let rt = crayon::runtime::Runtime::get(&cfg.runtime).unwrap();
+    let r = reference(&model_dir("tiny"));
+    let unmerged = Decoder::load_unmerged(&files, &rt, &cfg.runtime, None).unwrap();
+    let mut base = Decoder::load(&files, &rt, &cfg.runtime, None, Vec::new()).unwrap();
+    let run = |d: &mut Decoder| {
+        let mut cache = d.new_cache().unwrap();
+        d.forward(&r.input_ids, &mut cache, 1, None).unwrap()
+    };
+    let n = pool.adapters.len();
+    let weights: Vec<f32> = (0..n).map(|k| (k + 1) as f32).map(|w| w / (n * (n + 1) / 2) as f32).collect();
+    let pf = PoolFactors::new(&pool, &files, 2).unwrap();
+    let mut scaled = unmerged.with_scales(&pf.shared, pf.scales(&pool, &weights).unwrap()).unwrap();
+    let folded = merge::low_rank(&pool, &files, &weights, Composition::Deltas, 2).unwrap();
+    let mut folded = unmerged.with_factors(&files, folded).unwrap();
+    let (a, b) = (run(&mut scaled), run(&mut folded));
+    assert!(max_abs_diff(&a, &run(&mut base)) > 1e-4, "the blend must take effect");
+    assert!(max_abs_diff(&a, &b) < 1e-4, "scaled shared factors vs folded factors: {}", max_abs_diff(&a, &b));
+    for scales in [pf.scales(&pool, &vec![0.0; n]).unwrap(), Vec::new()] {
+        let mut silent = unmerged.with_scales(&pf.shared, scales).unwrap();
+        assert!(max_abs_diff(&run(&mut silent), &run(&mut base)) < 1e-5, "zero or no scales: the base model");
+    }
+    let mut short = pf.scales(&pool, &weights).unwrap();
+    short[0].1.pop();
+    let err = unmerged.with_scales(&pf.shared, short).err().unwrap().to_string();
+    assert!(err.contains("scales for"), "{err}");
+}
+
 fn edit_manifest(dir: &std::path::Path, f: impl FnOnce(&mut serde_json::Value)) {
     let path = dir.join("crayon_model.json");
     let mut v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();

@@ -126,10 +126,11 @@ def layout_in_out(cfg: LlamaConfig, lora_input: str) -> tuple[int, int]:
 
 def build_decoder(cfg: LlamaConfig, weights_file: Path, quant: dict | None = None, lora: bool = False) -> onnx.ModelProto:
     """`quant`: None for float32 weights, else the quantization info of a 4-bit folder (see quant.py).
-    `lora`: every adapter-targetable matrix also adds `(x @ A^T) @ B^T`, a blend's low-rank delta kept
-    out of the quantized weights, from graph inputs `<module>.lora_a` [rank, in] and `<module>.lora_b`
-    [out, rank] (PEFT's layouts, the adapters' factors concatenated along the rank with the blend weights
-    and alpha/r folded into B); rank may be 0."""
+    `lora`: every adapter-targetable matrix also adds `((x @ A^T) * scale) @ B^T`, a blend's low-rank delta
+    kept out of the quantized weights, from graph inputs `<module>.lora_a` [rank, in], `<module>.lora_b`
+    [out, rank] (PEFT's layouts, the adapters' factors concatenated along the rank) and
+    `<module>.lora_scale` [rank] (blend weight times alpha/r per rank): the engine builds A and B once per
+    pool and a blend is only its scales. Rank may be 0."""
     layout = safetensors_layout(weights_file)
     location = weights_file.name
     g = _G()
@@ -192,11 +193,12 @@ def build_decoder(cfg: LlamaConfig, weights_file: Path, quant: dict | None = Non
             y = g.op("Add", [y, low_rank(t, weight, nm)], name=f"{nm}_lora")
         return y
 
-    def low_rank(t: str, weight: str, nm: str) -> str:  # (t @ A^T) @ B^T from the graph inputs of `weight`
+    def low_rank(t: str, weight: str, nm: str) -> str:  # ((t @ A^T) * scale) @ B^T from the inputs of `weight`
         module = weight[: -len(".weight")]
-        a, b = f"{module}.lora_a", f"{module}.lora_b"
-        lora_inputs.extend([a, b])
-        return g.op("Gemm", [g.op("Gemm", [t, a], name=f"{nm}_lora_a", transB=1), b], name=f"{nm}_lora_b", transB=1)
+        a, b, scale = f"{module}.lora_a", f"{module}.lora_b", f"{module}.lora_scale"
+        lora_inputs.extend([a, b, scale])
+        xa = g.op("Mul", [g.op("Gemm", [t, a], name=f"{nm}_lora_a", transB=1), scale], name=f"{nm}_lora_scale")
+        return g.op("Gemm", [xa, b], name=f"{nm}_lora_b", transB=1)
 
     def dense(t: str, weight: str, nm: str, bias: str | None = None) -> str:
         if not quant:
@@ -312,9 +314,9 @@ def build_decoder(cfg: LlamaConfig, weights_file: Path, quant: dict | None = Non
         helper.make_tensor_value_info("total_sequence_length", TensorProto.INT32, []),
         helper.make_tensor_value_info("num_logits_to_keep", TensorProto.INT64, [1]),
     ] + [helper.make_tensor_value_info(n, TensorProto.FLOAT, kv_shape) for n in inputs]
-    for n in lora_inputs:  # A [rank, in], B [out, rank]
+    for n in lora_inputs:  # A [rank, in], B [out, rank], scale [rank]
         k, o = layout_in_out(cfg, n)
-        shape = ["lora_rank", k] if n.endswith("_a") else [o, "lora_rank"]
+        shape = {"_a": ["lora_rank", k], "_b": [o, "lora_rank"], "_scale": ["lora_rank"]}["_" + n.rsplit("_", 1)[1]]
         graph_inputs.append(helper.make_tensor_value_info(n, TensorProto.FLOAT, shape))
     graph_outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", "kept_sequence", cfg.vocab_size])] + [
         helper.make_tensor_value_info(n, TensorProto.FLOAT, ["batch", nkv, "present_capacity", d]) for n in outputs

@@ -111,6 +111,43 @@ impl LowRank {
     }
 }
 
+/// The unmerged path's factors of a whole pool, built once and shared by every blend of it: per module,
+/// `A` [R, in] and `B` [out, R] concatenated over the pool's adapters (B unscaled). A blend is then only
+/// its per-rank scales (`<module>.lora_scale`, blend weight times alpha/r), a few KB instead of the
+/// factors' MBs, and is ready without copying any factor.
+pub struct SharedFactors {
+    /// (input name, value) for every `.lora_a` and `.lora_b` input, and each module's rank.
+    values: Vec<(String, Arc<DynValue>)>,
+    ranks: std::collections::HashMap<String, usize>,
+    bytes: usize,
+}
+
+impl SharedFactors {
+    /// `factors`: one entry per module the pool touches, `b` without any blend weight.
+    pub fn new(files: &ModelFiles, factors: Vec<LowRank>) -> Result<SharedFactors> {
+        let mut values = Vec::new();
+        let mut ranks = std::collections::HashMap::new();
+        let mut bytes = 0;
+        for lr in factors {
+            bytes += lr.bytes();
+            ranks.insert(lr.module.clone(), lr.rank);
+            let all = factor_values(files, lr)?;
+            values.extend(all.into_iter().filter(|(n, _)| !n.ends_with(".lora_scale")).map(|(n, v)| (n, Arc::new(v))));
+        }
+        Ok(SharedFactors { values, ranks, bytes })
+    }
+
+    /// Bytes of the factors (held once, whatever the number of blends).
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+
+    /// The rank of `module`'s concatenated factors (0 when the pool does not touch it).
+    pub fn rank(&self, module: &str) -> usize {
+        self.ranks.get(module).copied().unwrap_or(0)
+    }
+}
+
 pub struct Decoder {
     /// Shared by the decoders of every unmerged blend (they differ only in `factors`); a merged blend
     /// or the base model has its own. Runs are serialized by the engine, so the lock is uncontended.
@@ -182,15 +219,62 @@ impl Decoder {
                 factors[i].1 = Arc::new(value);
             }
         }
-        Ok(Decoder {
+        Ok(Decoder { factors, ..self.sibling() })
+    }
+
+    /// A decoder sharing this unmerged-path session and `shared`'s factors, with per-rank `scales`
+    /// (module, one value per rank of that module's shared factors). Copies no factor.
+    pub fn with_scales(&self, shared: &SharedFactors, scales: Vec<(String, Vec<f32>)>) -> Result<Decoder> {
+        if self.factors.is_empty() {
+            return Err(Error::InvalidRequest("this decoder has no unmerged path".into()));
+        }
+        let mut factors = self.factors.clone();
+        let slots: std::collections::HashMap<String, usize> =
+            factors.iter().enumerate().map(|(i, (n, _))| (n.clone(), i)).collect();
+        let slot = |name: &str| {
+            slots
+                .get(name)
+                .copied()
+                .ok_or_else(|| Error::InvalidRequest(format!("'{name}' is not an input of this graph's unmerged path")))
+        };
+        for (name, value) in &shared.values {
+            factors[slot(name)?].1 = Arc::clone(value);
+        }
+        for (module, scale) in scales {
+            let rank = shared.rank(&module);
+            if scale.len() != rank {
+                return Err(Error::InvalidRequest(format!(
+                    "{} scales for {module}, whose shared factors have rank {rank}",
+                    scale.len()
+                )));
+            }
+            let value = Tensor::from_array((vec![rank], scale)).map_err(Error::ort("creating a factor tensor"))?;
+            factors[slot(&format!("{module}.lora_scale"))?].1 = Arc::new(value.into_dyn());
+        }
+        // A module whose factors are shared but got no scales would keep a rank-0 scale against rank-R
+        // factors: give it zeros (no delta) of the right rank.
+        for (module, &rank) in &shared.ranks {
+            let i = slot(&format!("{module}.lora_scale"))?;
+            if factors[i].1.shape().first().copied().unwrap_or(0) as usize != rank {
+                let zeros = Tensor::from_array((vec![rank], vec![0.0f32; rank]))
+                    .map_err(Error::ort("creating a factor tensor"))?;
+                factors[i].1 = Arc::new(zeros.into_dyn());
+            }
+        }
+        Ok(Decoder { factors, ..self.sibling() })
+    }
+
+    /// This decoder's session and metadata, with no factors (for the `with_*` constructors).
+    fn sibling(&self) -> Decoder {
+        Decoder {
             session: Arc::clone(&self.session),
-            factors,
+            factors: Vec::new(),
             arch: self.arch.clone(),
             provider: self.provider,
             past_names: self.past_names.clone(),
             present_names: self.present_names.clone(),
             _shared: self._shared.clone(),
-        })
+        }
     }
 
     fn load_graph(
@@ -515,7 +599,8 @@ fn q4_tensors(names: Vec<String>, m: Q4Matrix) -> Result<Vec<(String, DynValue)>
     Ok(names.into_iter().zip(values).collect())
 }
 
-/// The `<module>.lora_a` [rank, in] and `<module>.lora_b` [out, rank] inputs for `lr`, sizes checked.
+/// The `<module>.lora_a` [rank, in], `<module>.lora_b` [out, rank] and `<module>.lora_scale` [rank]
+/// (ones: `lr` has its weights folded into `b`) inputs for `lr`, sizes checked.
 fn factor_values(files: &ModelFiles, lr: LowRank) -> Result<Vec<(String, DynValue)>> {
     let [out, inp] = target_shape(&files.arch, &format!("{}.weight", lr.module), files)?;
     if lr.a.len() != inp * lr.rank || lr.b.len() != lr.rank * out {
@@ -527,12 +612,13 @@ fn factor_values(files: &ModelFiles, lr: LowRank) -> Result<Vec<(String, DynValu
             r = lr.rank
         )));
     }
-    let value = |shape: [usize; 2], data: Vec<f32>| {
+    let value = |shape: Vec<usize>, data: Vec<f32>| {
         Tensor::from_array((shape, data)).map(|t| t.into_dyn()).map_err(Error::ort("creating a factor tensor"))
     };
     Ok(vec![
-        (format!("{}.lora_a", lr.module), value([lr.rank, inp], lr.a)?),
-        (format!("{}.lora_b", lr.module), value([out, lr.rank], lr.b)?),
+        (format!("{}.lora_a", lr.module), value(vec![lr.rank, inp], lr.a)?),
+        (format!("{}.lora_b", lr.module), value(vec![out, lr.rank], lr.b)?),
+        (format!("{}.lora_scale", lr.module), value(vec![lr.rank], vec![1.0; lr.rank])?),
     ])
 }
 

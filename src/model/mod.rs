@@ -12,7 +12,7 @@ use serde::Deserialize;
 
 use crate::error::{Error, Result};
 
-pub use decoder::{Decoder, KvCache, LowRank, WeightData, WeightOverride};
+pub use decoder::{Decoder, KvCache, LowRank, SharedFactors, WeightData, WeightOverride};
 pub use shared::SharedWeights;
 
 pub const MANIFEST_FILE: &str = "crayon_model.json";

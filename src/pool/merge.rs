@@ -8,13 +8,14 @@
 //!
 //! On a 4-bit model the delta is not merged: re-quantizing `W + delta` rounds away a delta that is ~2%
 //! of a quantization step (docs/engine.md). [`low_rank`] hands the same concatenated factors to the
-//! graph's unmerged path instead, which adds `(x A_cat^T) B_cat^T` beside the shared 4-bit matrix.
+//! graph's unmerged path instead, which adds `(x A_cat^T) B_cat^T` beside the shared 4-bit matrix; with
+//! [`PoolFactors`] the factors of the whole pool are built once and a blend is only its per-rank scales.
 
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use crate::error::{Error, Result};
-use crate::model::{LowRank, ModelFiles, Precision, WeightData, WeightOverride, quant, target_shape};
+use crate::model::{LowRank, ModelFiles, Precision, SharedFactors, WeightData, WeightOverride, quant, target_shape};
 use crate::weights::WeightFile;
 
 use super::Pool;
@@ -123,10 +124,16 @@ fn concat_factors(
     if composition == Composition::Factors {
         (a_cat, blocks) = compose_factors(&blocks, &a_cat, inp, out)?;
     }
+    Ok(stack_factors(format!("model.layers.{layer}.{target}"), a_cat, &blocks, out))
+}
+
+/// `a_cat` [R, in] with the `blocks` (rank, factor, B [out, rank]) side by side as B_cat [out, R], each
+/// block's columns multiplied by its factor.
+fn stack_factors(module: String, a_cat: Vec<f32>, blocks: &[(usize, f32, Vec<f32>)], out: usize) -> LowRank {
     let rank: usize = blocks.iter().map(|b| b.0).sum();
     let mut b_cat = vec![0.0f32; out * rank]; // [out, R], filled column block by column block
     let mut col = 0;
-    for (r, factor, b) in &blocks {
+    for (r, factor, b) in blocks {
         for row in 0..out {
             for j in 0..*r {
                 b_cat[row * rank + col + j] = b[row * r + j] * factor;
@@ -134,7 +141,57 @@ fn concat_factors(
         }
         col += r;
     }
-    Ok(LowRank { module: format!("model.layers.{layer}.{target}"), rank, a: a_cat, b: b_cat })
+    LowRank { module, rank, a: a_cat, b: b_cat }
+}
+
+/// The unmerged path's factors of the whole pool (every adapter, B unscaled), built once at load and
+/// shared by every blend, and where each adapter's ranks sit in them: a blend is then only
+/// [`PoolFactors::scales`].
+pub struct PoolFactors {
+    pub shared: SharedFactors,
+    /// Per module the pool touches: its name and, in column order, (adapter index, rank).
+    spans: Vec<(String, Vec<(usize, usize)>)>,
+}
+
+impl PoolFactors {
+    pub fn new(pool: &Pool, model: &ModelFiles, threads: usize) -> Result<PoolFactors> {
+        let jobs: Vec<(usize, &str)> = (0..model.arch.num_hidden_layers)
+            .flat_map(|layer| model.manifest.adapter_targets.iter().map(move |t| (layer, t.as_str())))
+            .filter(|(_, t)| pool.adapters.iter().any(|a| a.targets.iter().any(|x| x == t)))
+            .collect();
+        let built = run_jobs(&jobs, threads, |layer, target| {
+            let [out, _] = target_shape(&model.arch, target)
+                .ok_or_else(|| Error::InvalidRequest(format!("unknown adapter target '{target}'")))?;
+            let (mut a_cat, mut blocks, mut span) = (Vec::new(), Vec::new(), Vec::new());
+            for (k, adapter) in pool.adapters.iter().enumerate() {
+                if let Some(pair) = adapter.lora(layer, target)? {
+                    a_cat.extend_from_slice(&pair.a);
+                    blocks.push((adapter.rank, 1.0, pair.b.into_owned()));
+                    span.push((k, adapter.rank));
+                }
+            }
+            let module = format!("model.layers.{layer}.{target}");
+            Ok((stack_factors(module.clone(), a_cat, &blocks, out), (module, span)))
+        })?;
+        let (factors, spans): (Vec<LowRank>, Vec<_>) = built.into_iter().unzip();
+        Ok(PoolFactors { shared: SharedFactors::new(model, factors)?, spans })
+    }
+
+    /// A blend's per-rank scales for every module: adapter k's ranks get `w_k * alpha_k / r_k`.
+    pub fn scales(&self, pool: &Pool, weights: &[f32]) -> Result<Vec<(String, Vec<f32>)>> {
+        check_weights(pool, weights)?;
+        Ok(self
+            .spans
+            .iter()
+            .map(|(module, span)| {
+                let scale = span
+                    .iter()
+                    .flat_map(|&(k, r)| std::iter::repeat_n(weights[k] * pool.adapters[k].scale(), r))
+                    .collect();
+                (module.clone(), scale)
+            })
+            .collect())
+    }
 }
 
 /// A blend's delta for every adapter-targetable matrix, as the factors the graph's unmerged path
