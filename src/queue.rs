@@ -35,6 +35,8 @@ pub struct EngineQueue {
 struct State {
     /// The ticket whose turn it is (it may not have locked the engine yet).
     holder: Option<u64>,
+    /// The client of the last turn granted: it goes behind every other waiting client next time.
+    holder_client: Option<String>,
     next_ticket: u64,
     /// Clients in round-robin order, each with its waiting tickets in arrival order.
     clients: VecDeque<(String, VecDeque<u64>)>,
@@ -50,14 +52,24 @@ impl State {
         self.waiting += 1;
     }
 
-    /// Hands the turn to the next client in the round, and moves that client to the back.
+    /// Hands the turn to the next client in the round, and moves that client to the back. The client
+    /// that just had the turn goes after everyone else waiting: its further requests may have queued
+    /// (at the front of an empty round) while it held the turn, before another client arrived.
     fn grant_next(&mut self) {
         self.holder = None;
+        if let Some(last) = self.holder_client.take() {
+            if self.clients.len() > 1 && self.clients.front().is_some_and(|(c, _)| *c == last) {
+                self.clients.rotate_left(1);
+            }
+        }
         while let Some((client, mut tickets)) = self.clients.pop_front() {
             if let Some(t) = tickets.pop_front() {
                 self.waiting -= 1;
                 self.holder = Some(t);
-                if !tickets.is_empty() {
+                if tickets.is_empty() {
+                    self.holder_client = Some(client);
+                } else {
+                    self.holder_client = Some(client.clone());
                     self.clients.push_back((client, tickets));
                 }
                 return;
@@ -104,6 +116,7 @@ impl EngineQueue {
         st.next_ticket += 1;
         if st.holder.is_none() && st.clients.is_empty() {
             st.holder = Some(ticket);
+            st.holder_client = Some(client.to_string());
         } else {
             if st.waiting >= self.capacity {
                 return Err(Error::Busy(format!("{} requests already wait for the model", st.waiting)));
@@ -203,6 +216,25 @@ mod tests {
         // third turns.
         let got = order(&[("a", 1), ("a", 2), ("a", 3), ("a", 4), ("b", 5), ("c", 6), ("b", 7)]);
         assert_eq!(got, vec![1, 5, 6, 2, 7, 3, 4]);
+    }
+
+    #[test]
+    fn the_client_holding_the_turn_goes_after_a_newcomer() {
+        // "a" holds the turn and queues three more while "b" is not there yet; "b" then arrives: it
+        // is next, not after a second turn of "a" (what an HTTP device flooding a server did).
+        let mut st = State { holder: Some(0), holder_client: Some("a".into()), ..Default::default() };
+        for (c, t) in [("a", 1), ("a", 2), ("a", 3), ("b", 4)] {
+            st.enqueue(c, t);
+        }
+        let mut got = Vec::new();
+        loop {
+            st.grant_next();
+            match st.holder {
+                Some(t) => got.push(t),
+                None => break,
+            }
+        }
+        assert_eq!(got, vec![4, 1, 2, 3]);
     }
 
     #[test]

@@ -265,12 +265,14 @@ impl Router {
                 )));
             }
         };
-        let (plan, queue_ms, routing_ms) = {
-            let guard = engine.lock(client, cancel)?;
-            let queue_ms = ms(t0.elapsed());
-            let t = Instant::now();
-            (self.plan(&guard, req)?, queue_ms, ms(t.elapsed()))
-        };
+        // One turn for planning and the local answer: the engine is released in between only when the
+        // server is asked first, so a request costs its client one turn of the fair queue, not two.
+        let guard = engine.lock(client, cancel)?;
+        let queue_ms = ms(t0.elapsed());
+        let t = Instant::now();
+        let plan = self.plan(&guard, req)?;
+        let routing_ms = ms(t.elapsed());
+        let mut turn = Some(guard);
         let mut route = Route {
             answered_by: AnsweredBy::Device,
             reason: Reason::DeviceOnly,
@@ -293,6 +295,7 @@ impl Router {
             _ => None,
         };
         if let Some((r, reason, blend)) = early {
+            drop(turn.take()); // others use the model while the server answers
             route.reason = reason;
             match self.offload(r, req, blend, cancel, &mut route) {
                 Ok(a) => return Ok(finish_remote(a, req, route, t0, on_text)),
@@ -303,9 +306,15 @@ impl Router {
         let live = mode == RouteMode::DeviceOnly || route.fallback.is_some();
         let local = {
             let mut sink = |s: &str| if live { on_text(s) } else { ControlFlow::Continue(()) };
-            let t_wait = Instant::now();
-            let mut guard = engine.lock(client, cancel)?;
-            route.latency.queue_ms += ms(t_wait.elapsed());
+            let mut guard = match turn.take() {
+                Some(g) => g,
+                None => {
+                    let t_wait = Instant::now();
+                    let g = engine.lock(client, cancel)?;
+                    route.latency.queue_ms += ms(t_wait.elapsed());
+                    g
+                }
+            };
             let t_local = Instant::now();
             let g = guard.generate(&req.prompt, &req.params, cancel, &mut sink)?;
             route.latency.local_ms = ms(t_local.elapsed());
