@@ -54,14 +54,19 @@ impl CommonArgs {
         };
         let filter = tracing_subscriber::EnvFilter::try_from_default_env()
             .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
-        let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+        // Colour codes only on a terminal: logs redirected to a file or a pipe stay plain text.
+        let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+        let _ =
+            tracing_subscriber::fmt().with_env_filter(filter).with_ansi(ansi).with_writer(std::io::stderr).try_init();
     }
 }
 
-/// Exit status for an error: 2 for bad configuration or requests, 1 for everything else.
+/// Exit status for an error: 2 for bad configuration or requests, 130 when cancelled (Ctrl-C, as a
+/// shell reports SIGINT), 1 for everything else.
 pub fn exit_code(e: &Error) -> i32 {
     match e {
         Error::Config { .. } | Error::InvalidRequest(_) => 2,
+        Error::Cancelled => 130,
         _ => 1,
     }
 }

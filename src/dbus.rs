@@ -89,9 +89,10 @@ impl Crayon1 {
         if ok {
             Ok(())
         } else {
-            tracing::warn!(?uid, sender = %sender, what, "dbus: caller not allowed");
+            let uid = uid.map_or_else(|| "unknown".to_string(), |u| u.to_string());
+            tracing::warn!(%uid, sender = %sender, what, "dbus: caller not allowed");
             Err(DbusError::AccessDenied(format!(
-                "{what} needs root, the service user or membership of the service group (uid {uid:?})"
+                "{what} needs root, the service user or membership of the service group (caller uid {uid})"
             )))
         }
     }
@@ -129,7 +130,9 @@ pub fn chat_body(prompt: &str, options: &HashMap<String, String>) -> Result<Valu
                 body[k] = json!(v.parse::<u64>().map_err(|_| bad("not a non-negative integer"))?);
             }
             "temperature" | "top_p" => {
-                body[k] = json!(v.parse::<f64>().map_err(|_| bad("not a number"))?);
+                // JSON has no NaN or infinity: they would silently become the default.
+                let x = v.parse::<f64>().ok().filter(|x| x.is_finite()).ok_or_else(|| bad("not a finite number"))?;
+                body[k] = json!(x);
             }
             "adapter" => {
                 ext.insert("adapter".into(), json!(v));
@@ -435,6 +438,52 @@ fn client_key(hdr: &Header<'_>) -> String {
     format!("dbus:{}", hdr.sender().map(UniqueName::as_str).unwrap_or("?"))
 }
 
+/// The start-up error when another connection owns the name: who it is, so that the operator can
+/// find the other instance.
+async fn name_taken(proxy: &fdo::DBusProxy<'_>, config: &DbusConfig) -> Error {
+    let owner = match BusName::try_from(config.name.as_str()) {
+        Ok(name) => proxy.get_name_owner(name).await.ok(),
+        Err(_) => None,
+    };
+    let who = match owner {
+        Some(unique) => {
+            let pid = proxy.get_connection_unix_process_id(BusName::Unique(unique.clone().into())).await.ok();
+            match pid {
+                Some(pid) => format!("{unique} (pid {pid})"),
+                None => unique.to_string(),
+            }
+        }
+        None => "another connection".into(),
+    };
+    Error::Config {
+        path: "dbus.name".into(),
+        msg: format!(
+            "{} is already owned on bus '{}' by {who}: another crayond is running (stop it first, or give this one another dbus.name)",
+            config.name, config.bus
+        ),
+    }
+}
+
+/// Forwards the first `NameLost` for `name`, or the end of the signal stream (the bus connection
+/// closed), as the reason the daemon no longer serves.
+fn watch_name_loss(mut stream: fdo::NameLostStream, name: String) -> tokio::sync::oneshot::Receiver<String> {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    tokio::spawn(async move {
+        use tokio_stream::StreamExt;
+        let why = loop {
+            match stream.next().await {
+                Some(sig) => match sig.args() {
+                    Ok(args) if args.name().as_str() == name => break format!("lost the D-Bus name {name}"),
+                    _ => continue,
+                },
+                None => break "the D-Bus connection closed".to_string(),
+            }
+        };
+        let _ = tx.send(why);
+    });
+    rx
+}
+
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
@@ -443,6 +492,8 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 pub struct DbusServer {
     pub connection: Connection,
     running: Arc<Mutex<HashMap<u64, Running>>>,
+    /// Says why, once, when the name is lost or the bus connection closes ([`DbusServer::lost`]).
+    lost: Option<tokio::sync::oneshot::Receiver<String>>,
 }
 
 impl DbusServer {
@@ -467,17 +518,31 @@ impl DbusServer {
             addr => zbus::connection::Builder::address(addr),
         }
         .map_err(bus_err)?;
-        let connection = builder
-            .name(config.name.as_str())
-            .map_err(bus_err)?
-            .serve_at(OBJECT_PATH, iface)
-            .map_err(bus_err)?
-            .build()
-            .await
-            .map_err(bus_err)?;
-        let server = DbusServer { connection, running };
+        let connection = builder.serve_at(OBJECT_PATH, iface).map_err(bus_err)?.build().await.map_err(bus_err)?;
+        let proxy = fdo::DBusProxy::new(&connection).await.map_err(bus_err)?;
+        // Watched before the name is requested, so that no loss can slip between the two.
+        let lost_stream = proxy.receive_name_lost().await.map_err(bus_err)?;
+        // One instance per name: never take the name from a running crayond (zbus's default flags
+        // would, leaving it serving nothing), and never let another take it from us.
+        match connection.request_name_with_flags(config.name.as_str(), fdo::RequestNameFlags::DoNotQueue.into()).await {
+            Ok(_) => {}
+            Err(zbus::Error::NameTaken) => return Err(name_taken(&proxy, config).await),
+            Err(e) => return Err(bus_err(e)),
+        }
+        let lost = watch_name_loss(lost_stream, config.name.clone());
+        let server = DbusServer { connection, running, lost: Some(lost) };
         server.watch_departures().await;
         Ok(server)
+    }
+
+    /// Resolves, with the reason, when this daemon no longer owns its name (the bus took it back or
+    /// the connection closed): the daemon must then exit with an error, so that systemd restarts it.
+    /// Pending forever after the first call.
+    pub async fn lost(&mut self) -> String {
+        match self.lost.take() {
+            Some(rx) => rx.await.unwrap_or_else(|_| "the D-Bus watcher stopped".into()),
+            None => std::future::pending().await,
+        }
     }
 
     /// Cancels a caller's streamed requests when it leaves the bus.

@@ -65,7 +65,9 @@ impl Sampler {
     pub fn sample(&mut self, logits: &[f32]) -> Choice {
         let (argmax, max) = argmax(logits);
         let log_z = max + logits.iter().map(|&l| (l - max).exp()).sum::<f32>().ln();
-        let token = if self.params.temperature == 0.0 { argmax } else { self.sample_filtered(logits, max) };
+        // A temperature so small that 1/t overflows is greedy (the scaled logits would be NaN).
+        let greedy = self.params.temperature == 0.0 || !(1.0 / self.params.temperature).is_finite();
+        let token = if greedy { argmax } else { self.sample_filtered(logits, max) };
         Choice { token, logprob: logits[token as usize] - log_z, top_logprob: max - log_z }
     }
 
@@ -193,5 +195,14 @@ mod tests {
         assert!(params(1.0, 0, 0.0, 0).validate().is_err());
         assert!(params(1.0, 0, 1.1, 0).validate().is_err());
         assert!(params(1.0, 5, 0.9, 0).validate().is_ok());
+    }
+
+    #[test]
+    fn a_subnormal_temperature_is_greedy() {
+        let logits = [0.1, 3.0, 0.2, -1.0];
+        let mut s = Sampler::new(params(1e-45, 0, 1.0, 7));
+        for _ in 0..20 {
+            assert_eq!(s.sample(&logits).token, 1);
+        }
     }
 }

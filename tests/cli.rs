@@ -18,7 +18,8 @@ fn crayonctl(args: &[&str], stdin: Option<&str>) -> Output {
         .spawn()
         .unwrap();
     let mut input = child.stdin.take().unwrap();
-    input.write_all(stdin.unwrap_or("").as_bytes()).unwrap();
+    // A child that stops reading early (input over its budget) closes the pipe: not this test's error.
+    let _ = input.write_all(stdin.unwrap_or("").as_bytes());
     drop(input);
     child.wait_with_output().unwrap()
 }
@@ -201,4 +202,59 @@ fn malformed_examples_file_names_the_line() {
     let o = crayonctl(&a, None);
     assert_eq!(o.status.code(), Some(2));
     assert!(stderr(&o).contains("bad.jsonl line 2"), "{}", stderr(&o));
+}
+
+/// Input is read within the input budget (`server.max_body_bytes`): an endless examples file or
+/// prompt (`/dev/zero`) is refused after that many bytes, exit 2, instead of filling memory.
+#[test]
+fn endless_input_is_refused_at_the_input_budget() {
+    let o = run_tiny(&["customize", "x", "--examples", "/dev/zero"], None);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(stderr(&o).contains("the examples are over 1048576 bytes (server.max_body_bytes)"), "{}", stderr(&o));
+    let big = "a".repeat(1_100_000);
+    let o = run_tiny(&["generate", "-"], Some(&big));
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(stderr(&o).contains("the prompt is over 1048576 bytes"), "{}", stderr(&o));
+}
+
+/// `crayonctl generate | head -c 1`: a closed output pipe ends crayonctl quietly (SIGPIPE, as any
+/// Unix filter), not with a Rust panic (exit 101).
+#[test]
+fn a_closed_output_pipe_is_not_a_panic() {
+    use std::os::unix::process::ExitStatusExt;
+    let base = tiny_args();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_crayonctl"))
+        .args(&base)
+        .args(["generate", "-n", "400", "--json", "Once upon a time"])
+        .env_remove("CRAYON_CONFIG")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take()); // the reader is gone before anything is printed
+    let o = child.wait_with_output().unwrap();
+    assert_ne!(o.status.code(), Some(101), "panicked: {}", stderr(&o));
+    assert!(!stderr(&o).contains("panicked"), "{}", stderr(&o));
+    assert!(o.status.success() || o.status.signal() == Some(libc::SIGPIPE), "{:?}", o.status);
+}
+
+/// Ctrl-C during a local generation stops it, keeps the partial answer and exits 130 (documented in
+/// `--help`), not 0.
+#[test]
+fn ctrl_c_stops_a_local_generation_with_exit_130() {
+    use std::io::Read;
+    let base = tiny_args();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_crayonctl"))
+        .args(&base)
+        .args(["generate", "--raw", "--temperature", "0", "-n", "2000", "Once upon a time"])
+        .env_remove("CRAYON_CONFIG")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut first = [0u8; 1];
+    child.stdout.as_mut().unwrap().read_exact(&mut first).unwrap(); // generating
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGINT) }, 0);
+    let o = child.wait_with_output().unwrap();
+    assert_eq!(o.status.code(), Some(130), "{}", stderr(&o));
 }

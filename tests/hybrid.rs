@@ -654,3 +654,60 @@ fn http_clients_take_turns_by_peer_address() {
         "the other device waited behind the flood ({ended_before} turns had ended when it asked): {order:?}"
     );
 }
+
+/// Sends one raw HTTP/1.1 request with exactly these headers; returns (status code, body).
+fn raw_http(url: &str, method: &str, path: &str, headers: &[(&str, &str)], body: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let addr = url.trim_start_matches("http://");
+    let mut stream = std::net::TcpStream::connect(addr).unwrap();
+    stream.set_read_timeout(Some(PATIENCE)).unwrap();
+    let mut req = format!("{method} {path} HTTP/1.1\r\nContent-Length: {}\r\nConnection: close\r\n", body.len());
+    for (k, v) in headers {
+        req += &format!("{k}: {v}\r\n");
+    }
+    write!(stream, "{req}\r\n{body}").unwrap();
+    let mut reply = String::new();
+    stream.read_to_string(&mut reply).unwrap();
+    let status = reply.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    (status, reply.split_once("\r\n\r\n").map_or(String::new(), |(_, b)| b.to_string()))
+}
+
+/// Without a token, HTTP is a local mode that a web page in a browser on the board must not reach
+/// (issue #14): a foreign `Host` (DNS rebinding), a foreign `Origin` (CSRF) and a non-JSON adapter write
+/// are refused with 403 and change nothing; local clients (curl, the OpenAI clients) are served.
+#[test]
+fn a_tokenless_http_api_refuses_what_a_web_page_could_send() {
+    let state = tempfile::tempdir().unwrap();
+    let pool = common::repo().join("models/tiny-pool");
+    let d = Daemon::start(&tiny_config(Some(&pool), state.path(), ""));
+    let ex = r#"{"name": "mine", "examples": [{"input": "2+2?", "output": "4"}]}"#;
+    let json = ("Content-Type", "application/json");
+    let local = ("Host", "127.0.0.1");
+    let (status, _) = raw_http(&d.url, "POST", "/v1/crayon/adapters", &[local, json], ex);
+    assert_eq!(status, 200, "a local client customizes");
+    let refused: [(&str, Vec<(&str, &str)>); 4] = [
+        ("rebinding", vec![("Host", "evil.example:8090"), json]),
+        ("cross-site form", vec![local, ("Origin", "http://evil.example"), ("Content-Type", "text/plain")]),
+        ("cross-site fetch", vec![local, ("Origin", "https://10.0.0.9:443"), json]),
+        ("text/plain write", vec![local, ("Content-Type", "text/plain")]),
+    ];
+    for (what, headers) in &refused {
+        let (status, body) = raw_http(&d.url, "POST", "/v1/crayon/adapters", headers, ex);
+        assert_eq!(status, 403, "{what}: {body}");
+        if *what != "text/plain write" {
+            let (status, _) = raw_http(&d.url, "DELETE", "/v1/crayon/adapters/mine", headers, "");
+            assert_eq!(status, 403, "{what}: a delete is refused too");
+        }
+    }
+    let (status, body) = raw_http(&d.url, "POST", "/v1/chat/completions", &[("Host", "evil.example"), json], "{}");
+    assert_eq!(status, 403, "generation through a rebound name: {body}");
+    let (status, _) = raw_http(
+        &d.url,
+        "POST",
+        "/v1/chat/completions",
+        &[("Host", "localhost:1"), ("Origin", "http://localhost:3000"), json],
+        r#"{"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}"#,
+    );
+    assert_eq!(status, 200, "a page on this machine's loopback may call the API");
+    assert_eq!(d.get("/v1/crayon/adapters")["data"].as_array().unwrap().len(), 1, "nothing was changed");
+}

@@ -593,3 +593,92 @@ fn crayonctl_uses_the_daemon_over_its_socket() {
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("add --socket"), "{err}");
 }
+
+/// One input budget on every interface (issue #14): a request over `server.max_body_bytes` is refused
+/// before it is parsed or tokenized, over D-Bus (which has no frame limit of its own) and over the
+/// socket (whose frames may be larger), with the same words; the daemon keeps serving.
+#[test]
+fn oversized_requests_are_refused_before_any_work_on_every_interface() {
+    let bus = Bus::start();
+    let s = Service::start(Some(&bus), "[server]\nmax_body_bytes = 65536\n");
+    let big = "word ".repeat(20_000); // 100 KB
+    let (rc, _, err) = run(dbus_send(&bus).args([
+        "org.crayon.Crayon1.Generate",
+        &format!("string:{big}"),
+        "dict:string:string:max_tokens,1",
+    ]));
+    assert_ne!(rc, 0);
+    assert!(err.contains("Error.InvalidRequest") && err.contains("over 65536 bytes (server.max_body_bytes)"), "{err}");
+    let inputs = format!("array:string:{big},b");
+    let (rc, _, err) =
+        run(dbus_send(&bus).args(["org.crayon.Crayon1.Customize", "string:x", &inputs, "array:string:1,2"]));
+    assert_ne!(rc, 0);
+    assert!(err.contains("over 65536 bytes (server.max_body_bytes)"), "{err}");
+    let err = ask(&mut connect(&s), &big, 1).unwrap_err();
+    assert_eq!(err.code(), Some(Code::InvalidRequest), "{err}");
+    assert!(err.to_string().contains("over 65536 bytes (server.max_body_bytes)"), "{err}");
+    assert_eq!(status(&s)["failed"], 0, "refused, not failed");
+    ask(&mut connect(&s), "Still there?", 2).expect("the daemon keeps serving");
+}
+
+/// A device daemon (no `server.listen`) refuses devices' blends (`crayon.pool_id` + `weights`):
+/// otherwise any local client could make it build one customization per weight vector (issue #14).
+#[test]
+fn a_device_daemon_refuses_server_side_blends() {
+    let s = Service::start(None, "");
+    let mut c = connect(&s);
+    let op = json!({"op": "chat", "body": {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1,
+                    "crayon": {"pool_id": "tiny-pool", "weights": [1.0, 0.0, 0.0, 0.0]}}});
+    let err = c.call(op, &mut |_| true).unwrap_err();
+    assert_eq!(err.code(), Some(Code::InvalidRequest), "{err}");
+    assert!(err.to_string().contains("server.listen"), "{err}");
+}
+
+/// One crayond per bus name: a second one fails at start naming the owner (its pid), and the first
+/// keeps the name and keeps answering (zbus's default flags would let the second take it).
+#[test]
+fn a_second_daemon_cannot_take_the_bus_name_from_the_first() {
+    let bus = Bus::start();
+    let first = Service::start(Some(&bus), "");
+    let socket2 = first.dir.path().join("second.sock");
+    let (rc, _, err) = run(Command::new(env!("CARGO_BIN_EXE_crayond"))
+        .args(["--config", first.config_path().to_str().unwrap(), "--socket", socket2.to_str().unwrap()])
+        .args(["--dbus", &bus.address])
+        .env_remove("CRAYON_CONFIG")
+        .env("RUST_LOG", "off"));
+    assert_eq!(rc, 2, "{err}");
+    let pid = format!("pid {}", first.child.id());
+    assert!(err.contains("already owned") && err.contains(&pid), "{err}");
+    let (rc, out, err) =
+        run(busctl(&bus).args(["call", DEST, PATH, DEST, "Generate", "sa{ss}", "hi", "1", "max_tokens", "1"]));
+    assert_eq!(rc, 0, "the first daemon still answers on the bus: {err}");
+    assert!(out.starts_with("ss "), "{out}");
+}
+
+/// A daemon whose bus goes away stops with an error (systemd's Restart=on-failure then restarts it)
+/// instead of serving on without its D-Bus interface.
+#[test]
+fn losing_the_bus_stops_the_daemon_with_an_error() {
+    let mut bus = Bus::start();
+    let mut s = Service::start(Some(&bus), "");
+    let _ = bus.child.kill();
+    let _ = bus.child.wait();
+    assert_eq!(s.wait_exit(), Some(2), "non-zero exit when the bus connection closes");
+}
+
+/// Smaller input defects (issue #14, item 8): a NaN temperature over D-Bus is refused, not silently
+/// the default, and errors say "invalid request" once.
+#[test]
+fn non_finite_numbers_are_refused_and_errors_say_invalid_request_once() {
+    let bus = Bus::start();
+    let s = Service::start(Some(&bus), "");
+    for t in ["nan", "inf"] {
+        let opts = format!("dict:string:string:max_tokens,1,temperature,{t}");
+        let (rc, _, err) = run(dbus_send(&bus).args(["org.crayon.Crayon1.Generate", "string:hi", &opts]));
+        assert_ne!(rc, 0, "temperature={t} accepted");
+        assert!(err.contains("Error.InvalidRequest") && err.contains("temperature"), "{err}");
+    }
+    let op = json!({"op": "chat", "body": {"messages": [{"role": "user", "content": "hi"}], "stop": [""]}});
+    let err = connect(&s).call(op, &mut |_| true).unwrap_err().to_string();
+    assert!(err.contains("stop strings") && !err.contains("invalid request: invalid request"), "{err}");
+}

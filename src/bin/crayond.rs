@@ -155,7 +155,7 @@ async fn run(
         status.push(format!("socket {}", s.path().display()));
         Some(s)
     };
-    let dbus = if cfg.dbus.bus.is_empty() {
+    let mut dbus = if cfg.dbus.bus.is_empty() {
         None
     } else {
         let d = crayon::dbus::DbusServer::start(service.clone(), &cfg.dbus).await?;
@@ -204,12 +204,19 @@ async fn run(
     } else {
         Duration::from_secs(3600)
     });
+    // Why the daemon stops on its own (then it exits non-zero, so that systemd restarts it).
+    let mut failure = None;
     loop {
         tokio::select! {
             _ = term.recv() => break,
             _ = int.recv() => break,
             _ = hup.recv() => reload(cli, &service, &status).await,
             _ = tick.tick() => if watchdog { notify(&[sd_notify::NotifyState::Watchdog]) },
+            why = dbus_lost(&mut dbus) => {
+                tracing::error!("{why}: stopping");
+                failure = Some(why);
+                break;
+            }
         }
     }
 
@@ -247,7 +254,18 @@ async fn run(
     }
     tracing::info!("stopped");
     announce!("crayond: stopped");
-    Ok(())
+    match failure {
+        None => Ok(()),
+        Some(why) => Err(crayon::Error::Config { path: "dbus.name".into(), msg: why }),
+    }
+}
+
+/// Resolves when the D-Bus interface stops being ours (never when D-Bus is not served).
+async fn dbus_lost(dbus: &mut Option<crayon::dbus::DbusServer>) -> String {
+    match dbus {
+        Some(d) => d.lost().await,
+        None => std::future::pending().await,
+    }
 }
 
 /// SIGHUP: reload config, model and pool beside the running ones, then swap between two requests.

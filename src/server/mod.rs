@@ -45,6 +45,10 @@ pub struct Service {
     token: Option<String>,
     max_body_bytes: usize,
     max_tokens_limit: usize,
+    /// Whether devices' blends (`crayon.pool_id` + `weights`) are served: only when this daemon serves
+    /// HTTP (`server.listen`), i.e. is someone's server. A device daemon refuses them, so that a local
+    /// client cannot make it build one customization per weight vector.
+    accepts_blends: bool,
     slots: Arc<Semaphore>,
     max_concurrent: usize,
     counters: Counters,
@@ -104,6 +108,7 @@ impl Service {
             token,
             max_body_bytes: config.server.max_body_bytes,
             max_tokens_limit: config.server.max_tokens_limit,
+            accepts_blends: !config.server.listen.is_empty(),
             slots: Arc::new(Semaphore::new(config.server.max_concurrent)),
             max_concurrent: config.server.max_concurrent,
             counters: Counters::default(),
@@ -196,6 +201,7 @@ impl Service {
         on_text: &mut dyn FnMut(&str) -> ControlFlow<()>,
     ) -> Result<Value> {
         self.counters.requests.fetch_add(1, Ordering::Relaxed);
+        self.check_body_size(body.len())?;
         let job = parse_job(self, body, endpoint).map_err(Error::InvalidRequest)?;
         let done = self.execute_counted(client, &job, cancel, on_text)?;
         Ok(full_response(endpoint, &job.model, &done))
@@ -204,6 +210,7 @@ impl Service {
     /// Customizes an adapter from a customize request body (`{"name", "examples", "calibrate",
     /// "choices"}`, as `POST /v1/crayon/adapters`), for `client`'s turn in the queue.
     pub fn customize_blocking(&self, client: &str, body: &[u8], cancel: &CancelToken) -> Result<Value> {
+        self.check_body_size(body.len())?;
         let req: CustomizeRequest = serde_json::from_slice(body)
             .map_err(|e| Error::InvalidRequest(format!("malformed customize request: {e}")))?;
         self.customize_request(client, req, cancel)
@@ -234,6 +241,17 @@ impl Service {
             "total_ms": report.total_ms,
             "calibration": calibration,
         }))
+    }
+
+    /// The one input budget of every interface: a request (its prompt, system text, examples and
+    /// options as the body the service parses) of at most `server.max_body_bytes`, refused before it is
+    /// parsed or tokenized. HTTP enforces it while reading the body (413); the socket's frames and
+    /// D-Bus's messages arrive whole and are checked here, with the same wording.
+    pub fn check_body_size(&self, len: usize) -> Result<()> {
+        match len > self.max_body_bytes {
+            true => Err(Error::InvalidRequest(body_too_large(self.max_body_bytes))),
+            false => Ok(()),
+        }
     }
 
     /// Removes a saved adapter, for `client`'s turn in the queue.
@@ -295,7 +313,7 @@ impl Service {
             Ok(Ok(b)) => Ok(b),
             Ok(Err(_)) => Err(fail(
                 StatusCode::PAYLOAD_TOO_LARGE,
-                &format!("request body over {} bytes (server.max_body_bytes), or unreadable", self.max_body_bytes),
+                &format!("{}, or unreadable", body_too_large(self.max_body_bytes)),
                 "invalid_request_error",
             )),
             Err(_) => Err(fail(
@@ -305,6 +323,11 @@ impl Service {
             )),
         }
     }
+}
+
+/// The wording of the input budget's refusal, the same on every interface.
+fn body_too_large(limit: usize) -> String {
+    format!("request over {limit} bytes (server.max_body_bytes)")
 }
 
 /// Who is asking over HTTP, for the queue's round-robin: the peer's IP address (every connection of
@@ -360,7 +383,77 @@ pub fn app(service: Arc<Service>) -> HttpRouter {
         .fallback(|| async {
             fail(StatusCode::NOT_FOUND, "no such endpoint (see docs/http.md)", "invalid_request_error")
         })
+        .layer(axum::middleware::from_fn_with_state(service.clone(), local_guard))
         .with_state(service)
+}
+
+/// Without a token HTTP is a *local* mode, and the one local client it cannot trust is a web page in
+/// a browser on the board: a cross-site form or `fetch` (CSRF), or a page whose domain re-resolves to
+/// 127.0.0.1 (DNS rebinding). Such requests are refused with 403 before anything else happens:
+/// `Host` must be `localhost` or an IP address, an `Origin` (browsers send it on every cross-site
+/// write) must be a page on this machine's loopback, and writes to the adapters must say
+/// `Content-Type: application/json` (which a page cannot send cross-site without a CORS preflight,
+/// and this server answers none). With a token, the token is the protection (browsers do not attach
+/// it cross-site).
+async fn local_guard(
+    State(s): State<Arc<Service>>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    if s.token.is_none() {
+        if let Some(why) = browser_refusal(req.method(), req.uri().path(), req.headers()) {
+            tracing::warn!(reason = %why, "http: request refused");
+            return fail(StatusCode::FORBIDDEN, &why, "invalid_request_error");
+        }
+    }
+    next.run(req).await
+}
+
+/// Why a tokenless request looks like a browser's cross-site one, if it does.
+fn browser_refusal(method: &axum::http::Method, path: &str, headers: &HeaderMap) -> Option<String> {
+    let text =
+        |name| headers.get(name).map(|v: &header::HeaderValue| String::from_utf8_lossy(v.as_bytes()).into_owned());
+    if let Some(host) = text(header::HOST) {
+        if !host_is_address_or_localhost(&host) {
+            return Some(format!(
+                "Host '{host}' refused: without server.token_file only localhost or an IP address is served (a web page's domain could point here)"
+            ));
+        }
+    }
+    if let Some(origin) = text(header::ORIGIN) {
+        let host = origin.split_once("://").map(|(_, h)| h).unwrap_or("");
+        if !host_is_loopback(host) {
+            return Some(format!(
+                "cross-origin request from '{origin}' refused: without server.token_file only pages on this machine's loopback may call this API"
+            ));
+        }
+    }
+    let writes_adapters = path.starts_with("/v1/crayon/adapters") && method != axum::http::Method::GET;
+    let json = text(header::CONTENT_TYPE)
+        .is_some_and(|t| t.split(';').next().unwrap_or("").trim().eq_ignore_ascii_case("application/json"));
+    if writes_adapters && method == axum::http::Method::POST && !json {
+        return Some("adapter changes need Content-Type: application/json".into());
+    }
+    None
+}
+
+/// `host[:port]` without the port, brackets of an IPv6 literal removed.
+fn host_name(host: &str) -> &str {
+    match host.strip_prefix('[') {
+        Some(rest) => rest.split(']').next().unwrap_or(""),
+        None => host.rsplit_once(':').map_or(host, |(h, _)| h),
+    }
+}
+
+/// An IP address or `localhost` (a DNS name an attacker controls could re-resolve; these cannot).
+fn host_is_address_or_localhost(host: &str) -> bool {
+    let name = host_name(host);
+    name.eq_ignore_ascii_case("localhost") || name.parse::<std::net::IpAddr>().is_ok()
+}
+
+fn host_is_loopback(host: &str) -> bool {
+    let name = host_name(host);
+    name.eq_ignore_ascii_case("localhost") || name.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
 }
 
 fn fail(status: StatusCode, message: &str, kind: &str) -> Response {
@@ -598,6 +691,11 @@ fn parse_job(s: &Service, bytes: &[u8], endpoint: Endpoint) -> std::result::Resu
     let ext = common.crayon.unwrap_or_default();
     let mut overrides = ext.route.unwrap_or_default();
     let blend = match (ext.pool_id, ext.weights) {
+        (Some(_), Some(_)) if !s.accepts_blends => {
+            return Err("crayon.pool_id + weights (a device's blend) are served only by a server crayond \
+                        (server.listen set); customize an adapter here instead"
+                .into());
+        }
         (Some(p), Some(w)) => {
             // A blend from a device is answered here: never routed on (no second hop).
             overrides.mode = Some(RouteMode::DeviceOnly);
@@ -615,7 +713,10 @@ fn parse_job(s: &Service, bytes: &[u8], endpoint: Endpoint) -> std::result::Resu
     if blend.is_some() && params.adapter.is_some() {
         return Err("give either an adapter or a blend (crayon.pool_id + weights), not both".into());
     }
-    router::check_request(&params).map_err(|e| e.to_string())?;
+    router::check_request(&params).map_err(|e| match e {
+        Error::InvalidRequest(msg) => msg, // wrapped again by the caller: say "invalid request" once
+        other => other.to_string(),
+    })?;
     let model = if is_base { sh.model_id.clone() } else { model };
     Ok(Job { endpoint, prompt, params, overrides, blend, stream: common.stream, model })
 }

@@ -103,6 +103,11 @@ fn send_all(stream: &UnixStream, mut buf: &[u8]) -> io::Result<()> {
 }
 
 impl Client {
+    /// The largest frame the daemon accepts (from its handshake).
+    pub fn max_frame(&self) -> usize {
+        self.max_frame
+    }
+
     /// Connects and performs the handshake.
     pub fn connect(path: &Path, timeout: Duration) -> Result<Client> {
         let stream =

@@ -167,6 +167,10 @@ fn print_choice_scores(scores: &[crayon::choices::OptionScore], probs: &[f32]) {
 }
 
 fn main() -> ExitCode {
+    // Like every Unix filter: a closed output pipe (`crayonctl ... | head`) ends the process quietly
+    // instead of a panic in println! (Rust ignores SIGPIPE by default).
+    // SAFETY: restoring the default disposition of a signal, before any thread exists.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
     let cli = Cli::parse();
     cli.common.init_logging("warn");
     let outcome = match &cli.socket {
@@ -194,7 +198,7 @@ fn run(cli: &Cli) -> crayon::Result<()> {
             Ok(())
         }
         Command::Status { .. } => {
-            Err(crayon::Error::InvalidRequest("`status` reports on the crayond service: add --socket [PATH]".into()))
+            Err(crayon::Error::InvalidRequest("`status` reports on the crayond service: add --socket[=PATH]".into()))
         }
     }
 }
@@ -215,7 +219,7 @@ fn run_remote(cli: &Cli, path: &str) -> Result<(), remote::RemoteError> {
 }
 
 fn customize(cfg: crayon::Config, args: &CustomizeArgs) -> crayon::Result<()> {
-    let examples = read_examples(&args.examples)?;
+    let examples = read_examples(&args.examples, local_limit(&cfg))?;
     let mut engine = Engine::load(&cfg)?;
     let report = engine.customize(&args.name, &examples)?;
     if args.json {
@@ -271,22 +275,21 @@ fn print_adapter_line(name: &str, examples: usize, pool: &str, adapters: &[Strin
     println!("{name:<24} {examples:>3} examples  pool {pool}  top {top}");
 }
 
-fn read_examples(path: &std::path::Path) -> crayon::Result<Vec<crayon::Example>> {
+/// In-process commands read their input within the same budget the daemon would apply.
+fn local_limit(cfg: &crayon::Config) -> Limit {
+    Limit(cfg.server.max_body_bytes, "server.max_body_bytes")
+}
+
+/// Reads the examples (a JSON-lines file, `-` for standard input), at most `limit` bytes: a huge file
+/// or `/dev/zero` is refused after `limit` bytes, not read into memory.
+fn read_examples(path: &std::path::Path, limit: Limit) -> crayon::Result<Vec<crayon::Example>> {
+    let io = |source| crayon::Error::Io { what: "examples", path: path.to_path_buf(), source };
     let text = if path.as_os_str() == "-" {
-        let mut s = String::new();
-        std::io::stdin().read_to_string(&mut s).map_err(|source| crayon::Error::Io {
-            what: "examples",
-            path: path.to_path_buf(),
-            source,
-        })?;
-        s
+        read_bounded(std::io::stdin().lock(), limit, "the examples are").map_err(io)?
     } else {
-        std::fs::read_to_string(path).map_err(|source| crayon::Error::Io {
-            what: "examples",
-            path: path.to_path_buf(),
-            source,
-        })?
-    };
+        read_bounded(std::fs::File::open(path).map_err(io)?, limit, "the examples are").map_err(io)?
+    }
+    .map_err(crayon::Error::InvalidRequest)?;
     let mut out = Vec::new();
     for (i, line) in text.lines().enumerate() {
         if line.trim().is_empty() {
@@ -305,7 +308,7 @@ fn read_examples(path: &std::path::Path) -> crayon::Result<Vec<crayon::Example>>
 }
 
 fn generate(cfg: crayon::Config, args: &GenerateArgs) -> crayon::Result<()> {
-    let prompt_text = read_prompt(args.prompt.as_deref())?;
+    let prompt_text = read_prompt(args.prompt.as_deref(), local_limit(&cfg))?;
     let mut engine = Engine::load(&cfg)?;
     let prompt = if args.raw {
         Prompt::Text(prompt_text)
@@ -378,21 +381,40 @@ fn generate(cfg: crayon::Config, args: &GenerateArgs) -> crayon::Result<()> {
             engine.provider()
         );
     }
+    if cancel.is_cancelled() {
+        return Err(crayon::Error::Cancelled); // exit 130, as documented: the partial answer is above
+    }
     Ok(())
 }
 
-fn read_prompt(arg: Option<&str>) -> crayon::Result<String> {
-    match arg {
-        Some(p) if p != "-" => Ok(p.to_string()),
-        _ => {
-            let mut s = String::new();
-            std::io::stdin().read_to_string(&mut s).map_err(|e| {
-                crayon::Error::InvalidRequest(format!("cannot read the prompt from standard input: {e}"))
-            })?;
-            if s.trim().is_empty() {
-                return Err(crayon::Error::InvalidRequest("the prompt is empty".into()));
-            }
-            Ok(s)
-        }
+fn read_prompt(arg: Option<&str>, limit: Limit) -> crayon::Result<String> {
+    let s = match arg {
+        Some(p) if p != "-" => p.to_string(),
+        _ => read_bounded(std::io::stdin().lock(), limit, "the prompt is")
+            .map_err(|e| crayon::Error::InvalidRequest(format!("cannot read the prompt from standard input: {e}")))?
+            .map_err(crayon::Error::InvalidRequest)?,
+    };
+    if s.len() > limit.0 {
+        return Err(crayon::Error::InvalidRequest(format!("the prompt is over {} bytes ({})", limit.0, limit.1)));
     }
+    if s.trim().is_empty() {
+        return Err(crayon::Error::InvalidRequest("the prompt is empty".into()));
+    }
+    Ok(s)
+}
+
+/// The input budget a command's files and standard input are read within: bytes, and the setting
+/// that sets it (the daemon's, or in-process `server.max_body_bytes`).
+#[derive(Clone, Copy)]
+pub struct Limit(pub usize, pub &'static str);
+
+/// All of `r` as UTF-8 text, refused (the inner error) once it passes `limit` bytes, never holding
+/// more than that; the outer error is the read's own.
+fn read_bounded(r: impl Read, limit: Limit, what: &str) -> std::io::Result<Result<String, String>> {
+    let mut buf = Vec::new();
+    r.take(limit.0 as u64 + 1).read_to_end(&mut buf)?;
+    if buf.len() > limit.0 {
+        return Ok(Err(format!("{what} over {} bytes ({})", limit.0, limit.1)));
+    }
+    Ok(String::from_utf8(buf).map_err(|_| format!("{what} not UTF-8 text")))
 }

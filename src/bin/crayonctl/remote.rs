@@ -9,7 +9,7 @@ use crayon::socket::client::{Client, ClientError};
 use crayon::socket::proto::Code;
 use serde_json::{Value, json};
 
-use super::{CustomizeArgs, GenerateArgs, print_adapter_line, read_examples, read_prompt};
+use super::{CustomizeArgs, GenerateArgs, Limit, print_adapter_line, read_examples, read_prompt};
 
 /// What can go wrong talking to the daemon: its own error replies keep their code.
 pub enum RemoteError {
@@ -40,7 +40,7 @@ impl std::fmt::Display for RemoteError {
             RemoteError::Local(e) => write!(f, "{e}"),
             RemoteError::Client { path, err: err @ ClientError::Connect { .. } } => write!(
                 f,
-                "{err} (is crayond running and serving its socket there? start it, or pass --socket PATH; \
+                "{err} (is crayond running and serving its socket there? start it, or pass --socket=PATH; \
                  without --socket crayonctl runs the model itself) [{path}]"
             ),
             RemoteError::Client { path, err } => write!(f, "{err} [crayond at {path}]"),
@@ -69,6 +69,11 @@ impl Remote {
         Ok(Remote { client, path: label })
     }
 
+    /// Input is read within the daemon's frame limit (what it would refuse anyway).
+    fn limit(&self) -> Limit {
+        Limit(self.client.max_frame(), "the daemon's socket.max_frame_bytes")
+    }
+
     fn call(&mut self, op: Value, on_token: &mut dyn FnMut(&str) -> bool) -> Result<Value> {
         self.client.call(op, on_token).map_err(|err| RemoteError::Client { path: self.path.clone(), err })
     }
@@ -78,7 +83,7 @@ impl Remote {
     }
 
     pub fn generate(&mut self, args: &GenerateArgs) -> Result<()> {
-        let prompt = read_prompt(args.prompt.as_deref())?;
+        let prompt = read_prompt(args.prompt.as_deref(), self.limit())?;
         let mut body = json!({"max_tokens": args.max_tokens, "temperature": args.temperature, "top_k": args.top_k,
                               "top_p": args.top_p, "seed": args.seed});
         if !args.stop.is_empty() {
@@ -147,7 +152,7 @@ impl Remote {
     }
 
     pub fn customize(&mut self, args: &CustomizeArgs) -> Result<()> {
-        let examples = read_examples(&args.examples)?;
+        let examples = read_examples(&args.examples, self.limit())?;
         let r = self.call_quiet(json!({"op": "customize", "body": {"name": args.name, "examples": examples}}))?;
         if args.json {
             println!("{}", pretty(&r));
