@@ -156,6 +156,9 @@ impl Engine {
             _ => None,
         };
         weights.release_resident_pages();
+        // Building the factors and sessions freed more than it kept (per-adapter copies, graph
+        // optimisation): give it back rather than carry it as resident heap.
+        crate::runtime::release_freed_memory();
         if let (Some(c), Some(s)) = (&customizer, &store) {
             tracing::info!(pool = %c.pool.id, adapters = c.pool.adapters.len(), saved = s.list().count(), "adapter pool ready");
         }
