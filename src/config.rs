@@ -151,6 +151,11 @@ pub struct ServerConfig {
     pub max_concurrent: usize,
     /// Largest `max_tokens` a request may ask for.
     pub max_tokens_limit: usize,
+    /// HTTP connections open at once; one more gets 503 and is closed.
+    pub max_connections: usize,
+    /// A client must send its request headers within this many ms of connecting (and between
+    /// keep-alive requests); then the connection is closed.
+    pub header_timeout_ms: u64,
     /// Name reported in `/v1/models` and responses; empty: the model folder's name.
     pub model_id: String,
 }
@@ -164,6 +169,8 @@ impl Default for ServerConfig {
             max_body_bytes: 1 << 20,
             max_concurrent: 16,
             max_tokens_limit: 2048,
+            max_connections: 256,
+            header_timeout_ms: 10_000,
             model_id: String::new(),
         }
     }
@@ -182,6 +189,11 @@ pub struct SocketConfig {
     pub max_frame_bytes: usize,
     /// Connections served at once; more are refused.
     pub max_connections: usize,
+    /// Connections one uid may hold at once (so one app cannot take all of `max_connections`).
+    pub max_connections_per_uid: usize,
+    /// A connection must complete its handshake, and a started frame must arrive whole, within this
+    /// many ms; then it is closed (clients that connect and say nothing cannot hold places).
+    pub handshake_timeout_ms: u64,
     /// Requests one connection may have in flight.
     pub max_requests_per_connection: usize,
 }
@@ -193,6 +205,8 @@ impl Default for SocketConfig {
             group: "crayon".into(),
             max_frame_bytes: crate::socket::proto::DEFAULT_MAX_FRAME,
             max_connections: 64,
+            max_connections_per_uid: 16,
+            handshake_timeout_ms: 5000,
             max_requests_per_connection: 8,
         }
     }
@@ -462,15 +476,29 @@ impl Config {
             return Err("remote.connect_timeout_ms, timeout_ms and max_response_bytes must be positive".into());
         }
         let s = &self.server;
-        if s.max_concurrent == 0 || s.max_body_bytes == 0 || s.max_tokens_limit == 0 {
-            return Err("server.max_concurrent, max_body_bytes and max_tokens_limit must be positive".into());
+        if s.max_concurrent == 0
+            || s.max_body_bytes == 0
+            || s.max_tokens_limit == 0
+            || s.max_connections == 0
+            || s.header_timeout_ms == 0
+        {
+            return Err(
+                "server.max_concurrent, max_body_bytes, max_tokens_limit, max_connections and header_timeout_ms must be positive"
+                    .into(),
+            );
         }
         let k = &self.socket;
         if k.max_frame_bytes < 64 || k.max_frame_bytes > u32::MAX as usize {
             return Err(format!("socket.max_frame_bytes must be in 64..=4294967295, got {}", k.max_frame_bytes));
         }
-        if k.max_connections == 0 || k.max_requests_per_connection == 0 {
-            return Err("socket.max_connections and max_requests_per_connection must be positive".into());
+        if k.max_connections == 0 || k.max_requests_per_connection == 0 || k.max_connections_per_uid == 0 {
+            return Err(
+                "socket.max_connections, max_connections_per_uid and max_requests_per_connection must be positive"
+                    .into(),
+            );
+        }
+        if k.handshake_timeout_ms == 0 {
+            return Err("socket.handshake_timeout_ms must be positive".into());
         }
         if !self.dbus.bus.is_empty() && zbus::names::WellKnownName::try_from(self.dbus.name.as_str()).is_err() {
             return Err(format!("dbus.name '{}' is not a valid well-known bus name", self.dbus.name));

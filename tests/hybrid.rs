@@ -711,3 +711,33 @@ fn a_tokenless_http_api_refuses_what_a_web_page_could_send() {
     assert_eq!(status, 200, "a page on this machine's loopback may call the API");
     assert_eq!(d.get("/v1/crayon/adapters")["data"].as_array().unwrap().len(), 1, "nothing was changed");
 }
+
+/// HTTP connections are bounded (issue #14): at most `server.max_connections` are open (one more gets
+/// 503 at once), and a client that does not send its request headers within `server.header_timeout_ms`
+/// — silent, or one byte at a time — is closed; then others are served again.
+#[test]
+fn http_connections_are_bounded_and_silent_or_dripping_clients_are_closed() {
+    use std::io::{Read, Write};
+    let state = tempfile::tempdir().unwrap();
+    let d = Daemon::start(&tiny_config(None, state.path(), "[server]\nmax_connections = 4\nheader_timeout_ms = 600\n"));
+    let addr = d.url.trim_start_matches("http://").to_string();
+    let open = || {
+        let s = std::net::TcpStream::connect(&addr).unwrap();
+        s.set_read_timeout(Some(PATIENCE)).unwrap();
+        s
+    };
+    let mut held: Vec<std::net::TcpStream> = (0..4).map(|_| open()).collect();
+    held[0].write_all(b"GET /hea").unwrap(); // a slow drip: never finishes its headers
+    std::thread::sleep(Duration::from_millis(150)); // accepted by now
+    let mut extra = open();
+    let mut reply = String::new();
+    extra.read_to_string(&mut reply).unwrap();
+    assert!(reply.starts_with("HTTP/1.1 503") && reply.contains("server.max_connections"), "{reply}");
+    let t0 = std::time::Instant::now();
+    for (i, s) in held.iter_mut().enumerate() {
+        let mut rest = Vec::new();
+        let _ = s.read_to_end(&mut rest); // returns when the daemon closes it
+        assert!(t0.elapsed() < PATIENCE, "connection {i} was never closed");
+    }
+    assert_eq!(d.health()["status"], "ok", "served again once the silent connections are gone");
+}

@@ -22,7 +22,7 @@ const DEST: &str = "org.crayon.Crayon1";
 const PATH: &str = "/org/crayon/Crayon1";
 
 /// Room for every concurrent client of these tests (the default admits 16, then says busy).
-const ROOMY: &str = "[server]\nmax_concurrent = 64\n";
+const ROOMY: &str = "[server]\nmax_concurrent = 64\n[socket]\nmax_connections_per_uid = 64\n";
 
 fn connect(s: &Service) -> Client {
     Client::connect(&s.socket, PATIENCE).unwrap()
@@ -681,4 +681,31 @@ fn non_finite_numbers_are_refused_and_errors_say_invalid_request_once() {
     let op = json!({"op": "chat", "body": {"messages": [{"role": "user", "content": "hi"}], "stop": [""]}});
     let err = connect(&s).call(op, &mut |_| true).unwrap_err().to_string();
     assert!(err.contains("stop strings") && !err.contains("invalid request: invalid request"), "{err}");
+}
+
+/// Connections that hold places without talking (issue #14): one uid cannot take more than
+/// `socket.max_connections_per_uid`; a connection that never sends its handshake, or stalls mid-frame,
+/// is closed after `socket.handshake_timeout_ms` with a frame saying why — and others get in.
+#[test]
+fn silent_or_stalled_connections_cannot_lock_other_clients_out() {
+    let s = Service::start(
+        None,
+        "[socket]\nmax_connections = 8\nmax_connections_per_uid = 4\nhandshake_timeout_ms = 400\n",
+    );
+    let mut stalled = Raw::greeted(&s);
+    stalled.send_bytes(&100u32.to_be_bytes());
+    stalled.send_bytes(b"{\"id\": 1,"); // and never the rest
+    let mut silent: Vec<Raw> = (0..3).map(|_| Raw::open(&s)).collect();
+    let refused = Raw::open(&s).recv().expect("an error frame");
+    assert_eq!(code(&refused), "busy", "{refused}");
+    assert!(refused["message"].as_str().unwrap().contains("socket.max_connections_per_uid"), "{refused}");
+    for r in silent.iter_mut() {
+        let why = r.recv().expect("a frame before the close");
+        assert!(why["message"].as_str().unwrap().contains("no handshake within 400 ms"), "{why}");
+        assert!(r.recv().is_none(), "closed after saying why");
+    }
+    let why = stalled.recv().expect("a frame before the close");
+    assert!(why["message"].as_str().unwrap().contains("a frame left unfinished"), "{why}");
+    assert!(stalled.recv().is_none());
+    ask(&mut connect(&s), "Room again?", 2).expect("places are free again");
 }

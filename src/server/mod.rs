@@ -8,6 +8,7 @@
 //! then 413), a configured bearer token is required on `/v1/*`, and a client that goes away cancels
 //! its generation at the next token.
 
+pub mod listen;
 pub mod openai;
 
 use std::convert::Infallible;

@@ -234,6 +234,10 @@ enum Event {
 struct Conn {
     stream: UnixStream,
     peer: Peer,
+    /// When it connected (the handshake is due within `socket.handshake_timeout_ms`).
+    opened: Instant,
+    /// Since when `input` has held a partial frame (it must complete within the same time).
+    partial_since: Option<Instant>,
     input: Vec<u8>,
     output: Vec<u8>,
     greeted: bool,
@@ -288,6 +292,7 @@ impl Loop {
                 }
             }
             self.drain_events();
+            self.close_stalled();
             if self.stop.load(Ordering::SeqCst) {
                 if let Some(mut l) = self.listener.take() {
                     let _ = self.poll.registry().deregister(&mut l);
@@ -323,6 +328,14 @@ impl Loop {
                 Some((Code::PermissionDenied, format!("uid {} may not use this service (socket.group)", peer.uid)))
             } else if self.conns.len() >= self.limits.max_connections {
                 Some((Code::Busy, format!("{} connections open (socket.max_connections)", self.conns.len())))
+            } else if self.conns.values().filter(|c| c.peer.uid == peer.uid).count()
+                >= self.limits.max_connections_per_uid
+            {
+                let n = self.limits.max_connections_per_uid;
+                Some((
+                    Code::Busy,
+                    format!("uid {} has {n} connections open (socket.max_connections_per_uid)", peer.uid),
+                ))
             } else {
                 None
             };
@@ -343,6 +356,8 @@ impl Loop {
                 Conn {
                     stream,
                     peer,
+                    opened: Instant::now(),
+                    partial_since: None,
                     input: Vec::new(),
                     output: Vec::new(),
                     greeted: false,
@@ -384,6 +399,27 @@ impl Loop {
         }
     }
 
+    /// Closes connections that hold a place without talking: no handshake, or a frame started and not
+    /// finished, within `socket.handshake_timeout_ms` (the poll wakes at least every 500 ms).
+    fn close_stalled(&mut self) {
+        let limit = Duration::from_millis(self.limits.handshake_timeout_ms);
+        let stalled: Vec<(usize, &'static str)> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| !c.closing)
+            .filter_map(|(&id, c)| match (c.greeted, c.partial_since) {
+                (false, _) if c.opened.elapsed() > limit => Some((id, "no handshake")),
+                (true, Some(t)) if t.elapsed() > limit => Some((id, "a frame left unfinished")),
+                _ => None,
+            })
+            .collect();
+        for (id, what) in stalled {
+            let msg = format!("{what} within {} ms (socket.handshake_timeout_ms); closing", limit.as_millis());
+            tracing::debug!(conn = id, "socket: {msg}");
+            self.fatal(id, None, Code::Malformed, &msg);
+        }
+    }
+
     fn handle_frames(&mut self, id: usize) {
         loop {
             let Some(conn) = self.conns.get_mut(&id) else { return };
@@ -392,7 +428,13 @@ impl Loop {
                 return;
             }
             match split_frame(&conn.input, self.limits.max_frame_bytes) {
-                Split::Incomplete => return,
+                Split::Incomplete => {
+                    conn.partial_since = match conn.input.is_empty() {
+                        true => None,
+                        false => conn.partial_since.or(Some(Instant::now())),
+                    };
+                    return;
+                }
                 Split::Oversized(len) => {
                     let msg = format!(
                         "frame of {len} bytes refused (socket.max_frame_bytes = {}); closing",
@@ -402,6 +444,7 @@ impl Loop {
                     return;
                 }
                 Split::Frame(len) => {
+                    conn.partial_since = None;
                     let payload: Vec<u8> = conn.input.drain(..proto::HEADER + len).skip(proto::HEADER).collect();
                     self.handle_frame(id, &payload);
                 }
