@@ -85,6 +85,36 @@ pub fn validate_name(name: &str) -> Result<()> {
     }
 }
 
+/// Why a stored customization cannot be used: it must be named as its file, and its blend must be a
+/// distribution over its adapters (finite, non-negative, summing to 1) with finite embeddings of one
+/// width — what `customize` writes. Anything else was edited or corrupted and is skipped, not served.
+fn check_stored(c: &Customization, file_stem: &str) -> std::result::Result<(), String> {
+    if c.name != file_stem {
+        return Err(format!("it names adapter '{}', not '{file_stem}'", c.name));
+    }
+    validate_name(&c.name).map_err(|e| e.to_string())?;
+    if c.weights.len() != c.adapters.len() || c.similarities.len() != c.adapters.len() {
+        return Err(format!(
+            "{} weights and {} similarities for {} adapters",
+            c.weights.len(),
+            c.similarities.len(),
+            c.adapters.len()
+        ));
+    }
+    if c.weights.iter().any(|w| !w.is_finite() || *w < 0.0) {
+        return Err("blend weights must be finite and non-negative".into());
+    }
+    let sum: f32 = c.weights.iter().sum();
+    if (sum - 1.0).abs() > 1e-3 {
+        return Err(format!("blend weights sum to {sum}, not 1"));
+    }
+    let width = c.example_embeddings.first().map_or(0, Vec::len);
+    if c.example_embeddings.iter().any(|e| e.len() != width || e.iter().any(|x| !x.is_finite())) {
+        return Err("example embeddings must be finite and of one width".into());
+    }
+    Ok(())
+}
+
 pub struct AdapterStore {
     dir: PathBuf,
     items: BTreeMap<String, Customization>,
@@ -108,17 +138,25 @@ impl AdapterStore {
         })?;
         for entry in entries.flatten() {
             let path = entry.path();
-            if path.extension().and_then(|e| e.to_str()) != Some("json") {
+            let file = entry.file_name().to_string_lossy().into_owned();
+            // A save interrupted before its rename (crash, full disk) leaves `.<name>.json.tmp`: the
+            // previous state is the file it was to replace, so the leftover goes.
+            if file.starts_with('.') && file.ends_with(".json.tmp") {
+                match std::fs::remove_file(&path) {
+                    Ok(()) => tracing::info!(file = %path.display(), "removed an interrupted save"),
+                    Err(e) => tracing::warn!(file = %path.display(), "cannot remove an interrupted save: {e}"),
+                }
                 continue;
             }
+            let Some(stem) = file.strip_suffix(".json") else { continue };
             match std::fs::read(&path)
                 .map_err(|e| e.to_string())
                 .and_then(|b| serde_json::from_slice::<Customization>(&b).map_err(|e| e.to_string()))
+                .and_then(|c| check_stored(&c, stem).map(|()| c))
             {
-                Ok(c) if validate_name(&c.name).is_ok() && c.weights.len() == c.adapters.len() => {
+                Ok(c) => {
                     items.insert(c.name.clone(), c);
                 }
-                Ok(_) => tracing::warn!(file = %path.display(), "skipping saved adapter: inconsistent contents"),
                 Err(e) => tracing::warn!(file = %path.display(), "skipping saved adapter: {e}"),
             }
         }
@@ -133,19 +171,27 @@ impl AdapterStore {
         self.items.values()
     }
 
-    /// Writes atomically (temporary file, fsync, rename, fsync of the folder), then records it.
+    /// Writes atomically (temporary file, fsync, rename, fsync of the folder), then records it. The
+    /// file is 0640 whatever the umask (the service group may read it; nobody else). A failed write
+    /// leaves the previous file and listing as they were and no temporary file behind.
     pub fn save(&mut self, c: Customization) -> Result<()> {
+        use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
         validate_name(&c.name)?;
         let path = self.dir.join(format!("{}.json", c.name));
         let tmp = self.dir.join(format!(".{}.json.tmp", c.name));
-        let io = |source| Error::Io { what: "adapter state", path: path.clone(), source };
+        let io = |source| Error::Write { what: "adapter state", path: path.clone(), source };
         let bytes = serde_json::to_vec_pretty(&c).map_err(|e| Error::InvalidRequest(e.to_string()))?;
-        {
-            let mut f = std::fs::File::create(&tmp).map_err(io)?;
-            f.write_all(&bytes).map_err(io)?;
-            f.sync_all().map_err(io)?;
+        let written = (|| {
+            let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o640).open(&tmp)?;
+            f.set_permissions(std::fs::Permissions::from_mode(0o640))?;
+            f.write_all(&bytes)?;
+            f.sync_all()?;
+            std::fs::rename(&tmp, &path)
+        })();
+        if let Err(e) = written {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(io(e));
         }
-        std::fs::rename(&tmp, &path).map_err(io)?;
         if let Ok(d) = std::fs::File::open(&self.dir) {
             let _ = d.sync_all();
         }
@@ -164,7 +210,7 @@ impl AdapterStore {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(c),
             Err(source) => {
                 self.items.insert(name.into(), c);
-                Err(Error::Io { what: "adapter state", path, source })
+                Err(Error::Write { what: "adapter state", path, source })
             }
         }
     }

@@ -464,10 +464,12 @@ async fn name_taken(proxy: &fdo::DBusProxy<'_>, config: &DbusConfig) -> Error {
     }
 }
 
-/// Forwards the first `NameLost` for `name`, or the end of the signal stream (the bus connection
-/// closed), as the reason the daemon no longer serves.
-fn watch_name_loss(mut stream: fdo::NameLostStream, name: String) -> tokio::sync::oneshot::Receiver<String> {
-    let (tx, rx) = tokio::sync::oneshot::channel();
+/// How often the daemon checks that its bus still accepts connections.
+const BUS_CHECK: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Forwards a `NameLost` for `name`, or the end of the signal stream, as the reason the daemon no
+/// longer serves.
+fn watch_name_loss(mut stream: fdo::NameLostStream, name: String, tx: tokio::sync::mpsc::Sender<String>) {
     tokio::spawn(async move {
         use tokio_stream::StreamExt;
         let why = loop {
@@ -479,9 +481,42 @@ fn watch_name_loss(mut stream: fdo::NameLostStream, name: String) -> tokio::sync
                 None => break "the D-Bus connection closed".to_string(),
             }
         };
-        let _ = tx.send(why);
+        let _ = tx.try_send(why);
     });
-    rx
+}
+
+/// Watches, from a thread of its own, that the bus at a `unix:path=` address still accepts
+/// connections. When a bus daemon dies, zbus leaves the connection's streams and calls pending (and
+/// can block the runtime thread that polls them), so the loss is checked outside zbus: a plain
+/// connect to the bus socket, dropped at once, every [`BUS_CHECK`].
+fn watch_bus_socket(bus: &str, tx: tokio::sync::mpsc::Sender<String>) {
+    let Some(path) = bus_socket(bus) else { return };
+    let spawned = std::thread::Builder::new().name("crayon-dbus-watch".into()).spawn(move || {
+        while !tx.is_closed() {
+            std::thread::sleep(BUS_CHECK);
+            if let Err(e) = std::os::unix::net::UnixStream::connect(&path) {
+                let _ = tx.try_send(format!("the D-Bus bus at {} is gone ({e})", path.display()));
+                return;
+            }
+        }
+    });
+    if let Err(e) = spawned {
+        tracing::warn!(error = %e, "dbus: cannot start the bus watcher");
+    }
+}
+
+/// The socket file of a bus address (`system`, `session` or an address), when it is a `unix:path=`.
+fn bus_socket(bus: &str) -> Option<std::path::PathBuf> {
+    let address = match bus {
+        "system" => {
+            std::env::var("DBUS_SYSTEM_BUS_ADDRESS").unwrap_or_else(|_| "unix:path=/run/dbus/system_bus_socket".into())
+        }
+        "session" => std::env::var("DBUS_SESSION_BUS_ADDRESS").ok()?,
+        a => a.to_string(),
+    };
+    let first = address.split(';').next()?;
+    let params = first.strip_prefix("unix:")?;
+    params.split(',').find_map(|kv| kv.strip_prefix("path=")).map(std::path::PathBuf::from)
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -492,8 +527,8 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 pub struct DbusServer {
     pub connection: Connection,
     running: Arc<Mutex<HashMap<u64, Running>>>,
-    /// Says why, once, when the name is lost or the bus connection closes ([`DbusServer::lost`]).
-    lost: Option<tokio::sync::oneshot::Receiver<String>>,
+    /// Says why when the name is lost or the bus goes away ([`DbusServer::lost`]).
+    lost: tokio::sync::mpsc::Receiver<String>,
 }
 
 impl DbusServer {
@@ -529,19 +564,21 @@ impl DbusServer {
             Err(zbus::Error::NameTaken) => return Err(name_taken(&proxy, config).await),
             Err(e) => return Err(bus_err(e)),
         }
-        let lost = watch_name_loss(lost_stream, config.name.clone());
-        let server = DbusServer { connection, running, lost: Some(lost) };
+        let (tx, lost) = tokio::sync::mpsc::channel(2);
+        watch_name_loss(lost_stream, config.name.clone(), tx.clone());
+        watch_bus_socket(&config.bus, tx);
+        let server = DbusServer { connection, running, lost };
         server.watch_departures().await;
         Ok(server)
     }
 
-    /// Resolves, with the reason, when this daemon no longer owns its name (the bus took it back or
-    /// the connection closed): the daemon must then exit with an error, so that systemd restarts it.
-    /// Pending forever after the first call.
+    /// Resolves, with the reason, when this daemon no longer owns its name (the bus took it back,
+    /// the connection closed, the bus died): the daemon must then exit with an error, so that systemd
+    /// restarts it. Its D-Bus connection may then be wedged: do not call on it any more.
     pub async fn lost(&mut self) -> String {
-        match self.lost.take() {
-            Some(rx) => rx.await.unwrap_or_else(|_| "the D-Bus watcher stopped".into()),
-            None => std::future::pending().await,
+        match self.lost.recv().await {
+            Some(why) => why,
+            None => std::future::pending().await, // no watcher left: nothing more to report
         }
     }
 

@@ -376,8 +376,7 @@ impl Engine {
             example_embeddings: embs,
             calibrated: None,
         };
-        let (merge_ms, session_ms) = self.make_ready(&customization, merge::Composition::Deltas)?;
-        self.store_mut()?.save(customization.clone())?;
+        let (merge_ms, session_ms) = self.commit_customization(&customization)?;
         Ok(CustomizeReport { customization, embed_ms, merge_ms, session_ms, total_ms: ms(t0.elapsed()) })
     }
 
@@ -473,8 +472,7 @@ impl Engine {
         adapters::validate_name(name)?;
         let t0 = Instant::now();
         let customization = self.weights_customization(name, weights)?;
-        let (merge_ms, session_ms) = self.make_ready(&customization, merge::Composition::Deltas)?;
-        self.store_mut()?.save(customization.clone())?;
+        let (merge_ms, session_ms) = self.commit_customization(&customization)?;
         Ok(CustomizeReport { customization, embed_ms: 0.0, merge_ms, session_ms, total_ms: ms(t0.elapsed()) })
     }
 
@@ -659,6 +657,31 @@ impl Engine {
 
     /// Merges a customization into the weights and builds its session; returns (merge, session) ms.
     fn make_ready(&mut self, c: &Customization, composition: merge::Composition) -> Result<(f64, f64)> {
+        let built = self.build_ready(c, composition)?;
+        Ok(self.insert_ready(&c.name, built))
+    }
+
+    /// A customization as one transaction: its model is built, then it is persisted, and only then
+    /// does it replace the previous one in memory and in the listing. A failure at any step (a bad
+    /// pool, a full disk) leaves the previous customization of that name serving, on disk and listed.
+    fn commit_customization(&mut self, c: &Customization) -> Result<(f64, f64)> {
+        let built = self.build_ready(c, merge::Composition::Deltas)?;
+        self.store_mut()?.save(c.clone())?;
+        Ok(self.insert_ready(&c.name, built))
+    }
+
+    /// Puts `previous` back as `name` (or removes `name` when there was none), on disk and in memory:
+    /// how a caller undoes a customization whose follow-up step (calibration) failed.
+    pub fn restore_adapter(&mut self, name: &str, previous: Option<Customization>) -> Result<()> {
+        self.drop_ready(name);
+        match previous {
+            Some(c) => self.store_mut()?.save(c),
+            None => self.store_mut()?.remove(name).map(|_| ()),
+        }
+    }
+
+    /// The ready model of `c`, built but not yet in the cache.
+    fn build_ready(&self, c: &Customization, composition: merge::Composition) -> Result<MergedDecoder> {
         let cz = self.customizer()?;
         if c.pool_id != cz.pool.id || c.adapters != cz.pool.names() {
             return Err(Error::Adapter {
@@ -669,13 +692,19 @@ impl Engine {
                 ),
             });
         }
-        let MergedDecoder { decoder, bytes, merge_ms, session_ms } = self.blend_decoder(&c.weights, composition)?;
-        self.drop_ready(&c.name);
+        self.blend_decoder(&c.weights, composition)
+    }
+
+    /// Caches a built model as `name` (replacing one of that name), evicting beyond the budget;
+    /// returns its (merge, session) ms.
+    fn insert_ready(&mut self, name: &str, built: MergedDecoder) -> (f64, f64) {
+        let MergedDecoder { decoder, bytes, merge_ms, session_ms } = built;
+        self.drop_ready(name);
         self.clock += 1;
-        self.ready.push(Ready { name: c.name.clone(), decoder, bytes, last_used: self.clock });
+        self.ready.push(Ready { name: name.to_string(), decoder, bytes, last_used: self.clock });
         self.evict();
-        tracing::info!(adapter = %c.name, merge_ms, session_ms, "customized model ready");
-        Ok((merge_ms, session_ms))
+        tracing::info!(adapter = %name, merge_ms, session_ms, "customized model ready");
+        (merge_ms, session_ms)
     }
 
     /// Whether blends run unmerged on the shared 4-bit weights (else each is a merged model).

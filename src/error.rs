@@ -17,6 +17,15 @@ pub enum Error {
         source: std::io::Error,
     },
 
+    /// A file could not be written (or removed): a full disk, permissions.
+    #[error("cannot write {what} {path}: {source}")]
+    Write {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+
     /// A model folder is missing, incomplete or inconsistent.
     #[error("model {path}: {msg}")]
     Model { path: PathBuf, msg: String },

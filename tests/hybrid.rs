@@ -741,3 +741,29 @@ fn http_connections_are_bounded_and_silent_or_dripping_clients_are_closed() {
     }
     assert_eq!(d.health()["status"], "ok", "served again once the silent connections are gone");
 }
+
+/// Customize-and-calibrate is one request (issue #14): when calibration fails, the customization it
+/// made is undone — the previous adapter of that name is back (listed, on disk), or there is none.
+/// (Calibration fails here because an example is longer than the model's context: the blend can be
+/// made from it, but the model cannot answer it.)
+#[test]
+fn a_failed_calibration_undoes_its_customization() {
+    let state = tempfile::tempdir().unwrap();
+    let d = Daemon::start(&tiny_config(Some(&device_pool()), state.path(), ""));
+    let before = customize(&d, "quiz")["adapter"]["example_digest"].clone();
+    let long = "word ".repeat(3000); // over the 2048-token context
+    let examples = json!([{"input": long, "output": "A"}, {"input": "Is it?", "output": "B"}]);
+    let body = json!({"name": "quiz", "examples": examples, "calibrate": true, "choices": ["A", "B"]});
+    let (status, reply) = d.post("/v1/crayon/adapters", &body);
+    assert_eq!(status, 400, "{reply}");
+    let listed = d.get("/v1/crayon/adapters")["data"].clone();
+    assert_eq!(listed.as_array().unwrap().len(), 1, "{listed}");
+    assert_eq!(listed[0]["example_digest"], before, "the previous customization is back: {listed}");
+    let on_disk: Value =
+        serde_json::from_str(&std::fs::read_to_string(state.path().join("adapters/quiz.json")).unwrap()).unwrap();
+    assert_eq!(on_disk["example_digest"], before);
+    let body = json!({"name": "fresh", "examples": examples, "calibrate": true, "choices": ["A", "B"]});
+    assert_eq!(d.post("/v1/crayon/adapters", &body).0, 400);
+    assert!(!state.path().join("adapters/fresh.json").exists(), "a new adapter whose calibration failed is not kept");
+    assert_eq!(d.get("/v1/crayon/adapters")["data"].as_array().unwrap().len(), 1);
+}

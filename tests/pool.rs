@@ -355,3 +355,81 @@ fn example_loss_blend_weighs_adapters_by_their_loss_on_the_examples() {
     let err = engine.customize("none", &empty).unwrap_err().to_string();
     assert!(err.contains("non-empty input and output"), "{err}");
 }
+
+/// Customize is a transaction (issue #14): when the new state cannot be written, the previous
+/// customization of that name keeps serving, stays listed and stays on disk, and no temporary file
+/// is left. (The write is made to fail by a directory where the temporary file goes: it works as root,
+/// where permission bits do not.)
+#[test]
+fn a_customization_that_cannot_be_saved_changes_nothing() {
+    let (cfg, _state) = tiny_with_pool();
+    let r = pool_reference(&cfg.pool.dir);
+    let mut engine = Engine::load(&cfg).unwrap();
+    let old = engine.customize("task", &examples(2)).unwrap().customization;
+    let old_logits = engine.logits(Some("task"), &r.input_ids).unwrap();
+    let dir = cfg.adapters.state_dir.join("adapters");
+    let on_disk = fs::read_to_string(dir.join("task.json")).unwrap();
+    fs::create_dir(dir.join(".task.json.tmp")).unwrap();
+    let mut other = examples(6);
+    other.reverse();
+    let err = engine.customize("task", &other).unwrap_err();
+    assert!(err.to_string().starts_with("cannot write adapter state"), "{err}");
+    assert_eq!(engine.adapter("task").unwrap().example_digest, old.example_digest, "the listing keeps the old one");
+    assert_eq!(engine.logits(Some("task"), &r.input_ids).unwrap(), old_logits, "the old model still serves");
+    assert_eq!(fs::read_to_string(dir.join("task.json")).unwrap(), on_disk, "the disk keeps the old one");
+    fs::remove_dir(dir.join(".task.json.tmp")).unwrap();
+    engine.customize("task", &other).unwrap();
+    assert_ne!(engine.adapter("task").unwrap().example_digest, old.example_digest);
+}
+
+/// Stored state is checked at start (issue #14): interrupted saves are cleaned up; a file that names
+/// another adapter (a copy, or an edit) cannot bring back a removed one; negative or non-normalized
+/// blend weights and ragged embeddings are refused; files are 0640 whatever the umask.
+#[test]
+fn stored_adapters_are_validated_and_interrupted_saves_cleaned_at_start() {
+    use std::os::unix::fs::PermissionsExt;
+    let (cfg, _state) = tiny_with_pool();
+    let dir = cfg.adapters.state_dir.join("adapters");
+    {
+        let mut engine = Engine::load(&cfg).unwrap();
+        engine.customize("a", &examples(2)).unwrap();
+        engine.customize("b", &examples(3)).unwrap();
+    }
+    assert_eq!(fs::metadata(dir.join("a.json")).unwrap().permissions().mode() & 0o777, 0o640);
+    let a = fs::read_to_string(dir.join("a.json")).unwrap();
+    let mut v: serde_json::Value = serde_json::from_str(&a).unwrap();
+    fs::write(dir.join("copy-of-a.json"), &a).unwrap(); // names "a" inside
+    fs::write(dir.join(".b.json.tmp"), "{half a save").unwrap();
+    let n = v["weights"].as_array().unwrap().len();
+    v["name"] = "negative".into();
+    v["weights"] =
+        serde_json::json!((0..n).map(|i| if i == 0 { -1.0 } else { 2.0 / (n - 1) as f64 }).collect::<Vec<_>>());
+    fs::write(dir.join("negative.json"), v.to_string()).unwrap();
+    v["name"] = "ragged".into();
+    v["weights"] = serde_json::json!(vec![1.0 / n as f64; n]);
+    v["example_embeddings"] = serde_json::json!([[0.1, 0.2], [0.3]]);
+    fs::write(dir.join("ragged.json"), v.to_string()).unwrap();
+
+    let mut engine = Engine::load(&cfg).unwrap();
+    let names: Vec<String> = engine.adapters().iter().map(|c| c.name.clone()).collect();
+    assert_eq!(names, ["a", "b"], "only the valid files load");
+    assert!(!dir.join(".b.json.tmp").exists(), "the interrupted save is gone");
+    engine.remove_adapter("a").unwrap();
+    let names: Vec<String> = Engine::load(&cfg).unwrap().adapters().iter().map(|c| c.name.clone()).collect();
+    assert_eq!(names, ["b"], "a removed adapter does not come back through another file");
+}
+
+/// A NaN in an adapter's tensors is refused at load, naming the tensor (issue #14): blends of it
+/// would otherwise answer nothing, silently. (The last 4 bytes of the file are the last tensor's last
+/// value: 0xFFFF is a NaN in f16 and bf16, and two of them make a NaN in f32.)
+#[test]
+fn non_finite_adapter_tensors_are_refused() {
+    let e = pool_error(|d| {
+        let p = d.join("c01/adapter_model.safetensors");
+        let mut bytes = fs::read(&p).unwrap();
+        let n = bytes.len();
+        bytes[n - 4..].copy_from_slice(&[0xff; 4]);
+        fs::write(p, bytes).unwrap();
+    });
+    assert!(e.contains("c01") && e.contains("non-finite value"), "{e}");
+}

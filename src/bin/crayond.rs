@@ -131,7 +131,10 @@ fn serve(cli: &Cli) -> crayon::Result<()> {
         .enable_all()
         .build()
         .map_err(|e| crayon::Error::Io { what: "async runtime", path: "(tokio)".into(), source: e })?;
-    runtime.block_on(run(cli, cfg, service, http_addr))
+    let result = runtime.block_on(run(cli, cfg, service, http_addr));
+    // Bounded: after a lost bus a runtime thread can be stuck inside zbus for good.
+    runtime.shutdown_timeout(Duration::from_secs(2));
+    result
 }
 
 async fn run(
@@ -232,9 +235,11 @@ async fn run(
     if let Some(s) = socket {
         let _ = tokio::task::spawn_blocking(move || s.shutdown(drain)).await;
     }
-    if let Some(d) = &dbus {
-        // No new calls; the streams already running finish (their signals still go out).
-        let _ = d.connection.release_name(cfg.dbus.name.as_str()).await;
+    if let (Some(d), None) = (&dbus, &failure) {
+        // No new calls; the streams already running finish (their signals still go out). Not after a
+        // lost bus: calls on that connection never return.
+        let release = d.connection.release_name(cfg.dbus.name.as_str());
+        let _ = tokio::time::timeout(Duration::from_secs(2), release).await;
     }
     while service.in_flight() > 0 && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(20)).await;
@@ -243,7 +248,7 @@ async fn run(
         let left = deadline.saturating_duration_since(Instant::now());
         let _ = tokio::time::timeout(left.max(Duration::from_millis(100)), h).await;
     }
-    if let Some(d) = &dbus {
+    if let (Some(d), None) = (&dbus, &failure) {
         // Let the last signals leave before the connection closes.
         while d.running() > 0 && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(20)).await;

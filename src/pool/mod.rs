@@ -157,6 +157,9 @@ impl Pool {
         let mut adapters = Vec::with_capacity(m.adapters.len());
         for a in m.adapters {
             let centroid = match (&m.embedding, a.centroid) {
+                (Some(_), Some(c)) if c.iter().any(|x| !x.is_finite()) => {
+                    return Err(bad(format!("adapter {}: centroid has a non-finite value", a.name)));
+                }
                 (Some(_), Some(c)) if c.len() == q_dim(model) => c,
                 (Some(_), c) => {
                     let n = c.map_or(0, |c| c.len());
@@ -240,6 +243,13 @@ fn check_adapter_tensors(a: &Adapter, model: &ModelFiles) -> Result<()> {
                     return Err(Error::Pool {
                         path: path.clone(),
                         msg: format!("adapter {}: tensor '{name}' has dtype {:?}", a.name, info.dtype),
+                    });
+                }
+                // A NaN or infinity would make every blend of this adapter answer nothing, silently.
+                if let Some(i) = a.weights.f32(&name)?.iter().position(|x| !x.is_finite()) {
+                    return Err(Error::Pool {
+                        path: path.clone(),
+                        msg: format!("adapter {}: tensor '{name}' has a non-finite value at index {i}", a.name),
                     });
                 }
             }

@@ -223,11 +223,18 @@ impl Service {
         }
         let base = self.shared().router.thresholds();
         let mut engine = self.queue.lock(client, cancel)?;
+        let previous = engine.adapter(&req.name).ok().cloned();
         let report = engine.customize(&req.name, &req.examples);
         self.refresh_catalog(&engine);
         let report = report?;
         let calibration = if req.calibrate {
             let c = router::calibrate(&mut engine, base, &req.name, &req.examples, &req.choices, cancel);
+            if c.is_err() {
+                // Customize and calibrate are one request: a failed calibration undoes the customization.
+                if let Err(e) = engine.restore_adapter(&req.name, previous) {
+                    tracing::error!(adapter = %req.name, error = %e, "could not restore the adapter after a failed calibration");
+                }
+            }
             self.refresh_catalog(&engine);
             Some(c?)
         } else {
