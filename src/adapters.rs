@@ -16,7 +16,7 @@ use crate::error::{Error, Result};
 #[serde(deny_unknown_fields)]
 pub struct Example {
     pub input: String,
-    #[serde(default)]
+    /// Required (it may be empty): an example without its answer is a caller's mistake, not a default.
     pub output: String,
 }
 

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use clap::Args;
 
 use crate::config::Config;
-use crate::error::Error;
+use crate::error::{Error, ErrorKind};
 
 /// Options every binary takes to find its config, model and ONNX Runtime.
 #[derive(Debug, Clone, Args)]
@@ -61,12 +61,16 @@ impl CommonArgs {
     }
 }
 
-/// Exit status for an error: 2 for bad configuration or requests, 130 when cancelled (Ctrl-C, as a
-/// shell reports SIGINT), 1 for everything else.
+/// Exit status for an error, from its [`ErrorKind`]: 2 for a bad configuration or request or a
+/// missing adapter, 130 when cancelled (Ctrl-C, as a shell reports SIGINT), 1 for everything else.
 pub fn exit_code(e: &Error) -> i32 {
-    match e {
-        Error::Config { .. } | Error::InvalidRequest(_) => 2,
-        Error::Cancelled => 130,
-        _ => 1,
+    exit_code_of(e.kind())
+}
+
+pub fn exit_code_of(kind: ErrorKind) -> i32 {
+    match kind {
+        ErrorKind::Invalid | ErrorKind::NotFound => 2,
+        ErrorKind::Cancelled => 130,
+        ErrorKind::Busy | ErrorKind::Unavailable | ErrorKind::Internal => 1,
     }
 }

@@ -41,16 +41,16 @@ pub enum DbusError {
 }
 
 impl From<Error> for DbusError {
+    /// The error name from the failure's [`crate::ErrorKind`] (the one classification).
     fn from(e: Error) -> Self {
+        use crate::ErrorKind as K;
         let msg = e.to_string();
-        match e {
-            Error::InvalidRequest(_) | Error::Config { .. } | Error::Pool { .. } | Error::Template(_) => {
-                DbusError::InvalidRequest(msg)
-            }
-            Error::Adapter { .. } => DbusError::NotFound(msg),
-            Error::Busy(_) => DbusError::Busy(msg),
-            Error::Cancelled => DbusError::Cancelled(msg),
-            _ => DbusError::Failed(msg),
+        match e.kind() {
+            K::Invalid => DbusError::InvalidRequest(msg),
+            K::NotFound => DbusError::NotFound(msg),
+            K::Busy => DbusError::Busy(msg),
+            K::Cancelled => DbusError::Cancelled(msg),
+            K::Unavailable | K::Internal => DbusError::Failed(msg),
         }
     }
 }

@@ -26,7 +26,7 @@ pub use adapters::{Customization, Example};
 pub use chat::Message;
 pub use config::Config;
 pub use engine::Engine;
-pub use error::{Error, Result};
+pub use error::{Error, ErrorKind, Result};
 pub use generate::{CancelToken, FinishReason, Generation, GenerationParams, Prompt};
 
 /// Crate version, also reported by the CLI and the service.

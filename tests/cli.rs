@@ -175,7 +175,7 @@ fn customize_list_generate_with_adapter_and_remove() {
     let o = crayonctl(&["-c", c, "generate", "--adapter", "science", "-n", "3", "--raw", "Question:"], None);
     assert!(o.status.success(), "{}", stderr(&o));
     let o = crayonctl(&["-c", c, "generate", "--adapter", "nope", "-n", "3", "hi"], None);
-    assert_eq!(o.status.code(), Some(1));
+    assert_eq!(o.status.code(), Some(2), "a missing adapter exits 2, in-process as over the socket");
     assert!(stderr(&o).contains("adapter 'nope': no such adapter"), "{}", stderr(&o));
 
     let o = crayonctl(&["-c", c, "remove", "science"], None);
@@ -257,4 +257,16 @@ fn ctrl_c_stops_a_local_generation_with_exit_130() {
     assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGINT) }, 0);
     let o = child.wait_with_output().unwrap();
     assert_eq!(o.status.code(), Some(130), "{}", stderr(&o));
+}
+
+/// An examples line without `output` is refused naming the line (issue #14), not taken as empty.
+#[test]
+fn an_example_without_its_output_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let ex = dir.path().join("ex.jsonl");
+    std::fs::write(&ex, "{\"input\": \"a\", \"output\": \"b\"}\n{\"input\": \"c\"}\n").unwrap();
+    let ex_s = ex.display().to_string();
+    let o = run_tiny(&["customize", "x", "--examples", &ex_s], None);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("ex.jsonl line 2") && stderr(&o).contains("output"), "{}", stderr(&o));
 }

@@ -441,7 +441,8 @@ fn calibration_sets_thresholds_from_the_examples() {
         &json!({"name": "other", "examples": [{"input": "x", "output": ""}], "calibrate": true}),
     );
     assert_eq!(status, 400, "{reply}");
-    let (status, reply) = d.post("/v1/crayon/adapters", &json!({"name": "blend-1", "examples": [{"input": "x"}]}));
+    let (status, reply) =
+        d.post("/v1/crayon/adapters", &json!({"name": "blend-1", "examples": [{"input": "x", "output": "y"}]}));
     assert!(status == 400 && reply["error"]["message"].as_str().unwrap().contains("reserved"), "{reply}");
     let names: Vec<Value> =
         d.get("/v1/crayon/adapters")["data"].as_array().unwrap().iter().map(|a| a["name"].clone()).collect();

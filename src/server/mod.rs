@@ -468,15 +468,17 @@ fn fail(status: StatusCode, message: &str, kind: &str) -> Response {
     (status, axum::Json(error_body(message, kind, None))).into_response()
 }
 
+/// The HTTP reply to a failure, from its [`crate::ErrorKind`] (the one classification).
 fn error_response(e: &Error) -> Response {
-    let (status, kind) = match e {
-        Error::InvalidRequest(_) => (StatusCode::BAD_REQUEST, "invalid_request_error"),
-        Error::Adapter { .. } => (StatusCode::NOT_FOUND, "invalid_request_error"),
-        Error::Config { .. } | Error::Pool { .. } => (StatusCode::BAD_REQUEST, "invalid_request_error"),
-        Error::Busy(_) => (StatusCode::TOO_MANY_REQUESTS, "rate_limit_error"),
+    use crate::ErrorKind as K;
+    let (status, kind) = match e.kind() {
+        K::Invalid => (StatusCode::BAD_REQUEST, "invalid_request_error"),
+        K::NotFound => (StatusCode::NOT_FOUND, "invalid_request_error"),
+        K::Busy => (StatusCode::TOO_MANY_REQUESTS, "rate_limit_error"),
         // Only its own client could see this, and it has gone.
-        Error::Cancelled => (StatusCode::REQUEST_TIMEOUT, "cancelled"),
-        _ => (StatusCode::INTERNAL_SERVER_ERROR, "server_error"),
+        K::Cancelled => (StatusCode::REQUEST_TIMEOUT, "cancelled"),
+        K::Unavailable => (StatusCode::SERVICE_UNAVAILABLE, "server_error"),
+        K::Internal => (StatusCode::INTERNAL_SERVER_ERROR, "server_error"),
     };
     fail(status, &e.to_string(), kind)
 }

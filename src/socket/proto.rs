@@ -111,15 +111,29 @@ pub enum Code {
 }
 
 impl Code {
+    /// The code of a failure, from its [`crate::ErrorKind`] (the one classification).
     pub fn of(e: &crate::Error) -> Code {
-        use crate::Error as E;
-        match e {
-            E::InvalidRequest(_) | E::Config { .. } | E::Pool { .. } | E::Template(_) => Code::InvalidRequest,
-            E::Adapter { .. } => Code::NotFound,
-            E::Busy(_) => Code::Busy,
-            E::Cancelled => Code::Cancelled,
-            _ => Code::Internal,
+        use crate::ErrorKind as K;
+        match e.kind() {
+            K::Invalid => Code::InvalidRequest,
+            K::NotFound => Code::NotFound,
+            K::Busy => Code::Busy,
+            K::Cancelled => Code::Cancelled,
+            K::Unavailable | K::Internal => Code::Internal,
         }
+    }
+
+    /// The kind of failure a code reports (what a client's exit status derives from).
+    pub fn kind(self) -> Option<crate::ErrorKind> {
+        use crate::ErrorKind as K;
+        Some(match self {
+            Code::Malformed | Code::FrameTooLarge | Code::Version | Code::InvalidRequest => K::Invalid,
+            Code::NotFound => K::NotFound,
+            Code::Busy => K::Busy,
+            Code::Cancelled => K::Cancelled,
+            Code::PermissionDenied | Code::ShuttingDown => K::Unavailable,
+            Code::Internal => K::Internal,
+        })
     }
 }
 
@@ -155,5 +169,28 @@ mod tests {
         assert!(matches!(r.op, Op::Complete { stream: true, .. }));
         assert!(serde_json::from_value::<Request>(json!({"op": "status"})).is_err());
         assert!(serde_json::from_value::<Request>(json!({"id": 1, "op": "reboot"})).is_err());
+    }
+
+    /// One classification (issue #13): each failure's socket code reports the same kind the CLI's
+    /// exit status, HTTP status and D-Bus error name derive from.
+    #[test]
+    fn socket_codes_carry_the_error_kind() {
+        use crate::{Error, ErrorKind};
+        let cases = [
+            (Error::InvalidRequest("x".into()), ErrorKind::Invalid, 2),
+            (Error::Template("bad role".into()), ErrorKind::Invalid, 2),
+            (Error::Adapter { name: "a".into(), msg: "no such adapter".into() }, ErrorKind::NotFound, 2),
+            (Error::Busy("full".into()), ErrorKind::Busy, 1),
+            (Error::Cancelled, ErrorKind::Cancelled, 130),
+            (Error::Internal("bug".into()), ErrorKind::Internal, 1),
+        ];
+        for (e, kind, exit) in cases {
+            assert_eq!(e.kind(), kind, "{e}");
+            assert_eq!(Code::of(&e).kind(), Some(kind), "{e}");
+            assert_eq!(crate::cli::exit_code(&e), exit, "{e}");
+        }
+        let missing = Error::Model { path: "/m".into(), msg: "missing".into() };
+        assert_eq!(missing.kind(), ErrorKind::Unavailable);
+        assert_eq!(Code::of(&missing), Code::Internal);
     }
 }

@@ -17,11 +17,13 @@ use crayon::{CancelToken, Engine, Message, Prompt};
     version,
     about = "Talk to Crayon: generate text with the on-device model, customize it per task."
 )]
-#[command(after_help = "Exit status: 0 success, 1 model/runtime/daemon failure, 2 bad config or request, \
+#[command(
+    after_help = "Exit status: 0 success, 1 model/runtime/daemon failure, 2 bad config or request or no such adapter, \
 130 cancelled (Ctrl-C).\n\
 Examples:\n  crayonctl -c config/crayon.toml generate \"What is the capital of France?\"   (model in this process)\n  \
 crayonctl --socket generate \"What is the capital of France?\"   (the crayond service, $CRAYON_SOCKET or \
-/run/crayon/crayon.sock)")]
+/run/crayon/crayon.sock)"
+)]
 struct Cli {
     #[command(flatten)]
     common: CommonArgs,

@@ -25,11 +25,8 @@ impl RemoteError {
     pub fn exit_code(&self) -> i32 {
         match self {
             RemoteError::Local(e) => crayon::cli::exit_code(e),
-            RemoteError::Client { err, .. } => match err.code() {
-                Some(Code::InvalidRequest | Code::NotFound | Code::Malformed) => 2,
-                Some(Code::Cancelled) => 130,
-                _ => 1,
-            },
+            // The daemon's code carries the failure's kind: the same exit status as in-process.
+            RemoteError::Client { err, .. } => err.code().and_then(Code::kind).map_or(1, crayon::cli::exit_code_of),
         }
     }
 }
