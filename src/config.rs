@@ -149,6 +149,9 @@ pub struct ServerConfig {
     pub max_body_bytes: usize,
     /// Requests admitted at once (running + waiting for the model); more get HTTP 429.
     pub max_concurrent: usize,
+    /// Requests one client (a socket uid, a D-Bus connection, an HTTP peer address) may have in flight
+    /// of the `max_concurrent`, so that one busy app cannot take every place.
+    pub max_concurrent_per_client: usize,
     /// Largest `max_tokens` a request may ask for.
     pub max_tokens_limit: usize,
     /// HTTP connections open at once; one more gets 503 and is closed.
@@ -169,6 +172,7 @@ impl Default for ServerConfig {
             max_body_bytes: 1 << 20,
             max_concurrent: 16,
             max_tokens_limit: 2048,
+            max_concurrent_per_client: 8,
             max_connections: 256,
             header_timeout_ms: 10_000,
             model_id: String::new(),
@@ -481,9 +485,10 @@ impl Config {
             || s.max_tokens_limit == 0
             || s.max_connections == 0
             || s.header_timeout_ms == 0
+            || s.max_concurrent_per_client == 0
         {
             return Err(
-                "server.max_concurrent, max_body_bytes, max_tokens_limit, max_connections and header_timeout_ms must be positive"
+                "server.max_concurrent, max_concurrent_per_client, max_body_bytes, max_tokens_limit, max_connections and header_timeout_ms must be positive"
                     .into(),
             );
         }

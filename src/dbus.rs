@@ -97,9 +97,14 @@ impl Crayon1 {
         }
     }
 
-    /// Runs `f` on a blocking thread with a slot; a panic becomes an error.
-    async fn blocking<T: Send + 'static>(&self, f: impl FnOnce(&Service) -> Result<T> + Send + 'static) -> DResult<T> {
-        let permit = self.service.try_slot()?;
+    /// Runs `f` on a blocking thread with a slot of `owner` (the caller's bus connection); a panic
+    /// becomes an error.
+    async fn blocking<T: Send + 'static>(
+        &self,
+        owner: &str,
+        f: impl FnOnce(&Service) -> Result<T> + Send + 'static,
+    ) -> DResult<T> {
+        let permit = self.service.try_slot(owner)?;
         let service = self.service.clone();
         let joined = tokio::task::spawn_blocking(move || {
             let _permit = permit;
@@ -188,8 +193,9 @@ impl Crayon1 {
     ) -> std::result::Result<(String, String), DbusError> {
         let body = serde_json::to_vec(&chat_body(&prompt, &options)?).map_err(|e| DbusError::Failed(e.to_string()))?;
         let client = client_key(&hdr);
+        let owner = client.clone();
         let v = self
-            .blocking(move |s| {
+            .blocking(&owner, move |s| {
                 s.answer_blocking(Endpoint::Chat, &client, &body, &CancelToken::new(), &mut |_| {
                     ControlFlow::Continue(())
                 })
@@ -210,7 +216,7 @@ impl Crayon1 {
     ) -> std::result::Result<u64, DbusError> {
         let body = serde_json::to_vec(&chat_body(&prompt, &options)?).map_err(|e| DbusError::Failed(e.to_string()))?;
         let sender = hdr.sender().map(|s| s.to_string()).ok_or_else(|| DbusError::Failed("no sender".into()))?;
-        let permit = self.service.try_slot()?;
+        let permit = self.service.try_slot(&client_key(&hdr))?;
         let id = self.next_id.fetch_add(1, Ordering::Relaxed) + 1;
         let cancel = CancelToken::new();
         lock(&self.running).insert(id, Running { sender: sender.clone(), cancel: cancel.clone() });
@@ -291,8 +297,9 @@ impl Crayon1 {
     /// extension (docs/http.md), for callers that need every option.
     async fn chat(&self, #[zbus(header)] hdr: Header<'_>, request: String) -> std::result::Result<String, DbusError> {
         let client = client_key(&hdr);
+        let owner = client.clone();
         let v = self
-            .blocking(move |s| {
+            .blocking(&owner, move |s| {
                 s.answer_blocking(Endpoint::Chat, &client, request.as_bytes(), &CancelToken::new(), &mut |_| {
                     ControlFlow::Continue(())
                 })
@@ -322,7 +329,8 @@ impl Crayon1 {
         let examples: Vec<Value> = inputs.iter().zip(&outputs).map(|(i, o)| json!({"input": i, "output": o})).collect();
         let body = serde_json::to_vec(&json!({"name": name, "examples": examples})).unwrap_or_default();
         let client = client_key(&hdr);
-        let v = self.blocking(move |s| s.customize_blocking(&client, &body, &CancelToken::new())).await?;
+        let owner = client.clone();
+        let v = self.blocking(&owner, move |s| s.customize_blocking(&client, &body, &CancelToken::new())).await?;
         let a = &v["adapter"];
         let weights = a["adapters"]
             .as_array()
@@ -353,7 +361,8 @@ impl Crayon1 {
     ) -> std::result::Result<(), DbusError> {
         self.authorize(conn, &hdr, "RemoveAdapter").await?;
         let client = client_key(&hdr);
-        self.blocking(move |s| s.remove_blocking(&client, &name, &CancelToken::new())).await?;
+        let owner = client.clone();
+        self.blocking(&owner, move |s| s.remove_blocking(&client, &name, &CancelToken::new())).await?;
         Ok(())
     }
 

@@ -22,7 +22,8 @@ const DEST: &str = "org.crayon.Crayon1";
 const PATH: &str = "/org/crayon/Crayon1";
 
 /// Room for every concurrent client of these tests (the default admits 16, then says busy).
-const ROOMY: &str = "[server]\nmax_concurrent = 64\n[socket]\nmax_connections_per_uid = 64\n";
+const ROOMY: &str =
+    "[server]\nmax_concurrent = 64\nmax_concurrent_per_client = 64\n[socket]\nmax_connections_per_uid = 64\n";
 
 fn connect(s: &Service) -> Client {
     Client::connect(&s.socket, PATIENCE).unwrap()
@@ -708,4 +709,25 @@ fn silent_or_stalled_connections_cannot_lock_other_clients_out() {
     assert!(why["message"].as_str().unwrap().contains("a frame left unfinished"), "{why}");
     assert!(stalled.recv().is_none());
     ask(&mut connect(&s), "Room again?", 2).expect("places are free again");
+}
+
+/// Admission is shared between apps (issue #14): one app (a uid on the socket) holds at most
+/// `server.max_concurrent_per_client` places, so another app (a D-Bus caller) still gets one while the
+/// first floods. Before, three pipelined requests took all three places and the caller got `Busy`.
+#[test]
+fn one_busy_app_cannot_take_every_admission_place() {
+    let bus = Bus::start();
+    let s = Service::start(Some(&bus), "[server]\nmax_concurrent = 3\nmax_concurrent_per_client = 2\n");
+    let mut flood = Raw::greeted(&s);
+    for id in 1..=3 {
+        let body = json!({"prompt": "Once upon a time", "max_tokens": 1500, "stop": [], "temperature": 0});
+        flood.send(&json!({"id": id, "op": "complete", "body": body}));
+    }
+    let refused = flood.recv().expect("the third request is refused at once");
+    assert_eq!((refused["id"].as_u64(), code(&refused)), (Some(3), "busy"), "{refused}");
+    assert!(refused["message"].as_str().unwrap().contains("server.max_concurrent_per_client"), "{refused}");
+    let (rc, out, err) =
+        run(busctl(&bus).args(["call", DEST, PATH, DEST, "Generate", "sa{ss}", "hi", "1", "max_tokens", "2"]));
+    assert_eq!(rc, 0, "another app is admitted while the first holds its share: {err}");
+    assert!(out.starts_with("ss "), "{out}");
 }

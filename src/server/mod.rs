@@ -52,6 +52,9 @@ pub struct Service {
     accepts_blends: bool,
     slots: Arc<Semaphore>,
     max_concurrent: usize,
+    /// Places held per owner ([`Service::try_slot`]), at most `max_per_client` each.
+    owners: Arc<std::sync::Mutex<std::collections::HashMap<String, usize>>>,
+    max_per_client: usize,
     counters: Counters,
     started: Instant,
     /// Saved adapters as the API shows them, refreshed after each change: listing never waits for
@@ -112,6 +115,8 @@ impl Service {
             accepts_blends: !config.server.listen.is_empty(),
             slots: Arc::new(Semaphore::new(config.server.max_concurrent)),
             max_concurrent: config.server.max_concurrent,
+            owners: Arc::default(),
+            max_per_client: config.server.max_concurrent_per_client,
             counters: Counters::default(),
             started: Instant::now(),
         })
@@ -137,12 +142,26 @@ impl Service {
         Ok(())
     }
 
-    /// A place among the requests in flight, or [`Error::Busy`] (counted).
-    pub fn try_slot(&self) -> Result<OwnedSemaphorePermit> {
-        self.slots.clone().try_acquire_owned().map_err(|_| {
+    /// A place among the requests in flight for `owner` (an app: a socket peer's uid, a D-Bus
+    /// connection, an HTTP peer address), or [`Error::Busy`] (counted). One owner holds at most
+    /// `server.max_concurrent_per_client` places, so one busy app cannot take them all.
+    pub fn try_slot(&self, owner: &str) -> Result<Slot> {
+        let busy = |msg: String| {
             self.counters.rejected_busy.fetch_add(1, Ordering::Relaxed);
-            Error::Busy(format!("{} requests in flight (server.max_concurrent)", self.max_concurrent))
-        })
+            Error::Busy(msg)
+        };
+        let mut owners = self.owners.lock().unwrap_or_else(|p| p.into_inner());
+        let held = owners.get(owner).copied().unwrap_or(0);
+        if held >= self.max_per_client {
+            return Err(busy(format!("{held} requests of this client in flight (server.max_concurrent_per_client)")));
+        }
+        let permit = self
+            .slots
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| busy(format!("{} requests in flight (server.max_concurrent)", self.max_concurrent)))?;
+        *owners.entry(owner.to_string()).or_insert(0) += 1;
+        Ok(Slot { _permit: permit, owners: Arc::clone(&self.owners), owner: owner.to_string() })
     }
 
     /// Requests in flight (admitted, not finished).
@@ -303,14 +322,9 @@ impl Service {
         result
     }
 
-    /// HTTP 429 with `Retry-After`, counted.
-    fn busy(&self) -> Response {
-        self.counters.rejected_busy.fetch_add(1, Ordering::Relaxed);
-        let mut r = fail(
-            StatusCode::TOO_MANY_REQUESTS,
-            &format!("busy: {} requests in flight (server.max_concurrent)", self.max_concurrent),
-            "rate_limit_error",
-        );
+    /// HTTP 429 with `Retry-After` for a refused slot ([`Service::try_slot`] counted it).
+    fn busy(e: &Error) -> Response {
+        let mut r = fail(StatusCode::TOO_MANY_REQUESTS, &e.to_string(), "rate_limit_error");
         r.headers_mut().insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
         r
     }
@@ -336,6 +350,25 @@ impl Service {
 /// The wording of the input budget's refusal, the same on every interface.
 fn body_too_large(limit: usize) -> String {
     format!("request over {limit} bytes (server.max_body_bytes)")
+}
+
+/// A place among the requests in flight ([`Service::try_slot`]); freed when dropped.
+pub struct Slot {
+    _permit: OwnedSemaphorePermit,
+    owners: Arc<std::sync::Mutex<std::collections::HashMap<String, usize>>>,
+    owner: String,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut owners = self.owners.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = owners.get_mut(&self.owner) {
+            *n -= 1;
+            if *n == 0 {
+                owners.remove(&self.owner);
+            }
+        }
+    }
 }
 
 /// Who is asking over HTTP, for the queue's round-robin: the peer's IP address (every connection of
@@ -556,7 +589,10 @@ async fn customize(State(s): State<Arc<Service>>, client: HttpClient, headers: H
             return error_response(&e);
         }
     }
-    let Ok(permit) = s.slots.clone().try_acquire_owned() else { return s.busy() };
+    let permit = match s.try_slot(&client.0) {
+        Ok(p) => p,
+        Err(e) => return Service::busy(&e),
+    };
     let worker = s.clone();
     let cancel = CancelToken::new();
     let _guard = CancelOnDrop(cancel.clone());
@@ -581,7 +617,10 @@ async fn remove_adapter(
     if let Some(r) = unauthorized(&s, &headers) {
         return r;
     }
-    let Ok(permit) = s.slots.clone().try_acquire_owned() else { return s.busy() };
+    let permit = match s.try_slot(&client.0) {
+        Ok(p) => p,
+        Err(e) => return Service::busy(&e),
+    };
     let worker = s.clone();
     let removed = tokio::task::spawn_blocking(move || {
         let _permit = permit;
@@ -678,7 +717,10 @@ async fn handle(s: Arc<Service>, client: HttpClient, headers: HeaderMap, body: B
         Ok(j) => j,
         Err(msg) => return fail(StatusCode::BAD_REQUEST, &msg, "invalid_request_error"),
     };
-    let Ok(permit) = s.slots.clone().try_acquire_owned() else { return s.busy() };
+    let permit = match s.try_slot(&client.0) {
+        Ok(p) => p,
+        Err(e) => return Service::busy(&e),
+    };
     run_job(s, client, job, permit).await
 }
 
@@ -740,7 +782,7 @@ impl Drop for CancelOnDrop {
     }
 }
 
-async fn run_job(s: Arc<Service>, client: HttpClient, job: Job, permit: OwnedSemaphorePermit) -> Response {
+async fn run_job(s: Arc<Service>, client: HttpClient, job: Job, permit: Slot) -> Response {
     // Unbounded (the text is bounded by max_tokens): the generating thread holds the engine and must
     // never wait on a slow reader.
     let (tx, mut rx) = mpsc::unbounded_channel::<Msg>();

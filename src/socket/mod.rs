@@ -534,7 +534,8 @@ impl Loop {
             self.send(id, &error_event(Some(rid), Code::Busy, &msg));
             return;
         }
-        let permit = match self.service.try_slot() {
+        // Places are shared per uid (an app), whichever of its connections asks.
+        let permit = match self.service.try_slot(&format!("uid:{}", conn.peer.uid)) {
             Ok(p) => p,
             Err(e) => {
                 self.send(id, &error_event(Some(rid), Code::Busy, &e.to_string()));
