@@ -768,3 +768,26 @@ fn a_failed_calibration_undoes_its_customization() {
     assert!(!state.path().join("adapters/fresh.json").exists(), "a new adapter whose calibration failed is not kept");
     assert_eq!(d.get("/v1/crayon/adapters")["data"].as_array().unwrap().len(), 1);
 }
+
+/// A body that is malformed (bad chunked encoding) is a 400 saying so; only a body over the limit is
+/// a 413 (issue #14: both were 413).
+#[test]
+fn a_malformed_chunked_body_is_400_and_only_an_oversized_one_413() {
+    use std::io::{Read, Write};
+    let state = tempfile::tempdir().unwrap();
+    let d = Daemon::start(&tiny_config(None, state.path(), "[server]\nmax_body_bytes = 1024\n"));
+    let send = |body: &str| {
+        let mut s = std::net::TcpStream::connect(d.url.trim_start_matches("http://")).unwrap();
+        s.set_read_timeout(Some(PATIENCE)).unwrap();
+        let head = "POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n";
+        write!(s, "{head}Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n{body}").unwrap();
+        let mut reply = String::new();
+        let _ = s.read_to_string(&mut reply);
+        reply
+    };
+    let reply = send("5\r\n{\"pro\r\nzz\r\nmpt\r\n0\r\n\r\n");
+    assert!(reply.starts_with("HTTP/1.1 400") && reply.contains("unreadable"), "{reply}");
+    let big = "x".repeat(2000);
+    let reply = send(&format!("{:x}\r\n{big}\r\n0\r\n\r\n", big.len()));
+    assert!(reply.starts_with("HTTP/1.1 413") && reply.contains("over 1024 bytes (server.max_body_bytes)"), "{reply}");
+}

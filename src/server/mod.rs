@@ -333,9 +333,12 @@ impl Service {
     async fn read_body(&self, body: Body) -> std::result::Result<axum::body::Bytes, Response> {
         match tokio::time::timeout(BODY_TIMEOUT, axum::body::to_bytes(body, self.max_body_bytes)).await {
             Ok(Ok(b)) => Ok(b),
-            Ok(Err(_)) => Err(fail(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                &format!("{}, or unreadable", body_too_large(self.max_body_bytes)),
+            Ok(Err(e)) if over_limit(&e) => {
+                Err(fail(StatusCode::PAYLOAD_TOO_LARGE, &body_too_large(self.max_body_bytes), "invalid_request_error"))
+            }
+            Ok(Err(e)) => Err(fail(
+                StatusCode::BAD_REQUEST,
+                &format!("request body unreadable (malformed chunked encoding, or the connection closed): {e}"),
                 "invalid_request_error",
             )),
             Err(_) => Err(fail(
@@ -345,6 +348,18 @@ impl Service {
             )),
         }
     }
+}
+
+/// Whether reading a body failed because it passed the limit (not because it was malformed).
+fn over_limit(e: &axum::Error) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(s) = source {
+        if s.is::<http_body_util::LengthLimitError>() {
+            return true;
+        }
+        source = s.source();
+    }
+    false
 }
 
 /// The wording of the input budget's refusal, the same on every interface.
