@@ -720,7 +720,8 @@ fn a_tokenless_http_api_refuses_what_a_web_page_could_send() {
 fn http_connections_are_bounded_and_silent_or_dripping_clients_are_closed() {
     use std::io::{Read, Write};
     let state = tempfile::tempdir().unwrap();
-    let d = Daemon::start(&tiny_config(None, state.path(), "[server]\nmax_connections = 4\nheader_timeout_ms = 600\n"));
+    let d =
+        Daemon::start(&tiny_config(None, state.path(), "[server]\nmax_connections = 4\nheader_timeout_ms = 1500\n"));
     let addr = d.url.trim_start_matches("http://").to_string();
     let open = || {
         let s = std::net::TcpStream::connect(&addr).unwrap();
