@@ -97,18 +97,18 @@ impl Crayon1 {
         }
     }
 
-    /// Runs `f` on a blocking thread with a slot of `owner` (the caller's bus connection); a panic
-    /// becomes an error.
+    /// Runs `f(service, client)` on a blocking thread with a slot of `client` (the caller's bus
+    /// connection, [`client_key`]); a panic becomes an error.
     async fn blocking<T: Send + 'static>(
         &self,
-        owner: &str,
-        f: impl FnOnce(&Service) -> Result<T> + Send + 'static,
+        client: String,
+        f: impl FnOnce(&Service, &str) -> Result<T> + Send + 'static,
     ) -> DResult<T> {
-        let permit = self.service.try_slot(owner)?;
+        let permit = self.service.try_slot(&client)?;
         let service = self.service.clone();
         let joined = tokio::task::spawn_blocking(move || {
             let _permit = permit;
-            f(&service)
+            f(&service, &client)
         })
         .await;
         match joined {
@@ -193,12 +193,15 @@ impl Crayon1 {
     ) -> std::result::Result<(String, String), DbusError> {
         let body = serde_json::to_vec(&chat_body(&prompt, &options)?).map_err(|e| DbusError::Failed(e.to_string()))?;
         let client = client_key(&hdr);
-        let owner = client.clone();
         let v = self
-            .blocking(&owner, move |s| {
-                s.answer_blocking(Endpoint::Chat, &client, &body, &CancelToken::new(), &mut |_| {
-                    ControlFlow::Continue(())
-                })
+            .blocking(client, move |s, client| {
+                s.answer_blocking(
+                    Endpoint::Chat,
+                    client,
+                    &body,
+                    &CancelToken::new(),
+                    &mut |_| ControlFlow::Continue(()),
+                )
             })
             .await?;
         Ok(split_result(&v))
@@ -297,10 +300,9 @@ impl Crayon1 {
     /// extension (docs/http.md), for callers that need every option.
     async fn chat(&self, #[zbus(header)] hdr: Header<'_>, request: String) -> std::result::Result<String, DbusError> {
         let client = client_key(&hdr);
-        let owner = client.clone();
         let v = self
-            .blocking(&owner, move |s| {
-                s.answer_blocking(Endpoint::Chat, &client, request.as_bytes(), &CancelToken::new(), &mut |_| {
+            .blocking(client, move |s, client| {
+                s.answer_blocking(Endpoint::Chat, client, request.as_bytes(), &CancelToken::new(), &mut |_| {
                     ControlFlow::Continue(())
                 })
             })
@@ -329,8 +331,8 @@ impl Crayon1 {
         let examples: Vec<Value> = inputs.iter().zip(&outputs).map(|(i, o)| json!({"input": i, "output": o})).collect();
         let body = serde_json::to_vec(&json!({"name": name, "examples": examples})).unwrap_or_default();
         let client = client_key(&hdr);
-        let owner = client.clone();
-        let v = self.blocking(&owner, move |s| s.customize_blocking(&client, &body, &CancelToken::new())).await?;
+        let v =
+            self.blocking(client, move |s, client| s.customize_blocking(client, &body, &CancelToken::new())).await?;
         let a = &v["adapter"];
         let weights = a["adapters"]
             .as_array()
@@ -361,8 +363,7 @@ impl Crayon1 {
     ) -> std::result::Result<(), DbusError> {
         self.authorize(conn, &hdr, "RemoveAdapter").await?;
         let client = client_key(&hdr);
-        let owner = client.clone();
-        self.blocking(&owner, move |s| s.remove_blocking(&client, &name, &CancelToken::new())).await?;
+        self.blocking(client, move |s, client| s.remove_blocking(client, &name, &CancelToken::new())).await?;
         Ok(())
     }
 

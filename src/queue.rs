@@ -194,8 +194,9 @@ impl Drop for EngineGuard<'_> {
 mod tests {
     use super::*;
 
-    fn order(clients: &[(&str, u64)]) -> Vec<u64> {
-        let mut st = State { holder: Some(999), ..Default::default() };
+    /// The order turns are granted in, after `holder` (ticket 999, of `holder_client`).
+    fn order_after(holder_client: Option<&str>, clients: &[(&str, u64)]) -> Vec<u64> {
+        let mut st = State { holder: Some(999), holder_client: holder_client.map(String::from), ..Default::default() };
         for (c, t) in clients {
             st.enqueue(c, *t);
         }
@@ -210,6 +211,10 @@ mod tests {
         out
     }
 
+    fn order(clients: &[(&str, u64)]) -> Vec<u64> {
+        order_after(None, clients)
+    }
+
     #[test]
     fn turns_go_round_robin_over_clients() {
         // "a" floods with four requests before "b" and "c" arrive: they still get the second and
@@ -222,18 +227,7 @@ mod tests {
     fn the_client_holding_the_turn_goes_after_a_newcomer() {
         // "a" holds the turn and queues three more while "b" is not there yet; "b" then arrives: it
         // is next, not after a second turn of "a" (what an HTTP device flooding a server did).
-        let mut st = State { holder: Some(0), holder_client: Some("a".into()), ..Default::default() };
-        for (c, t) in [("a", 1), ("a", 2), ("a", 3), ("b", 4)] {
-            st.enqueue(c, t);
-        }
-        let mut got = Vec::new();
-        loop {
-            st.grant_next();
-            match st.holder {
-                Some(t) => got.push(t),
-                None => break,
-            }
-        }
+        let got = order_after(Some("a"), &[("a", 1), ("a", 2), ("a", 3), ("b", 4)]);
         assert_eq!(got, vec![4, 1, 2, 3]);
     }
 
