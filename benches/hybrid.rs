@@ -236,7 +236,7 @@ struct Scored {
     in_scope: bool,
     device_right: bool,
     base_right: bool,
-    margin: f32,
+    confidence: f32,
     scope: f32,
     server_blend_right: bool,
     server_plain_right: bool,
@@ -277,7 +277,7 @@ fn accuracy(args: &Args, dir: &Path, device_cfg: &Path, examples: &[Example], it
             .generate(&prompt, &params(&engine, None, &ch), &CancelToken::new(), &mut |_| ControlFlow::Continue(()))?;
         let q = engine.task_embedding(&item.prompt)?.context("no embedding")?;
         let scope = router::scope(&q, &adapter.example_embeddings).unwrap_or(-1.0);
-        let margin = router::confidence(&g).map_or(0.0, |c| c.value);
+        let confidence = router::confidence(&g).map_or(0.0, |c| c.value);
         let p = params(&engine, Some("science"), &ch);
         let ask = |blend: Option<(String, Vec<f32>)>| -> anyhow::Result<Option<String>> {
             let a = remote.complete(&RemoteRequest { prompt: &prompt, params: &p, blend })?;
@@ -292,7 +292,7 @@ fn accuracy(args: &Args, dir: &Path, device_cfg: &Path, examples: &[Example], it
             in_scope: item.in_scope,
             device_right: right(router::best_choice(&ch, &g.choice_probs)),
             base_right: right(router::best_choice(&ch, &base.choice_probs)),
-            margin,
+            confidence,
             scope,
             server_blend_right: right(sb),
             server_plain_right: right(sp),
@@ -315,7 +315,7 @@ fn accuracy(args: &Args, dir: &Path, device_cfg: &Path, examples: &[Example], it
 fn decide(s: &Scored, t: &Thresholds) -> (bool, bool) {
     if s.scope < t.min_scope {
         (true, false)
-    } else if s.margin < t.min_margin {
+    } else if s.confidence < t.min_choice_confidence {
         (true, true)
     } else {
         (false, false)
@@ -355,7 +355,7 @@ fn check_policy(
             params: params(&*engine.lock("bench", &CancelToken::new())?, Some("science"), &item.choices),
             overrides: RouteOverrides {
                 min_scope: Some(t.min_scope),
-                min_margin: Some(t.min_margin),
+                min_choice_confidence: Some(t.min_choice_confidence),
                 ..Default::default()
             },
         };
@@ -402,26 +402,30 @@ fn report(
     row("server plain model (server only)", &|s| s.server_plain_right, 100.0);
     row("server with the blend (server only)", &|s| s.server_blend_right, 100.0);
     // The policy's variant that sends unsure in-scope questions to the *plain* server model too.
-    for &min_margin in &[0.05, 0.1, 0.2, 0.3] {
-        let t = Thresholds { min_scope: -1.0, min_margin, ..Thresholds::default() };
+    for &min_choice_confidence in &[0.05, 0.1, 0.2, 0.3] {
+        let t = Thresholds { min_scope: -1.0, min_choice_confidence, ..Thresholds::default() };
         let plain = |s: &Scored| if decide(s, &t).0 { s.server_plain_right } else { s.device_right };
         let off = 100.0 * scored.iter().filter(|s| decide(s, &t).0).count() as f64 / n;
-        row(&format!("hybrid, unsure → plain server, min_margin {min_margin:.2}"), &plain, off);
+        row(&format!("hybrid, unsure → plain server, min_choice_confidence {min_choice_confidence:.2}"), &plain, off);
     }
     let scopes = [cal.thresholds.min_scope, 0.2, -1.0];
     let margins = [0.0, 0.05, 0.1, 0.2, 0.3, 0.5, 1.01];
     for &min_scope in &scopes {
-        for &min_margin in &margins {
-            let t = Thresholds { min_scope, min_margin, ..Thresholds::default() };
+        for &min_choice_confidence in &margins {
+            let t = Thresholds { min_scope, min_choice_confidence, ..Thresholds::default() };
             let off = 100.0 * scored.iter().filter(|s| decide(s, &t).0).count() as f64 / n;
-            row(&format!("hybrid, min_scope {min_scope:.2}, min_margin {min_margin:.2}"), &|s| outcome(s, &t).0, off);
+            row(
+                &format!("hybrid, min_scope {min_scope:.2}, min_choice_confidence {min_choice_confidence:.2}"),
+                &|s| outcome(s, &t).0,
+                off,
+            );
         }
     }
     let in_scope_scopes: Vec<f64> = scored.iter().filter(|s| s.in_scope).map(|s| f64::from(s.scope)).collect();
     let out_scopes: Vec<f64> = scored.iter().filter(|s| !s.in_scope).map(|s| f64::from(s.scope)).collect();
     println!(
-        "\nCalibrated from the 5 examples: min_scope {:.3}, min_margin {:.3} (example scopes {:?}, example confidence/right {:?}).",
-        cal.thresholds.min_scope, cal.thresholds.min_margin, cal.example_scopes, cal.example_confidence
+        "\nCalibrated from the 5 examples: min_scope {:.3}, min_choice_confidence {:.3} (example scopes {:?}, example confidence/right {:?}).",
+        cal.thresholds.min_scope, cal.thresholds.min_choice_confidence, cal.example_scopes, cal.example_confidence
     );
     println!(
         "Scope p5/p50/p95: in-scope questions {:.2}/{:.2}/{:.2}, out-of-scope {:.2}/{:.2}/{:.2}.",

@@ -40,7 +40,7 @@ use serde::{Deserialize, Serialize};
 
 mod common;
 use common::{Daemon, few_shot_loss};
-use crayon::choices::{self, Calibration, Normalization, ScoringOverrides};
+use crayon::choices::{self, Calibration, ConfidenceMeasure, Likelihood, Normalization, ScoringOverrides};
 use crayon::config::RemoteConfig;
 use crayon::pool::blend::{self, BlendConfig};
 use crayon::pool::merge::Composition;
@@ -147,6 +147,10 @@ struct Outcome {
     /// NaN where there is none (server answers); JSON writes NaN as null.
     #[serde(deserialize_with = "nan_as_null")]
     margin: Vec<f32>,
+    /// The routing confidence under `[choices] confidence` (consensus by default; `src/choices.rs`),
+    /// recomputed from `options` when a results file is read.
+    #[serde(default, deserialize_with = "nan_as_null", skip_serializing_if = "Vec::is_empty")]
+    confidence: Vec<f32>,
     customize_ms: f64,
     /// Per question, per option: [Σ log p, Σ log p after the content-free prompt, tokens].
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -157,6 +161,13 @@ struct Outcome {
     /// Per question: the options' text lengths in bytes (for `bytes` normalisation).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     bytes: Vec<Vec<usize>>,
+}
+
+impl Outcome {
+    /// What routing compares: the confidence, or the margin in files without one.
+    fn routing_confidence(&self) -> &[f32] {
+        if self.confidence.len() == self.right.len() { &self.confidence } else { &self.margin }
+    }
 }
 
 #[derive(Serialize, Deserialize)]
@@ -212,7 +223,9 @@ fn main() -> anyhow::Result<()> {
             .map(|a| a.iter().filter_map(|x| x["name"].as_str().map(str::to_string)).collect())
             .unwrap_or_default();
         derive_loss_routing_without_own_dataset(&mut results, &pool_names);
-        let screen = read_screen(&args.out.join("screen.json")).unwrap_or_default();
+        rescore_all(&mut results, (scoring.normalization, scoring.calibration), scoring.confidence);
+        let mut screen = read_screen(&args.out.join("screen.json")).unwrap_or_default();
+        rescore_all(&mut screen, (scoring.normalization, scoring.calibration), scoring.confidence);
         return write_report(&results, &screen, &args, args.seconds, &py, (scoring.normalization, scoring.calibration));
     }
     install_peers()?;
@@ -513,9 +526,11 @@ fn choice_params(engine: &Engine, adapter: Option<&str>, choices: &[String], all
     p.max_new_tokens = 1;
     p.adapter = adapter.map(str::to_string);
     p.choices = choices.to_vec();
-    if all_variants {
-        p.choice_scoring = ScoringOverrides { normalization: None, calibration: Some(Calibration::ContentFree) };
-    }
+    p.choice_scoring = match all_variants {
+        true => ScoringOverrides { calibration: Some(Calibration::ContentFree), ..Default::default() },
+        // Only the default scoring's answer: no content-free pass (the consensus confidence needs one).
+        false => ScoringOverrides { confidence: Some(ConfidenceMeasure::Margin), ..Default::default() },
+    };
     p
 }
 
@@ -542,23 +557,44 @@ type Scoring = (Normalization, Calibration);
 
 /// Right/wrong and margin per question under `scoring`, from the stored option likelihoods.
 fn rescore(o: &Outcome, scoring: Scoring) -> (Vec<bool>, Vec<f32>) {
+    let (right, margin, _) = rescore_with_confidence(o, scoring, ConfidenceMeasure::Margin);
+    (right, margin)
+}
+
+/// [`rescore`] and the confidence under `measure` per question.
+fn rescore_with_confidence(
+    o: &Outcome,
+    scoring: Scoring,
+    measure: ConfidenceMeasure,
+) -> (Vec<bool>, Vec<f32>, Vec<f32>) {
     let mut right = Vec::new();
     let mut margin = Vec::new();
+    let mut confidence = Vec::new();
     for ((opts, &gold), bytes) in o.options.iter().zip(&o.gold).zip(&o.bytes) {
-        let scores: Vec<f32> = opts
+        // Stored files hold 0 for an unmeasured content-free likelihood; every run since v2 measures it.
+        let likelihoods: Vec<Likelihood> = opts
             .iter()
             .zip(bytes)
-            .map(|(&[lp, cf, tokens], &bytes)| {
-                let prior = (scoring.1 == Calibration::ContentFree).then_some(cf);
-                choices::score(lp, prior, tokens as usize, bytes, scoring.0)
-            })
+            .map(|(&[sum, cf, tokens], &bytes)| Likelihood { sum, prior: Some(cf), tokens: tokens as usize, bytes })
             .collect();
-        let (mut probs, chosen) = choices::probabilities(&scores);
+        let scores: Vec<f32> =
+            likelihoods.iter().map(|l| l.score(scoring.0, scoring.1 == Calibration::ContentFree)).collect();
+        let (probs, chosen) = choices::probabilities(&scores);
         right.push(chosen == gold);
-        probs.sort_by(|a, b| b.total_cmp(a));
-        margin.push(probs[0] - probs.get(1).copied().unwrap_or(0.0));
+        margin.push(choices::margin(&probs));
+        confidence.push(choices::confidence(measure, &likelihoods, &probs, chosen));
     }
-    (right, margin)
+    (right, margin, confidence)
+}
+
+/// Recomputes right, margin and confidence of every stored device outcome under the configured
+/// scoring (files written before the confidence measure existed get it here).
+fn rescore_all(results: &mut [TaskResult], scoring: Scoring, measure: ConfidenceMeasure) {
+    for o in results.iter_mut().flat_map(|r| r.methods.values_mut()) {
+        if !o.options.is_empty() {
+            (o.right, o.margin, o.confidence) = rescore_with_confidence(o, scoring, measure);
+        }
+    }
 }
 
 /// Scores every question with the device model (`adapter`; with `examples`, as a few-shot prefix),
@@ -599,7 +635,8 @@ fn score_device_with(
         out.bytes.push(g.choice_scores.iter().map(|s| s.text.len()).collect());
         out.gold.push(gold);
     }
-    (out.right, out.margin) = rescore(&out, scoring);
+    (out.right, out.margin, out.confidence) =
+        rescore_with_confidence(&out, scoring, Config::default().choices.confidence);
     Ok(out)
 }
 
@@ -926,14 +963,14 @@ fn add_server_methods(
 }
 
 /// Hybrid at offload share `share`: the least confident `share` of all questions (by the device Crayon
-/// blend's margin, pooled over tasks) take the server method's answer. Returns right per question per
-/// task and the number offloaded.
+/// blend's routing confidence, pooled over tasks) take the server method's answer. Returns right per
+/// question per task and the number offloaded.
 fn hybrid(results: &[TaskResult], share: f64, server: &str) -> Option<(Vec<Vec<bool>>, usize)> {
     let mut margins: Vec<f32> = Vec::new();
     for r in results {
         let d = r.methods.get("Crayon blend")?;
         r.methods.get(server)?;
-        margins.extend(&d.margin);
+        margins.extend(d.routing_confidence());
     }
     margins.sort_by(f32::total_cmp);
     let k = ((margins.len() as f64) * share).round() as usize;
@@ -944,7 +981,7 @@ fn hybrid(results: &[TaskResult], share: f64, server: &str) -> Option<(Vec<Vec<b
         .iter()
         .map(|r| {
             let (d, s) = (&r.methods["Crayon blend"], &r.methods[server]);
-            d.margin
+            d.routing_confidence()
                 .iter()
                 .zip(d.right.iter().zip(&s.right))
                 .map(|(&mg, (&dr, &sr))| {
@@ -1056,11 +1093,14 @@ fn summary(results: &[TaskResult], seconds: f64, scoring: Scoring) -> serde_json
             (name.clone(), o)
         })
         .collect();
-    let auc_of = |name: &str| {
+    let auc_of = |name: &str, confidence: bool| {
         let (r, m): (Vec<bool>, Vec<f32>) = results
             .iter()
             .filter_map(|t| t.methods.get(name))
-            .flat_map(|o| o.right.iter().copied().zip(o.margin.iter().copied()))
+            .flat_map(|o| {
+                let c = if confidence { o.routing_confidence() } else { &o.margin };
+                o.right.iter().copied().zip(c.iter().copied())
+            })
             .unzip();
         auc(&r, &m)
     };
@@ -1079,7 +1119,9 @@ fn summary(results: &[TaskResult], seconds: f64, scoring: Scoring) -> serde_json
         "scoring": format!("{:?}/{:?}", scoring.0, scoring.1),
         "seconds": seconds,
         "methods": methods,
-        "auc_margin": {"base zero-shot": auc_of("base zero-shot"), "Crayon blend": auc_of("Crayon blend")},
+        "auc_margin": {"base zero-shot": auc_of("base zero-shot", false), "Crayon blend": auc_of("Crayon blend", false)},
+        "confidence_measure": Config::default().choices.confidence,
+        "auc_confidence": {"base zero-shot": auc_of("base zero-shot", true), "Crayon blend": auc_of("Crayon blend", true)},
         "hybrid_server_plus_blend": hybrid_curve,
     })
 }
@@ -1182,15 +1224,31 @@ fn report(results: &[TaskResult], screen: &[TaskResult], args: &Args, seconds: f
     let _ = writeln!(s, "| chance | {:.1} | | | | | |", 100.0 * chance);
     partial_methods(&mut s, results, &args.reference);
 
-    // Confidence: does the margin predict right/wrong?
-    let _ = writeln!(s, "\n| confidence (margin) | AUC of margin vs right |\n|---|---|");
-    for name in ["base zero-shot", "Crayon blend"] {
-        let (r, m): (Vec<bool>, Vec<f32>) = results
-            .iter()
-            .filter_map(|t| t.methods.get(name))
-            .flat_map(|o| o.right.iter().copied().zip(o.margin.iter().copied()))
-            .unzip();
-        let _ = writeln!(s, "| {name} | {:.3} |", auc(&r, &m));
+    // Confidence: do the margin and the routing confidence predict right/wrong? The screen sets
+    // (base model) are where a measure is chosen; the test questions report it.
+    let _ = writeln!(
+        s,
+        "\n| confidence | AUC of margin vs right | AUC of routing confidence ({:?}) vs right |\n|---|---|---|",
+        Config::default().choices.confidence
+    );
+    for (label, set, name) in [
+        ("base zero-shot, screen sets", screen, "base zero-shot"),
+        ("base zero-shot, test", results, "base zero-shot"),
+        ("Crayon blend, test", results, "Crayon blend"),
+    ] {
+        let pairs = |conf: bool| -> (Vec<bool>, Vec<f32>) {
+            set.iter()
+                .filter_map(|t| t.methods.get(name))
+                .flat_map(|o| {
+                    let c = if conf { o.routing_confidence() } else { &o.margin };
+                    o.right.iter().copied().zip(c.iter().copied())
+                })
+                .unzip()
+        };
+        let ((r, m), (rc, c)) = (pairs(false), pairs(true));
+        if !r.is_empty() {
+            let _ = writeln!(s, "| {label} | {:.3} | {:.3} |", auc(&r, &m), auc(&rc, &c));
+        }
     }
 
     // Scoring variants from the same pass: test questions (base, Crayon) and the screen sets.

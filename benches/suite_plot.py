@@ -44,7 +44,9 @@ def main(src: str, dst: str) -> None:
             right, off, n = 0, 0, 0
             for r in results:
                 d, s = r["methods"]["Crayon blend"], r["methods"][server]
-                for mg, dr, sr in zip(d["margin"], d["right"], s["right"]):
+                # The routing confidence (consensus by default), or the margin in older files.
+                conf = d.get("confidence") or d["margin"]
+                for mg, dr, sr in zip(conf, d["right"], s["right"]):
                     n += 1
                     if mg < t:
                         off += 1

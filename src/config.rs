@@ -48,15 +48,18 @@ pub enum RouteMode {
 pub struct Thresholds {
     /// Scope below this (cosine of the query to its nearest example, in [-1, 1]): out of scope.
     pub min_scope: f32,
-    /// Choice questions: a probability margin (top choice minus runner-up) below this is low confidence.
-    pub min_margin: f32,
+    /// Choice questions: a confidence (`[choices] confidence`: consensus probability of the chosen
+    /// option by default, or the probability margin) below this is low confidence. `min_margin` is
+    /// read as an alias (configurations and stored adapters before the consensus measure).
+    #[serde(alias = "min_margin")]
+    pub min_choice_confidence: f32,
     /// Free text: a geometric-mean token probability below this is low confidence.
     pub min_token_prob: f32,
 }
 
 impl Default for Thresholds {
     fn default() -> Self {
-        Thresholds { min_scope: 0.2, min_margin: 0.2, min_token_prob: 0.5 }
+        Thresholds { min_scope: 0.2, min_choice_confidence: 0.3, min_token_prob: 0.5 }
     }
 }
 
@@ -66,10 +69,10 @@ impl Thresholds {
         if !in_range(self.min_scope, -1.0) {
             return Err(format!("{section}.min_scope must be in [-1, 1], got {}", self.min_scope));
         }
-        if !in_range(self.min_margin, 0.0) || !in_range(self.min_token_prob, 0.0) {
+        if !in_range(self.min_choice_confidence, 0.0) || !in_range(self.min_token_prob, 0.0) {
             return Err(format!(
-                "{section}.min_margin and min_token_prob must be in [0, 1], got {} and {}",
-                self.min_margin, self.min_token_prob
+                "{section}.min_choice_confidence and min_token_prob must be in [0, 1], got {} and {}",
+                self.min_choice_confidence, self.min_token_prob
             ));
         }
         Ok(())

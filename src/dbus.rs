@@ -150,7 +150,7 @@ pub fn chat_body(prompt: &str, options: &HashMap<String, String>) -> Result<Valu
                 };
                 ext.insert("choices".into(), json!(list));
             }
-            "normalization" | "calibration" => {
+            "normalization" | "calibration" | "confidence" => {
                 let scoring = ext.entry("choice_scoring").or_insert_with(|| json!({}));
                 scoring[k] = json!(v);
             }

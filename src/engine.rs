@@ -260,10 +260,11 @@ impl Engine {
         let adapter = params.adapter.as_deref();
         let choice_ids = self.choice_ids(prompt, &ids, &params.choices, limit)?;
         let scoring = &self.config.choices;
-        let calibration = params.choice_scoring.calibration.unwrap_or(scoring.calibration);
-        let content_free = match (choice_ids.is_empty(), calibration) {
-            (false, Calibration::ContentFree) => Some(self.content_free_ids(prompt)?),
-            _ => None,
+        let overrides = &params.choice_scoring;
+        let calibrated = overrides.calibration.unwrap_or(scoring.calibration) == Calibration::ContentFree;
+        let content_free = match !choice_ids.is_empty() && scoring.needs_content_free(Some(overrides)) {
+            true => Some(self.content_free_ids(prompt)?),
+            false => None,
         };
         self.ensure_ready(adapter)?;
         let Engine { base, ready, tokenizer, stop_ids, config, .. } = self;
@@ -272,6 +273,8 @@ impl Engine {
             options: &choice_ids,
             content_free: content_free.as_deref(),
             normalization: params.choice_scoring.normalization.unwrap_or(config.choices.normalization),
+            calibrated,
+            confidence: params.choice_scoring.confidence.unwrap_or(config.choices.confidence),
         });
         let decoder = select(base, ready, adapter)?;
         let job = generate::Job { tokenizer, stop_ids, ids: &ids, max_new, params, choices };

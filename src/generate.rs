@@ -86,6 +86,9 @@ pub struct Generation {
     /// Each option's likelihood (empty without choices); `text` is then the chosen option.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub choice_scores: Vec<OptionScore>,
+    /// How sure the model is of the chosen option (`[choices] confidence`; `crate::choices`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub choice_confidence: Option<f32>,
     #[serde(serialize_with = "as_secs")]
     pub prefill_time: Duration,
     #[serde(serialize_with = "as_secs")]
@@ -105,6 +108,7 @@ impl Generation {
             prompt_tokens,
             choice_probs: Vec::new(),
             choice_scores: Vec::new(),
+            choice_confidence: None,
             prefill_time: Duration::ZERO,
             decode_time: Duration::ZERO,
         }
@@ -310,6 +314,7 @@ fn choose(
     out.tokens = scored.chosen_tokens;
     out.choice_probs = scored.probs;
     out.choice_scores = scored.options;
+    out.choice_confidence = Some(scored.confidence);
     out.finish_reason = FinishReason::Stop;
     if on_text(&out.text).is_break() {
         out.finish_reason = FinishReason::Cancelled;

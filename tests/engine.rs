@@ -308,7 +308,7 @@ fn option_logprob_full(engine: &mut Engine, prompt: &[u32], option: &[u32]) -> f
 
 #[test]
 fn choice_scores_equal_a_full_forward_pass_per_option() {
-    use crayon::choices::{Calibration, Normalization, ScoringOverrides};
+    use crayon::choices::{self, Calibration, ConfidenceMeasure, Likelihood, Normalization, ScoringOverrides};
     let cfg = tiny();
     let mut engine = Engine::load(&cfg).unwrap();
     let prompt_text = "Question: Which vehicle is parked outside?\nAnswer:";
@@ -317,7 +317,7 @@ fn choice_scores_equal_a_full_forward_pass_per_option() {
     let options: Vec<String> = vec!["the red car".into(), "the blue car".into(), "a bicycle".into(), long];
     let mut params = greedy(8);
     params.choices = options.clone();
-    params.choice_scoring = ScoringOverrides { normalization: Some(Normalization::Sum), calibration: None };
+    params.choice_scoring = ScoringOverrides { normalization: Some(Normalization::Sum), ..Default::default() };
     let (g, chunks) = collect(&mut engine, &Prompt::Text(prompt_text.into()), &params);
     let prompt_ids = engine.tokenizer().encode(prompt_text).unwrap();
     let mut full = Vec::new();
@@ -338,11 +338,35 @@ fn choice_scores_equal_a_full_forward_pass_per_option() {
     let total: f32 = g.choice_probs.iter().sum();
     assert!((total - 1.0).abs() < 1e-5);
 
-    // Calibration: the content-free log-likelihood is the option's after "Answer:" ([choices] default).
-    params.choice_scoring =
-        ScoringOverrides { normalization: Some(Normalization::Mean), calibration: Some(Calibration::ContentFree) };
-    let (g, _) = collect(&mut engine, &Prompt::Text(prompt_text.into()), &params);
+    // The consensus confidence ([choices] default): the chosen option's mean probability over the six
+    // scorings, from full passes after the prompt and after the content-free prompt (measured for it,
+    // though the score stays uncalibrated).
     let cf_ids = engine.tokenizer().encode("Answer:").unwrap();
+    let likelihoods: Vec<Likelihood> = options
+        .iter()
+        .zip(&full)
+        .map(|(o, &sum)| {
+            let ids = engine.tokenizer().encode(&format!(" {o}")).unwrap();
+            let prior = Some(option_logprob_full(&mut engine, &cf_ids, &ids));
+            Likelihood { sum, prior, tokens: ids.len(), bytes: o.trim().len() }
+        })
+        .collect();
+    let want = choices::consensus(&likelihoods, best);
+    let got = g.choice_confidence.expect("a choice answer has a confidence");
+    assert!((got - want).abs() < 1e-3, "consensus {got} vs full passes {want}");
+    assert!(g.choice_scores.iter().all(|s| s.content_free_logprob.is_some()));
+    params.choice_scoring.confidence = Some(ConfidenceMeasure::Margin);
+    let (m, _) = collect(&mut engine, &Prompt::Text(prompt_text.into()), &params);
+    assert!(m.choice_scores.iter().all(|s| s.content_free_logprob.is_none()), "the margin needs no content-free pass");
+    assert!((m.choice_confidence.unwrap() - choices::margin(&m.choice_probs)).abs() < 1e-6);
+
+    // Calibration: the content-free log-likelihood is the option's after "Answer:" ([choices] default).
+    params.choice_scoring = ScoringOverrides {
+        normalization: Some(Normalization::Mean),
+        calibration: Some(Calibration::ContentFree),
+        ..Default::default()
+    };
+    let (g, _) = collect(&mut engine, &Prompt::Text(prompt_text.into()), &params);
     for (o, s) in options.iter().zip(&g.choice_scores) {
         let ids = engine.tokenizer().encode(&format!(" {o}")).unwrap();
         let cf = option_logprob_full(&mut engine, &cf_ids, &ids);

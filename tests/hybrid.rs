@@ -84,7 +84,7 @@ fn routing_decisions_in_scope_low_confidence_and_out_of_scope() {
     let dev = device(&srv.url, "hybrid", "");
 
     // In scope and confident (thresholds at their floor): the device answers.
-    let local = ask(&dev, QUERY, json!({"min_scope": -1.0, "min_margin": 0.0}));
+    let local = ask(&dev, QUERY, json!({"min_scope": -1.0, "min_choice_confidence": 0.0}));
     assert_eq!(route(&local), ("device", "confident"), "{local}");
     let c = &local["crayon"];
     assert!(c["scope"].as_f64().is_some() && c["confidence"]["kind"] == "choice", "{c}");
@@ -92,7 +92,7 @@ fn routing_decisions_in_scope_low_confidence_and_out_of_scope() {
     assert!(matches!(c["choice"].as_str(), Some("A" | "B")), "{c}");
 
     // In scope, not confident (no margin can reach 1): the server answers with the same blend.
-    let hard = ask(&dev, QUERY, json!({"min_scope": -1.0, "min_margin": 1.0}));
+    let hard = ask(&dev, QUERY, json!({"min_scope": -1.0, "min_choice_confidence": 1.0}));
     assert_eq!(route(&hard), ("server", "low_confidence"), "{hard}");
     assert_eq!(hard["crayon"]["server_blend"], true, "the server applied the blend: {hard}");
     assert!(hard["crayon"]["confidence"]["value"].as_f64().unwrap() < 1.0);
@@ -121,7 +121,7 @@ fn scope_is_high_for_the_examples_own_inputs() {
 fn device_only_mode_never_contacts_the_server() {
     let spy = FaultServer::start(Fault::Status500);
     let dev = device(&spy.url, "device_only", "");
-    let out = ask(&dev, QUERY, json!({"min_scope": 1.0, "min_margin": 1.0}));
+    let out = ask(&dev, QUERY, json!({"min_scope": 1.0, "min_choice_confidence": 1.0}));
     assert_eq!(route(&out), ("device", "device_only"), "{out}");
     assert_eq!(spy.connections.load(std::sync::atomic::Ordering::SeqCst), 0);
 }
@@ -132,7 +132,7 @@ fn the_server_receives_the_query_pool_id_and_weights_but_no_example_text() {
     let spy = FaultServer::start(Fault::Record(srv.url.clone()));
     let dev = device(&spy.url, "hybrid", "");
     let adapter = dev.get("/v1/crayon/adapters")["data"][0].clone();
-    let out = ask(&dev, QUERY, json!({"min_scope": -1.0, "min_margin": 1.0}));
+    let out = ask(&dev, QUERY, json!({"min_scope": -1.0, "min_choice_confidence": 1.0}));
     assert_eq!(route(&out), ("server", "low_confidence"), "{out}");
 
     let sent = spy.requests.lock().unwrap().clone();

@@ -77,7 +77,7 @@ fn device_and_server_with_real_models() {
     let hard = ask(
         &dev,
         json!({"model": "science", "prompt": LIGHT, "max_tokens": 2, "crayon": {"choices": LIGHT_OPTIONS,
-               "route": {"min_margin": 1.0}}}),
+               "route": {"min_choice_confidence": 1.0}}}),
     );
     let c = &hard["crayon"];
     assert_eq!((c["answered_by"].as_str(), c["reason"].as_str()), (Some("server"), Some("low_confidence")), "{hard}");
@@ -91,7 +91,7 @@ fn device_and_server_with_real_models() {
     let easy = ask(
         &dev,
         json!({"model": "science", "prompt": LIGHT, "max_tokens": 2, "crayon": {"choices": LIGHT_OPTIONS,
-               "route": {"min_margin": 0.0}}}),
+               "route": {"min_choice_confidence": 0.0}}}),
     );
     assert_eq!(easy["crayon"]["answered_by"], "device", "{easy}");
     assert_eq!(easy["crayon"]["reason"], "confident", "{easy}");

@@ -2,8 +2,9 @@
 //!
 //! * **scope**: how close the query is to the customization's own examples — the cosine of the query's
 //!   task embedding to the nearest example embedding (the same embedding that chose the blend);
-//! * **confidence**: from the device model's own probabilities — for a choice question the margin
-//!   between the most and second most likely option, for free text the geometric-mean probability
+//! * **confidence**: from the device model's own probabilities — for a choice question the consensus
+//!   of the six option scorings on the chosen option (or the margin to the runner-up, `[choices]
+//!   confidence`; `crate::choices`), for free text the geometric-mean probability
 //!   of the generated tokens (with the mean and minimum log-probability reported too).
 //!
 //! Policy (mode `hybrid`): out of scope → the server's plain model (the device's customization does
@@ -55,7 +56,7 @@ pub enum Reason {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ConfidenceKind {
-    /// Margin between the two most likely options of a choice question.
+    /// A choice question's confidence (`[choices] confidence`: consensus or margin).
     Choice,
     /// Geometric-mean probability of the generated tokens.
     Text,
@@ -105,7 +106,8 @@ pub struct Route {
 pub struct RouteOverrides {
     pub mode: Option<RouteMode>,
     pub min_scope: Option<f32>,
-    pub min_margin: Option<f32>,
+    #[serde(alias = "min_margin")]
+    pub min_choice_confidence: Option<f32>,
     pub min_token_prob: Option<f32>,
 }
 
@@ -145,16 +147,15 @@ pub fn confidence(g: &Generation) -> Option<Confidence> {
     let (kind, value) = if g.choice_probs.is_empty() {
         (ConfidenceKind::Text, mean_logprob.exp())
     } else {
-        let mut p = g.choice_probs.clone();
-        p.sort_by(|a, b| b.total_cmp(a));
-        (ConfidenceKind::Choice, p[0] - p.get(1).copied().unwrap_or(0.0))
+        let value = g.choice_confidence.unwrap_or_else(|| crate::choices::margin(&g.choice_probs));
+        (ConfidenceKind::Choice, value)
     };
     Some(Confidence { kind, value, mean_logprob, min_logprob })
 }
 
 fn threshold_for(c: &Confidence, t: &Thresholds) -> f32 {
     match c.kind {
-        ConfidenceKind::Choice => t.min_margin,
+        ConfidenceKind::Choice => t.min_choice_confidence,
         ConfidenceKind::Text => t.min_token_prob,
     }
 }
@@ -366,7 +367,7 @@ impl Router {
         }
         let o = &req.overrides;
         thresholds.min_scope = o.min_scope.unwrap_or(thresholds.min_scope);
-        thresholds.min_margin = o.min_margin.unwrap_or(thresholds.min_margin);
+        thresholds.min_choice_confidence = o.min_choice_confidence.unwrap_or(thresholds.min_choice_confidence);
         thresholds.min_token_prob = o.min_token_prob.unwrap_or(thresholds.min_token_prob);
         thresholds.validate("request").map_err(Error::InvalidRequest)?;
         Ok(Plan { thresholds, scope: scope_value, blend })
@@ -481,7 +482,7 @@ pub fn calibrate(
     if choices.is_empty() {
         thresholds.min_token_prob = t;
     } else {
-        thresholds.min_margin = t;
+        thresholds.min_choice_confidence = t;
     }
     engine.set_calibration(name, thresholds)?;
     Ok(Calibration { thresholds, example_scopes, example_confidence })
@@ -540,16 +541,20 @@ mod tests {
             prompt_tokens: 1,
             choice_probs: choice_probs.to_vec(),
             choice_scores: Vec::new(),
+            choice_confidence: None,
             prefill_time: Duration::ZERO,
             decode_time: Duration::ZERO,
         }
     }
 
     #[test]
-    fn choice_confidence_is_the_margin_of_the_top_two() {
-        let c = confidence(&generation(&[-0.1], &[0.1, 0.6, 0.25, 0.05])).unwrap();
+    fn choice_confidence_is_the_scored_confidence_or_else_the_margin_of_the_top_two() {
+        let mut g = generation(&[-0.1], &[0.1, 0.6, 0.25, 0.05]);
+        let c = confidence(&g).unwrap();
         assert_eq!(c.kind, ConfidenceKind::Choice);
         assert!((c.value - 0.35).abs() < 1e-6);
+        g.choice_confidence = Some(0.42);
+        assert_eq!(confidence(&g).unwrap().value, 0.42);
     }
 
     #[test]

@@ -70,7 +70,8 @@ pub struct Extension {
     /// Options of a choice question, scored by likelihood (see docs/routing.md).
     #[serde(default)]
     pub choices: Vec<String>,
-    /// Overrides of `[choices]` scoring: `{"normalization": "sum"|"mean"|"bytes", "calibration": "none"|"content_free"}`.
+    /// Overrides of `[choices]` scoring: `{"normalization": "sum"|"mean"|"bytes", "calibration":
+    /// "none"|"content_free", "confidence": "consensus"|"margin"}`.
     #[serde(default)]
     pub choice_scoring: ScoringOverrides,
     pub route: Option<RouteOverrides>,

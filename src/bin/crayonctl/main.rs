@@ -122,6 +122,10 @@ struct GenerateArgs {
     /// Divide out each option's prior after a content-free prompt [default: choices.calibration]
     #[arg(long, value_enum)]
     calibration: Option<CalibrationArg>,
+    /// How sure the answer is, for routing: the chosen option's mean probability over the six scorings,
+    /// or the margin to the runner-up [default: choices.confidence]
+    #[arg(long, value_enum)]
+    confidence: Option<ConfidenceArg>,
 }
 
 /// `--normalization` values (see `[choices]` in docs/config.md).
@@ -139,10 +143,17 @@ enum CalibrationArg {
     ContentFree,
 }
 
+/// `--confidence` values.
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum ConfidenceArg {
+    Consensus,
+    Margin,
+}
+
 impl GenerateArgs {
     /// The scoring overrides the flags ask for.
     fn choice_scoring(&self) -> crayon::choices::ScoringOverrides {
-        use crayon::choices::{Calibration, Normalization};
+        use crayon::choices::{Calibration, ConfidenceMeasure, Normalization};
         crayon::choices::ScoringOverrides {
             normalization: self.normalization.map(|n| match n {
                 NormalizationArg::Sum => Normalization::Sum,
@@ -152,6 +163,10 @@ impl GenerateArgs {
             calibration: self.calibration.map(|c| match c {
                 CalibrationArg::None => Calibration::None,
                 CalibrationArg::ContentFree => Calibration::ContentFree,
+            }),
+            confidence: self.confidence.map(|c| match c {
+                ConfidenceArg::Consensus => ConfidenceMeasure::Consensus,
+                ConfidenceArg::Margin => ConfidenceMeasure::Margin,
             }),
         }
     }
