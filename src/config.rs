@@ -300,7 +300,7 @@ pub struct ModelConfig {
 
 impl Default for ModelConfig {
     fn default() -> Self {
-        ModelConfig { dir: PathBuf::from("/usr/share/crayon/models/smollm2-135m-instruct"), max_context: 2048 }
+        ModelConfig { dir: PathBuf::from("/usr/share/crayon/models/smollm2-135m-instruct-q4"), max_context: 2048 }
     }
 }
 

@@ -382,10 +382,11 @@ fn generate(cfg: crayon::Config, args: &GenerateArgs) -> crayon::Result<()> {
         // question decodes nothing: it scores its options.
         let decode = match result.tokens.len() {
             _ if !result.choice_scores.is_empty() => format!(
-                ", {} options ({} tokens) scored in {:.0} ms",
+                ", {} options ({} tokens) scored in {:.0} ms, confidence {:.3}",
                 result.choice_scores.len(),
                 result.choice_scores.iter().map(|s| s.tokens).sum::<usize>(),
-                result.decode_time.as_secs_f64() * 1e3
+                result.decode_time.as_secs_f64() * 1e3,
+                result.choice_confidence.unwrap_or(f32::NAN)
             ),
             0 | 1 => String::new(),
             n => format!(", {} generated at {:.1} tok/s", n, result.decode_tokens_per_s()),
