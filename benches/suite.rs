@@ -71,7 +71,7 @@ struct Args {
     #[arg(long, default_value = "pools/smollm2-135m-instruct")]
     pool: PathBuf,
     /// Device model folder (e.g. models/smollm2-135m-instruct-q4: the 4-bit folder, blends unmerged)
-    #[arg(long, default_value = "models/smollm2-135m-instruct")]
+    #[arg(long, default_value = "models/smollm2-135m-instruct-q4")]
     model: PathBuf,
     #[arg(long, default_value_t = 2)]
     threads: usize,
@@ -537,7 +537,7 @@ fn choice_params(engine: &Engine, adapter: Option<&str>, choices: &[String], all
 /// The examples as a few-shot prefix for `item`: as many of them (the last ones first) as fit in the
 /// context with room to answer.
 fn few_shot_prefix(engine: &Engine, examples: &[Example], item: &Item) -> anyhow::Result<String> {
-    let budget = Config::default().model.max_context.saturating_sub(64);
+    let budget = engine.context_limit().saturating_sub(64);
     let mut used = engine.tokenizer().encode(&item.prompt)?.len();
     let mut parts = Vec::new();
     for e in examples.iter().rev() {

@@ -294,13 +294,15 @@ impl Default for AdaptersConfig {
 pub struct ModelConfig {
     /// Model folder written by `crayon-export` (holds `crayon_model.json`).
     pub dir: PathBuf,
-    /// Longest sequence (prompt + generated tokens) a request may use.
+    /// Longest sequence (prompt + generated tokens) a request may use; 0 = the model's own context
+    /// (`max_position_embeddings`). The KV cache grows with each request's length, so a long limit
+    /// costs memory only while a long request runs (`crayond --check` prints the cost).
     pub max_context: usize,
 }
 
 impl Default for ModelConfig {
     fn default() -> Self {
-        ModelConfig { dir: PathBuf::from("/usr/share/crayon/models/smollm2-135m-instruct-q4"), max_context: 2048 }
+        ModelConfig { dir: PathBuf::from("/usr/share/crayon/models/smollm2-135m-instruct-q4"), max_context: 0 }
     }
 }
 
@@ -456,8 +458,8 @@ impl Config {
         if g.max_new_tokens == 0 {
             return Err("generation.max_new_tokens must be at least 1".into());
         }
-        if self.model.max_context < 2 {
-            return Err(format!("model.max_context must be at least 2, got {}", self.model.max_context));
+        if self.model.max_context == 1 {
+            return Err("model.max_context must be 0 (the model's own context) or at least 2, got 1".into());
         }
         if g.stop.iter().any(String::is_empty) {
             return Err("generation.stop must not contain empty strings".into());

@@ -246,7 +246,7 @@ impl Engine {
             return Err(Error::InvalidRequest("stop strings must not be empty".into()));
         }
         let ids = self.prompt_ids(prompt)?;
-        let limit = self.config.model.max_context.min(self.files.arch.max_position_embeddings);
+        let limit = self.context_limit();
         if ids.is_empty() {
             return Err(Error::InvalidRequest("the prompt is empty".into()));
         }
@@ -322,6 +322,16 @@ impl Engine {
             Prompt::Text(_) | Prompt::Tokens(_) => Prompt::Text(text),
         };
         self.prompt_ids(&cf)
+    }
+
+    /// Longest sequence (prompt + generated tokens) a request may use: `[model] max_context`, or the
+    /// model's own context when it is 0, never more than the model's.
+    pub fn context_limit(&self) -> usize {
+        let model = self.files.arch.max_position_embeddings;
+        match self.config.model.max_context {
+            0 => model,
+            n => n.min(model),
+        }
     }
 
     /// Logits at every position of `ids` (no cache), with the base model or an adapter.
@@ -513,7 +523,7 @@ impl Engine {
             Ok(p) => p,
             Err(e) => return Some(Err(e)),
         };
-        let room = self.config.model.max_context.saturating_sub(self.config.generation.max_new_tokens.max(64));
+        let room = self.context_limit().saturating_sub(self.config.generation.max_new_tokens.max(64));
         for n in (0..=picked.len()).rev() {
             let candidate = exemplars::with_exemplars(prompt, &picked[..n]);
             match self.prompt_ids(&candidate) {

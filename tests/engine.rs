@@ -377,6 +377,28 @@ fn choice_scores_equal_a_full_forward_pass_per_option() {
 }
 
 #[test]
+fn a_long_prompt_is_computed_in_passes_with_the_same_result_as_one_pass() {
+    use crayon::choices::{ConfidenceMeasure, ScoringOverrides};
+    let cfg = tiny();
+    let mut engine = Engine::load(&cfg).unwrap();
+    assert_eq!(cfg.model.max_context, 0, "the default context is the model's own");
+    assert_eq!(engine.context_limit(), engine.files().arch.max_position_embeddings);
+    // Two full prefill passes (PREFILL_CHUNK = 512) and a partial one.
+    let prompt_text = "The quick brown fox jumps over the lazy dog. ".repeat(110) + "Answer:";
+    let prompt_ids = engine.tokenizer().encode(&prompt_text).unwrap();
+    assert!(prompt_ids.len() > 2 * crayon::generate::PREFILL_CHUNK, "{} tokens", prompt_ids.len());
+    let mut params = greedy(4);
+    params.choices = vec!["yes".into(), "no".into()];
+    params.choice_scoring = ScoringOverrides { confidence: Some(ConfidenceMeasure::Margin), ..Default::default() };
+    let (g, _) = collect(&mut engine, &Prompt::Text(prompt_text.clone()), &params);
+    for (o, s) in params.choices.iter().zip(&g.choice_scores) {
+        let ids = engine.tokenizer().encode(&format!(" {o}")).unwrap();
+        let want = option_logprob_full(&mut engine, &prompt_ids, &ids);
+        assert!((s.logprob - want).abs() < 2e-3, "{o}: in passes {} vs one pass {want}", s.logprob);
+    }
+}
+
+#[test]
 fn choice_questions_with_bad_options_are_refused_before_any_work() {
     let cfg = tiny();
     let mut engine = Engine::load(&cfg).unwrap();
@@ -393,7 +415,7 @@ fn choice_questions_with_bad_options_are_refused_before_any_work() {
     refuse(vec!["yes".into(), "  ".into()], "choice 2 is empty");
     refuse((0..27).map(|i| format!("option {i}")).collect(), "at most 26");
     refuse(vec!["yes".into(), "x".repeat(3000)], "bytes");
-    // Fits the byte limit but not the context after the prompt (tiny model: 2048 positions by config).
+    // Fits the byte limit but not the context after the prompt (a 64-token context).
     let mut small = tiny();
     small.model.max_context = 64;
     let mut engine = Engine::load(&small).unwrap();

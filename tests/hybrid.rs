@@ -753,7 +753,7 @@ fn a_failed_calibration_undoes_its_customization() {
     let state = tempfile::tempdir().unwrap();
     let d = Daemon::start(&tiny_config(Some(&device_pool()), state.path(), ""));
     let before = customize(&d, "quiz")["adapter"]["example_digest"].clone();
-    let long = "word ".repeat(3000); // over the 2048-token context
+    let long = "word ".repeat(9000); // over the 8192-token context
     let examples = json!([{"input": long, "output": "A"}, {"input": "Is it?", "output": "B"}]);
     let body = json!({"name": "quiz", "examples": examples, "calibrate": true, "choices": ["A", "B"]});
     let (status, reply) = d.post("/v1/crayon/adapters", &body);

@@ -319,6 +319,14 @@ fn check(common: &CommonArgs) -> crayon::Result<()> {
     println!("execution provider: {}", engine.provider());
     let four_bit = engine.files().manifest.precision == crayon::model::Precision::Q4;
     println!("weights: {}", if four_bit { "4-bit (MatMulNBits)" } else { "float32" });
+    let context = engine.context_limit();
+    let per_token = engine.files().arch.kv_bytes_per_token();
+    println!(
+        "context: {context} tokens{}; KV cache {:.1} KB per token, up to {:.0} MB for one generation at the full context",
+        if cfg.model.max_context == 0 { " (the model's own; model.max_context = 0)" } else { " (model.max_context)" },
+        per_token as f64 / 1024.0,
+        (per_token * context) as f64 / (1024.0 * 1024.0)
+    );
     match engine.pool() {
         Some(pool) => println!(
             "adapter pool: {} ({} adapters), {} saved customizations; blends {}",

@@ -80,6 +80,13 @@ pub struct Architecture {
     pub rms_norm_eps: f64,
 }
 
+impl Architecture {
+    /// Bytes of float32 KV cache one sequence position takes (keys and values of every layer).
+    pub fn kv_bytes_per_token(&self) -> usize {
+        self.num_hidden_layers * 2 * self.num_key_value_heads * self.head_dim * 4
+    }
+}
+
 /// A validated model folder: every file present, manifest and architecture parsed.
 #[derive(Debug, Clone)]
 pub struct ModelFiles {
