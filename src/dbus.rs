@@ -21,6 +21,7 @@ use zbus::{Connection, fdo, interface};
 use crate::config::DbusConfig;
 use crate::error::{Error, Result};
 use crate::generate::CancelToken;
+use crate::metrics::Interface;
 use crate::server::{Endpoint, Service};
 
 pub const OBJECT_PATH: &str = "/org/crayon/Crayon1";
@@ -104,7 +105,7 @@ impl Crayon1 {
         client: String,
         f: impl FnOnce(&Service, &str) -> Result<T> + Send + 'static,
     ) -> DResult<T> {
-        let permit = self.service.try_slot(&client)?;
+        let permit = self.service.try_slot(Interface::dbus, &client)?;
         let service = self.service.clone();
         let joined = tokio::task::spawn_blocking(move || {
             let _permit = permit;
@@ -195,13 +196,9 @@ impl Crayon1 {
         let client = client_key(&hdr);
         let v = self
             .blocking(client, move |s, client| {
-                s.answer_blocking(
-                    Endpoint::Chat,
-                    client,
-                    &body,
-                    &CancelToken::new(),
-                    &mut |_| ControlFlow::Continue(()),
-                )
+                s.answer_blocking(Interface::dbus, Endpoint::Chat, client, &body, &CancelToken::new(), &mut |_| {
+                    ControlFlow::Continue(())
+                })
             })
             .await?;
         Ok(split_result(&v))
@@ -219,7 +216,7 @@ impl Crayon1 {
     ) -> std::result::Result<u64, DbusError> {
         let body = serde_json::to_vec(&chat_body(&prompt, &options)?).map_err(|e| DbusError::Failed(e.to_string()))?;
         let sender = hdr.sender().map(|s| s.to_string()).ok_or_else(|| DbusError::Failed("no sender".into()))?;
-        let permit = self.service.try_slot(&client_key(&hdr))?;
+        let permit = self.service.try_slot(Interface::dbus, &client_key(&hdr))?;
         let id = self.next_id.fetch_add(1, Ordering::Relaxed) + 1;
         let cancel = CancelToken::new();
         lock(&self.running).insert(id, Running { sender: sender.clone(), cancel: cancel.clone() });
@@ -265,7 +262,7 @@ impl Crayon1 {
                 ControlFlow::Continue(())
             };
             let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                service.answer_blocking(Endpoint::Chat, &client, &body, &cancel, &mut on_text)
+                service.answer_blocking(Interface::dbus, Endpoint::Chat, &client, &body, &cancel, &mut on_text)
             }))
             .unwrap_or_else(|_| Err(Error::Internal("the request handler panicked".into())));
             let r = match r {
@@ -302,9 +299,14 @@ impl Crayon1 {
         let client = client_key(&hdr);
         let v = self
             .blocking(client, move |s, client| {
-                s.answer_blocking(Endpoint::Chat, client, request.as_bytes(), &CancelToken::new(), &mut |_| {
-                    ControlFlow::Continue(())
-                })
+                s.answer_blocking(
+                    Interface::dbus,
+                    Endpoint::Chat,
+                    client,
+                    request.as_bytes(),
+                    &CancelToken::new(),
+                    &mut |_| ControlFlow::Continue(()),
+                )
             })
             .await?;
         Ok(v.to_string())
@@ -331,8 +333,11 @@ impl Crayon1 {
         let examples: Vec<Value> = inputs.iter().zip(&outputs).map(|(i, o)| json!({"input": i, "output": o})).collect();
         let body = serde_json::to_vec(&json!({"name": name, "examples": examples})).unwrap_or_default();
         let client = client_key(&hdr);
-        let v =
-            self.blocking(client, move |s, client| s.customize_blocking(client, &body, &CancelToken::new())).await?;
+        let v = self
+            .blocking(client, move |s, client| {
+                s.customize_blocking(Interface::dbus, client, &body, &CancelToken::new())
+            })
+            .await?;
         let a = &v["adapter"];
         let weights = a["adapters"]
             .as_array()
@@ -363,7 +368,8 @@ impl Crayon1 {
     ) -> std::result::Result<(), DbusError> {
         self.authorize(conn, &hdr, "RemoveAdapter").await?;
         let client = client_key(&hdr);
-        self.blocking(client, move |s, client| s.remove_blocking(client, &name, &CancelToken::new())).await?;
+        self.blocking(client, move |s, client| s.remove_blocking(Interface::dbus, client, &name, &CancelToken::new()))
+            .await?;
         Ok(())
     }
 

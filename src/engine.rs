@@ -82,6 +82,8 @@ pub struct Engine {
     store: Option<AdapterStore>,
     ready: Vec<Ready>,
     clock: u64,
+    /// Where customization builds and evictions are counted (the service's `/metrics`).
+    metrics: Option<std::sync::Arc<crate::metrics::Metrics>>,
 }
 
 impl Engine {
@@ -178,6 +180,7 @@ impl Engine {
             store,
             ready: Vec::new(),
             clock: 0,
+            metrics: None,
         })
     }
 
@@ -322,6 +325,12 @@ impl Engine {
             Prompt::Text(_) | Prompt::Tokens(_) => Prompt::Text(text),
         };
         self.prompt_ids(&cf)
+    }
+
+    /// Counts customization builds, evictions and the ready set into `metrics` from now on.
+    pub fn set_metrics(&mut self, metrics: std::sync::Arc<crate::metrics::Metrics>) {
+        metrics.set_cached(self.ready.len());
+        self.metrics = Some(metrics);
     }
 
     /// Longest sequence (prompt + generated tokens) a request may use: `[model] max_context`, or the
@@ -716,6 +725,10 @@ impl Engine {
         self.clock += 1;
         self.ready.push(Ready { name: name.to_string(), decoder, bytes, last_used: self.clock });
         self.evict();
+        if let Some(m) = &self.metrics {
+            m.customization_built((merge_ms + session_ms) / 1e3);
+            m.set_cached(self.ready.len());
+        }
         tracing::info!(adapter = %name, merge_ms, session_ms, "customized model ready");
         (merge_ms, session_ms)
     }
@@ -736,6 +749,9 @@ impl Engine {
         self.ready.retain(|r| r.name != name);
         if self.ready.len() != before {
             crate::runtime::release_freed_memory();
+            if let Some(m) = &self.metrics {
+                m.set_cached(self.ready.len());
+            }
         }
     }
 
@@ -749,6 +765,10 @@ impl Engine {
             let gone = self.ready.remove(oldest);
             tracing::info!(adapter = %gone.name, "customized model dropped from memory (LRU)");
             drop(gone);
+            if let Some(m) = &self.metrics {
+                m.customization_evicted();
+                m.set_cached(self.ready.len());
+            }
             crate::runtime::release_freed_memory();
         }
     }

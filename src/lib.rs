@@ -11,6 +11,7 @@ pub mod dbus;
 pub mod engine;
 pub mod error;
 pub mod generate;
+pub mod metrics;
 pub mod model;
 pub mod pool;
 pub mod queue;

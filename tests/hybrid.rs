@@ -792,3 +792,69 @@ fn a_malformed_chunked_body_is_400_and_only_an_oversized_one_413() {
     let reply = send(&format!("{:x}\r\n{big}\r\n0\r\n\r\n", big.len()));
     assert!(reply.starts_with("HTTP/1.1 413") && reply.contains("over 1024 bytes (server.max_body_bytes)"), "{reply}");
 }
+
+/// `GET /metrics` (issue #15): the exposition parses with the Prometheus project's own OpenMetrics
+/// parser (Python `prometheus_client`, in the compat venv that scripts/test sets up) and counts what
+/// happened: answered, refused and malformed requests, tokens, latencies, customizations, routes.
+#[test]
+fn metrics_count_requests_customizations_and_routes_in_openmetrics_text() {
+    let Ok(python) = std::env::var("CRAYON_COMPAT_PYTHON") else {
+        assert!(
+            std::env::var_os("CRAYON_REQUIRE_COMPAT").is_none(),
+            "CRAYON_COMPAT_PYTHON is not set: run through scripts/test"
+        );
+        eprintln!("skipped: the compat venv (prometheus_client) is not set up (scripts/test sets it up)");
+        return;
+    };
+    let state = tempfile::tempdir().unwrap();
+    let d = Daemon::start(&tiny_config(Some(&device_pool()), state.path(), ""));
+    customize(&d, "quiz");
+    ask(&d, QUERY, json!({}));
+    let (status, _) = d.post("/v1/completions", &json!({"prompt": 7}));
+    assert_eq!(status, 400);
+    let (status, ctype, text) = d.get_text("/metrics");
+    assert_eq!(status, 200);
+    assert!(ctype.starts_with("application/openmetrics-text"), "{ctype}");
+    let script = r#"
+import json, sys
+from prometheus_client.openmetrics.parser import text_string_to_metric_families
+out = {}
+for family in text_string_to_metric_families(sys.stdin.read()):
+    for s in family.samples:
+        out.setdefault(s.name, []).append([s.labels, s.value])
+print(json.dumps(out))
+"#;
+    let mut child = std::process::Command::new(python)
+        .args(["-c", script])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::io::Write::write_all(&mut child.stdin.take().unwrap(), text.as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "the OpenMetrics parser refused the exposition:\n{text}");
+    let samples: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let value = |name: &str, labels: Value| -> f64 {
+        samples[name]
+            .as_array()
+            .and_then(|v| v.iter().find(|s| labels.as_object().unwrap().iter().all(|(k, x)| &s[0][k] == x)))
+            .and_then(|s| s[1].as_f64())
+            .unwrap_or_else(|| panic!("no {name} {labels} in:\n{text}"))
+    };
+    let http = |op: &str, outcome: &str| json!({"interface": "http", "operation": op, "outcome": outcome});
+    assert_eq!(value("crayon_requests_total", http("generate", "ok")), 1.0);
+    assert_eq!(value("crayon_requests_total", http("generate", "invalid")), 1.0);
+    assert_eq!(value("crayon_requests_total", http("customize", "ok")), 1.0);
+    assert!(value("crayon_prompt_tokens_total", json!({"interface": "http"})) > 0.0);
+    assert!(value("crayon_completion_tokens_total", json!({"interface": "http"})) >= 1.0);
+    assert_eq!(value("crayon_time_to_first_token_seconds_count", json!({})), 1.0);
+    assert_eq!(value("crayon_queue_wait_seconds_count", json!({})), 1.0);
+    let route = json!({"answered_by": "device", "reason": "device_only", "fallback": "false"});
+    assert_eq!(value("crayon_routing_decisions_total", route), 1.0);
+    assert_eq!(value("crayon_customizations_built_total", json!({})), 1.0);
+    assert_eq!(value("crayon_customization_build_seconds_count", json!({})), 1.0);
+    assert_eq!(value("crayon_customizations_cached", json!({})), 1.0);
+    assert_eq!(value("crayon_adapters_saved", json!({})), 1.0);
+    assert_eq!(value("crayon_breaker_open", json!({})), 0.0);
+    assert!(value("crayon_resident_memory_bytes", json!({})) > 1e7);
+}

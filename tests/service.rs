@@ -576,6 +576,15 @@ fn crayonctl_uses_the_daemon_over_its_socket() {
     let (code, out, _) = ctl(&["status"]);
     assert_eq!(code, 0);
     assert!(out.contains("crayond") && out.contains("requests 4"), "{out}");
+    // The same metrics as HTTP's GET /metrics, labelled by the interface the requests came through.
+    let (code, out, _) = ctl(&["metrics"]);
+    assert_eq!(code, 0);
+    assert!(
+        out.contains("crayon_requests_total{interface=\"socket\",operation=\"generate\",outcome=\"ok\"} 4"),
+        "{out}"
+    );
+    assert!(out.contains("crayon_requests_total{interface=\"socket\",operation=\"customize\",outcome=\"ok\"} 1"));
+    assert!(out.trim_end().ends_with("# EOF"), "{out}");
     let (code, _, err) = ctl(&["remove", "sums"]);
     assert_eq!(code, 0, "{err}");
     assert_eq!(status(&s)["failed"], 0);

@@ -32,6 +32,7 @@ use crate::config::{Config, RouteMode};
 use crate::engine::Engine;
 use crate::error::{Error, Result};
 use crate::generate::{CancelToken, GenerationParams, Prompt};
+use crate::metrics::{AnswerTiming, Interface, Metrics, Operation, Outcome};
 use crate::queue::EngineQueue;
 use crate::router::{self, Answer, AnsweredBy, Latency, Reason, Route, RouteOverrides, Router};
 use openai::{ChatRequest, Common, CompletionRequest, ResponseExtension, error_body};
@@ -56,6 +57,7 @@ pub struct Service {
     owners: Arc<std::sync::Mutex<std::collections::HashMap<String, usize>>>,
     max_per_client: usize,
     counters: Counters,
+    metrics: Arc<Metrics>,
     started: Instant,
     /// Saved adapters as the API shows them, refreshed after each change: listing never waits for
     /// the engine.
@@ -101,8 +103,10 @@ struct Counters {
 }
 
 impl Service {
-    pub fn new(engine: Engine, config: &Config) -> Result<Service> {
+    pub fn new(mut engine: Engine, config: &Config) -> Result<Service> {
         let token = crate::config::read_token(&config.server.token_file, "server.token_file")?;
+        let metrics = Arc::new(Metrics::new());
+        engine.set_metrics(Arc::clone(&metrics));
         let shared = Shared::new(&engine, config)?;
         let catalog = RwLock::new(engine.adapters().into_iter().map(adapter_json).collect());
         Ok(Service {
@@ -118,6 +122,7 @@ impl Service {
             owners: Arc::default(),
             max_per_client: config.server.max_concurrent_per_client,
             counters: Counters::default(),
+            metrics,
             started: Instant::now(),
         })
     }
@@ -130,7 +135,8 @@ impl Service {
     /// beside the old one and swapped in between two requests: nothing in flight or queued is dropped.
     /// On error the old engine keeps serving. Listen addresses, limits and tokens need a restart.
     pub fn reload(&self, config: &Config) -> Result<()> {
-        let engine = Engine::load(config)?;
+        let mut engine = Engine::load(config)?;
+        engine.set_metrics(Arc::clone(&self.metrics));
         let shared = Shared::new(&engine, config)?;
         let list = engine.adapters().into_iter().map(adapter_json).collect();
         let old = self.queue.replace(engine);
@@ -145,9 +151,10 @@ impl Service {
     /// A place among the requests in flight for `owner` (an app: a socket peer's uid, a D-Bus
     /// connection, an HTTP peer address), or [`Error::Busy`] (counted). One owner holds at most
     /// `server.max_concurrent_per_client` places, so one busy app cannot take them all.
-    pub fn try_slot(&self, owner: &str) -> Result<Slot> {
+    pub fn try_slot(&self, interface: Interface, owner: &str) -> Result<Slot> {
         let busy = |msg: String| {
             self.counters.rejected_busy.fetch_add(1, Ordering::Relaxed);
+            self.metrics.refused(interface);
             Error::Busy(msg)
         };
         let mut owners = self.owners.lock().unwrap_or_else(|p| p.into_inner());
@@ -214,6 +221,7 @@ impl Service {
     /// full `chat.completion` / `text_completion` object. The caller holds a slot ([`Service::try_slot`]).
     pub fn answer_blocking(
         &self,
+        interface: Interface,
         endpoint: Endpoint,
         client: &str,
         body: &[u8],
@@ -221,22 +229,49 @@ impl Service {
         on_text: &mut dyn FnMut(&str) -> ControlFlow<()>,
     ) -> Result<Value> {
         self.counters.requests.fetch_add(1, Ordering::Relaxed);
-        self.check_body_size(body.len())?;
-        let job = parse_job(self, body, endpoint).map_err(Error::InvalidRequest)?;
-        let done = self.execute_counted(client, &job, cancel, on_text)?;
+        let job = self
+            .check_body_size(body.len())
+            .and_then(|()| parse_job(self, body, endpoint).map_err(Error::InvalidRequest))
+            .inspect_err(|e| self.metrics.request(interface, Operation::generate, e.kind().into()))?;
+        let done = self.execute_counted(interface, client, &job, cancel, on_text)?;
         Ok(full_response(endpoint, &job.model, &done))
     }
 
     /// Customizes an adapter from a customize request body (`{"name", "examples", "calibrate",
     /// "choices"}`, as `POST /v1/crayon/adapters`), for `client`'s turn in the queue.
-    pub fn customize_blocking(&self, client: &str, body: &[u8], cancel: &CancelToken) -> Result<Value> {
-        self.check_body_size(body.len())?;
-        let req: CustomizeRequest = serde_json::from_slice(body)
-            .map_err(|e| Error::InvalidRequest(format!("malformed customize request: {e}")))?;
-        self.customize_request(client, req, cancel)
+    pub fn customize_blocking(
+        &self,
+        interface: Interface,
+        client: &str,
+        body: &[u8],
+        cancel: &CancelToken,
+    ) -> Result<Value> {
+        let parsed = self.check_body_size(body.len()).and_then(|()| {
+            serde_json::from_slice::<CustomizeRequest>(body)
+                .map_err(|e| Error::InvalidRequest(format!("malformed customize request: {e}")))
+        });
+        match parsed {
+            Ok(req) => self.customize_request(interface, client, req, cancel),
+            Err(e) => {
+                self.metrics.request(interface, Operation::customize, e.kind().into());
+                Err(e)
+            }
+        }
     }
 
-    fn customize_request(&self, client: &str, req: CustomizeRequest, cancel: &CancelToken) -> Result<Value> {
+    fn customize_request(
+        &self,
+        interface: Interface,
+        client: &str,
+        req: CustomizeRequest,
+        cancel: &CancelToken,
+    ) -> Result<Value> {
+        let result = self.customize_unrecorded(client, req, cancel);
+        self.metrics.request(interface, Operation::customize, outcome(&result));
+        result
+    }
+
+    fn customize_unrecorded(&self, client: &str, req: CustomizeRequest, cancel: &CancelToken) -> Result<Value> {
         if req.calibrate {
             router::check_calibration(&req.examples, &req.choices)?;
         }
@@ -282,23 +317,68 @@ impl Service {
     }
 
     /// Removes a saved adapter, for `client`'s turn in the queue.
-    pub fn remove_blocking(&self, client: &str, name: &str, cancel: &CancelToken) -> Result<Value> {
-        let mut engine = self.queue.lock(client, cancel)?;
-        let r = engine.remove_adapter(name);
-        self.refresh_catalog(&engine);
-        Ok(json!({"removed": adapter_json(&r?)}))
+    pub fn remove_blocking(
+        &self,
+        interface: Interface,
+        client: &str,
+        name: &str,
+        cancel: &CancelToken,
+    ) -> Result<Value> {
+        let result = self.queue.lock(client, cancel).and_then(|mut engine| {
+            let r = engine.remove_adapter(name);
+            self.refresh_catalog(&engine);
+            Ok(json!({"removed": adapter_json(&r?)}))
+        });
+        self.metrics.request(interface, Operation::remove, outcome(&result));
+        result
+    }
+
+    /// The metrics exposition (`GET /metrics`), with the state gauges read now (never waits for the
+    /// engine).
+    pub fn metrics_text(&self) -> String {
+        let q = self.queue.stats();
+        let sh = self.shared();
+        self.metrics.encode(crate::metrics::State {
+            queue_waiting: q.waiting,
+            in_flight: self.in_flight(),
+            adapters_saved: self.catalog.read().unwrap_or_else(|p| p.into_inner()).len(),
+            breaker_open: sh.router.remote().is_some_and(|r| r.breaker_open()),
+            uptime_s: self.started.elapsed().as_secs_f64(),
+        })
     }
 
     fn execute_counted(
         &self,
+        interface: Interface,
         client: &str,
         job: &Job,
         cancel: &CancelToken,
         on_text: &mut dyn FnMut(&str) -> ControlFlow<()>,
     ) -> Result<Done> {
+        let started = Instant::now();
+        let mut first_text: Option<f64> = None;
+        let mut timed = |t: &str| {
+            if first_text.is_none() && !t.is_empty() {
+                first_text = Some(started.elapsed().as_secs_f64());
+            }
+            on_text(t)
+        };
         let result =
-            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| execute(self, client, job, cancel, on_text)))
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| execute(self, client, job, cancel, &mut timed)))
                 .unwrap_or_else(|_| Err(Error::Internal("the request handler panicked".into())));
+        self.metrics.request(interface, Operation::generate, outcome(&result));
+        if let Ok(done) = &result {
+            let a = &done.answer;
+            // A non-streamed answer's text arrives all at once at the end.
+            let first_text_s = first_text.or((!a.text.is_empty()).then(|| started.elapsed().as_secs_f64()));
+            let timing = AnswerTiming {
+                prompt_tokens: a.prompt_tokens,
+                completion_tokens: a.completion_tokens,
+                first_text_s,
+                total_s: started.elapsed().as_secs_f64(),
+            };
+            self.metrics.answered(interface, &timing, &a.route);
+        }
         let c = &self.counters;
         match &result {
             Ok(done) => {
@@ -367,6 +447,14 @@ fn body_too_large(limit: usize) -> String {
     format!("request over {limit} bytes (server.max_body_bytes)")
 }
 
+/// A finished request's outcome label.
+fn outcome<T>(r: &Result<T>) -> Outcome {
+    match r {
+        Ok(_) => Outcome::ok,
+        Err(e) => e.kind().into(),
+    }
+}
+
 /// A place among the requests in flight ([`Service::try_slot`]); freed when dropped.
 pub struct Slot {
     _permit: OwnedSemaphorePermit,
@@ -431,6 +519,7 @@ pub fn check_listen(listen: &str, config: &Config) -> Result<SocketAddr> {
 pub fn app(service: Arc<Service>) -> HttpRouter {
     HttpRouter::new()
         .route("/health", get(health))
+        .route("/metrics", get(metrics))
         .route("/v1/models", get(models))
         .route("/v1/chat/completions", post(chat_completions))
         .route("/v1/completions", post(completions))
@@ -535,6 +624,12 @@ async fn health(State(s): State<Arc<Service>>) -> Response {
     axum::Json(s.status()).into_response()
 }
 
+/// Prometheus / OpenMetrics text (`crate::metrics`). Like `/health`, no token: it carries counts and
+/// timings, never prompts, answers or adapter names.
+async fn metrics(State(s): State<Arc<Service>>) -> Response {
+    ([(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)], s.metrics_text()).into_response()
+}
+
 async fn models(State(s): State<Arc<Service>>, headers: HeaderMap) -> Response {
     if let Some(r) = unauthorized(&s, &headers) {
         return r;
@@ -604,7 +699,7 @@ async fn customize(State(s): State<Arc<Service>>, client: HttpClient, headers: H
             return error_response(&e);
         }
     }
-    let permit = match s.try_slot(&client.0) {
+    let permit = match s.try_slot(Interface::http, &client.0) {
         Ok(p) => p,
         Err(e) => return Service::busy(&e),
     };
@@ -613,7 +708,7 @@ async fn customize(State(s): State<Arc<Service>>, client: HttpClient, headers: H
     let _guard = CancelOnDrop(cancel.clone());
     let joined = tokio::task::spawn_blocking(move || {
         let _permit = permit;
-        worker.customize_request(&client.0, req, &cancel)
+        worker.customize_request(Interface::http, &client.0, req, &cancel)
     })
     .await;
     match joined {
@@ -632,14 +727,14 @@ async fn remove_adapter(
     if let Some(r) = unauthorized(&s, &headers) {
         return r;
     }
-    let permit = match s.try_slot(&client.0) {
+    let permit = match s.try_slot(Interface::http, &client.0) {
         Ok(p) => p,
         Err(e) => return Service::busy(&e),
     };
     let worker = s.clone();
     let removed = tokio::task::spawn_blocking(move || {
         let _permit = permit;
-        worker.remove_blocking(&client.0, &name, &CancelToken::new())
+        worker.remove_blocking(Interface::http, &client.0, &name, &CancelToken::new())
     });
     match removed.await {
         Ok(Ok(v)) => axum::Json(v).into_response(),
@@ -726,13 +821,19 @@ async fn handle(s: Arc<Service>, client: HttpClient, headers: HeaderMap, body: B
     // The body first: a slow upload must not hold a model slot.
     let bytes = match s.read_body(body).await {
         Ok(b) => b,
-        Err(r) => return r,
+        Err(r) => {
+            s.metrics.request(Interface::http, Operation::generate, Outcome::invalid);
+            return r;
+        }
     };
     let job = match parse_job(&s, &bytes, endpoint) {
         Ok(j) => j,
-        Err(msg) => return fail(StatusCode::BAD_REQUEST, &msg, "invalid_request_error"),
+        Err(msg) => {
+            s.metrics.request(Interface::http, Operation::generate, Outcome::invalid);
+            return fail(StatusCode::BAD_REQUEST, &msg, "invalid_request_error");
+        }
     };
-    let permit = match s.try_slot(&client.0) {
+    let permit = match s.try_slot(Interface::http, &client.0) {
         Ok(p) => p,
         Err(e) => return Service::busy(&e),
     };
@@ -818,7 +919,7 @@ async fn run_job(s: Arc<Service>, client: HttpClient, job: Job, permit: Slot) ->
                 Err(_) => ControlFlow::Break(()), // the client is gone
             }
         };
-        let msg = match worker.execute_counted(&client.0, &job, &cancel, &mut on_text) {
+        let msg = match worker.execute_counted(Interface::http, &client.0, &job, &cancel, &mut on_text) {
             Ok(done) => Msg::Done(Box::new(done)),
             Err(e) => Msg::Failed(e),
         };

@@ -27,6 +27,7 @@ use serde_json::{Value, json};
 use crate::config::SocketConfig;
 use crate::error::{Error, Result};
 use crate::generate::CancelToken;
+use crate::metrics::Interface;
 use crate::server::{Endpoint, Service};
 use proto::{Code, Op, PROTOCOL_VERSION, Split, error_event, frame, split_frame};
 
@@ -511,6 +512,11 @@ impl Loop {
                 self.send(id, &json!({"id": rid, "event": "done", "result": status}));
                 return;
             }
+            Op::Metrics => {
+                let text = self.service.metrics_text();
+                self.send(id, &json!({"id": rid, "event": "done", "result": {"text": text}}));
+                return;
+            }
             Op::Adapters => {
                 let list = self.service.catalog();
                 self.send(id, &json!({"id": rid, "event": "done", "result": {"data": list}}));
@@ -535,7 +541,7 @@ impl Loop {
             return;
         }
         // Places are shared per uid (an app), whichever of its connections asks.
-        let permit = match self.service.try_slot(&format!("uid:{}", conn.peer.uid)) {
+        let permit = match self.service.try_slot(Interface::socket, &format!("uid:{}", conn.peer.uid)) {
             Ok(p) => p,
             Err(e) => {
                 self.send(id, &error_event(Some(rid), Code::Busy, &e.to_string()));
@@ -675,7 +681,7 @@ fn run_request(
                     std::ops::ControlFlow::Continue(())
                 }
             };
-            let v = service.answer_blocking(endpoint, client, &bytes, cancel, &mut on_text)?;
+            let v = service.answer_blocking(Interface::socket, endpoint, client, &bytes, cancel, &mut on_text)?;
             if cancel.is_cancelled() {
                 return Err(Error::Cancelled);
             }
@@ -683,9 +689,11 @@ fn run_request(
         }
         Op::Customize { body } => {
             let bytes = serde_json::to_vec(&body).map_err(|e| Error::InvalidRequest(e.to_string()))?;
-            service.customize_blocking(client, &bytes, cancel)
+            service.customize_blocking(Interface::socket, client, &bytes, cancel)
         }
-        Op::Remove { name } => service.remove_blocking(client, &name, cancel),
-        Op::Status | Op::Adapters | Op::Cancel { .. } => Err(Error::Internal("answered by the event loop".into())),
+        Op::Remove { name } => service.remove_blocking(Interface::socket, client, &name, cancel),
+        Op::Status | Op::Metrics | Op::Adapters | Op::Cancel { .. } => {
+            Err(Error::Internal("answered by the event loop".into()))
+        }
     }
 }

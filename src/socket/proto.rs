@@ -80,6 +80,8 @@ pub enum Op {
     Remove { name: String },
     /// Service status and counters.
     Status,
+    /// The metrics exposition (OpenMetrics text, as `GET /metrics`): `{"text": ...}`.
+    Metrics,
     /// Cancels this connection's request `target` (answered by that request's `cancelled` error).
     Cancel { target: u64 },
 }

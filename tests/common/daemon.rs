@@ -66,6 +66,13 @@ impl Daemon {
         serde_json::from_str(&r.body_mut().read_to_string().unwrap()).unwrap()
     }
 
+    /// A GET's status, content type and body text.
+    pub fn get_text(&self, path: &str) -> (u16, String, String) {
+        let mut r = agent().get(&format!("{}{path}", self.url)).call().unwrap();
+        let ctype = r.headers().get("content-type").and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
+        (r.status().as_u16(), ctype, r.body_mut().read_to_string().unwrap())
+    }
+
     pub fn health(&self) -> Value {
         self.get("/health")
     }

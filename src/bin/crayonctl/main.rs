@@ -61,6 +61,9 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// The service's metrics in OpenMetrics / Prometheus text, as HTTP `GET /metrics` serves them
+    /// (needs --socket; e.g. for node_exporter's textfile collector)
+    Metrics,
 }
 
 #[derive(clap::Args)]
@@ -214,9 +217,9 @@ fn run(cli: &Cli) -> crayon::Result<()> {
             println!("removed adapter '{name}'");
             Ok(())
         }
-        Command::Status { .. } => {
-            Err(crayon::Error::InvalidRequest("`status` reports on the crayond service: add --socket[=PATH]".into()))
-        }
+        Command::Status { .. } | Command::Metrics => Err(crayon::Error::InvalidRequest(
+            "`status` and `metrics` report on the crayond service: add --socket[=PATH]".into(),
+        )),
     }
 }
 
@@ -232,6 +235,7 @@ fn run_remote(cli: &Cli, path: &str) -> Result<(), remote::RemoteError> {
         Command::Adapters { json } => daemon.adapters(*json),
         Command::Remove { name } => daemon.remove(name),
         Command::Status { json } => daemon.status(*json),
+        Command::Metrics => daemon.metrics(),
     }
 }
 

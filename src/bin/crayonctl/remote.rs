@@ -213,6 +213,12 @@ impl Remote {
         Ok(())
     }
 
+    pub fn metrics(&mut self) -> Result<()> {
+        let r = self.call_quiet(json!({"op": "metrics"}))?;
+        print!("{}", r["text"].as_str().unwrap_or_default());
+        Ok(())
+    }
+
     pub fn status(&mut self, json: bool) -> Result<()> {
         let r = self.call_quiet(json!({"op": "status"}))?;
         if json {
