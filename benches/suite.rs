@@ -112,6 +112,11 @@ struct Args {
     /// to the same tasks as "LABEL: method" (repeatable)
     #[arg(long, value_name = "LABEL=RESULTS_JSON")]
     with_methods: Vec<String>,
+    /// With --from-results: take the server methods (`server plain model`, `server + Crayon blend`)
+    /// from another run of the same questions — the server's answers do not depend on the device
+    /// model, so a --light or --no-server run (e.g. on the 4-bit folder) gets its hybrid curve
+    #[arg(long, value_name = "RESULTS_JSON")]
+    server_from: Option<PathBuf>,
     /// With --from-results: the method the table's difference column compares every other with
     #[arg(long, default_value = "Crayon blend")]
     reference: String,
@@ -213,6 +218,11 @@ fn main() -> anyhow::Result<()> {
             let other: Vec<TaskResult> =
                 serde_json::from_str(&std::fs::read_to_string(path)?).with_context(|| format!("reading {path}"))?;
             add_methods(&mut results, label, other);
+        }
+        if let Some(path) = &args.server_from {
+            let other: Vec<TaskResult> = serde_json::from_str(&std::fs::read_to_string(path)?)
+                .with_context(|| format!("reading {}", path.display()))?;
+            server_methods_from(&mut results, other)?;
         }
         let manifest: serde_json::Value = std::fs::read_to_string(repo().join(&args.pool).join("pool.json"))
             .ok()
@@ -390,6 +400,22 @@ fn add_methods(results: &mut [TaskResult], label: &str, other: Vec<TaskResult>) 
             r.weights.extend(o.weights.into_iter().map(|(n, w)| (format!("{label}: {n}"), w)));
         }
     }
+}
+
+/// The server methods of `other` (another run of the same tasks) into `results`, after checking that
+/// both asked the same questions (the same gold options, in order).
+fn server_methods_from(results: &mut [TaskResult], other: Vec<TaskResult>) -> anyhow::Result<()> {
+    for mut o in other {
+        let Some(r) = results.iter_mut().find(|r| r.name == o.name) else { continue };
+        let gold = |t: &TaskResult| t.methods.get("base zero-shot").map(|m| m.gold.clone());
+        anyhow::ensure!(gold(r) == gold(&o), "--server-from: task {} asked other questions", r.name);
+        for name in ["server plain model", "server + Crayon blend"] {
+            if let Some(m) = o.methods.remove(name) {
+                r.methods.insert(name.to_string(), m);
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Orders the tasks round-robin over their families, so that an interrupted run has measured each
@@ -1175,9 +1201,10 @@ fn report(results: &[TaskResult], screen: &[TaskResult], args: &Args, seconds: f
     let n_items: usize = results.iter().map(|r| r.methods.values().next().map_or(0, |o| o.right.len())).sum();
     let _ = writeln!(
         s,
-        "### Customization benchmark v2: {} tasks, {n_items} test questions (up to {} per task), device SmolLM2-135M-Instruct ({}), server Qwen2.5-Coder-0.5B-Instruct; scoring {:?}/{:?}; {:.0} s on x86-64, 2 cores{}\n",
+        "### Customization benchmark v2: {} tasks, {n_items} test questions (up to {} per task), device SmolLM2-135M-Instruct ({}, {}), server Qwen2.5-Coder-0.5B-Instruct; scoring {:?}/{:?}; {:.0} s on x86-64, 2 cores{}\n",
         results.len(),
         args.per_task,
+        args.model.display(),
         args.pool.display(),
         scoring.0,
         scoring.1,
