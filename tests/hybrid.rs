@@ -351,6 +351,16 @@ fn http_api_rejects_bad_requests_precisely_and_keeps_serving() {
         ),
         (json!({"messages": [{"role": "user", "content": "x"}], "stop": [""]}), 400, "stop"),
         (json!({"messages": [{"role": "user", "content": "x"}], "n": 3}), 400, "n = 3"),
+        // Fields that would change the answer are refused by name, never silently ignored.
+        (json!({"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]}), 400, "'tools'"),
+        (
+            json!({"messages": [{"role": "user", "content": "x"}], "response_format": {"type": "json_object"}}),
+            400,
+            "'response_format'",
+        ),
+        (json!({"messages": [{"role": "user", "content": "x"}], "logit_bias": {"50256": -100}}), 400, "'logit_bias'"),
+        (json!({"messages": [{"role": "user", "content": "x"}], "frequency_penalty": 0.5}), 400, "'frequency_penalty'"),
+        (json!({"messages": [{"role": "user", "content": "x"}], "logprobs": true}), 400, "'logprobs'"),
         (json!({"messages": [{"role": "user", "content": "x"}], "crayon": {"wieghts": []}}), 400, "wieghts"),
         (json!({"messages": [{"role": "user", "content": "x"}], "temperature": -1}), 400, "temperature"),
         (json!({"model": "nope", "messages": [{"role": "user", "content": "x"}]}), 404, "nope"),
@@ -381,6 +391,15 @@ fn http_api_rejects_bad_requests_precisely_and_keeps_serving() {
     assert_eq!(ok, 200, "{reply}");
     assert!(reply["usage"]["completion_tokens"].as_u64().unwrap() <= 50, "{reply}");
     assert_eq!(d.get("/v1/models")["data"][0]["id"], "tiny");
+    // Their no-op values, and fields that change nothing (user), are accepted.
+    let (ok, reply) = chat(json!({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, "tools": [],
+        "response_format": {"type": "text"}, "presence_penalty": 0, "logprobs": false, "user": "app-7"}));
+    assert_eq!(ok, 200, "{reply}");
+    // models.retrieve: the base model by id; an unknown id is a 404 naming it.
+    assert_eq!(d.get("/v1/models/tiny")["id"], "tiny");
+    let (status, _, body) = d.get_text("/v1/models/nope");
+    assert_eq!(status, 404, "{body}");
+    assert!(body.contains("model_not_found") && body.contains("nope"), "{body}");
 }
 
 #[test]

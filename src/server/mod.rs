@@ -521,6 +521,7 @@ pub fn app(service: Arc<Service>) -> HttpRouter {
         .route("/health", get(health))
         .route("/metrics", get(metrics))
         .route("/v1/models", get(models))
+        .route("/v1/models/{id}", get(model))
         .route("/v1/chat/completions", post(chat_completions))
         .route("/v1/completions", post(completions))
         .route("/v1/crayon/adapters", get(list_adapters).post(customize))
@@ -634,12 +635,41 @@ async fn models(State(s): State<Arc<Service>>, headers: HeaderMap) -> Response {
     if let Some(r) = unauthorized(&s, &headers) {
         return r;
     }
-    let model_id = s.shared().model_id.clone();
-    let mut data = vec![json!({"id": model_id, "object": "model", "created": 0, "owned_by": "crayon"})];
-    data.extend(s.catalog().into_iter().map(|a| {
-        json!({"id": a["name"], "object": "model", "created": a["created"], "owned_by": "crayon", "parent": model_id})
-    }));
-    axum::Json(json!({"object": "list", "data": data})).into_response()
+    axum::Json(json!({"object": "list", "data": s.model_objects()})).into_response()
+}
+
+/// `GET /v1/models/{id}`: the base model or a saved adapter, as OpenAI's `models.retrieve` expects.
+async fn model(
+    State(s): State<Arc<Service>>,
+    headers: HeaderMap,
+    axum::extract::Path(id): axum::extract::Path<String>,
+) -> Response {
+    if let Some(r) = unauthorized(&s, &headers) {
+        return r;
+    }
+    match s.model_objects().into_iter().find(|m| m["id"] == id.as_str()) {
+        Some(m) => axum::Json(m).into_response(),
+        None => {
+            let body = error_body(
+                &format!("no model '{id}' (see GET /v1/models)"),
+                "invalid_request_error",
+                Some("model_not_found"),
+            );
+            (StatusCode::NOT_FOUND, axum::Json(body)).into_response()
+        }
+    }
+}
+
+impl Service {
+    /// The base model and every saved adapter as OpenAI model objects.
+    fn model_objects(&self) -> Vec<Value> {
+        let model_id = self.shared().model_id.clone();
+        let mut data = vec![json!({"id": model_id, "object": "model", "created": 0, "owned_by": "crayon"})];
+        data.extend(self.catalog().into_iter().map(|a| {
+            json!({"id": a["name"], "object": "model", "created": a["created"], "owned_by": "crayon", "parent": model_id})
+        }));
+        data
+    }
 }
 
 /// What the API shows of a customization (not the example embeddings).

@@ -1,6 +1,9 @@
 //! OpenAI-compatible request and response bodies (`/v1/chat/completions`, `/v1/completions`), plus
-//! the `crayon` extension object (`docs/http.md`). Unknown top-level fields are ignored, as OpenAI
-//! clients send many; unknown fields *inside* `crayon` are rejected (a typo there changes routing).
+//! the `crayon` extension object (`docs/http.md`). Known OpenAI fields this server does not implement
+//! (tools, response_format, logit_bias, penalties, logprobs, ...) are refused with a 400 naming the
+//! field when set to anything but their no-op value — never silently ignored; other unknown top-level
+//! fields (`user`, `metadata`, ...) are ignored, as OpenAI clients send many. Unknown fields *inside*
+//! `crayon` are rejected (a typo there changes routing).
 
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
@@ -42,6 +45,46 @@ pub struct Common {
     pub stream: bool,
     pub n: Option<usize>,
     pub crayon: Option<Extension>,
+    /// Every other top-level field, checked by [`Common::check_unsupported`].
+    #[serde(flatten)]
+    pub other: serde_json::Map<String, Value>,
+}
+
+/// OpenAI request fields that change the answer and that this server does not implement.
+const UNSUPPORTED: &[&str] = &[
+    "tools",
+    "tool_choice",
+    "functions",
+    "function_call",
+    "parallel_tool_calls",
+    "response_format",
+    "logit_bias",
+    "presence_penalty",
+    "frequency_penalty",
+    "repetition_penalty",
+    "logprobs",
+    "top_logprobs",
+    "echo",
+    "best_of",
+    "suffix",
+    "audio",
+    "modalities",
+    "prediction",
+];
+
+/// Whether `value` asks for nothing (so the field can be accepted): null, false, 0, empty, a
+/// `response_format` of plain text, a `tool_choice` of none, `best_of` 1.
+fn is_noop(field: &str, value: &Value) -> bool {
+    match (field, value) {
+        (_, Value::Null) | (_, Value::Bool(false)) => true,
+        (_, Value::Array(a)) => a.is_empty(),
+        ("response_format", Value::Object(o)) => o.get("type").and_then(Value::as_str) == Some("text") && o.len() == 1,
+        (_, Value::Object(o)) => o.is_empty(),
+        ("tool_choice", Value::String(s)) => s == "none",
+        ("best_of", Value::Number(n)) => n.as_f64() == Some(1.0),
+        (_, Value::Number(n)) => n.as_f64() == Some(0.0),
+        _ => false,
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -126,8 +169,17 @@ impl CompletionRequest {
 }
 
 impl Common {
+    /// A 400's message for the first field of [`UNSUPPORTED`] the request sets to something.
+    pub fn check_unsupported(&self) -> Result<(), String> {
+        match UNSUPPORTED.iter().find(|f| self.other.get(**f).is_some_and(|v| !is_noop(f, v))) {
+            Some(f) => Err(format!("'{f}' is not supported by this server (docs/http.md)")),
+            None => Ok(()),
+        }
+    }
+
     /// Generation parameters: the request's values over the config defaults, within `max_tokens_limit`.
     pub fn params(&self, defaults: GenerationParams, max_tokens_limit: usize) -> Result<GenerationParams, String> {
+        self.check_unsupported()?;
         let mut p = defaults;
         if let Some(n) = self.n.filter(|&n| n != 1) {
             return Err(format!("n = {n} is not supported (only 1)"));
