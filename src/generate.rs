@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use ort::session::RunOptions;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::chat::Message;
 use crate::choices::{self, ChoiceJob, OptionScore, ScoringOverrides};
@@ -38,7 +38,13 @@ pub struct GenerationParams {
     pub choices: Vec<String>,
     /// Per-request overrides of `[choices]` scoring.
     pub choice_scoring: ScoringOverrides,
+    /// Report each generated token's log-probability with this many most likely alternatives
+    /// (OpenAI `logprobs` / `top_logprobs`; at most [`MAX_TOP_LOGPROBS`]); `None`: not reported.
+    pub logprobs: Option<usize>,
 }
+
+/// Most alternatives per token `logprobs` may ask for (OpenAI's limit).
+pub const MAX_TOP_LOGPROBS: usize = 20;
 
 impl GenerationParams {
     pub fn from_config(g: &GenerationConfig) -> GenerationParams {
@@ -49,6 +55,7 @@ impl GenerationParams {
             adapter: None,
             choices: Vec::new(),
             choice_scoring: ScoringOverrides::default(),
+            logprobs: None,
         }
     }
 }
@@ -74,6 +81,32 @@ pub struct TokenInfo {
     pub top_logprob: f32,
 }
 
+/// A token's log-probability as OpenAI reports it (`logprobs.content[]` of a chat completion): its
+/// text, its bytes (a byte-level token can be part of a UTF-8 character) and the most likely
+/// alternatives at its position. Log-probabilities are the model's (before temperature or top-p).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct TokenLogprob {
+    pub token: String,
+    pub logprob: f32,
+    pub bytes: Vec<u8>,
+    #[serde(default)]
+    pub top_logprobs: Vec<TopLogprob>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct TopLogprob {
+    pub token: String,
+    pub logprob: f32,
+    pub bytes: Vec<u8>,
+}
+
+impl TopLogprob {
+    fn of(tokenizer: &Tokenizer, id: u32, logprob: f32) -> TopLogprob {
+        let bytes = tokenizer.token_bytes(id);
+        TopLogprob { token: String::from_utf8_lossy(&bytes).into_owned(), logprob, bytes }
+    }
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct Generation {
     pub text: String,
@@ -89,6 +122,9 @@ pub struct Generation {
     /// How sure the model is of the chosen option (`[choices] confidence`; `crate::choices`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub choice_confidence: Option<f32>,
+    /// Per generated token (or the chosen option's tokens), when `params.logprobs` asked for them.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub logprobs: Vec<TokenLogprob>,
     #[serde(serialize_with = "as_secs")]
     pub prefill_time: Duration,
     #[serde(serialize_with = "as_secs")]
@@ -109,6 +145,7 @@ impl Generation {
             choice_probs: Vec::new(),
             choice_scores: Vec::new(),
             choice_confidence: None,
+            logprobs: Vec::new(),
             prefill_time: Duration::ZERO,
             decode_time: Duration::ZERO,
         }
@@ -229,6 +266,13 @@ fn decode_loop(
             finish = FinishReason::Stop;
             break;
         }
+        // Tokens of the answer only (not the end-of-turn token), as OpenAI reports them.
+        if let Some(k) = params.logprobs {
+            let top = crate::sampler::top_logprobs(&logits, k.min(MAX_TOP_LOGPROBS));
+            let TopLogprob { token, bytes, .. } = TopLogprob::of(tokenizer, c.token, c.logprob);
+            let top_logprobs = top.into_iter().map(|(id, lp)| TopLogprob::of(tokenizer, id, lp)).collect();
+            out.logprobs.push(TokenLogprob { token, logprob: c.logprob, bytes, top_logprobs });
+        }
         let (ready, hit) = stops.push(&stream.push(tokenizer, c.token)?);
         if emit(&mut out, &ready).is_break() {
             finish = FinishReason::Cancelled;
@@ -332,6 +376,17 @@ fn choose(
     out.choice_probs = scored.probs;
     out.choice_scores = scored.options;
     out.choice_confidence = Some(scored.confidence);
+    if job.params.logprobs.is_some() {
+        // The chosen option's tokens (their alternatives are not computed by option scoring).
+        out.logprobs = out
+            .tokens
+            .iter()
+            .map(|t| {
+                let TopLogprob { token, bytes, .. } = TopLogprob::of(job.tokenizer, t.id, t.logprob);
+                TokenLogprob { token, logprob: t.logprob, bytes, top_logprobs: Vec::new() }
+            })
+            .collect();
+    }
     out.finish_reason = FinishReason::Stop;
     if on_text(&out.text).is_break() {
         out.finish_reason = FinishReason::Cancelled;

@@ -53,6 +53,22 @@ pub struct Sampler {
     scratch: Vec<(u32, f32)>,
 }
 
+/// The `k` most likely tokens of a row of logits with their log-probabilities, most likely first.
+pub fn top_logprobs(logits: &[f32], k: usize) -> Vec<(u32, f32)> {
+    if k == 0 || logits.is_empty() {
+        return Vec::new();
+    }
+    let (_, max) = argmax(logits);
+    let log_z = max + logits.iter().map(|&l| (l - max).exp()).sum::<f32>().ln();
+    let mut ids: Vec<u32> = (0..logits.len() as u32).collect();
+    let k = k.min(ids.len());
+    let desc = |a: &u32, b: &u32| logits[*b as usize].total_cmp(&logits[*a as usize]);
+    ids.select_nth_unstable_by(k - 1, desc);
+    ids.truncate(k);
+    ids.sort_by(desc);
+    ids.into_iter().map(|i| (i, logits[i as usize] - log_z)).collect()
+}
+
 impl Sampler {
     pub fn new(params: SamplingParams) -> Sampler {
         let rng = match params.seed {

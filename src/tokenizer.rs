@@ -33,6 +33,21 @@ impl Tokenizer {
             .map_err(|e| Error::Tokenizer { path: self.path.clone(), msg: format!("cannot decode: {e}") })
     }
 
+    /// The bytes token `id` stands for: byte-level BPE vocabularies spell bytes as printable
+    /// characters (GPT-2's table, "Ġ" for a space), mapped back here; special tokens are their text.
+    pub fn token_bytes(&self, id: u32) -> Vec<u8> {
+        let Some(piece) = self.inner.id_to_token(id) else { return Vec::new() };
+        let table = byte_level_inverse();
+        let mut out = Vec::with_capacity(piece.len());
+        for c in piece.chars() {
+            match table.get(&c) {
+                Some(&b) => out.push(b),
+                None => out.extend_from_slice(c.encode_utf8(&mut [0; 4]).as_bytes()),
+            }
+        }
+        out
+    }
+
     pub fn token_id(&self, token: &str) -> Option<u32> {
         self.inner.token_to_id(token)
     }
@@ -40,6 +55,27 @@ impl Tokenizer {
     pub fn vocab_size(&self) -> usize {
         self.inner.get_vocab_size(true)
     }
+}
+
+/// GPT-2's byte-to-character table, inverted: printable bytes are themselves, the other 68 are
+/// spelled as the characters from U+0100 on, in byte order.
+fn byte_level_inverse() -> &'static std::collections::HashMap<char, u8> {
+    static TABLE: std::sync::OnceLock<std::collections::HashMap<char, u8>> = std::sync::OnceLock::new();
+    TABLE.get_or_init(|| {
+        let printable = |b: u8| matches!(b, b'!'..=b'~' | 0xA1..=0xAC | 0xAE..=0xFF);
+        let mut next = 256u32;
+        (0..=255u8)
+            .map(|b| {
+                let c = if printable(b) {
+                    char::from(b)
+                } else {
+                    next += 1;
+                    char::from_u32(next - 1).unwrap_or('\u{FFFD}')
+                };
+                (c, b)
+            })
+            .collect()
+    })
 }
 
 /// Turns a growing list of token ids into text deltas. Byte-level BPE tokens can end in the middle

@@ -18,6 +18,7 @@ fn greedy(max_new_tokens: usize) -> GenerationParams {
         adapter: None,
         choices: vec![],
         choice_scoring: Default::default(),
+        logprobs: None,
     }
 }
 

@@ -360,7 +360,13 @@ fn http_api_rejects_bad_requests_precisely_and_keeps_serving() {
         ),
         (json!({"messages": [{"role": "user", "content": "x"}], "logit_bias": {"50256": -100}}), 400, "'logit_bias'"),
         (json!({"messages": [{"role": "user", "content": "x"}], "frequency_penalty": 0.5}), 400, "'frequency_penalty'"),
-        (json!({"messages": [{"role": "user", "content": "x"}], "logprobs": true}), 400, "'logprobs'"),
+        (json!({"messages": [{"role": "user", "content": "x"}], "logprobs": true, "stream": true}), 400, "stream"),
+        (
+            json!({"messages": [{"role": "user", "content": "x"}], "logprobs": true, "top_logprobs": 21}),
+            400,
+            "at most 20",
+        ),
+        (json!({"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}), 400, "needs 'logprobs'"),
         (json!({"messages": [{"role": "user", "content": "x"}], "crayon": {"wieghts": []}}), 400, "wieghts"),
         (json!({"messages": [{"role": "user", "content": "x"}], "temperature": -1}), 400, "temperature"),
         (json!({"model": "nope", "messages": [{"role": "user", "content": "x"}]}), 404, "nope"),
@@ -876,4 +882,64 @@ print(json.dumps(out))
     assert_eq!(value("crayon_adapters_saved", json!({})), 1.0);
     assert_eq!(value("crayon_breaker_open", json!({})), 0.0);
     assert!(value("crayon_resident_memory_bytes", json!({})) > 1e7);
+}
+
+/// OpenAI `logprobs` (issue #15): per answer token its log-probability, bytes and the most likely
+/// alternatives, in the chat shape and the legacy completions shape; greedy answers are their own
+/// most likely token, and the tokens' bytes spell the answer.
+#[test]
+fn logprobs_report_each_answer_token_with_its_alternatives_in_both_openai_shapes() {
+    let state = tempfile::tempdir().unwrap();
+    let d = Daemon::start(&tiny_config(None, state.path(), ""));
+    let (status, r) = d.post(
+        "/v1/chat/completions",
+        &json!({"messages": [{"role": "user", "content": "Say hi"}], "max_tokens": 6, "temperature": 0,
+                "logprobs": true, "top_logprobs": 3}),
+    );
+    assert_eq!(status, 200, "{r}");
+    let content = r["choices"][0]["logprobs"]["content"].as_array().unwrap().clone();
+    assert!(!content.is_empty() && content.len() <= 6, "{r}");
+    let mut bytes = Vec::new();
+    for t in &content {
+        let top = t["top_logprobs"].as_array().unwrap();
+        assert_eq!(top.len(), 3, "{t}");
+        let lps: Vec<f64> = top.iter().map(|a| a["logprob"].as_f64().unwrap()).collect();
+        assert!(lps.windows(2).all(|w| w[0] >= w[1]) && lps[0] <= 0.0, "most likely first: {t}");
+        assert_eq!(top[0]["token"], t["token"], "greedy picks the most likely token: {t}");
+        assert!((t["logprob"].as_f64().unwrap() - lps[0]).abs() < 1e-5, "{t}");
+        bytes.extend(t["bytes"].as_array().unwrap().iter().map(|b| b.as_u64().unwrap() as u8));
+    }
+    let text = r["choices"][0]["message"]["content"].as_str().unwrap();
+    assert_eq!(String::from_utf8_lossy(&bytes), text, "the tokens spell the answer");
+    // Not asked: null, as OpenAI answers.
+    let (_, plain) =
+        d.post("/v1/chat/completions", &json!({"messages": [{"role": "user", "content": "Say hi"}], "max_tokens": 2}));
+    assert!(plain["choices"][0]["logprobs"].is_null(), "{plain}");
+    // Completions: logprobs = k alternatives, as token -> logprob maps, with text offsets.
+    let (status, r) =
+        d.post("/v1/completions", &json!({"prompt": "The sky is", "max_tokens": 4, "temperature": 0, "logprobs": 2}));
+    assert_eq!(status, 200, "{r}");
+    let lp = &r["choices"][0]["logprobs"];
+    let tokens: Vec<&str> = lp["tokens"].as_array().unwrap().iter().map(|t| t.as_str().unwrap()).collect();
+    assert_eq!(tokens.concat(), r["choices"][0]["text"].as_str().unwrap(), "{r}");
+    assert_eq!(lp["token_logprobs"].as_array().unwrap().len(), tokens.len());
+    assert_eq!(lp["text_offset"][0], 0);
+    assert!(lp["top_logprobs"].as_array().unwrap().iter().all(|m| m.as_object().unwrap().len() <= 2), "{lp}");
+}
+
+/// A request the server answers carries the server's log-probabilities: the device asks the server
+/// for them and passes them through (its own model's would not describe the server's answer).
+#[test]
+fn logprobs_of_an_offloaded_answer_are_the_servers() {
+    let srv = server();
+    let dev = device(&srv.url, "server_only", "");
+    let body = json!({"messages": [{"role": "user", "content": "Say hi"}], "max_tokens": 4, "temperature": 0,
+                      "logprobs": true, "top_logprobs": 2});
+    let (status, via_device) = dev.post("/v1/chat/completions", &body);
+    assert_eq!(status, 200, "{via_device}");
+    assert_eq!(route(&via_device), ("server", "server_only"), "{via_device}");
+    let (_, direct) = srv.post("/v1/chat/completions", &body);
+    let content = |r: &Value| r["choices"][0]["logprobs"]["content"].clone();
+    assert!(content(&via_device).as_array().is_some_and(|c| !c.is_empty()), "{via_device}");
+    assert_eq!(content(&via_device), content(&direct), "the server's own log-probabilities");
 }

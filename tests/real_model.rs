@@ -27,6 +27,7 @@ fn answers_a_fixed_question_coherently_and_streams_it() {
         adapter: None,
         choices: vec![],
         choice_scoring: Default::default(),
+        logprobs: None,
     };
     let mut chunks = Vec::new();
     let out = engine
@@ -62,6 +63,7 @@ fn logits_and_greedy_tokens_match_transformers() {
         adapter: None,
         choices: vec![],
         choice_scoring: Default::default(),
+        logprobs: None,
     };
     let out = engine.generate(&chat, &params, &CancelToken::new(), &mut |_| ControlFlow::Continue(())).unwrap();
     let ids: Vec<u32> = out.tokens.iter().map(|t| t.id).collect();
@@ -110,6 +112,7 @@ fn customized_from_five_examples_answers_in_the_task_format() {
         adapter: Some("science".into()),
         choices: ["a rock", "a candle flame", "a pillow", "a spoon"].map(String::from).to_vec(),
         choice_scoring: Default::default(),
+        logprobs: None,
     };
     let q = "Question: Which of these is a source of light?\nAnswer:";
     let out = engine

@@ -128,6 +128,8 @@ pub struct Answer {
     pub choice_scores: Vec<OptionScore>,
     pub prompt_tokens: usize,
     pub completion_tokens: usize,
+    /// Per answer token, when the request asked for log-probabilities (a server's as it reported them).
+    pub logprobs: Vec<crate::generate::TokenLogprob>,
     pub route: Route,
 }
 
@@ -345,6 +347,7 @@ impl Router {
             choice_scores: local.choice_scores,
             prompt_tokens: local.prompt_tokens,
             completion_tokens: local.tokens.len(),
+            logprobs: local.logprobs,
             route,
         })
     }
@@ -413,6 +416,7 @@ fn finish_remote(
         choice_scores: a.choice_scores,
         prompt_tokens: a.prompt_tokens,
         completion_tokens: a.completion_tokens,
+        logprobs: a.logprobs,
         route,
     }
 }
@@ -542,6 +546,7 @@ mod tests {
             choice_probs: choice_probs.to_vec(),
             choice_scores: Vec::new(),
             choice_confidence: None,
+            logprobs: Vec::new(),
             prefill_time: Duration::ZERO,
             decode_time: Duration::ZERO,
         }

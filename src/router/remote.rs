@@ -66,6 +66,8 @@ pub struct RemoteAnswer {
     pub choice_scores: Vec<crate::choices::OptionScore>,
     pub prompt_tokens: usize,
     pub completion_tokens: usize,
+    /// The server's per-token log-probabilities, when asked for and reported (either OpenAI shape).
+    pub logprobs: Vec<crate::generate::TokenLogprob>,
     pub attempts: u32,
 }
 
@@ -192,6 +194,15 @@ impl RemoteClient {
         if !p.stop.is_empty() {
             body["stop"] = json!(p.stop);
         }
+        if let Some(k) = p.logprobs {
+            match req.prompt {
+                Prompt::Chat(_) => {
+                    body["logprobs"] = json!(true);
+                    body["top_logprobs"] = json!(k);
+                }
+                _ => body["logprobs"] = json!(k),
+            }
+        }
         if self.cfg.send_blend {
             // A Crayon server answers offloaded requests itself (no second hop).
             let mut ext = json!({"route": {"mode": "device_only"}});
@@ -308,6 +319,44 @@ struct ResponseChoice {
     message: Option<ResponseMessage>,
     text: Option<String>,
     finish_reason: Option<String>,
+    #[serde(default)]
+    logprobs: Option<Value>,
+}
+
+/// Log-probabilities in a chat completion's shape (`{"content": [...]}`) or a text completion's
+/// (`{"tokens", "token_logprobs", "top_logprobs": [{token: logprob}]}`); empty when absent or odd.
+fn parse_logprobs(v: Option<Value>) -> Vec<crate::generate::TokenLogprob> {
+    use crate::generate::{TokenLogprob, TopLogprob};
+    let Some(v) = v else { return Vec::new() };
+    if let Some(content) = v.get("content") {
+        return serde_json::from_value(content.clone()).unwrap_or_default();
+    }
+    let tokens: Vec<String> = serde_json::from_value(v["tokens"].clone()).unwrap_or_default();
+    let lps: Vec<Option<f32>> = serde_json::from_value(v["token_logprobs"].clone()).unwrap_or_default();
+    let tops: Vec<Option<std::collections::BTreeMap<String, f32>>> =
+        serde_json::from_value(v["top_logprobs"].clone()).unwrap_or_default();
+    tokens
+        .into_iter()
+        .zip(lps)
+        .enumerate()
+        .map(|(i, (token, lp))| {
+            let mut top: Vec<TopLogprob> = tops
+                .get(i)
+                .cloned()
+                .flatten()
+                .unwrap_or_default()
+                .into_iter()
+                .map(|(t, logprob)| TopLogprob { bytes: t.clone().into_bytes(), token: t, logprob })
+                .collect();
+            top.sort_by(|a, b| b.logprob.total_cmp(&a.logprob));
+            TokenLogprob {
+                bytes: token.clone().into_bytes(),
+                token,
+                logprob: lp.unwrap_or(f32::NAN),
+                top_logprobs: top,
+            }
+        })
+        .collect()
 }
 
 #[derive(Deserialize)]
@@ -339,6 +388,7 @@ struct ResponseExtension {
 fn parse_answer(body: &str) -> std::result::Result<RemoteAnswer, String> {
     let r: Response = serde_json::from_str(body).map_err(|e| e.to_string())?;
     let first = r.choices.into_iter().next().ok_or("no choices")?;
+    let logprobs = parse_logprobs(first.logprobs);
     let text = first.message.and_then(|m| m.content).or(first.text).ok_or("the first choice holds no text")?;
     let finish_reason = match first.finish_reason.as_deref() {
         Some("length") => FinishReason::Length,
@@ -356,6 +406,7 @@ fn parse_answer(body: &str) -> std::result::Result<RemoteAnswer, String> {
         choice_scores: ext.map(|e| e.choice_scores).unwrap_or_default(),
         prompt_tokens: usage.prompt_tokens,
         completion_tokens: usage.completion_tokens,
+        logprobs,
         attempts: 0,
     })
 }
@@ -376,6 +427,22 @@ mod tests {
         )
         .unwrap();
         assert_eq!((a.text.as_str(), a.choice.as_deref(), a.server_blend), (" B", Some("B"), true));
+    }
+
+    #[test]
+    fn text_completion_logprobs_parse_into_the_chat_shape() {
+        let a = parse_answer(
+            r#"{"choices":[{"text":" blue","finish_reason":"stop","logprobs":{"tokens":[" blue"],
+                "token_logprobs":[-0.5],"top_logprobs":[{" red":-2.0," blue":-0.5}],"text_offset":[0]}}]}"#,
+        )
+        .unwrap();
+        assert_eq!(a.logprobs.len(), 1);
+        let t = &a.logprobs[0];
+        assert_eq!((t.token.as_str(), t.logprob, t.bytes.as_slice()), (" blue", -0.5, " blue".as_bytes()));
+        let top: Vec<(&str, f32)> = t.top_logprobs.iter().map(|x| (x.token.as_str(), x.logprob)).collect();
+        assert_eq!(top, vec![(" blue", -0.5), (" red", -2.0)], "most likely first");
+        let plain = parse_answer(r#"{"choices":[{"text":"x","logprobs":null}]}"#).unwrap();
+        assert!(plain.logprobs.is_empty());
     }
 
     #[test]

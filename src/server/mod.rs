@@ -1083,6 +1083,7 @@ fn execute(
             choice_scores: g.choice_scores,
             prompt_tokens: g.prompt_tokens,
             completion_tokens: g.tokens.len(),
+            logprobs: g.logprobs,
             route,
         };
         return Ok(Done { answer, adapter: None, blend: name, blend_error });
@@ -1110,11 +1111,14 @@ fn extension(d: &Done) -> Value {
 fn full_response(endpoint: Endpoint, model: &str, d: &Done) -> Value {
     let a = &d.answer;
     let finish = openai::finish_reason(a.finish_reason);
+    let logprobs = match a.logprobs.is_empty() {
+        true => Value::Null,
+        false => openai::logprobs_json(endpoint == Endpoint::Chat, &a.logprobs),
+    };
     let choice = match endpoint {
-        Endpoint::Chat => {
-            json!({"index": 0, "message": {"role": "assistant", "content": a.text}, "finish_reason": finish})
-        }
-        Endpoint::Completion => json!({"index": 0, "text": a.text, "finish_reason": finish, "logprobs": null}),
+        Endpoint::Chat => json!({"index": 0, "message": {"role": "assistant", "content": a.text},
+                                 "finish_reason": finish, "logprobs": logprobs}),
+        Endpoint::Completion => json!({"index": 0, "text": a.text, "finish_reason": finish, "logprobs": logprobs}),
     };
     json!({
         "id": completion_id(),

@@ -1,6 +1,6 @@
 //! OpenAI-compatible request and response bodies (`/v1/chat/completions`, `/v1/completions`), plus
 //! the `crayon` extension object (`docs/http.md`). Known OpenAI fields this server does not implement
-//! (tools, response_format, logit_bias, penalties, logprobs, ...) are refused with a 400 naming the
+//! (tools, response_format, logit_bias, penalties, ...) are refused with a 400 naming the
 //! field when set to anything but their no-op value — never silently ignored; other unknown top-level
 //! fields (`user`, `metadata`, ...) are ignored, as OpenAI clients send many. Unknown fields *inside*
 //! `crayon` are rejected (a typo there changes routing).
@@ -10,7 +10,7 @@ use serde_json::{Value, json};
 
 use crate::chat::Message;
 use crate::choices::{OptionScore, ScoringOverrides};
-use crate::generate::{FinishReason, GenerationParams, Prompt};
+use crate::generate::{FinishReason, GenerationParams, Prompt, TokenLogprob};
 use crate::router::{Answer, Route, RouteOverrides};
 
 #[derive(Debug, Deserialize)]
@@ -44,6 +44,9 @@ pub struct Common {
     #[serde(default)]
     pub stream: bool,
     pub n: Option<usize>,
+    /// Chat: `true` (with `top_logprobs` alternatives); completions: the number of alternatives.
+    pub logprobs: Option<Value>,
+    pub top_logprobs: Option<usize>,
     pub crayon: Option<Extension>,
     /// Every other top-level field, checked by [`Common::check_unsupported`].
     #[serde(flatten)]
@@ -62,8 +65,6 @@ const UNSUPPORTED: &[&str] = &[
     "presence_penalty",
     "frequency_penalty",
     "repetition_penalty",
-    "logprobs",
-    "top_logprobs",
     "echo",
     "best_of",
     "suffix",
@@ -169,6 +170,30 @@ impl CompletionRequest {
 }
 
 impl Common {
+    /// How many alternatives per token `logprobs` asks for: chat's `logprobs: true` + `top_logprobs`,
+    /// or completions' `logprobs: k`; `None` when not asked.
+    fn logprobs(&self) -> Result<Option<usize>, String> {
+        let max = crate::generate::MAX_TOP_LOGPROBS;
+        let k = match &self.logprobs {
+            None | Some(Value::Null) | Some(Value::Bool(false)) => {
+                if self.top_logprobs.is_some_and(|k| k > 0) {
+                    return Err("'top_logprobs' needs 'logprobs': true".into());
+                }
+                return Ok(None);
+            }
+            Some(Value::Bool(true)) => self.top_logprobs.unwrap_or(0),
+            Some(Value::Number(n)) => match n.as_u64() {
+                Some(k) => usize::try_from(k).unwrap_or(usize::MAX),
+                None => return Err("'logprobs' must be true/false or a count of alternatives".into()),
+            },
+            Some(_) => return Err("'logprobs' must be true/false or a count of alternatives".into()),
+        };
+        if k > max {
+            return Err(format!("at most {max} log-probability alternatives per token, got {k}"));
+        }
+        Ok(Some(k))
+    }
+
     /// A 400's message for the first field of [`UNSUPPORTED`] the request sets to something.
     pub fn check_unsupported(&self) -> Result<(), String> {
         match UNSUPPORTED.iter().find(|f| self.other.get(**f).is_some_and(|v| !is_noop(f, v))) {
@@ -213,8 +238,38 @@ impl Common {
             p.choices = ext.choices.clone();
             p.choice_scoring = ext.choice_scoring;
         }
+        p.logprobs = self.logprobs()?;
+        if p.logprobs.is_some() && self.stream {
+            return Err("'logprobs' with 'stream' is not supported yet: ask without streaming".into());
+        }
+        if p.logprobs.is_some_and(|k| k > 0) && !p.choices.is_empty() {
+            return Err("'top_logprobs' with crayon.choices is not supported: options are scored, not sampled".into());
+        }
         Ok(p)
     }
+}
+
+/// `choices[].logprobs` in the endpoint's OpenAI shape: chat's `{"content": [...]}`, or the legacy
+/// completions object (`tokens`, `token_logprobs`, `top_logprobs` as token → logprob maps,
+/// `text_offset`).
+pub fn logprobs_json(chat: bool, lps: &[TokenLogprob]) -> Value {
+    if chat {
+        return json!({"content": lps, "refusal": null});
+    }
+    let mut offset = 0;
+    let mut offsets = Vec::with_capacity(lps.len());
+    for t in lps {
+        offsets.push(offset);
+        offset += t.token.len();
+    }
+    let top: Vec<serde_json::Map<String, Value>> =
+        lps.iter().map(|t| t.top_logprobs.iter().map(|a| (a.token.clone(), json!(a.logprob))).collect()).collect();
+    json!({
+        "tokens": lps.iter().map(|t| &t.token).collect::<Vec<_>>(),
+        "token_logprobs": lps.iter().map(|t| t.logprob).collect::<Vec<_>>(),
+        "top_logprobs": top,
+        "text_offset": offsets,
+    })
 }
 
 pub fn finish_reason(f: FinishReason) -> &'static str {
