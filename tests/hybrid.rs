@@ -943,3 +943,36 @@ fn logprobs_of_an_offloaded_answer_are_the_servers() {
     assert!(content(&via_device).as_array().is_some_and(|c| !c.is_empty()), "{via_device}");
     assert_eq!(content(&via_device), content(&direct), "the server's own log-probabilities");
 }
+
+/// The official OpenAI Python client against crayond (issue #15): chat and completions, streamed and
+/// not, logprobs, models list/retrieve, and the 400s for fields the server does not implement, as
+/// the client surfaces them. Runs in the compat venv that scripts/test sets up.
+#[test]
+fn the_official_openai_client_works_against_crayond() {
+    let Ok(python) = std::env::var("CRAYON_COMPAT_PYTHON") else {
+        assert!(
+            std::env::var_os("CRAYON_REQUIRE_COMPAT").is_none(),
+            "CRAYON_COMPAT_PYTHON is not set: run through scripts/test"
+        );
+        eprintln!("skipped: the compat venv (openai) is not set up (scripts/test sets it up)");
+        return;
+    };
+    let state = tempfile::tempdir().unwrap();
+    let d = Daemon::start(&tiny_config(None, state.path(), ""));
+    let script = common::repo().join("tests/clients/openai_client.py");
+    let out = std::process::Command::new(python).arg(script).arg(format!("{}/v1", d.url)).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "the client failed:\n{stderr}");
+    let seen: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(seen["stream_text"], seen["chat_text"], "streamed and not, the same greedy answer: {seen}");
+    assert_eq!(seen["completion_stream_text"], seen["completion_text"], "{seen}");
+    let lps = seen["chat_logprobs"].as_array().unwrap();
+    assert!(!lps.is_empty() && lps.iter().all(|t| t[2].as_array().unwrap().len() == 2), "{seen}");
+    let tokens: Vec<&str> = seen["completion_tokens"].as_array().unwrap().iter().map(|t| t.as_str().unwrap()).collect();
+    assert_eq!(tokens.concat(), seen["completion_text"].as_str().unwrap(), "{seen}");
+    assert_eq!(seen["models"][0], "tiny");
+    assert_eq!(seen["retrieved"], "tiny");
+    assert_eq!(seen["missing_model"], 404);
+    assert!(seen["tools"].as_str().unwrap().contains("'tools' is not supported"), "{seen}");
+    assert!(seen["response_format"].as_str().unwrap().contains("'response_format'"), "{seen}");
+}
