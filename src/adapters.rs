@@ -46,6 +46,51 @@ pub struct Customization {
     /// Routing thresholds calibrated from the examples (`customize --calibrate`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub calibrated: Option<crate::config::Thresholds>,
+    /// The client identity that made it (`uid:1000`, `http:local`); `None`: an admin, the local
+    /// `crayonctl`, or a version before ownership — then only an admin may change it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<String>,
+}
+
+/// Who asks to change customizations (docs/service.md, "Ownership").
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Identity {
+    /// Root, the service's own user, or an HTTP client holding the configured token.
+    Admin,
+    /// Anyone else, by name: `uid:N` (a socket peer or D-Bus caller), `http:local` (tokenless
+    /// loopback HTTP, i.e. any local process).
+    Client(String),
+}
+
+impl Identity {
+    /// A local user: an admin when root or the service's own user.
+    pub fn of_uid(uid: u32, service_uid: u32) -> Identity {
+        match uid == 0 || uid == service_uid {
+            true => Identity::Admin,
+            false => Identity::Client(format!("uid:{uid}")),
+        }
+    }
+
+    /// What a customization made by this identity records as its owner.
+    pub fn owner(&self) -> Option<String> {
+        match self {
+            Identity::Admin => None,
+            Identity::Client(c) => Some(c.clone()),
+        }
+    }
+
+    /// Refuses to replace or remove `c` unless this identity made it or is an admin.
+    pub fn check_may_change(&self, c: &Customization) -> crate::Result<()> {
+        match self {
+            Identity::Admin => Ok(()),
+            Identity::Client(me) if c.owner.as_deref() == Some(me.as_str()) => Ok(()),
+            Identity::Client(me) => Err(crate::Error::Forbidden(format!(
+                "adapter '{}' belongs to {}; {me} may use it but not change or remove it (adapters.owner_only)",
+                c.name,
+                c.owner.as_deref().unwrap_or("the service (an admin)")
+            ))),
+        }
+    }
 }
 
 pub fn digest(examples: &[Example]) -> String {
@@ -234,7 +279,24 @@ mod tests {
             examples: None,
             example_embeddings: vec![vec![0.5, -0.5]],
             calibrated: Some(crate::config::Thresholds::default()),
+            owner: None,
         }
+    }
+
+    #[test]
+    fn only_the_owner_or_an_admin_may_change_a_customization() {
+        let mut c = sample("math");
+        c.owner = Some("uid:1001".into());
+        assert!(Identity::Client("uid:1001".into()).check_may_change(&c).is_ok());
+        assert!(Identity::Admin.check_may_change(&c).is_ok());
+        let err = Identity::Client("uid:1002".into()).check_may_change(&c).unwrap_err();
+        assert_eq!(err.kind(), crate::ErrorKind::Forbidden);
+        assert!(err.to_string().contains("belongs to uid:1001"), "{err}");
+        c.owner = None;
+        assert!(Identity::Client("http:local".into()).check_may_change(&c).is_err(), "unowned: admins only");
+        assert_eq!(Identity::of_uid(0, 999), Identity::Admin);
+        assert_eq!(Identity::of_uid(999, 999), Identity::Admin, "the service's own user");
+        assert_eq!(Identity::of_uid(1001, 999).owner().as_deref(), Some("uid:1001"));
     }
 
     #[test]

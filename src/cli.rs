@@ -71,6 +71,6 @@ pub fn exit_code_of(kind: ErrorKind) -> i32 {
     match kind {
         ErrorKind::Invalid | ErrorKind::NotFound => 2,
         ErrorKind::Cancelled => 130,
-        ErrorKind::Busy | ErrorKind::Unavailable | ErrorKind::Internal => 1,
+        ErrorKind::Busy | ErrorKind::Forbidden | ErrorKind::Unavailable | ErrorKind::Internal => 1,
     }
 }

@@ -276,6 +276,10 @@ pub struct AdaptersConfig {
     pub store_examples: bool,
     /// Threads computing merged weights; 0: all available cores.
     pub merge_threads: usize,
+    /// A customization can be replaced or removed only by the client identity that made it (its uid,
+    /// or tokenless local HTTP) or an admin (root, the service user, an HTTP token holder); others
+    /// see it read-only. `false`: every allowed client may change every customization.
+    pub owner_only: bool,
 }
 
 impl Default for AdaptersConfig {
@@ -285,6 +289,7 @@ impl Default for AdaptersConfig {
             cache_mb: 4096,
             store_examples: false,
             merge_threads: 0,
+            owner_only: true,
         }
     }
 }

@@ -18,6 +18,7 @@ use zbus::names::{BusName, UniqueName};
 use zbus::object_server::SignalEmitter;
 use zbus::{Connection, fdo, interface};
 
+use crate::adapters::Identity;
 use crate::config::DbusConfig;
 use crate::error::{Error, Result};
 use crate::generate::CancelToken;
@@ -50,6 +51,7 @@ impl From<Error> for DbusError {
             K::Invalid => DbusError::InvalidRequest(msg),
             K::NotFound => DbusError::NotFound(msg),
             K::Busy => DbusError::Busy(msg),
+            K::Forbidden => DbusError::AccessDenied(msg),
             K::Cancelled => DbusError::Cancelled(msg),
             K::Unavailable | K::Internal => DbusError::Failed(msg),
         }
@@ -79,16 +81,17 @@ pub struct Crayon1 {
 }
 
 impl Crayon1 {
-    /// Root, the service user, or a member of `dbus.group` (by the bus's own view of the caller).
-    async fn authorize(&self, conn: &Connection, hdr: &Header<'_>, what: &str) -> DResult<()> {
+    /// Root, the service user, or a member of `dbus.group` (by the bus's own view of the caller);
+    /// returns who it is, for ownership of customizations.
+    async fn authorize(&self, conn: &Connection, hdr: &Header<'_>, what: &str) -> DResult<Identity> {
         let sender = hdr.sender().ok_or_else(|| DbusError::AccessDenied("message without a sender".into()))?;
         let proxy = fdo::DBusProxy::new(conn).await?;
         let creds = proxy.get_connection_credentials(BusName::Unique(sender.clone())).await?;
         let uid = creds.unix_user_id();
         let groups = creds.unix_group_ids().cloned().unwrap_or_default();
         let ok = uid == Some(0) || uid == Some(self.own_uid) || self.group_gid.is_some_and(|g| groups.contains(&g));
-        if ok {
-            Ok(())
+        if let (true, Some(uid)) = (ok, uid) {
+            Ok(Identity::of_uid(uid, self.own_uid))
         } else {
             let uid = uid.map_or_else(|| "unknown".to_string(), |u| u.to_string());
             tracing::warn!(%uid, sender = %sender, what, "dbus: caller not allowed");
@@ -322,7 +325,7 @@ impl Crayon1 {
         inputs: Vec<String>,
         outputs: Vec<String>,
     ) -> std::result::Result<(String, HashMap<String, f64>), DbusError> {
-        self.authorize(conn, &hdr, "Customize").await?;
+        let identity = self.authorize(conn, &hdr, "Customize").await?;
         if inputs.len() != outputs.len() {
             return Err(DbusError::InvalidRequest(format!(
                 "{} inputs but {} outputs: give one output per input",
@@ -335,7 +338,7 @@ impl Crayon1 {
         let client = client_key(&hdr);
         let v = self
             .blocking(client, move |s, client| {
-                s.customize_blocking(Interface::dbus, client, &body, &CancelToken::new())
+                s.customize_blocking(Interface::dbus, &identity, client, &body, &CancelToken::new())
             })
             .await?;
         let a = &v["adapter"];
@@ -366,10 +369,12 @@ impl Crayon1 {
         #[zbus(connection)] conn: &Connection,
         name: String,
     ) -> std::result::Result<(), DbusError> {
-        self.authorize(conn, &hdr, "RemoveAdapter").await?;
+        let identity = self.authorize(conn, &hdr, "RemoveAdapter").await?;
         let client = client_key(&hdr);
-        self.blocking(client, move |s, client| s.remove_blocking(Interface::dbus, client, &name, &CancelToken::new()))
-            .await?;
+        self.blocking(client, move |s, client| {
+            s.remove_blocking(Interface::dbus, &identity, client, &name, &CancelToken::new())
+        })
+        .await?;
         Ok(())
     }
 

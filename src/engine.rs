@@ -353,6 +353,11 @@ impl Engine {
     /// Turns examples of a task into a customized adapter: embed the inputs, weigh the pool's
     /// adapters by similarity, merge the blend into the weights, make it ready, persist it.
     pub fn customize(&mut self, name: &str, examples: &[Example]) -> Result<CustomizeReport> {
+        self.customize_as(name, examples, None)
+    }
+
+    /// [`Engine::customize`], recording `owner` (the client identity that asked; docs/service.md).
+    pub fn customize_as(&mut self, name: &str, examples: &[Example], owner: Option<String>) -> Result<CustomizeReport> {
         adapters::validate_name(name)?;
         if examples.is_empty() || examples.len() > MAX_EXAMPLES {
             return Err(Error::InvalidRequest(format!("give 1 to {MAX_EXAMPLES} examples, got {}", examples.len())));
@@ -397,6 +402,7 @@ impl Engine {
             examples: self.config.adapters.store_examples.then(|| examples.to_vec()),
             example_embeddings: embs,
             calibrated: None,
+            owner,
         };
         let (merge_ms, session_ms) = self.commit_customization(&customization)?;
         Ok(CustomizeReport { customization, embed_ms, merge_ms, session_ms, total_ms: ms(t0.elapsed()) })
@@ -597,6 +603,7 @@ impl Engine {
             examples: None,
             example_embeddings: Vec::new(),
             calibrated: None,
+            owner: None,
         })
     }
 

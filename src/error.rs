@@ -62,6 +62,10 @@ pub enum Error {
     #[error("busy: {0}")]
     Busy(String),
 
+    /// The caller may not do this (e.g. change another app's customization).
+    #[error("not allowed: {0}")]
+    Forbidden(String),
+
     /// The request was cancelled (its client went away or asked to stop) before it finished.
     #[error("cancelled")]
     Cancelled,
@@ -85,6 +89,8 @@ pub enum ErrorKind {
     NotFound,
     /// At an admission limit; retry later (429, `busy`, `Error.Busy`, exit 1).
     Busy,
+    /// Not this caller's to change (403, `permission_denied`, `Error.AccessDenied`, exit 1).
+    Forbidden,
     /// Stopped by its client (408, `cancelled`, `Error.Cancelled`, exit 130).
     Cancelled,
     /// Something the service needs is missing or broken: model, runtime library, tokenizer, a file
@@ -103,6 +109,7 @@ impl Error {
             }
             Error::Adapter { .. } => ErrorKind::NotFound,
             Error::Busy(_) => ErrorKind::Busy,
+            Error::Forbidden(_) => ErrorKind::Forbidden,
             Error::Cancelled => ErrorKind::Cancelled,
             Error::Io { .. }
             | Error::Write { .. }

@@ -535,6 +535,53 @@ fn bus_policy_denies_callers_outside_root_the_service_user_and_its_group() {
     assert_eq!(rc, 0, "root may call: {err}");
 }
 
+/// Ownership of customizations (issue #14): an app (a uid) may change or remove only what it made;
+/// others in the service group use it read-only; root may change everything.
+#[test]
+fn an_app_cannot_change_or_remove_another_apps_customization() {
+    if !is_root() {
+        eprintln!("skipped: needs root to run clients as other users");
+        return;
+    }
+    let s = Service::start(None, "[socket]\ngroup = \"users\"\n");
+    // Let the two apps (uids 1001 and 1002, group users) reach the socket and read the examples.
+    std::fs::set_permissions(s.dir.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let examples = s.dir.path().join("examples.jsonl");
+    std::fs::write(&examples, "{\"input\": \"Question: 2 + 2?\\nAnswer:\", \"output\": \" 4\"}\n").unwrap();
+    let socket = format!("--socket={}", s.socket.display());
+    let ctl_as = |uid: Option<u32>, args: &[&str]| {
+        let mut cmd = match uid {
+            Some(uid) => {
+                let mut c = Command::new("setpriv");
+                c.args([&format!("--reuid={uid}"), "--regid=100", "--clear-groups", env!("CARGO_BIN_EXE_crayonctl")]);
+                c
+            }
+            None => Command::new(env!("CARGO_BIN_EXE_crayonctl")),
+        };
+        cmd.arg(&socket).args(args).env_remove("CRAYON_CONFIG");
+        run(&mut cmd)
+    };
+    let ex = examples.to_str().unwrap();
+    let (code, _, err) = ctl_as(Some(1001), &["customize", "sums", "-e", ex]);
+    assert_eq!(code, 0, "{err}");
+    let (code, _, err) = ctl_as(Some(1002), &["remove", "sums"]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("belongs to uid:1001") && err.contains("owner_only"), "{err}");
+    let (code, _, err) = ctl_as(Some(1002), &["customize", "sums", "-e", ex]);
+    assert_eq!(code, 1, "another app cannot overwrite it either: {err}");
+    let (code, out, err) = ctl_as(Some(1002), &["generate", "-a", "sums", "-n", "2", "Question: 3 + 3?"]);
+    assert_eq!(code, 0, "but it may use it: {err}");
+    assert!(!out.trim().is_empty());
+    let (code, _, err) = ctl_as(Some(1001), &["customize", "sums", "-e", ex]);
+    assert_eq!(code, 0, "its owner may replace it: {err}");
+    let (code, _, err) = ctl_as(Some(1002), &["customize", "other", "-e", ex]);
+    assert_eq!(code, 0, "{err}");
+    let (code, _, err) = ctl_as(None, &["remove", "other"]);
+    assert_eq!(code, 0, "root may remove any: {err}");
+    let (code, _, err) = ctl_as(Some(1001), &["remove", "sums"]);
+    assert_eq!(code, 0, "{err}");
+}
+
 /// `crayonctl --socket` is a client of the running daemon: the same answer as a socket client gets,
 /// customization, listing, status and removal in the daemon, and precise errors with exit codes.
 #[test]

@@ -28,6 +28,7 @@ use axum::routing::{get, post};
 use serde_json::{Value, json};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 
+use crate::adapters::Identity;
 use crate::config::{Config, RouteMode};
 use crate::engine::Engine;
 use crate::error::{Error, Result};
@@ -56,6 +57,8 @@ pub struct Service {
     /// Places held per owner ([`Service::try_slot`]), at most `max_per_client` each.
     owners: Arc<std::sync::Mutex<std::collections::HashMap<String, usize>>>,
     max_per_client: usize,
+    /// `adapters.owner_only`: customizations change only by their owner or an admin.
+    owner_only: bool,
     counters: Counters,
     metrics: Arc<Metrics>,
     started: Instant,
@@ -121,6 +124,7 @@ impl Service {
             max_concurrent: config.server.max_concurrent,
             owners: Arc::default(),
             max_per_client: config.server.max_concurrent_per_client,
+            owner_only: config.adapters.owner_only,
             counters: Counters::default(),
             metrics,
             started: Instant::now(),
@@ -242,6 +246,7 @@ impl Service {
     pub fn customize_blocking(
         &self,
         interface: Interface,
+        identity: &Identity,
         client: &str,
         body: &[u8],
         cancel: &CancelToken,
@@ -251,7 +256,7 @@ impl Service {
                 .map_err(|e| Error::InvalidRequest(format!("malformed customize request: {e}")))
         });
         match parsed {
-            Ok(req) => self.customize_request(interface, client, req, cancel),
+            Ok(req) => self.customize_request(interface, identity, client, req, cancel),
             Err(e) => {
                 self.metrics.request(interface, Operation::customize, e.kind().into());
                 Err(e)
@@ -262,23 +267,33 @@ impl Service {
     fn customize_request(
         &self,
         interface: Interface,
+        identity: &Identity,
         client: &str,
         req: CustomizeRequest,
         cancel: &CancelToken,
     ) -> Result<Value> {
-        let result = self.customize_unrecorded(client, req, cancel);
+        let result = self.customize_unrecorded(identity, client, req, cancel);
         self.metrics.request(interface, Operation::customize, outcome(&result));
         result
     }
 
-    fn customize_unrecorded(&self, client: &str, req: CustomizeRequest, cancel: &CancelToken) -> Result<Value> {
+    fn customize_unrecorded(
+        &self,
+        identity: &Identity,
+        client: &str,
+        req: CustomizeRequest,
+        cancel: &CancelToken,
+    ) -> Result<Value> {
         if req.calibrate {
             router::check_calibration(&req.examples, &req.choices)?;
         }
         let base = self.shared().router.thresholds();
         let mut engine = self.queue.lock(client, cancel)?;
         let previous = engine.adapter(&req.name).ok().cloned();
-        let report = engine.customize(&req.name, &req.examples);
+        if let Some(p) = &previous {
+            self.check_may_change(identity, p)?;
+        }
+        let report = engine.customize_as(&req.name, &req.examples, identity.owner());
         self.refresh_catalog(&engine);
         let report = report?;
         let calibration = if req.calibrate {
@@ -320,17 +335,36 @@ impl Service {
     pub fn remove_blocking(
         &self,
         interface: Interface,
+        identity: &Identity,
         client: &str,
         name: &str,
         cancel: &CancelToken,
     ) -> Result<Value> {
         let result = self.queue.lock(client, cancel).and_then(|mut engine| {
+            self.check_may_change(identity, engine.adapter(name)?)?;
             let r = engine.remove_adapter(name);
             self.refresh_catalog(&engine);
             Ok(json!({"removed": adapter_json(&r?)}))
         });
         self.metrics.request(interface, Operation::remove, outcome(&result));
         result
+    }
+
+    /// Whether `identity` may replace or remove `c` (`adapters.owner_only`).
+    fn check_may_change(&self, identity: &Identity, c: &crate::adapters::Customization) -> Result<()> {
+        match self.owner_only {
+            true => identity.check_may_change(c),
+            false => Ok(()),
+        }
+    }
+
+    /// The identity of an HTTP client for ownership: the token holder is an admin (a server's
+    /// operator); without a token (local mode) every local process is the same `http:local`.
+    fn http_identity(&self) -> Identity {
+        match self.token {
+            Some(_) => Identity::Admin,
+            None => Identity::Client("http:local".into()),
+        }
     }
 
     /// The metrics exposition (`GET /metrics`), with the state gauges read now (never waits for the
@@ -613,6 +647,7 @@ fn error_response(e: &Error) -> Response {
         K::Invalid => (StatusCode::BAD_REQUEST, "invalid_request_error"),
         K::NotFound => (StatusCode::NOT_FOUND, "invalid_request_error"),
         K::Busy => (StatusCode::TOO_MANY_REQUESTS, "rate_limit_error"),
+        K::Forbidden => (StatusCode::FORBIDDEN, "permission_error"),
         // Only its own client could see this, and it has gone.
         K::Cancelled => (StatusCode::REQUEST_TIMEOUT, "cancelled"),
         K::Unavailable => (StatusCode::SERVICE_UNAVAILABLE, "server_error"),
@@ -738,7 +773,7 @@ async fn customize(State(s): State<Arc<Service>>, client: HttpClient, headers: H
     let _guard = CancelOnDrop(cancel.clone());
     let joined = tokio::task::spawn_blocking(move || {
         let _permit = permit;
-        worker.customize_request(Interface::http, &client.0, req, &cancel)
+        worker.customize_request(Interface::http, &worker.http_identity(), &client.0, req, &cancel)
     })
     .await;
     match joined {
@@ -764,7 +799,7 @@ async fn remove_adapter(
     let worker = s.clone();
     let removed = tokio::task::spawn_blocking(move || {
         let _permit = permit;
-        worker.remove_blocking(Interface::http, &client.0, &name, &CancelToken::new())
+        worker.remove_blocking(Interface::http, &worker.http_identity(), &client.0, &name, &CancelToken::new())
     });
     match removed.await {
         Ok(Ok(v)) => axum::Json(v).into_response(),

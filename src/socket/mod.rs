@@ -551,6 +551,7 @@ impl Loop {
         let cancel = CancelToken::new();
         conn.running.insert(rid, cancel.clone());
         let client = format!("socket:{id}:uid{}", conn.peer.uid);
+        let identity = crate::adapters::Identity::of_uid(conn.peer.uid, self.own_uid);
         let service = self.service.clone();
         let tx = self.events.0.clone();
         let waker = self.waker.clone();
@@ -560,7 +561,7 @@ impl Loop {
                 let _ = waker.wake();
             };
             let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                run_request(&service, &client, rid, req.op, &cancel, &|v| reply(Event::Reply(id, frame(&v))))
+                run_request(&service, &identity, &client, rid, req.op, &cancel, &|v| reply(Event::Reply(id, frame(&v))))
             }))
             .unwrap_or_else(|_| Err(Error::Internal("the request handler panicked".into())));
             let last = match result {
@@ -658,6 +659,7 @@ impl Loop {
 /// Runs one model request on a worker thread. `emit` sends an intermediate event (streamed text).
 fn run_request(
     service: &Service,
+    identity: &crate::adapters::Identity,
     client: &str,
     rid: u64,
     op: Op,
@@ -689,9 +691,9 @@ fn run_request(
         }
         Op::Customize { body } => {
             let bytes = serde_json::to_vec(&body).map_err(|e| Error::InvalidRequest(e.to_string()))?;
-            service.customize_blocking(Interface::socket, client, &bytes, cancel)
+            service.customize_blocking(Interface::socket, identity, client, &bytes, cancel)
         }
-        Op::Remove { name } => service.remove_blocking(Interface::socket, client, &name, cancel),
+        Op::Remove { name } => service.remove_blocking(Interface::socket, identity, client, &name, cancel),
         Op::Status | Op::Metrics | Op::Adapters | Op::Cancel { .. } => {
             Err(Error::Internal("answered by the event loop".into()))
         }

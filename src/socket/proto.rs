@@ -96,7 +96,8 @@ pub enum Code {
     FrameTooLarge,
     /// The handshake asked for another protocol version; the connection is closed.
     Version,
-    /// The peer's credentials are not allowed to use the service; the connection is closed.
+    /// The peer's credentials are not allowed to use the service (the connection is then closed), or
+    /// not to change this customization (another app's).
     PermissionDenied,
     /// The request is well-formed but invalid (bad parameter, unknown adapter name in a body...).
     InvalidRequest,
@@ -120,6 +121,7 @@ impl Code {
             K::Invalid => Code::InvalidRequest,
             K::NotFound => Code::NotFound,
             K::Busy => Code::Busy,
+            K::Forbidden => Code::PermissionDenied,
             K::Cancelled => Code::Cancelled,
             K::Unavailable | K::Internal => Code::Internal,
         }
@@ -133,7 +135,8 @@ impl Code {
             Code::NotFound => K::NotFound,
             Code::Busy => K::Busy,
             Code::Cancelled => K::Cancelled,
-            Code::PermissionDenied | Code::ShuttingDown => K::Unavailable,
+            Code::PermissionDenied => K::Forbidden,
+            Code::ShuttingDown => K::Unavailable,
             Code::Internal => K::Internal,
         })
     }
