@@ -157,6 +157,8 @@ pub struct ServerConfig {
     pub max_concurrent_per_client: usize,
     /// Largest `max_tokens` a request may ask for.
     pub max_tokens_limit: usize,
+    /// Largest OpenAI `n` (answers per request, generated one after another in the request's turns).
+    pub max_n: usize,
     /// HTTP connections open at once; one more gets 503 and is closed.
     pub max_connections: usize,
     /// A client must send its request headers within this many ms of connecting (and between
@@ -175,6 +177,7 @@ impl Default for ServerConfig {
             max_body_bytes: 1 << 20,
             max_concurrent: 16,
             max_tokens_limit: 2048,
+            max_n: 4,
             max_concurrent_per_client: 8,
             max_connections: 256,
             header_timeout_ms: 10_000,
@@ -496,9 +499,10 @@ impl Config {
             || s.max_connections == 0
             || s.header_timeout_ms == 0
             || s.max_concurrent_per_client == 0
+            || s.max_n == 0
         {
             return Err(
-                "server.max_concurrent, max_concurrent_per_client, max_body_bytes, max_tokens_limit, max_connections and header_timeout_ms must be positive"
+                "server.max_concurrent, max_concurrent_per_client, max_body_bytes, max_tokens_limit, max_n, max_connections and header_timeout_ms must be positive"
                     .into(),
             );
         }

@@ -350,7 +350,9 @@ fn http_api_rejects_bad_requests_precisely_and_keeps_serving() {
             "at least 2 choices",
         ),
         (json!({"messages": [{"role": "user", "content": "x"}], "stop": [""]}), 400, "stop"),
-        (json!({"messages": [{"role": "user", "content": "x"}], "n": 3}), 400, "n = 3"),
+        (json!({"messages": [{"role": "user", "content": "x"}], "n": 5}), 400, "server.max_n"),
+        (json!({"messages": [{"role": "user", "content": "x"}], "n": 2, "stream": true}), 400, "'stream'"),
+        (json!({"messages": [{"role": "user", "content": "x"}], "n": 0}), 400, "at least 1"),
         // Fields that would change the answer are refused by name, never silently ignored.
         (json!({"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]}), 400, "'tools'"),
         (
@@ -970,9 +972,39 @@ fn the_official_openai_client_works_against_crayond() {
     assert!(!lps.is_empty() && lps.iter().all(|t| t[2].as_array().unwrap().len() == 2), "{seen}");
     let tokens: Vec<&str> = seen["completion_tokens"].as_array().unwrap().iter().map(|t| t.as_str().unwrap()).collect();
     assert_eq!(tokens.concat(), seen["completion_text"].as_str().unwrap(), "{seen}");
+    assert_eq!(seen["n"], json!([0, 1]), "{seen}");
     assert_eq!(seen["models"][0], "tiny");
     assert_eq!(seen["retrieved"], "tiny");
     assert_eq!(seen["missing_model"], 404);
     assert!(seen["tools"].as_str().unwrap().contains("'tools' is not supported"), "{seen}");
     assert!(seen["response_format"].as_str().unwrap().contains("'response_format'"), "{seen}");
+}
+
+/// OpenAI `n` (issue #15): several answers to one request, each sampled on its own (a seeded request
+/// gives answer i the seed + i: reproducible, and different from each other); usage counts the prompt
+/// once and every answer's tokens.
+#[test]
+fn n_answers_are_sampled_independently_and_reproducibly() {
+    let state = tempfile::tempdir().unwrap();
+    let d = Daemon::start(&tiny_config(None, state.path(), ""));
+    let body = json!({"prompt": "Once upon a time", "max_tokens": 8, "temperature": 1.0, "seed": 7, "n": 3});
+    let (status, r) = d.post("/v1/completions", &body);
+    assert_eq!(status, 200, "{r}");
+    let choices = r["choices"].as_array().unwrap();
+    assert_eq!(choices.len(), 3, "{r}");
+    let texts: Vec<&str> = choices.iter().map(|c| c["text"].as_str().unwrap()).collect();
+    assert!(choices.iter().enumerate().all(|(i, c)| c["index"] == i), "{r}");
+    assert!(texts[0] != texts[1] || texts[1] != texts[2], "independent samples: {texts:?}");
+    let (_, again) = d.post("/v1/completions", &body);
+    let again: Vec<&str> = again["choices"].as_array().unwrap().iter().map(|c| c["text"].as_str().unwrap()).collect();
+    assert_eq!(texts, again, "seeded: the same three answers again");
+    // Answer i with seed + i is what a single request with that seed gives.
+    let (_, second) = d.post(
+        "/v1/completions",
+        &json!({"prompt": "Once upon a time", "max_tokens": 8, "temperature": 1.0, "seed": 8}),
+    );
+    assert_eq!(second["choices"][0]["text"], texts[1]);
+    let total: u64 = r["usage"]["completion_tokens"].as_u64().unwrap();
+    assert!((3..=24).contains(&total), "{r}");
+    assert_eq!(r["crayon"]["choices_routes"].as_array().unwrap().len(), 3, "{r}");
 }

@@ -48,6 +48,7 @@ pub struct Service {
     token: Option<String>,
     max_body_bytes: usize,
     max_tokens_limit: usize,
+    max_n: usize,
     /// Whether devices' blends (`crayon.pool_id` + `weights`) are served: only when this daemon serves
     /// HTTP (`server.listen`), i.e. is someone's server. A device daemon refuses them, so that a local
     /// client cannot make it build one customization per weight vector.
@@ -119,6 +120,7 @@ impl Service {
             token,
             max_body_bytes: config.server.max_body_bytes,
             max_tokens_limit: config.server.max_tokens_limit,
+            max_n: config.server.max_n,
             accepts_blends: !config.server.listen.is_empty(),
             slots: Arc::new(Semaphore::new(config.server.max_concurrent)),
             max_concurrent: config.server.max_concurrent,
@@ -237,7 +239,7 @@ impl Service {
             .check_body_size(body.len())
             .and_then(|()| parse_job(self, body, endpoint).map_err(Error::InvalidRequest))
             .inspect_err(|e| self.metrics.request(interface, Operation::generate, e.kind().into()))?;
-        let done = self.execute_counted(interface, client, &job, cancel, on_text)?;
+        let done = self.execute_all(interface, client, &job, cancel, on_text)?;
         Ok(full_response(endpoint, &job.model, &done))
     }
 
@@ -379,6 +381,25 @@ impl Service {
             breaker_open: sh.router.remote().is_some_and(|r| r.breaker_open()),
             uptime_s: self.started.elapsed().as_secs_f64(),
         })
+    }
+
+    /// Every answer the job asks for (`n`), one after another, each in its own turn; a seeded request
+    /// gives answer `i` the seed `seed + i`, so they differ yet stay reproducible.
+    fn execute_all(
+        &self,
+        interface: Interface,
+        client: &str,
+        job: &Job,
+        cancel: &CancelToken,
+        on_text: &mut dyn FnMut(&str) -> ControlFlow<()>,
+    ) -> Result<Vec<Done>> {
+        let mut all = Vec::with_capacity(job.n);
+        for i in 0..job.n {
+            let mut one = job.clone();
+            one.params.sampling.seed = job.params.sampling.seed.map(|s| s.wrapping_add(i as u64));
+            all.push(self.execute_counted(interface, client, &one, cancel, on_text)?);
+        }
+        Ok(all)
     }
 
     fn execute_counted(
@@ -852,6 +873,7 @@ async fn completions(State(s): State<Arc<Service>>, client: HttpClient, headers:
 }
 
 /// A parsed request, ready for a blocking thread.
+#[derive(Clone)]
 struct Job {
     endpoint: Endpoint,
     prompt: Prompt,
@@ -861,12 +883,15 @@ struct Job {
     blend: Option<(String, Vec<f32>)>,
     stream: bool,
     model: String,
+    /// Answers asked for (OpenAI `n`), generated one after another.
+    n: usize,
 }
 
-/// What a blocking generation reports back to the async side.
+/// What a blocking generation reports back to the async side: text, then every answer (one unless
+/// the request asked for `n`).
 enum Msg {
     Text(String),
-    Done(Box<Done>),
+    Done(Vec<Done>),
     Failed(Error),
 }
 
@@ -920,6 +945,7 @@ fn parse_job(s: &Service, bytes: &[u8], endpoint: Endpoint) -> std::result::Resu
         }
     };
     let sh = s.shared();
+    let n = common.n(s.max_n)?;
     let mut params = common.params(sh.defaults.clone(), s.max_tokens_limit)?;
     let ext = common.crayon.unwrap_or_default();
     let mut overrides = ext.route.unwrap_or_default();
@@ -951,7 +977,7 @@ fn parse_job(s: &Service, bytes: &[u8], endpoint: Endpoint) -> std::result::Resu
         other => other.to_string(),
     })?;
     let model = if is_base { sh.model_id.clone() } else { model };
-    Ok(Job { endpoint, prompt, params, overrides, blend, stream: common.stream, model })
+    Ok(Job { endpoint, prompt, params, overrides, blend, stream: common.stream, model, n })
 }
 
 /// Cancels the generation when the HTTP side goes away (client disconnect drops the handler).
@@ -984,8 +1010,8 @@ async fn run_job(s: Arc<Service>, client: HttpClient, job: Job, permit: Slot) ->
                 Err(_) => ControlFlow::Break(()), // the client is gone
             }
         };
-        let msg = match worker.execute_counted(Interface::http, &client.0, &job, &cancel, &mut on_text) {
-            Ok(done) => Msg::Done(Box::new(done)),
+        let msg = match worker.execute_all(Interface::http, &client.0, &job, &cancel, &mut on_text) {
+            Ok(done) => Msg::Done(done),
             Err(e) => Msg::Failed(e),
         };
         drop(permit); // free the slot before the client can see the end of its request
@@ -1014,13 +1040,17 @@ async fn run_job(s: Arc<Service>, client: HttpClient, job: Job, permit: Slot) ->
     let head = chunk(endpoint, &id, created, &model, Some(""), None, true);
     let events = futures_stream(first, rx, guard, move |m: Msg| match m {
         Msg::Text(t) => chunk(endpoint, &id, created, &model, Some(&t), None, false),
-        Msg::Done(d) => {
-            let mut last =
-                chunk(endpoint, &id, created, &model, None, Some(openai::finish_reason(d.answer.finish_reason)), false);
-            last["usage"] = openai::usage(&d.answer);
-            last["crayon"] = extension(&d);
-            last
-        }
+        // A streamed request has one answer (`n` > 1 is refused with `stream`).
+        Msg::Done(all) => match all.first() {
+            Some(d) => {
+                let finish = openai::finish_reason(d.answer.finish_reason);
+                let mut last = chunk(endpoint, &id, created, &model, None, Some(finish), false);
+                last["usage"] = openai::usage(&d.answer);
+                last["crayon"] = extension(d);
+                last
+            }
+            None => json!({"error": {"message": "no answer", "type": "server_error"}}),
+        },
         Msg::Failed(e) => json!({"error": {"message": e.to_string(), "type": "server_error"}}),
     });
     let head_event = Event::default().data(head.to_string());
@@ -1143,26 +1173,50 @@ fn extension(d: &Done) -> Value {
     .unwrap_or(Value::Null)
 }
 
-fn full_response(endpoint: Endpoint, model: &str, d: &Done) -> Value {
-    let a = &d.answer;
-    let finish = openai::finish_reason(a.finish_reason);
-    let logprobs = match a.logprobs.is_empty() {
-        true => Value::Null,
-        false => openai::logprobs_json(endpoint == Endpoint::Chat, &a.logprobs),
+/// The OpenAI response for every answer of a request (`choices[i]`); usage counts the prompt once and
+/// every answer's tokens; the `crayon` object describes the first answer (each answer's own route is
+/// in `crayon.choices_routes` when there are several).
+fn full_response(endpoint: Endpoint, model: &str, all: &[Done]) -> Value {
+    let choices: Vec<Value> = all
+        .iter()
+        .enumerate()
+        .map(|(i, d)| {
+            let a = &d.answer;
+            let finish = openai::finish_reason(a.finish_reason);
+            let logprobs = match a.logprobs.is_empty() {
+                true => Value::Null,
+                false => openai::logprobs_json(endpoint == Endpoint::Chat, &a.logprobs),
+            };
+            match endpoint {
+                Endpoint::Chat => json!({"index": i, "message": {"role": "assistant", "content": a.text},
+                                         "finish_reason": finish, "logprobs": logprobs}),
+                Endpoint::Completion => {
+                    json!({"index": i, "text": a.text, "finish_reason": finish, "logprobs": logprobs})
+                }
+            }
+        })
+        .collect();
+    let Some(first) = all.first() else {
+        return error_body("no answer", "server_error", None);
     };
-    let choice = match endpoint {
-        Endpoint::Chat => json!({"index": 0, "message": {"role": "assistant", "content": a.text},
-                                 "finish_reason": finish, "logprobs": logprobs}),
-        Endpoint::Completion => json!({"index": 0, "text": a.text, "finish_reason": finish, "logprobs": logprobs}),
-    };
+    let mut usage = openai::usage(&first.answer);
+    if all.len() > 1 {
+        let completion: usize = all.iter().map(|d| d.answer.completion_tokens).sum();
+        usage["completion_tokens"] = json!(completion);
+        usage["total_tokens"] = json!(first.answer.prompt_tokens.saturating_add(completion));
+    }
+    let mut ext = extension(first);
+    if all.len() > 1 {
+        ext["choices_routes"] = json!(all.iter().map(extension).collect::<Vec<_>>());
+    }
     json!({
         "id": completion_id(),
         "object": if endpoint == Endpoint::Chat { "chat.completion" } else { "text_completion" },
         "created": now_unix(),
         "model": model,
-        "choices": [choice],
-        "usage": openai::usage(a),
-        "crayon": extension(d),
+        "choices": choices,
+        "usage": usage,
+        "crayon": ext,
     })
 }
 

@@ -170,6 +170,18 @@ impl CompletionRequest {
 }
 
 impl Common {
+    /// How many answers the request asks for (`n`), within `max_n` (`server.max_n`).
+    pub fn n(&self, max_n: usize) -> Result<usize, String> {
+        match self.n.unwrap_or(1) {
+            0 => Err("n must be at least 1".into()),
+            n if n > max_n => Err(format!("n = {n} is over the limit of {max_n} (server.max_n)")),
+            n if n > 1 && self.stream => {
+                Err(format!("n = {n} with 'stream' is not supported yet: ask without streaming"))
+            }
+            n => Ok(n),
+        }
+    }
+
     /// How many alternatives per token `logprobs` asks for: chat's `logprobs: true` + `top_logprobs`,
     /// or completions' `logprobs: k`; `None` when not asked.
     fn logprobs(&self) -> Result<Option<usize>, String> {
@@ -206,9 +218,6 @@ impl Common {
     pub fn params(&self, defaults: GenerationParams, max_tokens_limit: usize) -> Result<GenerationParams, String> {
         self.check_unsupported()?;
         let mut p = defaults;
-        if let Some(n) = self.n.filter(|&n| n != 1) {
-            return Err(format!("n = {n} is not supported (only 1)"));
-        }
         if let Some(m) = self.max_completion_tokens.or(self.max_tokens) {
             if m == 0 {
                 return Err("max_tokens must be at least 1".into());

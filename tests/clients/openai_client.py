@@ -28,6 +28,10 @@ out["completion_tokens"] = done.choices[0].logprobs.tokens
 pieces = client.completions.create(model="default", prompt="The sky is", max_tokens=4, temperature=0, stream=True)
 out["completion_stream_text"] = "".join(c.choices[0].text for c in pieces if c.choices)
 
+several = client.chat.completions.create(
+    model="default", messages=[{"role": "user", "content": "Say hi"}], max_tokens=4, temperature=1.0, seed=3, n=2)
+out["n"] = [c.index for c in several.choices]
+
 out["models"] = [m.id for m in client.models.list()]
 out["retrieved"] = client.models.retrieve(out["models"][0]).id
 try:
