@@ -1008,3 +1008,32 @@ fn n_answers_are_sampled_independently_and_reproducibly() {
     assert!((3..=24).contains(&total), "{r}");
     assert_eq!(r["crayon"]["choices_routes"].as_array().unwrap().len(), 3, "{r}");
 }
+
+/// Several prompts in one completions request (OpenAI's batch form): each answered in order, `n`
+/// answers each, within server.max_n answers in all; usage counts each prompt once.
+#[test]
+fn a_completions_request_may_carry_several_prompts() {
+    let state = tempfile::tempdir().unwrap();
+    let d = Daemon::start(&tiny_config(None, state.path(), ""));
+    let one = |p: &str| {
+        let (_, r) = d.post("/v1/completions", &json!({"prompt": p, "max_tokens": 3, "temperature": 0}));
+        (r["choices"][0]["text"].as_str().unwrap().to_string(), r["usage"]["prompt_tokens"].as_u64().unwrap())
+    };
+    let (a, pa) = one("The sky is");
+    let (b, pb) = one("Two and two make");
+    let (status, r) = d.post(
+        "/v1/completions",
+        &json!({"prompt": ["The sky is", "Two and two make"], "max_tokens": 3, "temperature": 0, "n": 2}),
+    );
+    assert_eq!(status, 200, "{r}");
+    let texts: Vec<&str> = r["choices"].as_array().unwrap().iter().map(|c| c["text"].as_str().unwrap()).collect();
+    assert_eq!(texts, vec![a.as_str(), a.as_str(), b.as_str(), b.as_str()], "{r}");
+    assert_eq!(r["usage"]["prompt_tokens"].as_u64().unwrap(), pa + pb, "each prompt once: {r}");
+    let (status, r) = d.post("/v1/completions", &json!({"prompt": ["a", "b", "c"], "max_tokens": 1, "n": 2}));
+    assert_eq!(status, 400, "{r}");
+    assert!(r["error"]["message"].as_str().unwrap().contains("3 prompts x n = 2 is 6 answers"), "{r}");
+    let (status, r) = d.post("/v1/completions", &json!({"prompt": ["a", "b"], "max_tokens": 1, "stream": true}));
+    assert_eq!(status, 400, "{r}");
+    let (status, _) = d.post("/v1/completions", &json!({"prompt": [], "max_tokens": 1}));
+    assert_eq!(status, 400);
+}

@@ -240,7 +240,7 @@ impl Service {
             .and_then(|()| parse_job(self, body, endpoint).map_err(Error::InvalidRequest))
             .inspect_err(|e| self.metrics.request(interface, Operation::generate, e.kind().into()))?;
         let done = self.execute_all(interface, client, &job, cancel, on_text)?;
-        Ok(full_response(endpoint, &job.model, &done))
+        Ok(full_response(endpoint, &job.model, job.n, &done))
     }
 
     /// Customizes an adapter from a customize request body (`{"name", "examples", "calibrate",
@@ -383,8 +383,9 @@ impl Service {
         })
     }
 
-    /// Every answer the job asks for (`n`), one after another, each in its own turn; a seeded request
-    /// gives answer `i` the seed `seed + i`, so they differ yet stay reproducible.
+    /// Every answer the job asks for (`n` per prompt), one after another, each in its own turn; a
+    /// seeded request gives answer `i` of a prompt the seed `seed + i`, so they differ yet stay
+    /// reproducible.
     fn execute_all(
         &self,
         interface: Interface,
@@ -393,11 +394,16 @@ impl Service {
         cancel: &CancelToken,
         on_text: &mut dyn FnMut(&str) -> ControlFlow<()>,
     ) -> Result<Vec<Done>> {
-        let mut all = Vec::with_capacity(job.n);
-        for i in 0..job.n {
-            let mut one = job.clone();
-            one.params.sampling.seed = job.params.sampling.seed.map(|s| s.wrapping_add(i as u64));
-            all.push(self.execute_counted(interface, client, &one, cancel, on_text)?);
+        let prompts = std::iter::once(&job.prompt).chain(&job.more_prompts);
+        let mut all = Vec::with_capacity(job.n * (1 + job.more_prompts.len()));
+        for prompt in prompts {
+            for i in 0..job.n {
+                let mut one = job.clone();
+                one.prompt = prompt.clone();
+                one.more_prompts.clear();
+                one.params.sampling.seed = job.params.sampling.seed.map(|s| s.wrapping_add(i as u64));
+                all.push(self.execute_counted(interface, client, &one, cancel, on_text)?);
+            }
         }
         Ok(all)
     }
@@ -883,8 +889,10 @@ struct Job {
     blend: Option<(String, Vec<f32>)>,
     stream: bool,
     model: String,
-    /// Answers asked for (OpenAI `n`), generated one after another.
+    /// Answers asked for per prompt (OpenAI `n`), generated one after another.
     n: usize,
+    /// Further prompts of a batch completions request, answered after `prompt`, in order.
+    more_prompts: Vec<Prompt>,
 }
 
 /// What a blocking generation reports back to the async side: text, then every answer (one unless
@@ -931,6 +939,7 @@ async fn handle(s: Arc<Service>, client: HttpClient, headers: HeaderMap, body: B
 }
 
 fn parse_job(s: &Service, bytes: &[u8], endpoint: Endpoint) -> std::result::Result<Job, String> {
+    let mut more_prompts = Vec::new();
     let (model, prompt, common): (String, Prompt, Common) = match endpoint {
         Endpoint::Chat => {
             let r: ChatRequest = serde_json::from_slice(bytes).map_err(|e| format!("malformed JSON body: {e}"))?;
@@ -940,12 +949,14 @@ fn parse_job(s: &Service, bytes: &[u8], endpoint: Endpoint) -> std::result::Resu
         Endpoint::Completion => {
             let r: CompletionRequest =
                 serde_json::from_slice(bytes).map_err(|e| format!("malformed JSON body: {e}"))?;
-            let p = r.prompt()?;
+            let mut prompts = r.prompts()?;
+            more_prompts = prompts.split_off(1);
+            let p = prompts.pop().ok_or("prompt must not be empty")?;
             (r.model, p, r.common)
         }
     };
     let sh = s.shared();
-    let n = common.n(s.max_n)?;
+    let n = common.n(1 + more_prompts.len(), s.max_n)?;
     let mut params = common.params(sh.defaults.clone(), s.max_tokens_limit)?;
     let ext = common.crayon.unwrap_or_default();
     let mut overrides = ext.route.unwrap_or_default();
@@ -977,7 +988,7 @@ fn parse_job(s: &Service, bytes: &[u8], endpoint: Endpoint) -> std::result::Resu
         other => other.to_string(),
     })?;
     let model = if is_base { sh.model_id.clone() } else { model };
-    Ok(Job { endpoint, prompt, params, overrides, blend, stream: common.stream, model, n })
+    Ok(Job { endpoint, prompt, params, overrides, blend, stream: common.stream, model, n, more_prompts })
 }
 
 /// Cancels the generation when the HTTP side goes away (client disconnect drops the handler).
@@ -999,6 +1010,7 @@ async fn run_job(s: Arc<Service>, client: HttpClient, job: Job, permit: Slot) ->
     let worker = s.clone();
     let endpoint = job.endpoint;
     let model = job.model.clone();
+    let n = job.n;
     tokio::task::spawn_blocking(move || {
         let tx2 = tx.clone();
         let mut on_text = |t: &str| {
@@ -1023,7 +1035,7 @@ async fn run_job(s: Arc<Service>, client: HttpClient, job: Job, permit: Slot) ->
         loop {
             match rx.recv().await {
                 Some(Msg::Text(_)) => continue,
-                Some(Msg::Done(d)) => return axum::Json(full_response(endpoint, &model, &d)).into_response(),
+                Some(Msg::Done(d)) => return axum::Json(full_response(endpoint, &model, n, &d)).into_response(),
                 Some(Msg::Failed(e)) => return error_response(&e),
                 None => return fail(StatusCode::INTERNAL_SERVER_ERROR, "the request was dropped", "server_error"),
             }
@@ -1176,7 +1188,7 @@ fn extension(d: &Done) -> Value {
 /// The OpenAI response for every answer of a request (`choices[i]`); usage counts the prompt once and
 /// every answer's tokens; the `crayon` object describes the first answer (each answer's own route is
 /// in `crayon.choices_routes` when there are several).
-fn full_response(endpoint: Endpoint, model: &str, all: &[Done]) -> Value {
+fn full_response(endpoint: Endpoint, model: &str, n: usize, all: &[Done]) -> Value {
     let choices: Vec<Value> = all
         .iter()
         .enumerate()
@@ -1201,9 +1213,12 @@ fn full_response(endpoint: Endpoint, model: &str, all: &[Done]) -> Value {
     };
     let mut usage = openai::usage(&first.answer);
     if all.len() > 1 {
+        // Each prompt counts once, however many answers it got.
+        let prompt: usize = all.iter().step_by(n.max(1)).map(|d| d.answer.prompt_tokens).sum();
         let completion: usize = all.iter().map(|d| d.answer.completion_tokens).sum();
+        usage["prompt_tokens"] = json!(prompt);
         usage["completion_tokens"] = json!(completion);
-        usage["total_tokens"] = json!(first.answer.prompt_tokens.saturating_add(completion));
+        usage["total_tokens"] = json!(prompt.saturating_add(completion));
     }
     let mut ext = extension(first);
     if all.len() > 1 {

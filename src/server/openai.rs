@@ -156,28 +156,47 @@ impl ChatRequest {
 }
 
 impl CompletionRequest {
-    pub fn prompt(&self) -> Result<Prompt, String> {
+    /// The prompts: a string, an array of token ids, or an array of several of either (OpenAI's
+    /// batch form: every prompt gets its answers, in order).
+    pub fn prompts(&self) -> Result<Vec<Prompt>, String> {
+        let shape = "prompt must be a string, an array of token ids, or an array of strings or of token-id arrays";
+        let tokens = |a: &[Value]| -> Result<Prompt, String> {
+            let ids: Option<Vec<u32>> = a.iter().map(|v| v.as_u64().and_then(|x| u32::try_from(x).ok())).collect();
+            ids.map(Prompt::Tokens).ok_or_else(|| "prompt token ids must fit in 32 bits".into())
+        };
         match &self.prompt {
-            Value::String(s) => Ok(Prompt::Text(s.clone())),
-            Value::Array(a) if a.len() == 1 && a[0].is_string() => Ok(Prompt::Text(a[0].as_str().unwrap_or("").into())),
-            Value::Array(a) if !a.is_empty() && a.iter().all(Value::is_u64) => {
-                let ids: Option<Vec<u32>> = a.iter().map(|v| v.as_u64().and_then(|x| u32::try_from(x).ok())).collect();
-                ids.map(Prompt::Tokens).ok_or_else(|| "prompt token ids must fit in 32 bits".into())
-            }
-            _ => Err("prompt must be a string, a one-string array, or an array of token ids".into()),
+            Value::String(s) => Ok(vec![Prompt::Text(s.clone())]),
+            Value::Array(a) if !a.is_empty() && a.iter().all(Value::is_u64) => Ok(vec![tokens(a)?]),
+            Value::Array(a) if !a.is_empty() => a
+                .iter()
+                .map(|p| match p {
+                    Value::String(s) => Ok(Prompt::Text(s.clone())),
+                    Value::Array(ids) if !ids.is_empty() && ids.iter().all(Value::is_u64) => tokens(ids),
+                    _ => Err(shape.to_string()),
+                })
+                .collect(),
+            _ => Err(shape.into()),
         }
     }
 }
 
 impl Common {
     /// How many answers the request asks for (`n`), within `max_n` (`server.max_n`).
-    pub fn n(&self, max_n: usize) -> Result<usize, String> {
-        match self.n.unwrap_or(1) {
+    /// Answers per prompt (`n`) for `prompts` prompts: all of them together within `max_n`
+    /// (`server.max_n`), bounding the work one request can ask for.
+    pub fn n(&self, prompts: usize, max_n: usize) -> Result<usize, String> {
+        let n = self.n.unwrap_or(1);
+        let answers = n.saturating_mul(prompts);
+        match n {
             0 => Err("n must be at least 1".into()),
-            n if n > max_n => Err(format!("n = {n} is over the limit of {max_n} (server.max_n)")),
-            n if n > 1 && self.stream => {
-                Err(format!("n = {n} with 'stream' is not supported yet: ask without streaming"))
+            _ if answers > max_n && prompts > 1 => {
+                Err(format!("{prompts} prompts x n = {n} is {answers} answers; the limit is {max_n} (server.max_n)"))
             }
+            _ if answers > max_n => Err(format!("n = {n} is over the limit of {max_n} (server.max_n)")),
+            _ if answers > 1 && self.stream => Err(
+                "several answers (n > 1 or several prompts) with 'stream' are not supported yet: ask without streaming"
+                    .into(),
+            ),
             n => Ok(n),
         }
     }
