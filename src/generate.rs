@@ -41,7 +41,13 @@ pub struct GenerationParams {
     /// Report each generated token's log-probability with this many most likely alternatives
     /// (OpenAI `logprobs` / `top_logprobs`; at most [`MAX_TOP_LOGPROBS`]); `None`: not reported.
     pub logprobs: Option<usize>,
+    /// Where each token's log-probability also goes as soon as it is sampled (streaming interfaces
+    /// send them with the text).
+    pub logprob_sink: Option<LogprobSink>,
 }
+
+/// Token log-probabilities as they are generated (see [`GenerationParams::logprob_sink`]).
+pub type LogprobSink = std::sync::Arc<std::sync::Mutex<Vec<TokenLogprob>>>;
 
 /// Most alternatives per token `logprobs` may ask for (OpenAI's limit).
 pub const MAX_TOP_LOGPROBS: usize = 20;
@@ -56,6 +62,7 @@ impl GenerationParams {
             choices: Vec::new(),
             choice_scoring: ScoringOverrides::default(),
             logprobs: None,
+            logprob_sink: None,
         }
     }
 }
@@ -271,7 +278,11 @@ fn decode_loop(
             let top = crate::sampler::top_logprobs(&logits, k.min(MAX_TOP_LOGPROBS));
             let TopLogprob { token, bytes, .. } = TopLogprob::of(tokenizer, c.token, c.logprob);
             let top_logprobs = top.into_iter().map(|(id, lp)| TopLogprob::of(tokenizer, id, lp)).collect();
-            out.logprobs.push(TokenLogprob { token, logprob: c.logprob, bytes, top_logprobs });
+            let entry = TokenLogprob { token, logprob: c.logprob, bytes, top_logprobs };
+            if let Some(sink) = &params.logprob_sink {
+                sink.lock().unwrap_or_else(|p| p.into_inner()).push(entry.clone());
+            }
+            out.logprobs.push(entry);
         }
         let (ready, hit) = stops.push(&stream.push(tokenizer, c.token)?);
         if emit(&mut out, &ready).is_break() {

@@ -19,6 +19,7 @@ fn greedy(max_new_tokens: usize) -> GenerationParams {
         choices: vec![],
         choice_scoring: Default::default(),
         logprobs: None,
+        logprob_sink: None,
     }
 }
 

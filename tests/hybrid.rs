@@ -362,7 +362,6 @@ fn http_api_rejects_bad_requests_precisely_and_keeps_serving() {
         ),
         (json!({"messages": [{"role": "user", "content": "x"}], "logit_bias": {"50256": -100}}), 400, "'logit_bias'"),
         (json!({"messages": [{"role": "user", "content": "x"}], "frequency_penalty": 0.5}), 400, "'frequency_penalty'"),
-        (json!({"messages": [{"role": "user", "content": "x"}], "logprobs": true, "stream": true}), 400, "stream"),
         (
             json!({"messages": [{"role": "user", "content": "x"}], "logprobs": true, "top_logprobs": 21}),
             400,
@@ -913,6 +912,22 @@ fn logprobs_report_each_answer_token_with_its_alternatives_in_both_openai_shapes
     }
     let text = r["choices"][0]["message"]["content"].as_str().unwrap();
     assert_eq!(String::from_utf8_lossy(&bytes), text, "the tokens spell the answer");
+    // Streamed: each chunk carries its tokens' log-probabilities; together the same as above.
+    let mut r = common::daemon::agent()
+        .post(&format!("{}/v1/chat/completions", d.url))
+        .send_json(json!({"messages": [{"role": "user", "content": "Say hi"}], "max_tokens": 6, "temperature": 0,
+                          "logprobs": true, "top_logprobs": 3, "stream": true}))
+        .unwrap();
+    let body = r.body_mut().read_to_string().unwrap();
+    let streamed: Vec<Value> = body
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .filter(|l| *l != "[DONE]")
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter_map(|c| c["choices"][0]["logprobs"]["content"].as_array().cloned())
+        .flatten()
+        .collect();
+    assert_eq!(streamed, content, "streamed log-probabilities: {body}");
     // Not asked: null, as OpenAI answers.
     let (_, plain) =
         d.post("/v1/chat/completions", &json!({"messages": [{"role": "user", "content": "Say hi"}], "max_tokens": 2}));
@@ -944,6 +959,19 @@ fn logprobs_of_an_offloaded_answer_are_the_servers() {
     let content = |r: &Value| r["choices"][0]["logprobs"]["content"].clone();
     assert!(content(&via_device).as_array().is_some_and(|c| !c.is_empty()), "{via_device}");
     assert_eq!(content(&via_device), content(&direct), "the server's own log-probabilities");
+    // Streamed through the device: the server's answer comes whole, its log-probabilities at the end.
+    let mut stream_body = body.clone();
+    stream_body["stream"] = json!(true);
+    let mut r =
+        common::daemon::agent().post(&format!("{}/v1/chat/completions", dev.url)).send_json(stream_body).unwrap();
+    let text = r.body_mut().read_to_string().unwrap();
+    let streamed: Vec<Value> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: ").and_then(|l| serde_json::from_str::<Value>(l).ok()))
+        .filter_map(|c| c["choices"][0]["logprobs"]["content"].as_array().cloned())
+        .flatten()
+        .collect();
+    assert_eq!(Value::Array(streamed), content(&direct), "{text}");
 }
 
 /// The official OpenAI Python client against crayond (issue #15): chat and completions, streamed and
@@ -967,6 +995,7 @@ fn the_official_openai_client_works_against_crayond() {
     assert!(out.status.success(), "the client failed:\n{stderr}");
     let seen: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(seen["stream_text"], seen["chat_text"], "streamed and not, the same greedy answer: {seen}");
+    assert_eq!(seen["stream_logprobs"], seen["chat_logprobs"], "streamed log-probabilities: {seen}");
     assert_eq!(seen["completion_stream_text"], seen["completion_text"], "{seen}");
     let lps = seen["chat_logprobs"].as_array().unwrap();
     assert!(!lps.is_empty() && lps.iter().all(|t| t[2].as_array().unwrap().len() == 2), "{seen}");

@@ -28,6 +28,7 @@ fn answers_a_fixed_question_coherently_and_streams_it() {
         choices: vec![],
         choice_scoring: Default::default(),
         logprobs: None,
+        logprob_sink: None,
     };
     let mut chunks = Vec::new();
     let out = engine
@@ -64,6 +65,7 @@ fn logits_and_greedy_tokens_match_transformers() {
         choices: vec![],
         choice_scoring: Default::default(),
         logprobs: None,
+        logprob_sink: None,
     };
     let out = engine.generate(&chat, &params, &CancelToken::new(), &mut |_| ControlFlow::Continue(())).unwrap();
     let ids: Vec<u32> = out.tokens.iter().map(|t| t.id).collect();
@@ -113,6 +115,7 @@ fn customized_from_five_examples_answers_in_the_task_format() {
         choices: ["a rock", "a candle flame", "a pillow", "a spoon"].map(String::from).to_vec(),
         choice_scoring: Default::default(),
         logprobs: None,
+        logprob_sink: None,
     };
     let q = "Question: Which of these is a source of light?\nAnswer:";
     let out = engine

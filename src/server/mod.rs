@@ -898,7 +898,8 @@ struct Job {
 /// What a blocking generation reports back to the async side: text, then every answer (one unless
 /// the request asked for `n`).
 enum Msg {
-    Text(String),
+    /// Streamed text, with the log-probabilities of the tokens sampled since the last one (when asked).
+    Text(String, Vec<crate::generate::TokenLogprob>),
     Done(Vec<Done>),
     Failed(Error),
 }
@@ -1011,19 +1012,38 @@ async fn run_job(s: Arc<Service>, client: HttpClient, job: Job, permit: Slot) ->
     let endpoint = job.endpoint;
     let model = job.model.clone();
     let n = job.n;
+    let mut job = job;
+    // Streamed log-probabilities travel with the text they belong to (or just before it, while the
+    // text of a token is held back: an incomplete character, a possible stop string).
+    let sink = (stream && job.params.logprobs.is_some()).then(crate::generate::LogprobSink::default);
+    job.params.logprob_sink = sink.clone();
     tokio::task::spawn_blocking(move || {
         let tx2 = tx.clone();
+        let drain = || sink.as_ref().map(|s| std::mem::take(&mut *s.lock().unwrap_or_else(|p| p.into_inner())));
+        let mut sent_logprobs = false;
         let mut on_text = |t: &str| {
             if !stream || t.is_empty() {
                 return ControlFlow::Continue(());
             }
-            match tx2.send(Msg::Text(t.to_string())) {
+            let lps = drain().unwrap_or_default();
+            sent_logprobs |= !lps.is_empty();
+            match tx2.send(Msg::Text(t.to_string(), lps)) {
                 Ok(()) => ControlFlow::Continue(()),
                 Err(_) => ControlFlow::Break(()), // the client is gone
             }
         };
         let msg = match worker.execute_all(Interface::http, &client.0, &job, &cancel, &mut on_text) {
-            Ok(done) => Msg::Done(done),
+            Ok(done) => {
+                // What is left: the last tokens', or a server's answer's (it does not stream them).
+                let mut rest = drain().unwrap_or_default();
+                if rest.is_empty() && !sent_logprobs && sink.is_some() {
+                    rest = done.first().map(|d| d.answer.logprobs.clone()).unwrap_or_default();
+                }
+                if !rest.is_empty() {
+                    let _ = tx.send(Msg::Text(String::new(), rest));
+                }
+                Msg::Done(done)
+            }
             Err(e) => Msg::Failed(e),
         };
         drop(permit); // free the slot before the client can see the end of its request
@@ -1034,7 +1054,7 @@ async fn run_job(s: Arc<Service>, client: HttpClient, job: Job, permit: Slot) ->
         let _guard = guard;
         loop {
             match rx.recv().await {
-                Some(Msg::Text(_)) => continue,
+                Some(Msg::Text(..)) => continue,
                 Some(Msg::Done(d)) => return axum::Json(full_response(endpoint, &model, n, &d)).into_response(),
                 Some(Msg::Failed(e)) => return error_response(&e),
                 None => return fail(StatusCode::INTERNAL_SERVER_ERROR, "the request was dropped", "server_error"),
@@ -1051,7 +1071,13 @@ async fn run_job(s: Arc<Service>, client: HttpClient, job: Job, permit: Slot) ->
     let created = now_unix();
     let head = chunk(endpoint, &id, created, &model, Some(""), None, true);
     let events = futures_stream(first, rx, guard, move |m: Msg| match m {
-        Msg::Text(t) => chunk(endpoint, &id, created, &model, Some(&t), None, false),
+        Msg::Text(t, lps) => {
+            let mut c = chunk(endpoint, &id, created, &model, Some(&t), None, false);
+            if !lps.is_empty() {
+                c["choices"][0]["logprobs"] = openai::logprobs_json(endpoint == Endpoint::Chat, &lps);
+            }
+            c
+        }
         // A streamed request has one answer (`n` > 1 is refused with `stream`).
         Msg::Done(all) => match all.first() {
             Some(d) => {

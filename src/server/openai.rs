@@ -267,9 +267,6 @@ impl Common {
             p.choice_scoring = ext.choice_scoring;
         }
         p.logprobs = self.logprobs()?;
-        if p.logprobs.is_some() && self.stream {
-            return Err("'logprobs' with 'stream' is not supported yet: ask without streaming".into());
-        }
         if p.logprobs.is_some_and(|k| k > 0) && !p.choices.is_empty() {
             return Err("'top_logprobs' with crayon.choices is not supported: options are scored, not sampled".into());
         }

@@ -18,8 +18,12 @@ out["chat_usage"] = chat.usage.completion_tokens
 out["chat_logprobs"] = [[t.token, t.logprob, [a.token for a in t.top_logprobs]] for t in chat.choices[0].logprobs.content]
 
 stream = client.chat.completions.create(
-    model="default", messages=[{"role": "user", "content": "Say hi"}], max_tokens=5, temperature=0, stream=True)
-out["stream_text"] = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+    model="default", messages=[{"role": "user", "content": "Say hi"}], max_tokens=5, temperature=0, stream=True,
+    logprobs=True, top_logprobs=2)
+chunks = [c for c in stream if c.choices]
+out["stream_text"] = "".join(c.choices[0].delta.content or "" for c in chunks)
+out["stream_logprobs"] = [[t.token, t.logprob, [a.token for a in t.top_logprobs]]
+                          for c in chunks if c.choices[0].logprobs for t in c.choices[0].logprobs.content]
 
 done = client.completions.create(model="default", prompt="The sky is", max_tokens=4, temperature=0, logprobs=2)
 out["completion_text"] = done.choices[0].text
