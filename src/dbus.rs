@@ -383,6 +383,11 @@ impl Crayon1 {
         self.service.status().to_string()
     }
 
+    /// Metrics() -> the OpenMetrics exposition, as HTTP `GET /metrics` serves it.
+    async fn metrics(&self) -> String {
+        self.service.metrics_text()
+    }
+
     #[zbus(property)]
     async fn version(&self) -> String {
         crate::VERSION.to_string()

@@ -414,6 +414,10 @@ fn readme_dbus_send_and_busctl_lines_work() {
     assert!(out.contains("string \"math\"") && out.contains("dict entry"), "{out}");
     let (rc, out, err) = run(busctl(&bus).args(["call", DEST, PATH, DEST, "ListAdapters"]));
     assert_eq!((rc, out.trim()), (0, "as 1 \"math\""), "{err}");
+    let (rc, out, err) = run(dbus_send(&bus).arg("org.crayon.Crayon1.Metrics"));
+    assert_eq!(rc, 0, "{err}");
+    // dbus-send prints the string as it is.
+    assert!(out.contains(r#"crayon_requests_total{interface="dbus",operation="customize",outcome="ok"} 1"#), "{out}");
     let (rc, out, err) = run(busctl(&bus).args([
         "call",
         DEST,
