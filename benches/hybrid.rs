@@ -143,6 +143,7 @@ fn overhead(args: &Args, cfg: &Path, examples: &[Example], items: &[Item]) -> an
     let (mut routing, mut local) = (Vec::new(), Vec::new());
     for item in items.iter().cycle().take(args.runs + 3) {
         let req = router::Request {
+            on_offload: None,
             prompt: Prompt::Text(item.prompt.clone()),
             params: params(&*engine.lock("bench", &CancelToken::new())?, Some("science"), &item.choices),
             overrides: RouteOverrides::default(),
@@ -351,6 +352,7 @@ fn check_policy(
     let n = args.check_items.min(items.len());
     for (s, item) in scored.iter().zip(items).take(n) {
         let req = router::Request {
+            on_offload: None,
             prompt: Prompt::Text(item.prompt.clone()),
             params: params(&*engine.lock("bench", &CancelToken::new())?, Some("science"), &item.choices),
             overrides: RouteOverrides {

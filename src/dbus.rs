@@ -23,7 +23,7 @@ use crate::config::DbusConfig;
 use crate::error::{Error, Result};
 use crate::generate::CancelToken;
 use crate::metrics::Interface;
-use crate::server::{Endpoint, Service};
+use crate::server::{Endpoint, Service, Slot};
 
 pub const OBJECT_PATH: &str = "/org/crayon/Crayon1";
 pub const INTERFACE: &str = "org.crayon.Crayon1";
@@ -101,20 +101,16 @@ impl Crayon1 {
         }
     }
 
-    /// Runs `f(service, client)` on a blocking thread with a slot of `client` (the caller's bus
+    /// Runs `f(service, slot, client)` on a blocking thread with a slot of `client` (the caller's bus
     /// connection, [`client_key`]); a panic becomes an error.
     async fn blocking<T: Send + 'static>(
         &self,
         client: String,
-        f: impl FnOnce(&Service, &str) -> Result<T> + Send + 'static,
+        f: impl FnOnce(&Service, &Slot, &str) -> Result<T> + Send + 'static,
     ) -> DResult<T> {
         let permit = self.service.try_slot(Interface::dbus, &client)?;
         let service = self.service.clone();
-        let joined = tokio::task::spawn_blocking(move || {
-            let _permit = permit;
-            f(&service, &client)
-        })
-        .await;
+        let joined = tokio::task::spawn_blocking(move || f(&service, &permit, &client)).await;
         match joined {
             Ok(r) => r.map_err(DbusError::from),
             Err(_) => Err(DbusError::Failed("internal error: the request handler panicked".into())),
@@ -198,8 +194,8 @@ impl Crayon1 {
         let body = serde_json::to_vec(&chat_body(&prompt, &options)?).map_err(|e| DbusError::Failed(e.to_string()))?;
         let client = client_key(&hdr);
         let v = self
-            .blocking(client, move |s, client| {
-                s.answer_blocking(Interface::dbus, Endpoint::Chat, client, &body, &CancelToken::new(), &mut |_| {
+            .blocking(client, move |s, slot, client| {
+                s.answer_blocking(slot, Endpoint::Chat, client, &body, &CancelToken::new(), &mut |_| {
                     ControlFlow::Continue(())
                 })
             })
@@ -265,7 +261,7 @@ impl Crayon1 {
                 ControlFlow::Continue(())
             };
             let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                service.answer_blocking(Interface::dbus, Endpoint::Chat, &client, &body, &cancel, &mut on_text)
+                service.answer_blocking(&permit, Endpoint::Chat, &client, &body, &cancel, &mut on_text)
             }))
             .unwrap_or_else(|_| Err(Error::Internal("the request handler panicked".into())));
             let r = match r {
@@ -301,15 +297,10 @@ impl Crayon1 {
     async fn chat(&self, #[zbus(header)] hdr: Header<'_>, request: String) -> std::result::Result<String, DbusError> {
         let client = client_key(&hdr);
         let v = self
-            .blocking(client, move |s, client| {
-                s.answer_blocking(
-                    Interface::dbus,
-                    Endpoint::Chat,
-                    client,
-                    request.as_bytes(),
-                    &CancelToken::new(),
-                    &mut |_| ControlFlow::Continue(()),
-                )
+            .blocking(client, move |s, slot, client| {
+                s.answer_blocking(slot, Endpoint::Chat, client, request.as_bytes(), &CancelToken::new(), &mut |_| {
+                    ControlFlow::Continue(())
+                })
             })
             .await?;
         Ok(v.to_string())
@@ -337,7 +328,7 @@ impl Crayon1 {
         let body = serde_json::to_vec(&json!({"name": name, "examples": examples})).unwrap_or_default();
         let client = client_key(&hdr);
         let v = self
-            .blocking(client, move |s, client| {
+            .blocking(client, move |s, _, client| {
                 s.customize_blocking(Interface::dbus, &identity, client, &body, &CancelToken::new())
             })
             .await?;
@@ -371,7 +362,7 @@ impl Crayon1 {
     ) -> std::result::Result<(), DbusError> {
         let identity = self.authorize(conn, &hdr, "RemoveAdapter").await?;
         let client = client_key(&hdr);
-        self.blocking(client, move |s, client| {
+        self.blocking(client, move |s, _, client| {
             s.remove_blocking(Interface::dbus, &identity, client, &name, &CancelToken::new())
         })
         .await?;

@@ -1066,3 +1066,36 @@ fn a_completions_request_may_carry_several_prompts() {
     let (status, _) = d.post("/v1/completions", &json!({"prompt": [], "max_tokens": 1}));
     assert_eq!(status, 400);
 }
+
+/// Requests waiting on a slow server give their admission place back (issue #14): with every place
+/// of `server.max_concurrent` taken by requests hanging on the server, a device-only request is
+/// still answered at once instead of refused as busy.
+#[test]
+fn requests_waiting_on_the_server_do_not_keep_device_requests_out() {
+    let f = FaultServer::start(Fault::Hang);
+    let remote = "connect_timeout_ms = 1000\ntimeout_ms = 8000\nretries = 0\nretry_backoff_ms = 50\nbreaker_failures = 0\n\
+                  [server]\nmax_concurrent = 2\nmax_concurrent_per_client = 8\n";
+    let dev = std::sync::Arc::new(device(&f.url, "server_only", remote));
+    let waiting: Vec<_> = (0..2)
+        .map(|_| {
+            let dev = dev.clone();
+            std::thread::spawn(move || dev.post("/v1/completions", &json!({"prompt": "hi", "max_tokens": 2})))
+        })
+        .collect();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while f.connections.load(std::sync::atomic::Ordering::SeqCst) < 2 && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert_eq!(f.connections.load(std::sync::atomic::Ordering::SeqCst), 2, "both wait on the server");
+    let (status, out) = dev.post(
+        "/v1/completions",
+        &json!({"prompt": "hi", "max_tokens": 2, "crayon": {"route": {"mode": "device_only"}}}),
+    );
+    assert_eq!(status, 200, "a device request is not kept out by requests waiting on the server: {out}");
+    assert_eq!(route(&out), ("device", "device_only"), "{out}");
+    for w in waiting {
+        let (status, out) = w.join().unwrap();
+        assert_eq!(status, 200, "{out}");
+        assert!(out["crayon"]["fallback"].as_str().unwrap_or_default().contains("timed out"), "{out}");
+    }
+}

@@ -115,7 +115,13 @@ pub struct Request {
     pub prompt: Prompt,
     pub params: GenerationParams,
     pub overrides: RouteOverrides,
+    /// Called when the request goes to the server: it gives back its local admission place, so that
+    /// requests waiting on a slow server do not keep device requests out (docs/service.md).
+    pub on_offload: Option<OnOffload>,
 }
+
+/// See [`Request::on_offload`].
+pub type OnOffload = std::sync::Arc<dyn Fn() + Send + Sync>;
 
 pub struct Answer {
     pub text: String,
@@ -384,6 +390,9 @@ impl Router {
         cancel: &CancelToken,
         route: &mut Route,
     ) -> std::result::Result<RemoteAnswer, RemoteError> {
+        if let Some(release) = &req.on_offload {
+            release();
+        }
         let t = Instant::now();
         let r = RemoteRequest { prompt: &req.prompt, params: &req.params, blend };
         let out = remote.complete_cancellable(&r, Some(cancel));

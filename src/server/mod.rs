@@ -174,7 +174,12 @@ impl Service {
             .try_acquire_owned()
             .map_err(|_| busy(format!("{} requests in flight (server.max_concurrent)", self.max_concurrent)))?;
         *owners.entry(owner.to_string()).or_insert(0) += 1;
-        Ok(Slot { _permit: permit, owners: Arc::clone(&self.owners), owner: owner.to_string() })
+        Ok(Slot {
+            permit: Arc::new(std::sync::Mutex::new(Some(permit))),
+            owners: Arc::clone(&self.owners),
+            owner: owner.to_string(),
+            interface,
+        })
     }
 
     /// Requests in flight (admitted, not finished).
@@ -224,10 +229,11 @@ impl Service {
 
     /// Answers an OpenAI request body of `endpoint`'s kind (with the `crayon` extension) on the
     /// calling thread, for `client`'s turn in the queue; streams text to `on_text` and returns the
-    /// full `chat.completion` / `text_completion` object. The caller holds a slot ([`Service::try_slot`]).
+    /// full `chat.completion` / `text_completion` object. The caller holds `slot` ([`Service::try_slot`]);
+    /// its place among `server.max_concurrent` is given back if the request goes to the server.
     pub fn answer_blocking(
         &self,
-        interface: Interface,
+        slot: &Slot,
         endpoint: Endpoint,
         client: &str,
         body: &[u8],
@@ -235,10 +241,13 @@ impl Service {
         on_text: &mut dyn FnMut(&str) -> ControlFlow<()>,
     ) -> Result<Value> {
         self.counters.requests.fetch_add(1, Ordering::Relaxed);
+        let interface = slot.interface;
         let job = self
             .check_body_size(body.len())
             .and_then(|()| parse_job(self, body, endpoint).map_err(Error::InvalidRequest))
             .inspect_err(|e| self.metrics.request(interface, Operation::generate, e.kind().into()))?;
+        let mut job = job;
+        job.on_offload = Some(slot.releaser());
         let done = self.execute_all(interface, client, &job, cancel, on_text)?;
         Ok(full_response(endpoint, &job.model, job.n, &done))
     }
@@ -518,9 +527,22 @@ fn outcome<T>(r: &Result<T>) -> Outcome {
 
 /// A place among the requests in flight ([`Service::try_slot`]); freed when dropped.
 pub struct Slot {
-    _permit: OwnedSemaphorePermit,
+    /// The place among `server.max_concurrent`; given back early when the request goes to the
+    /// server ([`Slot::releaser`]).
+    permit: Arc<std::sync::Mutex<Option<OwnedSemaphorePermit>>>,
     owners: Arc<std::sync::Mutex<std::collections::HashMap<String, usize>>>,
     owner: String,
+    /// The interface the request came through.
+    interface: Interface,
+}
+
+impl Slot {
+    /// Gives the place among `server.max_concurrent` back (once; the client's own share,
+    /// `max_concurrent_per_client`, stays held until the request ends).
+    pub fn releaser(&self) -> router::OnOffload {
+        let permit = Arc::clone(&self.permit);
+        Arc::new(move || drop(permit.lock().unwrap_or_else(|p| p.into_inner()).take()))
+    }
 }
 
 impl Drop for Slot {
@@ -891,6 +913,8 @@ struct Job {
     model: String,
     /// Answers asked for per prompt (OpenAI `n`), generated one after another.
     n: usize,
+    /// Gives the request's admission place back when it goes to the server.
+    on_offload: Option<router::OnOffload>,
     /// Further prompts of a batch completions request, answered after `prompt`, in order.
     more_prompts: Vec<Prompt>,
 }
@@ -936,6 +960,8 @@ async fn handle(s: Arc<Service>, client: HttpClient, headers: HeaderMap, body: B
         Ok(p) => p,
         Err(e) => return Service::busy(&e),
     };
+    let mut job = job;
+    job.on_offload = Some(permit.releaser());
     run_job(s, client, job, permit).await
 }
 
@@ -989,7 +1015,18 @@ fn parse_job(s: &Service, bytes: &[u8], endpoint: Endpoint) -> std::result::Resu
         other => other.to_string(),
     })?;
     let model = if is_base { sh.model_id.clone() } else { model };
-    Ok(Job { endpoint, prompt, params, overrides, blend, stream: common.stream, model, n, more_prompts })
+    Ok(Job {
+        endpoint,
+        prompt,
+        params,
+        overrides,
+        blend,
+        stream: common.stream,
+        model,
+        n,
+        more_prompts,
+        on_offload: None,
+    })
 }
 
 /// Cancels the generation when the HTTP side goes away (client disconnect drops the handler).
@@ -1191,8 +1228,12 @@ fn execute(
         };
         return Ok(Done { answer, adapter: None, blend: name, blend_error });
     }
-    let req =
-        router::Request { prompt: job.prompt.clone(), params: job.params.clone(), overrides: job.overrides.clone() };
+    let req = router::Request {
+        prompt: job.prompt.clone(),
+        params: job.params.clone(),
+        overrides: job.overrides.clone(),
+        on_offload: job.on_offload.clone(),
+    };
     let answer = s.shared().router.answer(&s.queue, client, &req, cancel, on_text)?;
     Ok(Done { answer, adapter: job.params.adapter.clone(), blend: None, blend_error: None })
 }

@@ -561,7 +561,8 @@ impl Loop {
                 let _ = waker.wake();
             };
             let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                run_request(&service, &identity, &client, rid, req.op, &cancel, &|v| reply(Event::Reply(id, frame(&v))))
+                let caller = Caller { identity: &identity, slot: &permit, client: &client };
+                run_request(&service, &caller, rid, req.op, &cancel, &|v| reply(Event::Reply(id, frame(&v))))
             }))
             .unwrap_or_else(|_| Err(Error::Internal("the request handler panicked".into())));
             let last = match result {
@@ -657,10 +658,16 @@ impl Loop {
 }
 
 /// Runs one model request on a worker thread. `emit` sends an intermediate event (streamed text).
+/// Who a request is for: its identity (ownership), its admission place and its queue key.
+struct Caller<'a> {
+    identity: &'a crate::adapters::Identity,
+    slot: &'a crate::server::Slot,
+    client: &'a str,
+}
+
 fn run_request(
     service: &Service,
-    identity: &crate::adapters::Identity,
-    client: &str,
+    caller: &Caller,
     rid: u64,
     op: Op,
     cancel: &CancelToken,
@@ -683,7 +690,7 @@ fn run_request(
                     std::ops::ControlFlow::Continue(())
                 }
             };
-            let v = service.answer_blocking(Interface::socket, endpoint, client, &bytes, cancel, &mut on_text)?;
+            let v = service.answer_blocking(caller.slot, endpoint, caller.client, &bytes, cancel, &mut on_text)?;
             if cancel.is_cancelled() {
                 return Err(Error::Cancelled);
             }
@@ -691,9 +698,11 @@ fn run_request(
         }
         Op::Customize { body } => {
             let bytes = serde_json::to_vec(&body).map_err(|e| Error::InvalidRequest(e.to_string()))?;
-            service.customize_blocking(Interface::socket, identity, client, &bytes, cancel)
+            service.customize_blocking(Interface::socket, caller.identity, caller.client, &bytes, cancel)
         }
-        Op::Remove { name } => service.remove_blocking(Interface::socket, identity, client, &name, cancel),
+        Op::Remove { name } => {
+            service.remove_blocking(Interface::socket, caller.identity, caller.client, &name, cancel)
+        }
         Op::Status | Op::Metrics | Op::Adapters | Op::Cancel { .. } => {
             Err(Error::Internal("answered by the event loop".into()))
         }
