@@ -39,21 +39,8 @@ const PROMPT: &str = "What is the capital of France?";
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let repo = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
     let dir = tempfile::tempdir()?;
-    let conf = std::fs::read_to_string(repo.join("tests/dbus/system-like.conf.in"))?
-        .replace("@SOCKET@", &dir.path().join("bus").to_string_lossy())
-        .replace("@POLICY@", &repo.join("dbus/org.crayon.Crayon1.conf").to_string_lossy());
-    std::fs::write(dir.path().join("bus.conf"), conf)?;
-    let mut bus = Command::new("dbus-daemon")
-        .args(["--nofork", "--print-address", "--config-file"])
-        .arg(dir.path().join("bus.conf"))
-        .stdout(Stdio::piped())
-        .spawn()
-        .context("dbus-daemon")?;
-    let mut line = String::new();
-    BufReader::new(bus.stdout.take().context("bus stdout")?).read_line(&mut line)?;
-    let address = format!("unix:path={}", dir.path().join("bus").display());
+    let (mut bus, address) = common::private_bus(dir.path())?;
     let socket = dir.path().join("crayon.sock");
     let mut daemon = Command::new(env!("CARGO_BIN_EXE_crayond"))
         .arg("--config")

@@ -148,18 +148,7 @@ fn main() -> anyhow::Result<()> {
         Arc::new(std::sync::Mutex::new(start_daemon(&["--listen", &listen], &server_cfg, "crayond: ready")?.0));
 
     // The device: socket, D-Bus (a private bus configured like the system bus) and HTTP.
-    let conf = std::fs::read_to_string(repo.join("tests/dbus/system-like.conf.in"))?
-        .replace("@SOCKET@", &dir.path().join("bus").to_string_lossy())
-        .replace("@POLICY@", &repo.join("dbus/org.crayon.Crayon1.conf").to_string_lossy());
-    std::fs::write(dir.path().join("bus.conf"), conf)?;
-    let mut bus = Command::new("dbus-daemon")
-        .args(["--nofork", "--print-address", "--config-file"])
-        .arg(dir.path().join("bus.conf"))
-        .stdout(Stdio::piped())
-        .spawn()
-        .context("dbus-daemon")?;
-    BufReader::new(bus.stdout.take().context("bus stdout")?).read_line(&mut String::new())?;
-    let address = format!("unix:path={}", dir.path().join("bus").display());
+    let (mut bus, address) = common::private_bus(dir.path())?;
     let device_cfg = dir.path().join("device.toml");
     let state = dir.path().join("state");
     std::fs::write(

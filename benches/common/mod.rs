@@ -102,3 +102,24 @@ pub fn search_weights(
     }
     Ok((best, best_loss, step_ms))
 }
+
+/// A private `dbus-daemon` configured like the system bus (tests/dbus/system-like.conf.in, with the
+/// service's own policy), its socket in `dir`; returns the process and the bus address.
+pub fn private_bus(dir: &std::path::Path) -> anyhow::Result<(std::process::Child, String)> {
+    use anyhow::Context;
+    use std::io::BufRead;
+    let repo = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let conf = std::fs::read_to_string(repo.join("tests/dbus/system-like.conf.in"))?
+        .replace("@SOCKET@", &dir.join("bus").to_string_lossy())
+        .replace("@POLICY@", &repo.join("dbus/org.crayon.Crayon1.conf").to_string_lossy());
+    std::fs::write(dir.join("bus.conf"), conf)?;
+    let mut bus = std::process::Command::new("dbus-daemon")
+        .args(["--nofork", "--print-address", "--config-file"])
+        .arg(dir.join("bus.conf"))
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .context("dbus-daemon")?;
+    // Ready once it has printed its address.
+    std::io::BufReader::new(bus.stdout.take().context("bus stdout")?).read_line(&mut String::new())?;
+    Ok((bus, format!("unix:path={}", dir.join("bus").display())))
+}
