@@ -18,6 +18,7 @@ pub struct Config {
     pub runtime: RuntimeConfig,
     pub generation: GenerationConfig,
     pub choices: crate::choices::ChoicesConfig,
+    pub context: crate::context::ContextConfig,
     pub pool: PoolConfig,
     pub blend: crate::pool::blend::BlendConfig,
     pub adapters: AdaptersConfig,
@@ -456,6 +457,7 @@ impl Config {
 
     pub fn validate(&self) -> std::result::Result<(), String> {
         self.choices.validate()?;
+        self.context.validate()?;
         let g = &self.generation;
         if !(g.temperature.is_finite() && g.temperature >= 0.0) {
             return Err(format!("generation.temperature must be >= 0, got {}", g.temperature));

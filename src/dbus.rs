@@ -157,9 +157,16 @@ pub fn chat_body(prompt: &str, options: &HashMap<String, String>) -> Result<Valu
             "route" => {
                 ext.insert("route".into(), json!({"mode": v}));
             }
+            "context" | "pot_tokens" | "keep_tokens" => {
+                let context = ext.entry("context").or_insert_with(|| json!({}));
+                match k.as_str() {
+                    "context" => context["policy"] = json!(v),
+                    _ => context[k] = json!(v.parse::<u64>().map_err(|_| bad("not a non-negative integer"))?),
+                }
+            }
             _ => {
                 return Err(Error::InvalidRequest(format!(
-                    "unknown option '{k}' (known: system, max_tokens, temperature, top_p, top_k, seed, adapter, choices, normalization, calibration, route)"
+                    "unknown option '{k}' (known: system, max_tokens, temperature, top_p, top_k, seed, adapter, choices, normalization, calibration, route, context, pot_tokens, keep_tokens)"
                 )));
             }
         }

@@ -11,6 +11,7 @@ use crate::adapters::{self, AdapterStore, Customization, Example};
 use crate::chat::{ChatTemplate, Message};
 use crate::choices::{self, Calibration, ChoiceJob};
 use crate::config::Config;
+use crate::context::{self, ContextPolicy};
 use crate::error::{Error, Result};
 use crate::generate::{self, CancelToken, Generation, GenerationParams, Prompt};
 use crate::model::{Decoder, LowRank, ModelFiles, Precision, SharedWeights, WeightOverride};
@@ -248,20 +249,58 @@ impl Engine {
         if params.stop.iter().any(String::is_empty) {
             return Err(Error::InvalidRequest("stop strings must not be empty".into()));
         }
-        let ids = self.prompt_ids(prompt)?;
-        let limit = self.context_limit();
+        let mut ids = self.prompt_ids(prompt)?;
         if ids.is_empty() {
             return Err(Error::InvalidRequest("the prompt is empty".into()));
         }
+        let catalyst = self.tokenizer.encode(&self.config.context.catalyst)?;
+        let pot = self
+            .config
+            .context
+            .resolve(&params.context, self.context_limit(), catalyst.len())
+            .map_err(Error::InvalidRequest)?;
+        let limit = if pot.policy.compresses() { usize::MAX } else { pot.pot };
+        // Options are checked against the context once the prompt's length is final.
+        let choice_ids = self.choice_ids(prompt, &[], &params.choices, usize::MAX)?;
+        let longest = choice_ids.iter().map(Vec::len).max().unwrap_or(0);
+        let mut truncated = 0;
+        if pot.policy == ContextPolicy::Truncate {
+            // Room for the answer (at most a quarter of the pot) or the longest option.
+            let room = params.max_new_tokens.min(pot.pot / 4).max(longest).max(1);
+            let budget = pot.pot.saturating_sub(room).max(1);
+            truncated = ids.len().saturating_sub(budget);
+            ids = context::truncate_middle(&ids, budget);
+        }
+        if pot.policy.compresses() && ids.len() > pot.max_input {
+            return Err(Error::InvalidRequest(format!(
+                "the prompt is {} tokens; context.max_input_tokens is {}",
+                ids.len(),
+                pot.max_input
+            )));
+        }
         if ids.len() >= limit {
             return Err(Error::InvalidRequest(format!(
-                "the prompt is {} tokens; the context limit is {limit}",
+                "the prompt is {} tokens; the context limit is {limit} (a [context] policy other than \"refuse\" \
+                 accepts longer inputs)",
+                ids.len()
+            )));
+        }
+        if ids.len() + longest > limit {
+            return Err(Error::InvalidRequest(format!(
+                "the prompt ({} tokens) and a choice of {longest} tokens exceed the context limit of {limit}",
                 ids.len()
             )));
         }
         let max_new = params.max_new_tokens.min(limit - ids.len());
         let adapter = params.adapter.as_deref();
-        let choice_ids = self.choice_ids(prompt, &ids, &params.choices, limit)?;
+        if pot.policy.compresses() && 2 * longest > pot.pot - pot.keep {
+            return Err(Error::InvalidRequest(format!(
+                "a choice of {longest} tokens leaves too little of the context pot ({} entries, {} kept) to read in",
+                pot.pot, pot.keep
+            )));
+        }
+        let rope = context::Rope::new(self.files.arch.rope_theta, self.files.arch.head_dim);
+        let context = generate::ContextJob { pot, catalyst: &catalyst, rope, truncated };
         let scoring = &self.config.choices;
         let overrides = &params.choice_scoring;
         let calibrated = overrides.calibration.unwrap_or(scoring.calibration) == Calibration::ContentFree;
@@ -280,7 +319,7 @@ impl Engine {
             confidence: params.choice_scoring.confidence.unwrap_or(config.choices.confidence),
         });
         let decoder = select(base, ready, adapter)?;
-        let job = generate::Job { tokenizer, stop_ids, ids: &ids, max_new, params, choices };
+        let job = generate::Job { tokenizer, stop_ids, ids: &ids, max_new, params, choices, context };
         generate::run(decoder, &job, cancel, on_text)
     }
 

@@ -12,6 +12,7 @@ use serde::{Deserialize, Serialize};
 use crate::chat::Message;
 use crate::choices::{self, ChoiceJob, OptionScore, ScoringOverrides};
 use crate::config::GenerationConfig;
+use crate::context::{self, ContextOverrides, ContextPolicy, ContextReport, Heads, Pot, Rope, Selection};
 use crate::error::{Error, Result};
 use crate::model::{Decoder, KvCache};
 use crate::sampler::{Sampler, SamplingParams};
@@ -44,6 +45,8 @@ pub struct GenerationParams {
     /// Where each token's log-probability also goes as soon as it is sampled (streaming interfaces
     /// send them with the text).
     pub logprob_sink: Option<LogprobSink>,
+    /// Per-request overrides of `[context]` (long inputs, [`crate::context`]).
+    pub context: ContextOverrides,
 }
 
 /// Token log-probabilities as they are generated (see [`GenerationParams::logprob_sink`]).
@@ -63,6 +66,7 @@ impl GenerationParams {
             choice_scoring: ScoringOverrides::default(),
             logprobs: None,
             logprob_sink: None,
+            context: ContextOverrides::default(),
         }
     }
 }
@@ -132,6 +136,9 @@ pub struct Generation {
     /// Per generated token (or the chosen option's tokens), when `params.logprobs` asked for them.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub logprobs: Vec<TokenLogprob>,
+    /// What the context policy did (absent under `refuse`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub context: Option<ContextReport>,
     #[serde(serialize_with = "as_secs")]
     pub prefill_time: Duration,
     #[serde(serialize_with = "as_secs")]
@@ -153,6 +160,7 @@ impl Generation {
             choice_scores: Vec::new(),
             choice_confidence: None,
             logprobs: Vec::new(),
+            context: None,
             prefill_time: Duration::ZERO,
             decode_time: Duration::ZERO,
         }
@@ -211,6 +219,18 @@ pub(crate) struct Job<'a> {
     pub params: &'a GenerationParams,
     /// For a choice question: what scoring needs (then nothing is sampled).
     pub choices: Option<ChoiceJob<'a>>,
+    /// How the cache is kept within its pot ([`crate::context`]); `ids` are already truncated.
+    pub context: ContextJob<'a>,
+}
+
+/// A request's context policy, resolved by the engine.
+pub(crate) struct ContextJob<'a> {
+    pub pot: Pot,
+    /// The catalyst prompt's ids (`infinipot`).
+    pub catalyst: &'a [u32],
+    pub rope: Rope,
+    /// Prompt tokens the engine cut (`truncate`).
+    pub truncated: usize,
 }
 
 /// Runs one generation on `decoder`: prefill, then the decode loop with sampling, stop tokens, stop
@@ -243,9 +263,13 @@ fn decode_loop(
 ) -> Result<Generation> {
     let Job { tokenizer, stop_ids, ids, max_new, params, .. } = *job;
     let mut out = Generation::empty(ids.len());
-    let mut cache = decoder.new_cache_with_capacity(ids.len() + max_new)?;
+    let mut reader = Reader::new(decoder, &job.context)?;
+    let mut cache = decoder.new_cache_with_capacity(reader.capacity(ids.len() + max_new))?;
     let started = Instant::now();
-    let mut logits = match step(decoder, ids, &mut cache, cancel, run_options)? {
+    let reserve = max_new.min(job.context.pot.pot.saturating_sub(job.context.pot.keep) / 2);
+    let prefilled = reader.prefill(decoder, ids, reserve, &mut cache, cancel, run_options);
+    out.context = reader.report(&job.context);
+    let mut logits = match prefilled? {
         Some(l) => l,
         None => return Ok(cancelled(out)),
     };
@@ -296,7 +320,9 @@ fn decode_loop(
         if i + 1 == max_new {
             break;
         }
-        match step(decoder, &[c.token], &mut cache, cancel, run_options)? {
+        let stepped = reader.read(decoder, &[c.token], Some(&logits), &mut cache, cancel, run_options);
+        out.context = reader.report(&job.context);
+        match stepped? {
             Some(l) => logits = l,
             None => {
                 finish = FinishReason::Cancelled;
@@ -346,6 +372,240 @@ fn step(
     }
 }
 
+/// Prompt tokens per forward pass while NuC scores are taken: logits come back for every position
+/// (4 bytes x vocabulary each, 25 MB per pass of 128 on a 49k vocabulary).
+const NUC_CHUNK: usize = 128;
+
+/// Reads tokens into the cache under the request's context policy: chunked forward passes as
+/// [`step`], compressing the cache first whenever the next tokens would overflow the pot (`window`,
+/// `infinipot`; see [`crate::context`]).
+struct Reader<'a> {
+    ctx: &'a ContextJob<'a>,
+    /// NuC score of every cache entry, per lane (layer * kv_heads + head); `None` without NuC.
+    nuc: Option<Vec<Vec<f32>>>,
+    heads: Heads,
+    layers: usize,
+    compressions: usize,
+    dropped: usize,
+    max_entries: usize,
+}
+
+impl<'a> Reader<'a> {
+    fn new(decoder: &Decoder, ctx: &'a ContextJob<'a>) -> Result<Reader<'a>> {
+        let a = decoder.arch();
+        if ctx.pot.policy == ContextPolicy::Infinipot && !decoder.has_queries() {
+            return Err(Error::InvalidRequest(
+                "context policy \"infinipot\" needs a model exported with its layers' queries (attn_query.N): \
+                 re-export it (scripts/setup or the exporter)"
+                    .into(),
+            ));
+        }
+        let lanes = a.num_hidden_layers * a.num_key_value_heads;
+        Ok(Reader {
+            ctx,
+            nuc: ctx.pot.needs_nuc().then(|| vec![Vec::new(); lanes]),
+            heads: Heads { q_heads: a.num_attention_heads, kv_heads: a.num_key_value_heads, head_dim: a.head_dim },
+            layers: a.num_hidden_layers,
+            compressions: 0,
+            dropped: 0,
+            max_entries: 0,
+        })
+    }
+
+    fn compresses(&self) -> bool {
+        self.ctx.pot.policy.compresses()
+    }
+
+    /// Cache positions to allocate: the pot (and the catalyst's) when compressing, else what the
+    /// request needs.
+    fn capacity(&self, needed: usize) -> usize {
+        match self.ctx.pot.policy {
+            ContextPolicy::Infinipot => self.ctx.pot.pot + self.ctx.catalyst.len(),
+            ContextPolicy::Window => self.ctx.pot.pot,
+            _ => needed,
+        }
+    }
+
+    fn report(&self, ctx: &ContextJob) -> Option<ContextReport> {
+        (ctx.pot.policy != ContextPolicy::Refuse).then_some(ContextReport {
+            policy: ctx.pot.policy,
+            pot_tokens: ctx.pot.pot,
+            compressions: self.compressions,
+            dropped_tokens: self.dropped + ctx.truncated,
+            max_entries: self.max_entries,
+        })
+    }
+
+    /// Reads the prompt, in segments that end with it (see [`Pot::segments`]), leaving `reserve`
+    /// entries free for what follows; returns the last position's logits, `None` when cancelled.
+    fn prefill(
+        &mut self,
+        decoder: &mut Decoder,
+        ids: &[u32],
+        reserve: usize,
+        cache: &mut KvCache,
+        cancel: &CancelToken,
+        run_options: &RunOptions,
+    ) -> Result<Option<Vec<f32>>> {
+        if !self.compresses() {
+            let out = step(decoder, ids, cache, cancel, run_options);
+            self.max_entries = cache.len();
+            return out;
+        }
+        let (first, seg) = self.ctx.pot.segments(ids.len(), reserve);
+        let Some(mut last) = self.read_plain(decoder, &ids[..first], None, cache, cancel, run_options)? else {
+            return Ok(None);
+        };
+        if seg > 0 {
+            for segment in ids[first..].chunks(seg) {
+                if !self.compress(decoder, cache, cancel, run_options)? {
+                    return Ok(None);
+                }
+                match self.read_plain(decoder, segment, Some(&last), cache, cancel, run_options)? {
+                    Some(l) => last = l,
+                    None => return Ok(None),
+                }
+            }
+        }
+        self.max_entries = self.max_entries.max(cache.len());
+        Ok(Some(last))
+    }
+
+    /// Reads `ids` after the cache (a decode step), compressing first if they would overflow the pot.
+    /// `prev`: the logits that predicted `ids[0]` (for its NuC score).
+    fn read(
+        &mut self,
+        decoder: &mut Decoder,
+        ids: &[u32],
+        prev: Option<&[f32]>,
+        cache: &mut KvCache,
+        cancel: &CancelToken,
+        run_options: &RunOptions,
+    ) -> Result<Option<Vec<f32>>> {
+        if self.compresses()
+            && cache.len() + ids.len() > self.ctx.pot.pot
+            && !self.compress(decoder, cache, cancel, run_options)?
+        {
+            return Ok(None);
+        }
+        let out = self.read_plain(decoder, ids, prev, cache, cancel, run_options);
+        self.max_entries = self.max_entries.max(cache.len());
+        out
+    }
+
+    /// Forward passes over `ids` with no compression, recording NuC scores when they are needed.
+    fn read_plain(
+        &mut self,
+        decoder: &mut Decoder,
+        ids: &[u32],
+        prev: Option<&[f32]>,
+        cache: &mut KvCache,
+        cancel: &CancelToken,
+        run_options: &RunOptions,
+    ) -> Result<Option<Vec<f32>>> {
+        let Some(lanes) = self.nuc.as_mut() else { return step(decoder, ids, cache, cancel, run_options) };
+        let vocab = decoder.arch().vocab_size;
+        let mut prev: Option<Vec<f32>> = prev.map(<[f32]>::to_vec);
+        for chunk in ids.chunks(NUC_CHUNK) {
+            if cancel.is_cancelled() {
+                return Ok(None);
+            }
+            let logits = match decoder.forward(chunk, cache, chunk.len(), Some(run_options)) {
+                Ok(l) => l,
+                Err(_) if cancel.is_cancelled() => return Ok(None),
+                Err(e) => return Err(e),
+            };
+            for (j, &token) in chunk.iter().enumerate() {
+                let before = if j == 0 { prev.as_deref() } else { Some(&logits[(j - 1) * vocab..j * vocab]) };
+                // The input's first token has no prediction: keep it like an attention sink.
+                let score = before.map_or(f32::MAX, |row| context::nll(row, token));
+                lanes.iter_mut().for_each(|lane| lane.push(score));
+            }
+            prev = Some(logits[(chunk.len() - 1) * vocab..].to_vec());
+        }
+        match prev {
+            Some(l) if !ids.is_empty() => Ok(Some(l)),
+            _ => Err(Error::InvalidRequest("nothing to compute: no tokens".into())),
+        }
+    }
+
+    /// Compresses the cache to `keep` entries by the policy; `false` when cancelled.
+    fn compress(
+        &mut self,
+        decoder: &mut Decoder,
+        cache: &mut KvCache,
+        cancel: &CancelToken,
+        run_options: &RunOptions,
+    ) -> Result<bool> {
+        let pot = self.ctx.pot;
+        let len = cache.len();
+        self.max_entries = self.max_entries.max(len);
+        if len <= pot.keep {
+            return Ok(true);
+        }
+        let lanes = self.layers * self.heads.kv_heads;
+        let selections: Vec<Selection> = match pot.policy {
+            ContextPolicy::Infinipot => {
+                let queries = match decoder.forward_queries(self.ctx.catalyst, cache, 1, Some(run_options)) {
+                    Ok((_, q, stride)) => (q, stride),
+                    Err(_) if cancel.is_cancelled() => return Ok(false),
+                    Err(e) => return Err(e),
+                };
+                let scores = self.catalyst_scores(cache, &queries.0, queries.1, len);
+                cache.truncate(len);
+                let scores = scores?;
+                let none = Vec::new();
+                (0..lanes)
+                    .map(|lane| {
+                        let (l, h) = (lane / self.heads.kv_heads, lane % self.heads.kv_heads);
+                        let nuc = self.nuc.as_ref().map_or(&none, |n| &n[lane]);
+                        context::infinipot_selection(&scores[l][h], nuc, pot.keep, pot.nuc_share)
+                    })
+                    .collect()
+            }
+            _ => vec![context::window_selection(len, pot.keep, pot.sinks); lanes],
+        };
+        cache.compact(&selections, &self.ctx.rope)?;
+        if let Some(nuc) = self.nuc.as_mut() {
+            for (lane, sel) in nuc.iter_mut().zip(&selections) {
+                *lane = sel.iter().map(|&i| lane[i as usize]).collect();
+            }
+        }
+        self.compressions += 1;
+        self.dropped += len - pot.keep;
+        Ok(true)
+    }
+
+    /// Per layer and KV head, the CaP score of each of the first `len` entries (layers split across
+    /// threads: ONNX Runtime's are idle meanwhile).
+    fn catalyst_scores(
+        &self,
+        cache: &KvCache,
+        queries: &[Vec<f32>],
+        stride: usize,
+        len: usize,
+    ) -> Result<Vec<Vec<Vec<f32>>>> {
+        let keys: Vec<&[f32]> = (0..self.layers).map(|l| cache.layer_keys(l)).collect::<Result<_>>()?;
+        let capacity = cache.capacity();
+        let (heads, rope) = (self.heads, &self.ctx.rope);
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).clamp(1, self.layers.max(1));
+        let per = self.layers.div_ceil(threads);
+        let mut out = vec![Vec::new(); self.layers];
+        std::thread::scope(|s| {
+            for (t, part) in out.chunks_mut(per).enumerate() {
+                let keys = &keys;
+                s.spawn(move || {
+                    for (j, slot) in part.iter_mut().enumerate() {
+                        let l = t * per + j;
+                        *slot = context::catalyst_scores(heads, rope, &queries[l], stride, keys[l], capacity, len);
+                    }
+                });
+            }
+        });
+        Ok(out)
+    }
+}
+
 /// Answers a choice question: prefill the prompt once, score every option from its cache (and after
 /// the content-free prompt when calibrating), answer with the best option.
 fn choose(
@@ -359,8 +619,11 @@ fn choose(
     let mut out = Generation::empty(job.ids.len());
     let started = Instant::now();
     let longest = c.options.iter().map(Vec::len).max().unwrap_or(0);
-    let mut cache = decoder.new_cache_with_capacity(job.ids.len() + longest)?;
-    let Some(last) = step(decoder, job.ids, &mut cache, cancel, run_options)? else { return Ok(cancelled(out)) };
+    let mut reader = Reader::new(decoder, &job.context)?;
+    let mut cache = decoder.new_cache_with_capacity(reader.capacity(job.ids.len() + longest))?;
+    let prefilled = reader.prefill(decoder, job.ids, longest, &mut cache, cancel, run_options);
+    out.context = reader.report(&job.context);
+    let Some(last) = prefilled? else { return Ok(cancelled(out)) };
     out.prefill_time = started.elapsed();
     let scoring = Instant::now();
     let Some(lps) = choices::option_logprobs(decoder, &mut cache, &last, c.options, cancel, run_options)? else {

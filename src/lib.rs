@@ -7,6 +7,7 @@ pub mod chat;
 pub mod choices;
 pub mod cli;
 pub mod config;
+pub mod context;
 pub mod dbus;
 pub mod engine;
 pub mod error;

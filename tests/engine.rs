@@ -20,6 +20,7 @@ fn greedy(max_new_tokens: usize) -> GenerationParams {
         choice_scoring: Default::default(),
         logprobs: None,
         logprob_sink: None,
+        context: Default::default(),
     }
 }
 

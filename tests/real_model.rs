@@ -29,6 +29,7 @@ fn answers_a_fixed_question_coherently_and_streams_it() {
         choice_scoring: Default::default(),
         logprobs: None,
         logprob_sink: None,
+        context: Default::default(),
     };
     let mut chunks = Vec::new();
     let out = engine
@@ -66,6 +67,7 @@ fn logits_and_greedy_tokens_match_transformers() {
         choice_scoring: Default::default(),
         logprobs: None,
         logprob_sink: None,
+        context: Default::default(),
     };
     let out = engine.generate(&chat, &params, &CancelToken::new(), &mut |_| ControlFlow::Continue(())).unwrap();
     let ids: Vec<u32> = out.tokens.iter().map(|t| t.id).collect();
@@ -116,6 +118,7 @@ fn customized_from_five_examples_answers_in_the_task_format() {
         choice_scoring: Default::default(),
         logprobs: None,
         logprob_sink: None,
+        context: Default::default(),
     };
     let q = "Question: Which of these is a source of light?\nAnswer:";
     let out = engine

@@ -247,7 +247,7 @@ def build_decoder(cfg: LlamaConfig, weights_file: Path, quant: dict | None = Non
                               domain="com.microsoft", epsilon=cfg.rms_norm_eps)
         return y, total
 
-    inputs, outputs = [], []
+    inputs, outputs, queries = [], [], []
     pending = None  # the last block's output, added to the residual stream by the next fused norm
     for i in range(cfg.num_hidden_layers):
         p = f"model.layers.{i}."
@@ -255,6 +255,7 @@ def build_decoder(cfg: LlamaConfig, weights_file: Path, quant: dict | None = Non
         ok, ov = f"present.{i}.key", f"present.{i}.value"
         inputs += [pk, pv]
         outputs += [ok, ov]
+        queries.append((f"attn_query.{i}", (nh + 2 * nkv) * d if quant else nh * d))
 
         if pending is None:
             h = rms_norm(x, p + "input_layernorm.weight", f"l{i}_ln1")
@@ -262,10 +263,10 @@ def build_decoder(cfg: LlamaConfig, weights_file: Path, quant: dict | None = Non
             h, x = skip_norm(x, pending, p + "input_layernorm.weight", f"l{i}_ln1")
         if quant:  # one product for q, k and v; GroupQueryAttention takes them packed
             biases = [proj_bias(p, x_) for x_ in "qkv"] if cfg.attention_bias else None
-            q = seq3(fused_linear(h, p, "self_attn.qkv_proj", f"l{i}_qkv", biases), (nh + 2 * nkv) * d, f"l{i}_qkv3")
+            q = seq3(fused_linear(h, p, "self_attn.qkv_proj", f"l{i}_qkv", biases), (nh + 2 * nkv) * d, f"attn_query.{i}")
             k = v = ""
         else:
-            q = seq3(linear(h, p + "self_attn.q_proj.weight", f"l{i}_q", proj_bias(p, "q")), nh * d, f"l{i}_q3")
+            q = seq3(linear(h, p + "self_attn.q_proj.weight", f"l{i}_q", proj_bias(p, "q")), nh * d, f"attn_query.{i}")
             k = seq3(linear(h, p + "self_attn.k_proj.weight", f"l{i}_k", proj_bias(p, "k")), nkv * d, f"l{i}_k3")
             v = seq3(linear(h, p + "self_attn.v_proj.weight", f"l{i}_v", proj_bias(p, "v")), nkv * d, f"l{i}_v3")
         # The cache is [B, kv_heads, capacity, d]: with past and present bound to one buffer (the engine
@@ -320,6 +321,11 @@ def build_decoder(cfg: LlamaConfig, weights_file: Path, quant: dict | None = Non
         graph_inputs.append(helper.make_tensor_value_info(n, TensorProto.FLOAT, shape))
     graph_outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", "kept_sequence", cfg.vocab_size])] + [
         helper.make_tensor_value_info(n, TensorProto.FLOAT, ["batch", nkv, "present_capacity", d]) for n in outputs
+    ] + [
+        # Each layer's queries before rotation (packed with keys and values in a 4-bit graph: the first
+        # num_heads * head_dim columns). Context compression (InfiniPot) scores the cache with them; a run
+        # that does not bind them pays nothing but their buffers (~2 MB per layer for 512 positions).
+        helper.make_tensor_value_info(n, TensorProto.FLOAT, ["batch", "sequence", width]) for n, width in queries
     ]
     graph = helper.make_graph(g.nodes, "crayon_llama_decoder", graph_inputs, graph_outputs, initializer=g.inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid("com.microsoft", 1)], producer_name="crayon-export")

@@ -84,6 +84,64 @@ impl KvCache {
         self.values.len() * self.row_floats() * self.capacity * 4
     }
 
+    /// Layer `layer`'s keys, [kv_heads, capacity, head_dim] (entries from `len` on are stale or, right
+    /// after a catalyst pass, the catalyst's).
+    pub fn layer_keys(&self, layer: usize) -> Result<&[f32]> {
+        let v = self
+            .values
+            .get(2 * layer)
+            .ok_or_else(|| Error::InvalidRequest(format!("no layer {layer} in the cache")))?;
+        Ok(v.try_extract_tensor::<f32>().map_err(Error::ort("reading the KV cache"))?.1)
+    }
+
+    /// Layer `layer`'s values, laid out as [`KvCache::layer_keys`].
+    pub fn layer_values(&self, layer: usize) -> Result<&[f32]> {
+        let v = self
+            .values
+            .get(2 * layer + 1)
+            .ok_or_else(|| Error::InvalidRequest(format!("no layer {layer} in the cache")))?;
+        Ok(v.try_extract_tensor::<f32>().map_err(Error::ort("reading the KV cache"))?.1)
+    }
+
+    /// Keeps, in every lane (lane = layer * kv_heads + kv head), exactly the entries `keep[lane]` lists
+    /// (ascending, the same count in every lane), moved to positions 0..count in that order: keys are
+    /// rotated by their position change (context-reset RoPE), so the cache reads as if the kept entries
+    /// had been computed at their new positions. Values do not depend on position and only move.
+    pub fn compact(&mut self, keep: &[crate::context::Selection], rope: &crate::context::Rope) -> Result<()> {
+        let layers = self.values.len() / 2;
+        let Some(count) = keep.first().map(Vec::len) else { return Ok(()) };
+        if layers == 0 || keep.len() % layers != 0 {
+            return Err(Error::InvalidRequest(format!("{} selections for {layers} layers", keep.len())));
+        }
+        let heads = keep.len() / layers;
+        let bad = keep.iter().any(|k| {
+            k.len() != count || k.windows(2).any(|w| w[0] >= w[1]) || k.last().is_some_and(|&l| l as usize >= self.len)
+        });
+        if bad {
+            return Err(Error::InvalidRequest("cache selections must be ascending, in range and of equal size".into()));
+        }
+        let capacity = self.capacity;
+        for (i, value) in self.values.iter_mut().enumerate() {
+            let (layer, is_key) = (i / 2, i % 2 == 0);
+            let (shape, data) = value.try_extract_tensor_mut::<f32>().map_err(Error::ort("compacting the KV cache"))?;
+            let d = shape.get(3).copied().unwrap_or(0) as usize;
+            for h in 0..heads {
+                let lane = &mut data[h * capacity * d..(h + 1) * capacity * d];
+                for (to, &from) in keep[layer * heads + h].iter().enumerate() {
+                    let from = from as usize;
+                    if from != to {
+                        lane.copy_within(from * d..(from + 1) * d, to * d);
+                        if is_key {
+                            rope.rotate(&mut lane[to * d..(to + 1) * d], to as f64 - from as f64);
+                        }
+                    }
+                }
+            }
+        }
+        self.len = count;
+        Ok(())
+    }
+
     /// Floats per position in one buffer (kv_heads * head_dim), from the buffers' shape.
     fn row_floats(&self) -> usize {
         self.values
@@ -424,6 +482,70 @@ impl Decoder {
         let logits = data.to_vec();
         cache.len = total;
         Ok(logits)
+    }
+
+    /// Whether the graph exposes each layer's queries (`attn_query.N`, exported since context
+    /// compression; an older export cannot run `infinipot`).
+    pub fn has_queries(&self) -> bool {
+        let session = self.session.lock().unwrap_or_else(|p| p.into_inner());
+        let outputs: Vec<&str> = session.outputs().iter().map(|o| o.name()).collect();
+        (0..self.arch.num_hidden_layers).all(|i| outputs.contains(&format!("attn_query.{i}").as_str()))
+    }
+
+    /// [`Decoder::forward`] that also returns every layer's queries for `ids` (un-rotated, [ids, stride]
+    /// rows whose first `num_heads * head_dim` values are the query heads) and the row stride.
+    pub fn forward_queries(
+        &mut self,
+        ids: &[u32],
+        cache: &mut KvCache,
+        keep: usize,
+        run_options: Option<&RunOptions>,
+    ) -> Result<(Vec<f32>, Vec<Vec<f32>>, usize)> {
+        if ids.is_empty() || keep == 0 || keep > ids.len() {
+            return Err(Error::InvalidRequest(format!("forward: {} ids, keep {keep}", ids.len())));
+        }
+        let total = cache.len + ids.len();
+        self.reserve(cache, total)?;
+        let total_i32 = i32::try_from(total).map_err(|_| Error::InvalidRequest(format!("{total} positions")))?;
+        let layers = self.arch.num_hidden_layers;
+        let mut session = self.session.lock().unwrap_or_else(|p| p.into_inner());
+        let mut binding =
+            self.bind(&session, ids, total_i32, keep, cache).map_err(Error::ort("binding the decoder's inputs"))?;
+        let cpu = MemoryInfo::new(AllocationDevice::CPU, 0, AllocatorType::Device, MemoryType::Default)
+            .map_err(Error::ort("binding the decoder's queries"))?;
+        for i in 0..layers {
+            binding
+                .bind_output_to_device(format!("attn_query.{i}"), &cpu)
+                .map_err(Error::ort("binding the decoder's queries (re-export the model for context compression)"))?;
+        }
+        let outputs = match run_options {
+            Some(ro) => session.run_binding_with_options(&binding, ro),
+            None => session.run_binding(&binding),
+        }
+        .map_err(Error::ort("running the decoder"))?;
+        let read = |name: &str| -> Result<(Vec<usize>, Vec<f32>)> {
+            let value = outputs
+                .get(name)
+                .ok_or_else(|| Error::Ort { context: "reading outputs".into(), msg: format!("no '{name}' output") })?;
+            let (shape, data) = value.try_extract_tensor::<f32>().map_err(Error::ort("reading outputs"))?;
+            Ok((shape.iter().map(|&x| x as usize).collect(), data.to_vec()))
+        };
+        let (_, logits) = read("logits")?;
+        if logits.len() != keep * self.arch.vocab_size {
+            return Err(Error::Ort { context: "reading logits".into(), msg: format!("got {} values", logits.len()) });
+        }
+        let mut queries = Vec::with_capacity(layers);
+        let mut stride = 0;
+        for i in 0..layers {
+            let (shape, q) = read(&format!("attn_query.{i}"))?;
+            stride = shape.last().copied().unwrap_or(0);
+            if stride < self.arch.num_attention_heads * self.arch.head_dim || q.len() != ids.len() * stride {
+                return Err(Error::Ort { context: "reading queries".into(), msg: format!("shape {shape:?}") });
+            }
+            queries.push(q);
+        }
+        cache.len = total;
+        Ok((logits, queries, stride))
     }
 }
 

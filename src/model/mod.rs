@@ -78,6 +78,13 @@ pub struct Architecture {
     pub head_dim: usize,
     pub max_position_embeddings: usize,
     pub rms_norm_eps: f64,
+    /// Base of the rotary position embedding (context compression rotates cached keys with it).
+    #[serde(default = "default_rope_theta")]
+    pub rope_theta: f64,
+}
+
+fn default_rope_theta() -> f64 {
+    10_000.0
 }
 
 impl Architecture {

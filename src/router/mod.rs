@@ -136,6 +136,8 @@ pub struct Answer {
     pub completion_tokens: usize,
     /// Per answer token, when the request asked for log-probabilities (a server's as it reported them).
     pub logprobs: Vec<crate::generate::TokenLogprob>,
+    /// What the device's context policy did (device answers only).
+    pub context: Option<crate::context::ContextReport>,
     pub route: Route,
 }
 
@@ -354,6 +356,7 @@ impl Router {
             prompt_tokens: local.prompt_tokens,
             completion_tokens: local.tokens.len(),
             logprobs: local.logprobs,
+            context: local.context,
             route,
         })
     }
@@ -426,6 +429,7 @@ fn finish_remote(
         prompt_tokens: a.prompt_tokens,
         completion_tokens: a.completion_tokens,
         logprobs: a.logprobs,
+        context: None,
         route,
     }
 }
@@ -556,6 +560,7 @@ mod tests {
             choice_scores: Vec::new(),
             choice_confidence: None,
             logprobs: Vec::new(),
+            context: None,
             prefill_time: Duration::ZERO,
             decode_time: Duration::ZERO,
         }

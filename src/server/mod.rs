@@ -1224,6 +1224,7 @@ fn execute(
             prompt_tokens: g.prompt_tokens,
             completion_tokens: g.tokens.len(),
             logprobs: g.logprobs,
+            context: g.context,
             route,
         };
         return Ok(Done { answer, adapter: None, blend: name, blend_error });
@@ -1248,6 +1249,7 @@ fn extension(d: &Done) -> Value {
         choice: a.choice.as_deref(),
         choice_probs: &a.choice_probs,
         choice_scores: &a.choice_scores,
+        context: a.context,
     })
     .unwrap_or(Value::Null)
 }

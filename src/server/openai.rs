@@ -10,6 +10,7 @@ use serde_json::{Value, json};
 
 use crate::chat::Message;
 use crate::choices::{OptionScore, ScoringOverrides};
+use crate::context::{ContextOverrides, ContextReport};
 use crate::generate::{FinishReason, GenerationParams, Prompt, TokenLogprob};
 use crate::router::{Answer, Route, RouteOverrides};
 
@@ -119,6 +120,10 @@ pub struct Extension {
     #[serde(default)]
     pub choice_scoring: ScoringOverrides,
     pub route: Option<RouteOverrides>,
+    /// Overrides of `[context]` for long inputs: `{"policy": "refuse"|"truncate"|"window"|"infinipot",
+    /// "pot_tokens": N, "keep_tokens": N, "nuc_share": x}` (docs/long-context.md).
+    #[serde(default)]
+    pub context: ContextOverrides,
 }
 
 impl ChatMessage {
@@ -265,6 +270,7 @@ impl Common {
         if let Some(ext) = &self.crayon {
             p.choices = ext.choices.clone();
             p.choice_scoring = ext.choice_scoring;
+            p.context = ext.context;
         }
         p.logprobs = self.logprobs()?;
         if p.logprobs.is_some_and(|k| k > 0) && !p.choices.is_empty() {
@@ -321,6 +327,9 @@ pub struct ResponseExtension<'a> {
     /// Every option's log-likelihood and score (see `crate::choices`).
     #[serde(skip_serializing_if = "<[OptionScore]>::is_empty")]
     pub choice_scores: &'a [OptionScore],
+    /// What the context policy did to a long input (device answers under a policy other than refuse).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub context: Option<ContextReport>,
 }
 
 pub fn usage(a: &Answer) -> Value {

@@ -129,6 +129,25 @@ struct GenerateArgs {
     /// or the margin to the runner-up [default: choices.confidence]
     #[arg(long, value_enum)]
     confidence: Option<ConfidenceArg>,
+    /// What to do with a prompt longer than the context (or --pot-tokens): refuse it, cut its middle,
+    /// or read it in a fixed cache compressed as it fills (window, infinipot) [default: context.policy]
+    #[arg(long, value_enum)]
+    context: Option<ContextArg>,
+    /// Most KV-cache entries the request holds [default: context.pot_tokens]
+    #[arg(long, value_name = "N")]
+    pot_tokens: Option<usize>,
+    /// Entries a compression keeps [default: context.keep_tokens, else half the pot]
+    #[arg(long, value_name = "N")]
+    keep_tokens: Option<usize>,
+}
+
+/// `--context` values (see `[context]` in docs/config.md and docs/long-context.md).
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum ContextArg {
+    Refuse,
+    Truncate,
+    Window,
+    Infinipot,
 }
 
 /// `--normalization` values (see `[choices]` in docs/config.md).
@@ -154,6 +173,22 @@ enum ConfidenceArg {
 }
 
 impl GenerateArgs {
+    /// The `[context]` overrides the flags ask for.
+    fn context(&self) -> crayon::context::ContextOverrides {
+        use crayon::context::ContextPolicy;
+        crayon::context::ContextOverrides {
+            policy: self.context.map(|c| match c {
+                ContextArg::Refuse => ContextPolicy::Refuse,
+                ContextArg::Truncate => ContextPolicy::Truncate,
+                ContextArg::Window => ContextPolicy::Window,
+                ContextArg::Infinipot => ContextPolicy::Infinipot,
+            }),
+            pot_tokens: self.pot_tokens,
+            keep_tokens: self.keep_tokens,
+            nuc_share: None,
+        }
+    }
+
     /// The scoring overrides the flags ask for.
     fn choice_scoring(&self) -> crayon::choices::ScoringOverrides {
         use crayon::choices::{Calibration, ConfidenceMeasure, Normalization};
@@ -354,6 +389,7 @@ fn generate(cfg: crayon::Config, args: &GenerateArgs) -> crayon::Result<()> {
     params.adapter = args.adapter.clone();
     params.choices = args.choices.clone();
     params.choice_scoring = args.choice_scoring();
+    params.context = args.context();
 
     let cancel = CancelToken::new();
     let on_signal = cancel.clone();
@@ -377,6 +413,15 @@ fn generate(cfg: crayon::Config, args: &GenerateArgs) -> crayon::Result<()> {
         let _ = writeln!(stdout, "{json}");
     } else {
         let _ = writeln!(stdout);
+    }
+    if let (true, Some(c)) = (args.stats, &result.context) {
+        eprintln!(
+            "[context {}: pot {} entries, {} compressions, {} tokens dropped]",
+            c.policy.name(),
+            c.pot_tokens,
+            c.compressions,
+            c.dropped_tokens
+        );
     }
     if args.stats && !result.choice_scores.is_empty() {
         print_choice_scores(&result.choice_scores, &result.choice_probs);

@@ -92,6 +92,9 @@ impl Remote {
         if !args.choices.is_empty() {
             body["crayon"] = json!({"choices": args.choices, "choice_scoring": args.choice_scoring()});
         }
+        if !args.context().is_empty() {
+            body["crayon"]["context"] = json!(args.context());
+        }
         let op = if args.raw {
             body["prompt"] = json!(prompt);
             "complete"

@@ -1,0 +1,451 @@
+//! Long inputs in fixed memory: what a request does when its prompt and answer do not fit the context
+//! (or the `pot` of KV-cache entries it may hold), and the InfiniPot cache distillation that keeps any
+//! input inside the pot (docs/long-context.md).
+//!
+//! Policies (`[context] policy`, overridable per request):
+//! - `refuse`: a prompt that does not fit is an error (the behaviour before this module).
+//! - `truncate`: the prompt's middle is cut so that it fits (LongBench's convention: the start, usually
+//!   the instructions, and the end, usually the question, survive).
+//! - `window`: StreamingLLM. When the pot is full, the first `sink_tokens` entries and the most recent
+//!   ones are kept, everything between is dropped.
+//! - `infinipot`: InfiniPot (Kim et al., EMNLP 2024). When the pot is full, a catalyst prompt (CaP) is
+//!   run after it; every cached entry is scored per layer and KV head by the attention the CaP's queries
+//!   pay it, and optionally by its novelty (NuC: the token's negative log-likelihood when it was read,
+//!   under the already compressed prefix); the best `keep_tokens` entries stay.
+//!
+//! After either compression the kept entries move to contiguous positions 0..keep (context-reset RoPE):
+//! each cached key is rotated by its position change, so the model reads on as if the kept entries had
+//! been its whole input. The cache never holds more than `pot_tokens` entries (+ the catalyst's, briefly).
+
+use serde::{Deserialize, Serialize};
+
+/// What happens to an input that does not fit.
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum ContextPolicy {
+    #[default]
+    Refuse,
+    Truncate,
+    Window,
+    Infinipot,
+}
+
+impl ContextPolicy {
+    pub fn name(self) -> &'static str {
+        match self {
+            ContextPolicy::Refuse => "refuse",
+            ContextPolicy::Truncate => "truncate",
+            ContextPolicy::Window => "window",
+            ContextPolicy::Infinipot => "infinipot",
+        }
+    }
+
+    /// Whether the policy compresses the cache while reading (and so accepts inputs of any length up to
+    /// `max_input_tokens`).
+    pub fn compresses(self) -> bool {
+        matches!(self, ContextPolicy::Window | ContextPolicy::Infinipot)
+    }
+}
+
+/// Default catalyst prompt: generic (it names no task), as InfiniPot's is.
+pub const DEFAULT_CATALYST: &str =
+    "\n\nSummarize the most important information in the text above, including names, numbers and facts.";
+
+/// Longest catalyst prompt, in bytes (it runs at every compression).
+pub const MAX_CATALYST_BYTES: usize = 1024;
+
+/// `[context]`: long inputs (docs/long-context.md).
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ContextConfig {
+    pub policy: ContextPolicy,
+    /// Most KV-cache entries a request holds (prompt and answer); 0: the context limit. Under `truncate`
+    /// the prompt is cut to fit it.
+    pub pot_tokens: usize,
+    /// Entries kept by a compression (`window`, `infinipot`); 0: half the pot.
+    pub keep_tokens: usize,
+    /// Share of the kept entries chosen by novelty (NuC) rather than by the catalyst's attention (CaP);
+    /// 0 skips NuC, whose logits at every position cost prefill time.
+    pub nuc_share: f32,
+    /// `window`: first entries always kept (attention sinks).
+    pub sink_tokens: usize,
+    /// The catalyst prompt of `infinipot`, appended (as raw text) after the pot to score it.
+    pub catalyst: String,
+    /// Longest prompt, in tokens, a compressing policy accepts (bounds the prefill time of one request).
+    pub max_input_tokens: usize,
+}
+
+impl Default for ContextConfig {
+    fn default() -> Self {
+        ContextConfig {
+            policy: ContextPolicy::Refuse,
+            pot_tokens: 0,
+            keep_tokens: 0,
+            nuc_share: 0.0,
+            sink_tokens: 4,
+            catalyst: DEFAULT_CATALYST.into(),
+            max_input_tokens: 65_536,
+        }
+    }
+}
+
+/// Per-request overrides of `[context]` (the `crayon.context` object, D-Bus options `context`,
+/// `pot_tokens`, `keep_tokens`, `crayonctl --context`).
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ContextOverrides {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub policy: Option<ContextPolicy>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pot_tokens: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub keep_tokens: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub nuc_share: Option<f32>,
+}
+
+impl ContextOverrides {
+    pub fn is_empty(&self) -> bool {
+        *self == ContextOverrides::default()
+    }
+}
+
+/// Smallest pot: below it a compression would leave too little to read with.
+pub const MIN_POT_TOKENS: usize = 64;
+
+impl ContextConfig {
+    pub fn validate(&self) -> std::result::Result<(), String> {
+        if !(self.nuc_share.is_finite() && (0.0..=1.0).contains(&self.nuc_share)) {
+            return Err(format!("context.nuc_share must be in [0, 1], got {}", self.nuc_share));
+        }
+        if self.pot_tokens != 0 && self.pot_tokens < MIN_POT_TOKENS {
+            return Err(format!("context.pot_tokens must be 0 (the context limit) or at least {MIN_POT_TOKENS}"));
+        }
+        if self.catalyst.trim().is_empty() || self.catalyst.len() > MAX_CATALYST_BYTES {
+            return Err(format!("context.catalyst must be non-empty text of at most {MAX_CATALYST_BYTES} bytes"));
+        }
+        if self.max_input_tokens == 0 {
+            return Err("context.max_input_tokens must be at least 1".into());
+        }
+        Ok(())
+    }
+
+    /// The settings of one request: overrides applied, sizes resolved against the context limit and the
+    /// catalyst's length, checked. Errors are the request's (invalid request).
+    pub fn resolve(&self, o: &ContextOverrides, limit: usize, catalyst_len: usize) -> Result<Pot, String> {
+        let policy = o.policy.unwrap_or(self.policy);
+        let nuc_share = o.nuc_share.unwrap_or(self.nuc_share);
+        if !(nuc_share.is_finite() && (0.0..=1.0).contains(&nuc_share)) {
+            return Err(format!("context nuc_share must be in [0, 1], got {nuc_share}"));
+        }
+        // The catalyst runs after a full pot, so pot + catalyst must fit the cache's positions.
+        let room = match policy {
+            ContextPolicy::Infinipot => limit.saturating_sub(catalyst_len),
+            _ => limit,
+        };
+        let pot = match o.pot_tokens.unwrap_or(self.pot_tokens) {
+            0 => room,
+            n if n > room => {
+                return Err(format!(
+                    "context pot_tokens {n} exceeds the {room} entries the context limit of {limit} allows{}",
+                    if policy == ContextPolicy::Infinipot { " with the catalyst prompt" } else { "" }
+                ));
+            }
+            n => n,
+        };
+        let keep = match o.keep_tokens.unwrap_or(self.keep_tokens) {
+            0 => pot / 2,
+            n => n,
+        };
+        let resolved = Pot { policy, pot, keep, nuc_share, sinks: self.sink_tokens, max_input: self.max_input_tokens };
+        if !policy.compresses() {
+            return Ok(resolved);
+        }
+        if pot < MIN_POT_TOKENS {
+            return Err(format!("context pot_tokens must be at least {MIN_POT_TOKENS}, got {pot}"));
+        }
+        // Between two compressions at least a quarter of a minimum pot is read.
+        if keep <= self.sink_tokens || keep + MIN_POT_TOKENS / 4 > pot {
+            return Err(format!(
+                "context keep_tokens must be above sink_tokens ({}) and at most pot_tokens - {} ({}), got {keep}",
+                self.sink_tokens,
+                MIN_POT_TOKENS / 4,
+                pot - MIN_POT_TOKENS / 4
+            ));
+        }
+        Ok(resolved)
+    }
+}
+
+/// One request's resolved `[context]` settings.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Pot {
+    pub policy: ContextPolicy,
+    /// Most entries the cache holds (besides the catalyst's during a compression).
+    pub pot: usize,
+    /// Entries a compression keeps.
+    pub keep: usize,
+    pub nuc_share: f32,
+    pub sinks: usize,
+    pub max_input: usize,
+}
+
+impl Pot {
+    /// Whether NuC scores are needed (logits at every prompt position).
+    pub fn needs_nuc(&self) -> bool {
+        self.policy == ContextPolicy::Infinipot && self.nuc_share > 0.0
+    }
+
+    /// How the prompt is read: the size of the first segment (read into an empty cache) and of the
+    /// following ones (each after a compression). The segments end with the prompt, so its last
+    /// `pot - keep - reserve` tokens (where the question usually is) are read after the last
+    /// compression and are all in the cache when the answer starts; `reserve` entries stay free for the
+    /// answer (or the choice options).
+    pub fn segments(&self, prompt: usize, reserve: usize) -> (usize, usize) {
+        let full = self.pot.saturating_sub(reserve).max(self.keep + 1);
+        if prompt <= full {
+            return (prompt, 0);
+        }
+        let step = full - self.keep;
+        let rounds = (prompt - full).div_ceil(step);
+        (prompt - rounds * step, step)
+    }
+}
+
+/// What the policy did to a request, as the reply reports it (`crayon.context`).
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq)]
+pub struct ContextReport {
+    pub policy: ContextPolicy,
+    pub pot_tokens: usize,
+    /// Compressions of the cache (window, infinipot).
+    pub compressions: usize,
+    /// Prompt tokens cut (truncate) or cache entries dropped (window, infinipot).
+    pub dropped_tokens: usize,
+    /// Most entries the cache held after any forward pass (the catalyst's, dropped at once, aside).
+    pub max_entries: usize,
+}
+
+/// The prompt without its middle: the first `budget / 2` and the last `budget - budget / 2` tokens.
+pub fn truncate_middle(ids: &[u32], budget: usize) -> Vec<u32> {
+    if ids.len() <= budget {
+        return ids.to_vec();
+    }
+    let head = budget / 2;
+    let tail = budget - head;
+    ids[..head].iter().chain(&ids[ids.len() - tail..]).copied().collect()
+}
+
+/// Rotary position embedding as the graph applies it (`rotary_interleaved = 0`, Llama's rotate-half
+/// layout): dimension i and i + d/2 of a head form one pair, rotated by `position * inv_freq[i]`.
+#[derive(Debug, Clone)]
+pub struct Rope {
+    inv_freq: Vec<f64>,
+}
+
+impl Rope {
+    pub fn new(theta: f64, head_dim: usize) -> Rope {
+        let half = head_dim / 2;
+        Rope { inv_freq: (0..half).map(|i| 1.0 / theta.powf(2.0 * i as f64 / head_dim as f64)).collect() }
+    }
+
+    /// Rotates one head's vector by `delta` positions (negative: back). Rotations compose, so a key
+    /// rotated at position p and then by q - p equals the key rotated at q (up to rounding).
+    pub fn rotate(&self, x: &mut [f32], delta: f64) {
+        let half = self.inv_freq.len();
+        for (i, f) in self.inv_freq.iter().enumerate() {
+            let (sin, cos) = (delta * f).sin_cos();
+            let (a, b) = (f64::from(x[i]), f64::from(x[i + half]));
+            x[i] = (a * cos - b * sin) as f32;
+            x[i + half] = (a * sin + b * cos) as f32;
+        }
+    }
+}
+
+/// Cache entries one lane (a layer's KV head) keeps, ascending.
+pub type Selection = Vec<u32>;
+
+/// `window`: the first `sinks` entries and the most recent `keep - sinks`, the same in every lane.
+pub fn window_selection(len: usize, keep: usize, sinks: usize) -> Selection {
+    let sinks = sinks.min(keep);
+    (0..sinks).chain(len - (keep - sinks)..len).map(|i| i as u32).collect()
+}
+
+/// `infinipot` for one lane: the `round(keep * nuc_share)` entries of highest novelty, then the rest by
+/// catalyst attention. `cap[i]`, `nuc[i]`: scores of entry i.
+pub fn infinipot_selection(cap: &[f32], nuc: &[f32], keep: usize, nuc_share: f32) -> Selection {
+    let n = cap.len();
+    let keep = keep.min(n);
+    let by_nuc = ((keep as f32 * nuc_share).round() as usize).min(keep);
+    let mut chosen = vec![false; n];
+    let mut order: Vec<usize> = (0..n).collect();
+    if by_nuc > 0 {
+        order.sort_by(|&a, &b| nuc[b].total_cmp(&nuc[a]).then(a.cmp(&b)));
+        for &i in &order[..by_nuc] {
+            chosen[i] = true;
+        }
+    }
+    order.sort_by(|&a, &b| cap[b].total_cmp(&cap[a]).then(a.cmp(&b)));
+    let mut left = keep - by_nuc;
+    for &i in &order {
+        if left == 0 {
+            break;
+        }
+        if !chosen[i] {
+            chosen[i] = true;
+            left -= 1;
+        }
+    }
+    (0..n).filter(|&i| chosen[i]).map(|i| i as u32).collect()
+}
+
+/// Geometry of one layer's attention, for [`catalyst_scores`].
+#[derive(Debug, Clone, Copy)]
+pub struct Heads {
+    pub q_heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+}
+
+/// CaP scores of one layer: per KV head, for each of the first `len` cache entries, the attention the
+/// catalyst's queries pay it, summed over the catalyst's positions and the query heads sharing the KV
+/// head. `queries`: the catalyst's [t, q_heads * head_dim] (un-rotated; row stride `q_stride`), at
+/// positions len..len+t; `keys`: the layer's key buffer [kv_heads, capacity, head_dim] holding the
+/// catalyst's keys after the first `len` entries. Each query's softmax runs over every key it sees
+/// (the cache and the catalyst up to itself), as the model's attention does.
+pub fn catalyst_scores(
+    h: Heads,
+    rope: &Rope,
+    queries: &[f32],
+    q_stride: usize,
+    keys: &[f32],
+    capacity: usize,
+    len: usize,
+) -> Vec<Vec<f32>> {
+    let d = h.head_dim;
+    let t_count = queries.len() / q_stride.max(1);
+    let group = h.q_heads / h.kv_heads.max(1);
+    let scale = 1.0 / (d as f32).sqrt();
+    let mut scores = vec![vec![0f32; len]; h.kv_heads];
+    let mut q = vec![0f32; d];
+    let mut logits = vec![0f32; len + t_count];
+    for t in 0..t_count {
+        let seen = len + t + 1;
+        for g in 0..h.q_heads {
+            let kv = g / group.max(1);
+            q.copy_from_slice(&queries[t * q_stride + g * d..][..d]);
+            rope.rotate(&mut q, (len + t) as f64);
+            let head_keys = &keys[kv * capacity * d..];
+            let mut max = f32::NEG_INFINITY;
+            for (s, l) in logits[..seen].iter_mut().enumerate() {
+                let k = &head_keys[s * d..][..d];
+                *l = q.iter().zip(k).map(|(a, b)| a * b).sum::<f32>() * scale;
+                max = max.max(*l);
+            }
+            let mut sum = 0f32;
+            for l in &mut logits[..seen] {
+                *l = (*l - max).exp();
+                sum += *l;
+            }
+            for (acc, l) in scores[kv].iter_mut().zip(&logits[..len]) {
+                *acc += l / sum;
+            }
+        }
+    }
+    scores
+}
+
+/// Negative log-likelihood of `next` under `logits` (one row of the vocabulary): the NuC score of the
+/// token that follows.
+pub fn nll(logits: &[f32], next: u32) -> f32 {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let lse = max + logits.iter().map(|l| (l - max).exp()).sum::<f32>().ln();
+    lse - logits.get(next as usize).copied().unwrap_or(f32::NEG_INFINITY)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg() -> ContextConfig {
+        ContextConfig::default()
+    }
+
+    #[test]
+    fn resolve_fills_defaults_and_refuses_bad_sizes() {
+        let p = cfg().resolve(&ContextOverrides::default(), 8192, 20).unwrap();
+        assert_eq!((p.policy, p.pot, p.keep), (ContextPolicy::Refuse, 8192, 4096));
+        let o = ContextOverrides { policy: Some(ContextPolicy::Infinipot), ..Default::default() };
+        assert_eq!(cfg().resolve(&o, 8192, 20).unwrap().pot, 8172, "room for the catalyst");
+        let o = ContextOverrides { pot_tokens: Some(9000), ..Default::default() };
+        assert!(cfg().resolve(&o, 8192, 20).unwrap_err().contains("exceeds"));
+        let o = ContextOverrides {
+            policy: Some(ContextPolicy::Window),
+            pot_tokens: Some(1024),
+            keep_tokens: Some(1020),
+            ..Default::default()
+        };
+        assert!(cfg().resolve(&o, 8192, 20).unwrap_err().contains("keep_tokens"));
+        let o = ContextOverrides { nuc_share: Some(1.5), ..Default::default() };
+        assert!(cfg().resolve(&o, 8192, 20).is_err());
+        assert!(ContextConfig { pot_tokens: 10, ..cfg() }.validate().is_err());
+    }
+
+    #[test]
+    fn segments_end_with_the_prompt_and_fit_the_pot() {
+        let p =
+            Pot { policy: ContextPolicy::Window, pot: 1024, keep: 512, nuc_share: 0.0, sinks: 4, max_input: 1 << 20 };
+        assert_eq!(p.segments(1000, 0), (1000, 0));
+        for n in [1025, 1536, 1537, 4096, 16_384] {
+            for reserve in [0, 64] {
+                let (first, step) = p.segments(n, reserve);
+                assert!(first <= 1024 - reserve && first > 512 - reserve.min(512));
+                assert_eq!((n - first) % step, 0, "whole steps after the first segment");
+                assert_eq!(step, 1024 - reserve - 512);
+            }
+        }
+    }
+
+    #[test]
+    fn truncation_keeps_both_ends() {
+        let ids: Vec<u32> = (0..10).collect();
+        assert_eq!(truncate_middle(&ids, 5), vec![0, 1, 7, 8, 9]);
+        assert_eq!(truncate_middle(&ids, 20), ids);
+    }
+
+    #[test]
+    fn rotations_compose() {
+        let rope = Rope::new(10_000.0, 8);
+        let x: Vec<f32> = (0..8).map(|i| i as f32 * 0.3 - 1.0).collect();
+        let mut a = x.clone();
+        rope.rotate(&mut a, 1000.0);
+        rope.rotate(&mut a, -700.0);
+        let mut b = x.clone();
+        rope.rotate(&mut b, 300.0);
+        for (a, b) in a.iter().zip(&b) {
+            assert!((a - b).abs() < 1e-5, "{a} vs {b}");
+        }
+    }
+
+    #[test]
+    fn selections_keep_the_right_entries() {
+        assert_eq!(window_selection(10, 5, 2), vec![0, 1, 7, 8, 9]);
+        let cap = [0.9, 0.1, 0.5, 0.2, 0.8, 0.0];
+        let nuc = [0.0, 5.0, 0.0, 0.0, 0.0, 4.0];
+        assert_eq!(infinipot_selection(&cap, &nuc, 3, 0.0), vec![0, 2, 4]);
+        assert_eq!(infinipot_selection(&cap, &nuc, 4, 0.5), vec![0, 1, 4, 5]);
+    }
+
+    #[test]
+    fn catalyst_scores_are_attention_probabilities() {
+        let h = Heads { q_heads: 2, kv_heads: 1, head_dim: 4 };
+        let rope = Rope::new(10_000.0, 4);
+        let (cap, len) = (8, 3);
+        let keys: Vec<f32> = (0..cap * 4).map(|i| ((i * 7) % 5) as f32 * 0.1).collect();
+        let queries = vec![0.2f32; 2 * 8]; // two catalyst positions, two heads
+        let s = catalyst_scores(h, &rope, &queries, 8, &keys, cap, len);
+        let total: f32 = s[0].iter().sum();
+        // Four softmaxes (2 positions x 2 heads); the cache's share of each is below 1.
+        assert!(total > 0.0 && total < 4.0, "{total}");
+        assert!(nll(&[0.0, 0.0], 1) > 0.69 && nll(&[0.0, 0.0], 1) < 0.7);
+    }
+}
