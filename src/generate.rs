@@ -388,6 +388,7 @@ struct Reader<'a> {
     compressions: usize,
     dropped: usize,
     max_entries: usize,
+    compress_time: Duration,
 }
 
 impl<'a> Reader<'a> {
@@ -409,6 +410,7 @@ impl<'a> Reader<'a> {
             compressions: 0,
             dropped: 0,
             max_entries: 0,
+            compress_time: Duration::ZERO,
         })
     }
 
@@ -433,6 +435,7 @@ impl<'a> Reader<'a> {
             compressions: self.compressions,
             dropped_tokens: self.dropped + ctx.truncated,
             max_entries: self.max_entries,
+            compress_ms: self.compress_time.as_secs_f64() * 1e3,
         })
     }
 
@@ -531,6 +534,19 @@ impl<'a> Reader<'a> {
 
     /// Compresses the cache to `keep` entries by the policy; `false` when cancelled.
     fn compress(
+        &mut self,
+        decoder: &mut Decoder,
+        cache: &mut KvCache,
+        cancel: &CancelToken,
+        run_options: &RunOptions,
+    ) -> Result<bool> {
+        let started = Instant::now();
+        let done = self.compress_now(decoder, cache, cancel, run_options);
+        self.compress_time += started.elapsed();
+        done
+    }
+
+    fn compress_now(
         &mut self,
         decoder: &mut Decoder,
         cache: &mut KvCache,
