@@ -249,56 +249,15 @@ impl Engine {
         if params.stop.iter().any(String::is_empty) {
             return Err(Error::InvalidRequest("stop strings must not be empty".into()));
         }
-        let mut ids = self.prompt_ids(prompt)?;
+        let ids = self.prompt_ids(prompt)?;
         if ids.is_empty() {
             return Err(Error::InvalidRequest("the prompt is empty".into()));
         }
-        let catalyst = self.tokenizer.encode(&self.config.context.catalyst)?;
-        let pot = self
-            .config
-            .context
-            .resolve(&params.context, self.context_limit(), catalyst.len())
-            .map_err(Error::InvalidRequest)?;
-        let limit = if pot.policy.compresses() { usize::MAX } else { pot.pot };
-        // Options are checked against the context once the prompt's length is final.
-        let choice_ids = self.choice_ids(prompt, &[], &params.choices, usize::MAX)?;
+        let choice_ids = self.choice_ids(prompt, &params.choices)?;
         let longest = choice_ids.iter().map(Vec::len).max().unwrap_or(0);
-        let mut truncated = 0;
-        if pot.policy == ContextPolicy::Truncate {
-            // Room for the answer (at most a quarter of the pot) or the longest option.
-            let room = params.max_new_tokens.min(pot.pot / 4).max(longest).max(1);
-            let budget = pot.pot.saturating_sub(room).max(1);
-            truncated = ids.len().saturating_sub(budget);
-            ids = context::truncate_middle(&ids, budget);
-        }
-        if pot.policy.compresses() && ids.len() > pot.max_input {
-            return Err(Error::InvalidRequest(format!(
-                "the prompt is {} tokens; context.max_input_tokens is {}",
-                ids.len(),
-                pot.max_input
-            )));
-        }
-        if ids.len() >= limit {
-            return Err(Error::InvalidRequest(format!(
-                "the prompt is {} tokens; the context limit is {limit} (a [context] policy other than \"refuse\" \
-                 accepts longer inputs)",
-                ids.len()
-            )));
-        }
-        if ids.len() + longest > limit {
-            return Err(Error::InvalidRequest(format!(
-                "the prompt ({} tokens) and a choice of {longest} tokens exceed the context limit of {limit}",
-                ids.len()
-            )));
-        }
+        let Fitted { ids, pot, catalyst, truncated, limit } = self.fit_context(ids, params, longest)?;
         let max_new = params.max_new_tokens.min(limit - ids.len());
         let adapter = params.adapter.as_deref();
-        if pot.policy.compresses() && 2 * longest > pot.pot - pot.keep {
-            return Err(Error::InvalidRequest(format!(
-                "a choice of {longest} tokens leaves too little of the context pot ({} entries, {} kept) to read in",
-                pot.pot, pot.keep
-            )));
-        }
         let rope = context::Rope::new(self.files.arch.rope_theta, self.files.arch.head_dim);
         let context = generate::ContextJob { pot, catalyst: &catalyst, rope, truncated };
         let scoring = &self.config.choices;
@@ -323,15 +282,60 @@ impl Engine {
         generate::run(decoder, &job, cancel, on_text)
     }
 
-    /// Token ids of each option as it continues `prompt` (see [`choices::continuation`]), checked to
-    /// fit in the context after the prompt.
-    fn choice_ids(
-        &self,
-        prompt: &Prompt,
-        prompt_ids: &[u32],
-        options: &[String],
-        limit: usize,
-    ) -> Result<Vec<Vec<u32>>> {
+    /// The request's `[context]` settings applied to its prompt (`longest`: its longest choice option):
+    /// the prompt as it will be read (its middle cut under `truncate`), checked against the context or
+    /// the pot.
+    fn fit_context(&self, mut ids: Vec<u32>, params: &GenerationParams, longest: usize) -> Result<Fitted> {
+        let cfg = &self.config.context;
+        // The catalyst's length only matters (and is only tokenized) under infinipot.
+        let catalyst = match params.context.policy.unwrap_or(cfg.policy) {
+            ContextPolicy::Infinipot => self.tokenizer.encode(&cfg.catalyst)?,
+            _ => Vec::new(),
+        };
+        let pot = cfg.resolve(&params.context, self.context_limit(), catalyst.len()).map_err(Error::InvalidRequest)?;
+        let mut truncated = 0;
+        if pot.policy == ContextPolicy::Truncate {
+            // Room for the answer (at most a quarter of the pot) or the longest option.
+            let room = params.max_new_tokens.min(pot.pot / 4).max(longest).max(1);
+            let budget = pot.pot.saturating_sub(room).max(1);
+            truncated = ids.len().saturating_sub(budget);
+            ids = context::truncate_middle(&ids, budget);
+        }
+        if pot.policy.compresses() {
+            if ids.len() > pot.max_input {
+                return Err(Error::InvalidRequest(format!(
+                    "the prompt is {} tokens; context.max_input_tokens is {}",
+                    ids.len(),
+                    pot.max_input
+                )));
+            }
+            if 2 * longest > pot.pot - pot.keep {
+                return Err(Error::InvalidRequest(format!(
+                    "a choice of {longest} tokens leaves too little of the context pot ({} entries, {} kept) to read in",
+                    pot.pot, pot.keep
+                )));
+            }
+            return Ok(Fitted { ids, pot, catalyst, truncated, limit: usize::MAX });
+        }
+        let limit = pot.pot;
+        if ids.len() >= limit {
+            return Err(Error::InvalidRequest(format!(
+                "the prompt is {} tokens; the context limit is {limit} (a [context] policy other than \"refuse\" \
+                 accepts longer inputs)",
+                ids.len()
+            )));
+        }
+        if ids.len() + longest > limit {
+            return Err(Error::InvalidRequest(format!(
+                "the prompt ({} tokens) and a choice of {longest} tokens exceed the context limit of {limit}",
+                ids.len()
+            )));
+        }
+        Ok(Fitted { ids, pot, catalyst, truncated, limit })
+    }
+
+    /// Token ids of each option as it continues `prompt` (see [`choices::continuation`]).
+    fn choice_ids(&self, prompt: &Prompt, options: &[String]) -> Result<Vec<Vec<u32>>> {
         choices::validate(options)?;
         let raw_text = match prompt {
             Prompt::Text(t) => Some(t.as_str()),
@@ -342,14 +346,6 @@ impl Engine {
             let ids = self.tokenizer.encode(&choices::continuation(raw_text, o))?;
             if ids.is_empty() {
                 return Err(Error::InvalidRequest(format!("choice {} has no tokens", i + 1)));
-            }
-            if prompt_ids.len() + ids.len() > limit {
-                return Err(Error::InvalidRequest(format!(
-                    "the prompt ({} tokens) and choice {} ({} tokens) exceed the context limit of {limit}",
-                    prompt_ids.len(),
-                    i + 1,
-                    ids.len()
-                )));
             }
             out.push(ids);
         }
@@ -832,6 +828,18 @@ fn ready_bytes(merged: usize, shared: Option<&Arc<SharedWeights>>, files: &Model
             merged + file.max(merged)
         }
     }
+}
+
+/// A prompt fitted to its request's `[context]` settings (see `Engine::fit_context`).
+struct Fitted {
+    ids: Vec<u32>,
+    pot: context::Pot,
+    /// The catalyst prompt's ids (`infinipot` only).
+    catalyst: Vec<u32>,
+    /// Prompt tokens cut (`truncate`).
+    truncated: usize,
+    /// Longest prompt + answer (unbounded when the policy compresses).
+    limit: usize,
 }
 
 /// The base decoder, or the ready customized one named `adapter`.

@@ -263,12 +263,12 @@ fn decode_loop(
 ) -> Result<Generation> {
     let Job { tokenizer, stop_ids, ids, max_new, params, .. } = *job;
     let mut out = Generation::empty(ids.len());
-    let mut reader = Reader::new(decoder, &job.context)?;
+    let mut reader = Reader::new(decoder, &job.context, cancel, run_options)?;
     let mut cache = decoder.new_cache_with_capacity(reader.capacity(ids.len() + max_new))?;
     let started = Instant::now();
     let reserve = max_new.min(job.context.pot.pot.saturating_sub(job.context.pot.keep) / 2);
-    let prefilled = reader.prefill(decoder, ids, reserve, &mut cache, cancel, run_options);
-    out.context = reader.report(&job.context);
+    let prefilled = reader.prefill(decoder, ids, reserve, &mut cache);
+    out.context = reader.report();
     let mut logits = match prefilled? {
         Some(l) => l,
         None => return Ok(cancelled(out)),
@@ -320,8 +320,8 @@ fn decode_loop(
         if i + 1 == max_new {
             break;
         }
-        let stepped = reader.read(decoder, &[c.token], Some(&logits), &mut cache, cancel, run_options);
-        out.context = reader.report(&job.context);
+        let stepped = reader.read(decoder, &[c.token], Some(&logits), &mut cache);
+        out.context = reader.report();
         match stepped? {
             Some(l) => logits = l,
             None => {
@@ -381,6 +381,8 @@ const NUC_CHUNK: usize = 128;
 /// `infinipot`; see [`crate::context`]).
 struct Reader<'a> {
     ctx: &'a ContextJob<'a>,
+    cancel: &'a CancelToken,
+    run_options: &'a RunOptions,
     /// NuC score of every cache entry, per lane (layer * kv_heads + head); `None` without NuC.
     nuc: Option<Vec<Vec<f32>>>,
     heads: Heads,
@@ -392,7 +394,12 @@ struct Reader<'a> {
 }
 
 impl<'a> Reader<'a> {
-    fn new(decoder: &Decoder, ctx: &'a ContextJob<'a>) -> Result<Reader<'a>> {
+    fn new(
+        decoder: &Decoder,
+        ctx: &'a ContextJob<'a>,
+        cancel: &'a CancelToken,
+        run_options: &'a RunOptions,
+    ) -> Result<Reader<'a>> {
         let a = decoder.arch();
         if ctx.pot.policy == ContextPolicy::Infinipot && !decoder.has_queries() {
             return Err(Error::InvalidRequest(
@@ -404,6 +411,8 @@ impl<'a> Reader<'a> {
         let lanes = a.num_hidden_layers * a.num_key_value_heads;
         Ok(Reader {
             ctx,
+            cancel,
+            run_options,
             nuc: ctx.pot.needs_nuc().then(|| vec![Vec::new(); lanes]),
             heads: Heads { q_heads: a.num_attention_heads, kv_heads: a.num_key_value_heads, head_dim: a.head_dim },
             layers: a.num_hidden_layers,
@@ -428,7 +437,8 @@ impl<'a> Reader<'a> {
         }
     }
 
-    fn report(&self, ctx: &ContextJob) -> Option<ContextReport> {
+    fn report(&self) -> Option<ContextReport> {
+        let ctx = self.ctx;
         (ctx.pot.policy != ContextPolicy::Refuse).then_some(ContextReport {
             policy: ctx.pot.policy,
             pot_tokens: ctx.pot.pot,
@@ -447,24 +457,22 @@ impl<'a> Reader<'a> {
         ids: &[u32],
         reserve: usize,
         cache: &mut KvCache,
-        cancel: &CancelToken,
-        run_options: &RunOptions,
     ) -> Result<Option<Vec<f32>>> {
         if !self.compresses() {
-            let out = step(decoder, ids, cache, cancel, run_options);
+            let out = step(decoder, ids, cache, self.cancel, self.run_options);
             self.max_entries = cache.len();
             return out;
         }
         let (first, seg) = self.ctx.pot.segments(ids.len(), reserve);
-        let Some(mut last) = self.read_plain(decoder, &ids[..first], None, cache, cancel, run_options)? else {
+        let Some(mut last) = self.read_plain(decoder, &ids[..first], None, cache)? else {
             return Ok(None);
         };
         if seg > 0 {
             for segment in ids[first..].chunks(seg) {
-                if !self.compress(decoder, cache, cancel, run_options)? {
+                if !self.compress(decoder, cache)? {
                     return Ok(None);
                 }
-                match self.read_plain(decoder, segment, Some(&last), cache, cancel, run_options)? {
+                match self.read_plain(decoder, segment, Some(&last), cache)? {
                     Some(l) => last = l,
                     None => return Ok(None),
                 }
@@ -482,16 +490,11 @@ impl<'a> Reader<'a> {
         ids: &[u32],
         prev: Option<&[f32]>,
         cache: &mut KvCache,
-        cancel: &CancelToken,
-        run_options: &RunOptions,
     ) -> Result<Option<Vec<f32>>> {
-        if self.compresses()
-            && cache.len() + ids.len() > self.ctx.pot.pot
-            && !self.compress(decoder, cache, cancel, run_options)?
-        {
+        if self.compresses() && cache.len() + ids.len() > self.ctx.pot.pot && !self.compress(decoder, cache)? {
             return Ok(None);
         }
-        let out = self.read_plain(decoder, ids, prev, cache, cancel, run_options);
+        let out = self.read_plain(decoder, ids, prev, cache);
         self.max_entries = self.max_entries.max(cache.len());
         out
     }
@@ -503,19 +506,17 @@ impl<'a> Reader<'a> {
         ids: &[u32],
         prev: Option<&[f32]>,
         cache: &mut KvCache,
-        cancel: &CancelToken,
-        run_options: &RunOptions,
     ) -> Result<Option<Vec<f32>>> {
-        let Some(lanes) = self.nuc.as_mut() else { return step(decoder, ids, cache, cancel, run_options) };
+        let Some(lanes) = self.nuc.as_mut() else { return step(decoder, ids, cache, self.cancel, self.run_options) };
         let vocab = decoder.arch().vocab_size;
         let mut prev: Option<Vec<f32>> = prev.map(<[f32]>::to_vec);
         for chunk in ids.chunks(NUC_CHUNK) {
-            if cancel.is_cancelled() {
+            if self.cancel.is_cancelled() {
                 return Ok(None);
             }
-            let logits = match decoder.forward(chunk, cache, chunk.len(), Some(run_options)) {
+            let logits = match decoder.forward(chunk, cache, chunk.len(), Some(self.run_options)) {
                 Ok(l) => l,
-                Err(_) if cancel.is_cancelled() => return Ok(None),
+                Err(_) if self.cancel.is_cancelled() => return Ok(None),
                 Err(e) => return Err(e),
             };
             for (j, &token) in chunk.iter().enumerate() {
@@ -533,26 +534,14 @@ impl<'a> Reader<'a> {
     }
 
     /// Compresses the cache to `keep` entries by the policy; `false` when cancelled.
-    fn compress(
-        &mut self,
-        decoder: &mut Decoder,
-        cache: &mut KvCache,
-        cancel: &CancelToken,
-        run_options: &RunOptions,
-    ) -> Result<bool> {
+    fn compress(&mut self, decoder: &mut Decoder, cache: &mut KvCache) -> Result<bool> {
         let started = Instant::now();
-        let done = self.compress_now(decoder, cache, cancel, run_options);
+        let done = self.compress_now(decoder, cache);
         self.compress_time += started.elapsed();
         done
     }
 
-    fn compress_now(
-        &mut self,
-        decoder: &mut Decoder,
-        cache: &mut KvCache,
-        cancel: &CancelToken,
-        run_options: &RunOptions,
-    ) -> Result<bool> {
+    fn compress_now(&mut self, decoder: &mut Decoder, cache: &mut KvCache) -> Result<bool> {
         let pot = self.ctx.pot;
         let len = cache.len();
         self.max_entries = self.max_entries.max(len);
@@ -562,9 +551,9 @@ impl<'a> Reader<'a> {
         let lanes = self.layers * self.heads.kv_heads;
         let selections: Vec<Selection> = match pot.policy {
             ContextPolicy::Infinipot => {
-                let queries = match decoder.forward_queries(self.ctx.catalyst, cache, 1, Some(run_options)) {
+                let queries = match decoder.forward_queries(self.ctx.catalyst, cache, 1, Some(self.run_options)) {
                     Ok((_, q, stride)) => (q, stride),
-                    Err(_) if cancel.is_cancelled() => return Ok(false),
+                    Err(_) if self.cancel.is_cancelled() => return Ok(false),
                     Err(e) => return Err(e),
                 };
                 let scores = self.catalyst_scores(cache, &queries.0, queries.1, len);
@@ -635,10 +624,10 @@ fn choose(
     let mut out = Generation::empty(job.ids.len());
     let started = Instant::now();
     let longest = c.options.iter().map(Vec::len).max().unwrap_or(0);
-    let mut reader = Reader::new(decoder, &job.context)?;
+    let mut reader = Reader::new(decoder, &job.context, cancel, run_options)?;
     let mut cache = decoder.new_cache_with_capacity(reader.capacity(job.ids.len() + longest))?;
-    let prefilled = reader.prefill(decoder, job.ids, longest, &mut cache, cancel, run_options);
-    out.context = reader.report(&job.context);
+    let prefilled = reader.prefill(decoder, job.ids, longest, &mut cache);
+    out.context = reader.report();
     let Some(last) = prefilled? else { return Ok(cancelled(out)) };
     out.prefill_time = started.elapsed();
     let scoring = Instant::now();
