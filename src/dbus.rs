@@ -630,3 +630,22 @@ impl DbusServer {
         lock(&self.running).len()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn options(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    #[test]
+    fn context_options_become_the_crayon_context_object() {
+        let body =
+            chat_body("hi", &options(&[("context", "infinipot"), ("pot_tokens", "1024"), ("keep_tokens", "512")]))
+                .unwrap();
+        assert_eq!(body["crayon"]["context"], json!({"policy": "infinipot", "pot_tokens": 1024, "keep_tokens": 512}));
+        let err = chat_body("hi", &options(&[("pot_tokens", "lots")])).unwrap_err();
+        assert!(err.to_string().contains("pot_tokens='lots'"), "{err}");
+    }
+}

@@ -336,6 +336,30 @@ fn bearer_token_is_required_when_configured_and_sent_by_the_device() {
 }
 
 #[test]
+fn a_long_input_is_read_in_a_fixed_pot_when_the_request_asks() {
+    let state = tempfile::tempdir().unwrap();
+    let d = Daemon::start(&tiny_config(None, state.path(), ""));
+    let long: Vec<String> = (0..400).map(|i| format!("w{}", i % 53)).collect();
+    let body = |context: Value| {
+        json!({"messages": [{"role": "user", "content": long.join(" ")}], "max_tokens": 5, "temperature": 0,
+               "crayon": {"context": context}})
+    };
+    // Refuse (the default) names the limit; window and infinipot read it all in 64 entries.
+    let (status, reply) = d.post("/v1/chat/completions", &body(json!({"pot_tokens": 128})));
+    assert_eq!(status, 400, "{reply}");
+    assert!(reply["error"]["message"].as_str().unwrap_or_default().contains("context limit is 128"), "{reply}");
+    for policy in ["window", "infinipot"] {
+        let (status, reply) = d.post("/v1/chat/completions", &body(json!({"policy": policy, "pot_tokens": 64})));
+        assert_eq!(status, 200, "{reply}");
+        let c = &reply["crayon"]["context"];
+        assert_eq!(c["policy"], policy, "{reply}");
+        assert!(c["compressions"].as_u64().unwrap() >= 4, "{reply}");
+        assert!(c["max_entries"].as_u64().unwrap() <= 64, "{reply}");
+        assert!(reply["usage"]["prompt_tokens"].as_u64().unwrap() > 128, "{reply}");
+    }
+}
+
+#[test]
 fn http_api_rejects_bad_requests_precisely_and_keeps_serving() {
     let state = tempfile::tempdir().unwrap();
     let d = Daemon::start(&tiny_config(None, state.path(), "[server]\nmax_body_bytes = 2000\nmax_tokens_limit = 50\n"));
@@ -376,6 +400,17 @@ fn http_api_rejects_bad_requests_precisely_and_keeps_serving() {
             json!({"messages": [{"role": "user", "content": "x"}], "crayon": {"route": {"mode": "hybrid"}}}),
             400,
             "device_only",
+        ),
+        (
+            json!({"messages": [{"role": "user", "content": "x"}], "crayon": {"context": {"policy": "sliding"}}}),
+            400,
+            "sliding",
+        ),
+        (
+            json!({"messages": [{"role": "user", "content": "x"}],
+                   "crayon": {"context": {"policy": "infinipot", "pot_tokens": 10}}}),
+            400,
+            "at least 64",
         ),
     ];
     for (body, status, needle) in cases {
