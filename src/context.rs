@@ -253,12 +253,28 @@ impl Rope {
     /// Rotates one head's vector by `delta` positions (negative: back). Rotations compose, so a key
     /// rotated at position p and then by q - p equals the key rotated at q (up to rounding).
     pub fn rotate(&self, x: &mut [f32], delta: f64) {
-        let half = self.inv_freq.len();
-        for (i, f) in self.inv_freq.iter().enumerate() {
-            let (sin, cos) = (delta * f).sin_cos();
-            let (a, b) = (f64::from(x[i]), f64::from(x[i + half]));
-            x[i] = (a * cos - b * sin) as f32;
-            x[i + half] = (a * sin + b * cos) as f32;
+        self.apply(x, &self.turn(delta));
+    }
+
+    /// (sin, cos) of each dimension pair's angle for a move of `delta` positions: computed once and
+    /// applied to every vector that moves as far (compaction moves many keys by the same distance).
+    pub fn turn(&self, delta: f64) -> Vec<(f32, f32)> {
+        self.inv_freq
+            .iter()
+            .map(|f| {
+                let (sin, cos) = (delta * f).sin_cos();
+                (sin as f32, cos as f32)
+            })
+            .collect()
+    }
+
+    /// Rotates `x` by a [`Rope::turn`].
+    pub fn apply(&self, x: &mut [f32], turn: &[(f32, f32)]) {
+        let half = turn.len();
+        for (i, &(sin, cos)) in turn.iter().enumerate() {
+            let (a, b) = (x[i], x[i + half]);
+            x[i] = a * cos - b * sin;
+            x[i + half] = a * sin + b * cos;
         }
     }
 }
@@ -325,30 +341,38 @@ pub fn catalyst_scores(
 ) -> Vec<Vec<f32>> {
     let d = h.head_dim;
     let t_count = queries.len() / q_stride.max(1);
-    let group = h.q_heads / h.kv_heads.max(1);
+    let group = (h.q_heads / h.kv_heads.max(1)).max(1);
     let scale = 1.0 / (d as f32).sqrt();
+    let cols = len + t_count;
+    // The catalyst's positions, the same for every head: one turn each.
+    let turns: Vec<Vec<(f32, f32)>> = (0..t_count).map(|t| rope.turn((len + t) as f64)).collect();
     let mut scores = vec![vec![0f32; len]; h.kv_heads];
-    let mut q = vec![0f32; d];
-    let mut logits = vec![0f32; len + t_count];
-    for t in 0..t_count {
-        let seen = len + t + 1;
-        for g in 0..h.q_heads {
-            let kv = g / group.max(1);
-            q.copy_from_slice(&queries[t * q_stride + g * d..][..d]);
-            rope.rotate(&mut q, (len + t) as f64);
-            let head_keys = &keys[kv * capacity * d..];
-            let mut max = f32::NEG_INFINITY;
-            for (s, l) in logits[..seen].iter_mut().enumerate() {
-                let k = &head_keys[s * d..][..d];
-                *l = dot(&q, k) * scale;
-                max = max.max(*l);
+    let mut q = vec![0f32; t_count * d];
+    let mut logits = vec![0f32; t_count * cols];
+    for g in 0..h.q_heads {
+        let kv = g / group;
+        for (t, turn) in turns.iter().enumerate() {
+            let row = &mut q[t * d..(t + 1) * d];
+            row.copy_from_slice(&queries[t * q_stride + g * d..][..d]);
+            rope.apply(row, turn);
+        }
+        // Each key is read once for every catalyst query that sees it (causal: query t sees len + t + 1).
+        let head_keys = &keys[kv * capacity * d..];
+        for s in 0..cols {
+            let k = &head_keys[s * d..][..d];
+            for t in s.saturating_sub(len)..t_count {
+                logits[t * cols + s] = dot(&q[t * d..(t + 1) * d], k) * scale;
             }
+        }
+        for t in 0..t_count {
+            let row = &mut logits[t * cols..t * cols + len + t + 1];
+            let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
             let mut sum = 0f32;
-            for l in &mut logits[..seen] {
+            for l in row.iter_mut() {
                 *l = (*l - max).exp();
                 sum += *l;
             }
-            for (acc, l) in scores[kv].iter_mut().zip(&logits[..len]) {
+            for (acc, l) in scores[kv].iter_mut().zip(&row[..len]) {
                 *acc += l / sum;
             }
         }
@@ -463,5 +487,37 @@ mod tests {
         // Four softmaxes (2 positions x 2 heads); the cache's share of each is below 1.
         assert!(total > 0.0 && total < 4.0, "{total}");
         assert!(nll(&[0.0, 0.0], 1) > 0.69 && nll(&[0.0, 0.0], 1) < 0.7);
+    }
+
+    /// Against the definition, written out naively: per query head and catalyst position, the softmax
+    /// of the rotated query against every key it sees, summed into its KV head's entries.
+    #[test]
+    fn catalyst_scores_match_the_definition() {
+        let h = Heads { q_heads: 4, kv_heads: 2, head_dim: 8 };
+        let rope = Rope::new(10_000.0, 8);
+        let (cap, len, t_count, stride) = (16, 9, 3, 4 * 8 + 16);
+        let keys: Vec<f32> = (0..2 * cap * 8).map(|i| ((i * 37 % 23) as f32 - 11.0) * 0.05).collect();
+        let queries: Vec<f32> = (0..t_count * stride).map(|i| ((i * 17 % 19) as f32 - 9.0) * 0.07).collect();
+        let got = catalyst_scores(h, &rope, &queries, stride, &keys, cap, len);
+        let mut want = vec![vec![0f32; len]; 2];
+        for g in 0..4 {
+            let kv = g / 2;
+            for t in 0..t_count {
+                let mut q = queries[t * stride + g * 8..][..8].to_vec();
+                rope.rotate(&mut q, (len + t) as f64);
+                let logits: Vec<f32> = (0..=len + t)
+                    .map(|s| {
+                        q.iter().zip(&keys[(kv * cap + s) * 8..][..8]).map(|(a, b)| a * b).sum::<f32>() / 8f32.sqrt()
+                    })
+                    .collect();
+                let sum: f32 = logits.iter().map(|l| l.exp()).sum();
+                for s in 0..len {
+                    want[kv][s] += logits[s].exp() / sum;
+                }
+            }
+        }
+        for (g, w) in got.iter().flatten().zip(want.iter().flatten()) {
+            assert!((g - w).abs() < 1e-5, "{g} vs {w}");
+        }
     }
 }

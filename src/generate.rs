@@ -372,6 +372,10 @@ fn step(
     }
 }
 
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
 /// Prompt tokens per forward pass while NuC scores are taken: logits come back for every position
 /// (4 bytes x vocabulary each, 25 MB per pass of 128 on a 49k vocabulary).
 const NUC_CHUNK: usize = 128;
@@ -551,14 +555,17 @@ impl<'a> Reader<'a> {
         let lanes = self.layers * self.heads.kv_heads;
         let selections: Vec<Selection> = match pot.policy {
             ContextPolicy::Infinipot => {
+                let t0 = Instant::now();
                 let queries = match decoder.forward_queries(self.ctx.catalyst, cache, 1, Some(self.run_options)) {
                     Ok((_, q, stride)) => (q, stride),
                     Err(_) if self.cancel.is_cancelled() => return Ok(false),
                     Err(e) => return Err(e),
                 };
+                let t1 = Instant::now();
                 let scores = self.catalyst_scores(cache, &queries.0, queries.1, len);
                 cache.truncate(len);
                 let scores = scores?;
+                tracing::debug!(catalyst_ms = ms(t1 - t0), scoring_ms = ms(t1.elapsed()), "context: catalyst scored");
                 let none = Vec::new();
                 (0..lanes)
                     .map(|lane| {
@@ -570,7 +577,9 @@ impl<'a> Reader<'a> {
             }
             _ => vec![context::window_selection(len, pot.keep, pot.sinks); lanes],
         };
+        let t = Instant::now();
         cache.compact(&selections, &self.ctx.rope)?;
+        tracing::debug!(compaction_ms = ms(t.elapsed()), len, keep = pot.keep, "context: cache compacted");
         if let Some(nuc) = self.nuc.as_mut() {
             for (lane, sel) in nuc.iter_mut().zip(&selections) {
                 *lane = sel.iter().map(|&i| lane[i as usize]).collect();

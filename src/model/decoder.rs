@@ -121,6 +121,8 @@ impl KvCache {
             return Err(Error::InvalidRequest("cache selections must be ascending, in range and of equal size".into()));
         }
         let capacity = self.capacity;
+        // Every lane's entries move back by at most `len` positions: one turn per distance, made once.
+        let mut turns: Vec<Option<Vec<(f32, f32)>>> = vec![None; self.len];
         for (i, value) in self.values.iter_mut().enumerate() {
             let (layer, is_key) = (i / 2, i % 2 == 0);
             let (shape, data) = value.try_extract_tensor_mut::<f32>().map_err(Error::ort("compacting the KV cache"))?;
@@ -132,7 +134,8 @@ impl KvCache {
                     if from != to {
                         lane.copy_within(from * d..(from + 1) * d, to * d);
                         if is_key {
-                            rope.rotate(&mut lane[to * d..(to + 1) * d], to as f64 - from as f64);
+                            let turn = turns[from - to].get_or_insert_with(|| rope.turn(to as f64 - from as f64));
+                            rope.apply(&mut lane[to * d..(to + 1) * d], turn);
                         }
                     }
                 }
