@@ -452,39 +452,7 @@ impl Decoder {
         keep: usize,
         run_options: Option<&RunOptions>,
     ) -> Result<Vec<f32>> {
-        if ids.is_empty() || keep == 0 || keep > ids.len() {
-            return Err(Error::InvalidRequest(format!("forward: {} ids, keep {keep}", ids.len())));
-        }
-        if let Some(&bad) = ids.iter().find(|&&t| t as usize >= self.arch.vocab_size) {
-            return Err(Error::InvalidRequest(format!(
-                "token id {bad} is outside the vocabulary ({})",
-                self.arch.vocab_size
-            )));
-        }
-        let total = cache.len + ids.len();
-        self.reserve(cache, total)?;
-        let total_i32 = i32::try_from(total).map_err(|_| Error::InvalidRequest(format!("{total} positions")))?;
-        let mut session = self.session.lock().unwrap_or_else(|p| p.into_inner());
-        let binding =
-            self.bind(&session, ids, total_i32, keep, cache).map_err(Error::ort("binding the decoder's inputs"))?;
-        let outputs = match run_options {
-            Some(ro) => session.run_binding_with_options(&binding, ro),
-            None => session.run_binding(&binding),
-        }
-        .map_err(Error::ort("running the decoder"))?;
-        let value = outputs
-            .get("logits")
-            .ok_or_else(|| Error::Ort { context: "reading outputs".into(), msg: "no 'logits' output".into() })?;
-        let (_, data) = value.try_extract_tensor::<f32>().map_err(Error::ort("reading logits"))?;
-        if data.len() != keep * self.arch.vocab_size {
-            return Err(Error::Ort {
-                context: "reading logits".into(),
-                msg: format!("got {} values, expected {keep} x {}", data.len(), self.arch.vocab_size),
-            });
-        }
-        let logits = data.to_vec();
-        cache.len = total;
-        Ok(logits)
+        Ok(self.run(ids, cache, keep, run_options, false)?.0)
     }
 
     /// Whether the graph exposes each layer's queries (`attn_query.N`, exported since context
@@ -504,8 +472,28 @@ impl Decoder {
         keep: usize,
         run_options: Option<&RunOptions>,
     ) -> Result<(Vec<f32>, Vec<Vec<f32>>, usize)> {
+        let (logits, queries) = self.run(ids, cache, keep, run_options, true)?;
+        let (queries, stride) = queries.unwrap_or_default();
+        Ok((logits, queries, stride))
+    }
+
+    /// One forward pass; with `queries`, every layer's queries too.
+    fn run(
+        &mut self,
+        ids: &[u32],
+        cache: &mut KvCache,
+        keep: usize,
+        run_options: Option<&RunOptions>,
+        queries: bool,
+    ) -> Result<(Vec<f32>, Option<LayerQueries>)> {
         if ids.is_empty() || keep == 0 || keep > ids.len() {
             return Err(Error::InvalidRequest(format!("forward: {} ids, keep {keep}", ids.len())));
+        }
+        if let Some(&bad) = ids.iter().find(|&&t| t as usize >= self.arch.vocab_size) {
+            return Err(Error::InvalidRequest(format!(
+                "token id {bad} is outside the vocabulary ({})",
+                self.arch.vocab_size
+            )));
         }
         let total = cache.len + ids.len();
         self.reserve(cache, total)?;
@@ -514,12 +502,14 @@ impl Decoder {
         let mut session = self.session.lock().unwrap_or_else(|p| p.into_inner());
         let mut binding =
             self.bind(&session, ids, total_i32, keep, cache).map_err(Error::ort("binding the decoder's inputs"))?;
-        let cpu = MemoryInfo::new(AllocationDevice::CPU, 0, AllocatorType::Device, MemoryType::Default)
-            .map_err(Error::ort("binding the decoder's queries"))?;
-        for i in 0..layers {
-            binding
-                .bind_output_to_device(format!("attn_query.{i}"), &cpu)
-                .map_err(Error::ort("binding the decoder's queries (re-export the model for context compression)"))?;
+        if queries {
+            let cpu = MemoryInfo::new(AllocationDevice::CPU, 0, AllocatorType::Device, MemoryType::Default)
+                .map_err(Error::ort("binding the decoder's queries"))?;
+            for i in 0..layers {
+                binding.bind_output_to_device(format!("attn_query.{i}"), &cpu).map_err(Error::ort(
+                    "binding the decoder's queries (re-export the model for context compression)",
+                ))?;
+            }
         }
         let outputs = match run_options {
             Some(ro) => session.run_binding_with_options(&binding, ro),
@@ -535,22 +525,31 @@ impl Decoder {
         };
         let (_, logits) = read("logits")?;
         if logits.len() != keep * self.arch.vocab_size {
-            return Err(Error::Ort { context: "reading logits".into(), msg: format!("got {} values", logits.len()) });
+            return Err(Error::Ort {
+                context: "reading logits".into(),
+                msg: format!("got {} values, expected {keep} x {}", logits.len(), self.arch.vocab_size),
+            });
         }
-        let mut queries = Vec::with_capacity(layers);
-        let mut stride = 0;
-        for i in 0..layers {
-            let (shape, q) = read(&format!("attn_query.{i}"))?;
-            stride = shape.last().copied().unwrap_or(0);
-            if stride < self.arch.num_attention_heads * self.arch.head_dim || q.len() != ids.len() * stride {
-                return Err(Error::Ort { context: "reading queries".into(), msg: format!("shape {shape:?}") });
+        let mut out_queries = None;
+        if queries {
+            let (mut all, mut stride) = (Vec::with_capacity(layers), 0);
+            for i in 0..layers {
+                let (shape, q) = read(&format!("attn_query.{i}"))?;
+                stride = shape.last().copied().unwrap_or(0);
+                if stride < self.arch.num_attention_heads * self.arch.head_dim || q.len() != ids.len() * stride {
+                    return Err(Error::Ort { context: "reading queries".into(), msg: format!("shape {shape:?}") });
+                }
+                all.push(q);
             }
-            queries.push(q);
+            out_queries = Some((all, stride));
         }
         cache.len = total;
-        Ok((logits, queries, stride))
+        Ok((logits, out_queries))
     }
 }
+
+/// Every layer's queries of a forward pass ([positions, stride] rows) and the row stride.
+type LayerQueries = (Vec<Vec<f32>>, usize);
 
 /// The step's inputs and outputs: each cache buffer is bound as its layer's past *and* present, so
 /// `GroupQueryAttention` writes the new positions in place; logits go to a fresh CPU tensor.
