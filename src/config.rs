@@ -90,20 +90,38 @@ pub struct RouterConfig {
     pub use_calibrated: bool,
 }
 
+/// What kind of server a device offloads to, which decides how a customized request's blend travels
+/// (`docs/routing.md`).
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum RemoteKind {
+    /// A server `crayond`: the `crayon` extension carries pool id, blend weights and answer options.
+    #[default]
+    Crayon,
+    /// Any OpenAI-compatible server: plain requests, no blend.
+    Openai,
+    /// llama.cpp's `llama-server` with the server pool loaded as GGUF LoRA adapters
+    /// (`scripts/build-llama-server`): the blend travels as per-request adapter scales.
+    LlamaServer,
+}
+
 /// The server a device offloads to: any OpenAI-compatible `/v1/chat/completions` endpoint; a Crayon
-/// server also understands the `crayon` extension (pool id and blend weights).
+/// server also understands the `crayon` extension (pool id and blend weights), a llama.cpp server
+/// per-request LoRA scales.
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct RemoteConfig {
     /// Base URL, e.g. "https://llm.example.com" or "http://127.0.0.1:8090"; empty: no server.
     pub url: String,
+    /// The server's kind: "crayon" (default), "openai" or "llama-server".
+    pub kind: RemoteKind,
     /// File holding the bearer token (first line); empty: no Authorization header.
     pub token_file: PathBuf,
     /// PEM file of the CA(s) to trust for an https:// server instead of the built-in web roots.
     pub ca_file: PathBuf,
     /// `model` sent to the server; empty: "default".
     pub model: String,
-    /// Send the blend (pool id + weights) for customized requests; off for servers that reject unknown fields.
+    /// Send the blend for customized requests (as the kind says); off: every request asks the plain model.
     pub send_blend: bool,
     pub connect_timeout_ms: u64,
     /// Hard limit on the whole request, retries included, from connecting to the last byte of the
@@ -124,6 +142,7 @@ impl Default for RemoteConfig {
     fn default() -> Self {
         RemoteConfig {
             url: String::new(),
+            kind: RemoteKind::Crayon,
             token_file: PathBuf::new(),
             ca_file: PathBuf::new(),
             model: String::new(),

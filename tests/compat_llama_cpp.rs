@@ -7,27 +7,12 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
-use std::net::TcpListener;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
 
-use common::daemon::{Daemon, PATIENCE, tiny_config};
+use common::daemon::{Daemon, PeerServer, tiny_config};
 use serde_json::json;
 
-struct LlamaServer {
-    child: Child,
-    url: String,
-}
-
-impl Drop for LlamaServer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn llama_server() -> Option<LlamaServer> {
+fn llama_server() -> Option<PeerServer> {
     let (python, gguf) = match (std::env::var("CRAYON_COMPAT_PYTHON"), std::env::var("CRAYON_COMPAT_GGUF")) {
         (Ok(p), Ok(g)) => (p, g),
         _ => {
@@ -39,27 +24,9 @@ fn llama_server() -> Option<LlamaServer> {
             return None;
         }
     };
-    let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let mut child = Command::new(&python)
-        .args(["-m", "llama_cpp.server", "--model", &gguf, "--host", "127.0.0.1", "--port", &port.to_string()])
-        .args(["--n_threads", "1", "--n_ctx", "2048"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot start {python} -m llama_cpp.server: {e}"));
-    let url = format!("http://127.0.0.1:{port}");
-    let stderr = child.stderr.take().unwrap();
-    std::thread::spawn(move || for _ in BufReader::new(stderr).lines() {}); // keep the pipe drained
-    let t0 = Instant::now();
-    let agent = common::daemon::agent();
-    while agent.get(&format!("{url}/v1/models")).call().map(|r| r.status().as_u16()).ok() != Some(200) {
-        if let Ok(Some(status)) = child.try_wait() {
-            panic!("llama_cpp.server exited with {status}");
-        }
-        assert!(t0.elapsed() < PATIENCE, "llama_cpp.server did not come up on {url}");
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    Some(LlamaServer { child, url })
+    let mut cmd = Command::new(&python);
+    cmd.args(["-m", "llama_cpp.server", "--model", &gguf, "--n_threads", "1", "--n_ctx", "2048"]);
+    Some(PeerServer::start(cmd, "/v1/models"))
 }
 
 #[test]

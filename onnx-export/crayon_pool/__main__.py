@@ -16,6 +16,9 @@ no embedding of its own (the device computes the weights) and records the device
 
     python -m crayon_pool build --model ../models/qwen2.5-coder-0.5b-instruct \
         --pair-with ../pools/smollm2-135m-instruct --out ../pools/qwen2.5-coder-0.5b-instruct
+
+`gguf-lora` converts a pool's adapters to GGUF LoRA files for llama.cpp's server (gguf_lora.py), and
+`exemplars` writes a server's exemplar bank for a device pool's clusters.
 """
 
 from __future__ import annotations
@@ -234,9 +237,19 @@ def main(argv=None):
     x.add_argument("--per-cluster", type=int, default=16)
     x.add_argument("--max-chars", type=int, default=400, help="leave out longer prompts (few-shot prefixes stay short)")
     x.add_argument("--seed", type=int, default=0)
+    g = sub.add_parser("gguf-lora", help="convert a pool's adapters to GGUF LoRA files for llama.cpp's server")
+    g.add_argument("--pool", type=Path, required=True, help="the pool folder (pool.json + PEFT adapters)")
+    g.add_argument("--base", type=Path, required=True, help="its model folder (config.json)")
+    g.add_argument("--out", type=Path, required=True)
+    g.add_argument("--llama-cpp", type=Path, help="llama.cpp source folder (default: $CRAYON_LLAMA_CPP_SRC)")
     args = ap.parse_args(argv)
     if args.cmd == "exemplars":
         exemplars(args)
+        return
+    if args.cmd == "gguf-lora":
+        from . import gguf_lora
+
+        gguf_lora.main(args)
         return
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -8,6 +8,12 @@
 //! server that keeps failing. What is sent: the query (messages or text), sampling parameters, and
 //! in the `crayon` extension only the pool id, the blend weights and the answer options — never the
 //! examples of a customization (they are not even in memory here; see `tests/hybrid.rs`).
+//!
+//! How a blend travels depends on `remote.kind`: a Crayon server gets it in the `crayon` extension; a
+//! llama.cpp server (`llama-server`) as per-request LoRA scales (`lora: [{id, scale}]`) of the GGUF
+//! adapters it has loaded, which it lists at `GET /lora-adapters` under names that say which device
+//! pool they serve (`<device pool id>.<index>.<adapter>.gguf`, written by `crayon_pool gguf-lora`); a
+//! plain OpenAI-compatible server gets no blend.
 
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -15,7 +21,7 @@ use std::time::{Duration, Instant};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use crate::config::RemoteConfig;
+use crate::config::{RemoteConfig, RemoteKind};
 use crate::error::{Error, Result};
 use crate::generate::{CancelToken, FinishReason, GenerationParams, Prompt};
 
@@ -83,6 +89,21 @@ pub struct RemoteClient {
     token: Option<String>,
     cfg: RemoteConfig,
     breaker: Mutex<Breaker>,
+    /// A llama.cpp server's adapters, as last listed (`remote.kind = "llama-server"`).
+    loras: Mutex<Option<(Instant, Vec<LoraFile>)>>,
+}
+
+/// How long a llama.cpp server's adapter listing is trusted: a restarted server may have loaded
+/// other adapters under the same ids.
+const LORA_LISTING_TTL: Duration = Duration::from_secs(30);
+
+/// One GGUF LoRA adapter a llama.cpp server has loaded.
+#[derive(Debug, Clone, PartialEq)]
+struct LoraFile {
+    id: i64,
+    /// The device pool whose blends it serves, and its index there, when its file name says so
+    /// (`<device pool id>.<index>.<adapter>.gguf`); other adapters are the operator's own.
+    slot: Option<(String, usize)>,
 }
 
 impl RemoteClient {
@@ -100,7 +121,14 @@ impl RemoteClient {
             .build()
             .into();
         let base = cfg.url.trim_end_matches('/').trim_end_matches("/v1").to_string();
-        Ok(RemoteClient { agent, base, token, cfg: cfg.clone(), breaker: Mutex::new(Breaker::default()) })
+        Ok(RemoteClient {
+            agent,
+            base,
+            token,
+            cfg: cfg.clone(),
+            breaker: Mutex::new(Breaker::default()),
+            loras: Mutex::new(None),
+        })
     }
 
     pub fn url(&self) -> &str {
@@ -132,12 +160,27 @@ impl RemoteClient {
             }
             attempts += 1;
             let left = deadline.saturating_duration_since(Instant::now());
-            let err = match self.attempt(&url, &body, left) {
+            let sent = match self.cfg.kind {
+                RemoteKind::LlamaServer => self.with_lora_scales(&body, req, left),
+                _ => Ok((std::borrow::Cow::Borrowed(&body), None)),
+            };
+            let attempt = sent.and_then(|(body, applied)| {
+                let mut a = self.attempt(&url, &body, deadline.saturating_duration_since(Instant::now()))?;
+                if let Some(applied) = applied {
+                    a.server_blend = applied;
+                }
+                Ok(a)
+            });
+            let err = match attempt {
                 Ok(mut a) => {
                     a.attempts = attempts;
                     break Ok(a);
                 }
-                Err(e) => e,
+                Err(e) => {
+                    // A server that failed may come back with other adapters under the same ids.
+                    *self.loras.lock().unwrap_or_else(|p| p.into_inner()) = None;
+                    e
+                }
             };
             let backoff = Duration::from_millis(self.cfg.retry_backoff_ms * u64::from(attempts));
             let more_time = Instant::now() + backoff + Duration::from_millis(10) < deadline;
@@ -203,7 +246,7 @@ impl RemoteClient {
                 _ => body["logprobs"] = json!(k),
             }
         }
-        if self.cfg.send_blend {
+        if self.cfg.send_blend && self.cfg.kind == RemoteKind::Crayon {
             // A Crayon server answers offloaded requests itself (no second hop).
             let mut ext = json!({"route": {"mode": "device_only"}});
             if let Some((pool_id, weights)) = &req.blend {
@@ -221,15 +264,66 @@ impl RemoteClient {
         Ok((path, body))
     }
 
-    fn attempt(&self, url: &str, body: &Value, left: Duration) -> std::result::Result<RemoteAnswer, AttemptError> {
+    /// The request body with a llama.cpp server's adapter scales: the device's normalized blend weights on
+    /// the adapters that serve its pool and zero on every other one (a plain request must not get the
+    /// adapters a server applies by default), and whether the blend was applied.
+    fn with_lora_scales<'b>(
+        &self,
+        body: &'b Value,
+        req: &RemoteRequest,
+        left: Duration,
+    ) -> std::result::Result<(std::borrow::Cow<'b, Value>, Option<bool>), AttemptError> {
+        let loras = self.lora_listing(left)?;
+        let blend = req.blend.as_ref().filter(|_| self.cfg.send_blend);
+        let (scales, applied) = lora_scales(&loras, blend.map(|(p, w)| (p.as_str(), w.as_slice())));
+        if let (Some((pool_id, _)), false) = (blend, applied) {
+            tracing::warn!(server = %self.base, pool = %pool_id,
+                "the llama.cpp server has no full set of adapters for this pool; asking its plain model");
+        }
+        if scales.is_empty() {
+            return Ok((std::borrow::Cow::Borrowed(body), Some(false)));
+        }
+        let mut body = body.clone();
+        body["lora"] = json!(scales.iter().map(|(id, scale)| json!({"id": id, "scale": scale})).collect::<Vec<_>>());
+        Ok((std::borrow::Cow::Owned(body), Some(applied)))
+    }
+
+    /// The llama.cpp server's loaded adapters (`GET /lora-adapters`), cached for [`LORA_LISTING_TTL`].
+    fn lora_listing(&self, left: Duration) -> std::result::Result<Vec<LoraFile>, AttemptError> {
+        if let Some((at, loras)) = self.loras.lock().unwrap_or_else(|p| p.into_inner()).as_ref()
+            && at.elapsed() < LORA_LISTING_TTL
+        {
+            return Ok(loras.clone());
+        }
         if left.is_zero() {
             return Err(AttemptError { msg: "no time left".into(), retry: false, status: None });
         }
-        let mut r = self.agent.post(url).config().timeout_global(Some(left)).build();
-        if let Some(t) = &self.token {
-            r = r.header("Authorization", format!("Bearer {t}"));
+        let url = format!("{}/lora-adapters", self.base);
+        let r = self.agent.get(&url).config().timeout_global(Some(left)).build();
+        let text = self.exchange(self.authorized(r).call()).map_err(|mut e| {
+            e.msg = format!("GET /lora-adapters (is remote.kind = \"llama-server\" right?): {}", e.msg);
+            e
+        })?;
+        let loras = parse_lora_listing(&text)
+            .map_err(|m| AttemptError::transient(format!("GET /lora-adapters: malformed listing: {m}")))?;
+        *self.loras.lock().unwrap_or_else(|p| p.into_inner()) = Some((Instant::now(), loras.clone()));
+        Ok(loras)
+    }
+
+    fn authorized<B>(&self, r: ureq::RequestBuilder<B>) -> ureq::RequestBuilder<B> {
+        match &self.token {
+            Some(t) => r.header("Authorization", format!("Bearer {t}")),
+            None => r,
         }
-        let mut resp = r.send_json(body).map_err(|e| AttemptError::transient(describe(&e)))?;
+    }
+
+    /// The body of a 200 answer, read within `remote.max_response_bytes`; anything else is an attempt's
+    /// failure, worth retrying unless the server said the request is wrong (4xx other than 429).
+    fn exchange(
+        &self,
+        sent: std::result::Result<ureq::http::Response<ureq::Body>, ureq::Error>,
+    ) -> std::result::Result<String, AttemptError> {
+        let mut resp = sent.map_err(|e| AttemptError::transient(describe(&e)))?;
         let status = resp.status().as_u16();
         let text = resp
             .body_mut()
@@ -243,6 +337,15 @@ impl RemoteClient {
             let msg = if retry { format!("HTTP {status}: {snippet}") } else { snippet };
             return Err(AttemptError { msg, retry, status: Some(status) });
         }
+        Ok(text)
+    }
+
+    fn attempt(&self, url: &str, body: &Value, left: Duration) -> std::result::Result<RemoteAnswer, AttemptError> {
+        if left.is_zero() {
+            return Err(AttemptError { msg: "no time left".into(), retry: false, status: None });
+        }
+        let r = self.agent.post(url).config().timeout_global(Some(left)).build();
+        let text = self.exchange(self.authorized(r).send_json(body))?;
         parse_answer(&text).map_err(|m| AttemptError::transient(format!("malformed response: {m}")))
     }
 
@@ -301,6 +404,62 @@ fn describe(e: &ureq::Error) -> String {
         ureq::Error::BodyExceedsLimit(n) => format!("response larger than {n} bytes"),
         other => other.to_string(),
     }
+}
+
+/// `GET /lora-adapters` of a llama.cpp server: `[{"id": 0, "path": "...", "scale": 0.0}, ...]`.
+fn parse_lora_listing(body: &str) -> std::result::Result<Vec<LoraFile>, String> {
+    #[derive(Deserialize)]
+    struct Entry {
+        id: i64,
+        #[serde(default)]
+        path: String,
+    }
+    let entries: Vec<Entry> = serde_json::from_str(body).map_err(|e| e.to_string())?;
+    Ok(entries.into_iter().map(|e| LoraFile { id: e.id, slot: lora_slot(&e.path) }).collect())
+}
+
+/// The device pool and index a GGUF adapter's file name declares: `<pool id>.<index>.<adapter>.gguf`
+/// (pool ids may hold dots; adapter names may not).
+fn lora_slot(path: &str) -> Option<(String, usize)> {
+    let name = std::path::Path::new(path).file_name()?.to_str()?.strip_suffix(".gguf")?;
+    let mut parts = name.rsplitn(3, '.');
+    let (_adapter, index, pool) = (parts.next()?, parts.next()?, parts.next()?);
+    if pool.is_empty() || index.is_empty() || !index.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    Some((pool.to_string(), index.parse().ok()?))
+}
+
+/// Per-adapter scales for one request: every adapter at 0 except, when `blend` is given and the server
+/// holds exactly one adapter for each of its weights, those serving the blend's pool at the weights
+/// normalized to sum 1 (a Crayon server merges `Σ w_k/Σw · α_k/r_k · B_k A_k`; llama.cpp applies
+/// `scale · α/r · B A` with the adapter's own α). Returns the scales and whether the blend is in them.
+fn lora_scales(loras: &[LoraFile], blend: Option<(&str, &[f32])>) -> (Vec<(i64, f32)>, bool) {
+    let mut scales: Vec<(i64, f32)> = loras.iter().map(|l| (l.id, 0.0)).collect();
+    let Some((pool_id, weights)) = blend else { return (scales, false) };
+    let total: f32 = weights.iter().sum();
+    if weights.is_empty() || weights.iter().any(|w| !w.is_finite() || *w < 0.0) || !(total > 0.0 && total.is_finite()) {
+        return (scales, false);
+    }
+    let mut by_index = vec![None; weights.len()];
+    for (i, l) in loras.iter().enumerate() {
+        match &l.slot {
+            Some((pool, k)) if pool == pool_id => match by_index.get_mut(*k) {
+                Some(slot @ None) => *slot = Some(i),
+                _ => return (scales, false), // an index twice, or beyond the weights: not this blend's pool
+            },
+            _ => {}
+        }
+    }
+    if by_index.iter().any(Option::is_none) {
+        return (scales, false);
+    }
+    for (k, i) in by_index.into_iter().enumerate() {
+        if let Some(i) = i {
+            scales[i].1 = weights[k] / total;
+        }
+    }
+    (scales, true)
 }
 
 #[derive(Deserialize)]
@@ -443,6 +602,47 @@ mod tests {
         assert_eq!(top, vec![(" blue", -0.5), (" red", -2.0)], "most likely first");
         let plain = parse_answer(r#"{"choices":[{"text":"x","logprobs":null}]}"#).unwrap();
         assert!(plain.logprobs.is_empty());
+    }
+
+    fn listing(names: &[&str]) -> Vec<LoraFile> {
+        let body = serde_json::to_string(
+            &names.iter().enumerate().map(|(i, p)| json!({"id": i, "path": p, "scale": 1.0})).collect::<Vec<_>>(),
+        )
+        .unwrap();
+        parse_lora_listing(&body).unwrap()
+    }
+
+    #[test]
+    fn lora_file_names_declare_pool_and_index() {
+        let l =
+            listing(&["/srv/lora/qwen2.5-k8-ab12.01.c01.gguf", "mine.gguf", "x.y.gguf", "p.1x.c.gguf", "p.7.c.bin"]);
+        assert_eq!(l[0].slot, Some(("qwen2.5-k8-ab12".to_string(), 1)));
+        assert!(l[1..].iter().all(|f| f.slot.is_none()), "{l:?}");
+        for bad in ["", "{}", r#"[{"path":"a.0.c.gguf"}]"#, r#"[{"id":"0"}]"#] {
+            assert!(parse_lora_listing(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn blend_weights_become_scales_of_their_pools_adapters_and_everything_else_is_zero() {
+        // Two pools' adapters and one of the operator's, in no particular order.
+        let l = listing(&["dev.01.c01.gguf", "other.00.c00.gguf", "dev.00.c00.gguf", "own.gguf", "dev.02.c02.gguf"]);
+        let (scales, applied) = lora_scales(&l, Some(("dev", &[1.0, 2.0, 1.0])));
+        assert!(applied);
+        assert_eq!(scales, vec![(0, 0.5), (1, 0.0), (2, 0.25), (3, 0.0), (4, 0.25)]);
+        // A plain request: every adapter off, whatever the server applies by default.
+        assert_eq!(lora_scales(&l, None), (vec![(0, 0.0), (1, 0.0), (2, 0.0), (3, 0.0), (4, 0.0)], false));
+        // Not this server's pool, weights of another length, bad weights: the plain model, flagged.
+        for (pool, w) in [("nope", &[1.0f32, 1.0, 1.0][..]), ("dev", &[1.0, 1.0]), ("dev", &[1.0, 1.0, 1.0, 1.0])] {
+            let (scales, applied) = lora_scales(&l, Some((pool, w)));
+            assert!(!applied && scales.iter().all(|(_, s)| *s == 0.0), "{pool} {w:?}");
+        }
+        for w in [[0.0f32, 0.0, 0.0], [1.0, -1.0, 1.0], [1.0, f32::NAN, 1.0]] {
+            assert!(!lora_scales(&l, Some(("dev", &w))).1, "{w:?}");
+        }
+        // An index twice: the listing is not one pool's set.
+        let twice = listing(&["dev.00.c00.gguf", "dev.00.c00.gguf", "dev.01.c01.gguf"]);
+        assert!(!lora_scales(&twice, Some(("dev", &[1.0, 1.0]))).1);
     }
 
     #[test]

@@ -269,3 +269,45 @@ fn serve_one(mut conn: TcpStream, fault: Fault, requests: Arc<Mutex<Vec<String>>
         }
     }
 }
+
+/// A peer server (llama.cpp's, llama-cpp-python's) run as a real process on a free loopback port,
+/// killed when dropped.
+pub struct PeerServer {
+    pub child: Child,
+    pub url: String,
+}
+
+impl PeerServer {
+    /// Starts `cmd` with `--host 127.0.0.1 --port <free port>` appended and waits until `GET ready_path`
+    /// answers 200 (within [`PATIENCE`]; fails if the process exits first).
+    pub fn start(mut cmd: Command, ready_path: &str) -> PeerServer {
+        let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let what = format!("{cmd:?}");
+        let mut child = cmd
+            .args(["--host", "127.0.0.1", "--port", &port.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {what}: {e}"));
+        let stderr = child.stderr.take().unwrap();
+        std::thread::spawn(move || for _ in BufReader::new(stderr).lines() {}); // keep the pipe drained
+        let url = format!("http://127.0.0.1:{port}");
+        let t0 = std::time::Instant::now();
+        let agent = agent();
+        while agent.get(&format!("{url}{ready_path}")).call().map(|r| r.status().as_u16()).ok() != Some(200) {
+            if let Ok(Some(status)) = child.try_wait() {
+                panic!("{what} exited with {status}");
+            }
+            assert!(t0.elapsed() < PATIENCE, "{what} did not come up on {url}");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        PeerServer { child, url }
+    }
+}
+
+impl Drop for PeerServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
