@@ -281,7 +281,7 @@ fn accuracy(args: &Args, dir: &Path, device_cfg: &Path, examples: &[Example], it
         let confidence = router::confidence(&g).map_or(0.0, |c| c.value);
         let p = params(&engine, Some("science"), &ch);
         let ask = |blend: Option<(String, Vec<f32>)>| -> anyhow::Result<Option<String>> {
-            let a = remote.complete(&RemoteRequest { prompt: &prompt, params: &p, blend })?;
+            let a = remote.complete(&RemoteRequest { prompt: &prompt, params: &p, blend, exemplars: None })?;
             Ok(a.choice.or_else(|| router::parse_choice(&ch, &a.text)))
         };
         let t = Instant::now();

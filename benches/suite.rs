@@ -676,7 +676,12 @@ fn score_server(
     for item in items {
         let prompt = Prompt::Text(item.prompt.clone());
         let params = choice_params(engine, None, &item.choices, false); // the server's own scoring
-        let a = remote.complete(&RemoteRequest { prompt: &prompt, params: &params, blend: blend.clone() })?;
+        let a = remote.complete(&RemoteRequest {
+            prompt: &prompt,
+            params: &params,
+            blend: blend.clone(),
+            exemplars: None,
+        })?;
         // A server whose pool is not paired with the device's answers with its plain model instead.
         anyhow::ensure!(blend.is_none() || a.server_blend, "the server did not apply the blend (pool not paired)");
         let choice = a.choice.or_else(|| router::parse_choice(&item.choices, &a.text));

@@ -282,7 +282,9 @@ pub struct PoolConfig {
     pub dir: PathBuf,
     /// A server's exemplar bank for a device pool it cannot merge (`crayon_pool exemplars`): devices'
     /// blends for that pool are answered with exemplars drawn by the blend weights in front of the
-    /// question (docs/routing.md). Empty: none.
+    /// question (docs/routing.md). On a device, its own pool's bank: the device does the same for a
+    /// server that cannot apply the blend (`remote.kind` openai, or llama-server without the adapters).
+    /// Empty: none.
     pub exemplars: PathBuf,
 }
 

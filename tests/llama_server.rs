@@ -165,7 +165,7 @@ fn the_server_pool_on_llama_server_blends_as_crayond_merges_it() {
         let client =
             RemoteClient::new(&RemoteConfig { url: url.into(), kind, timeout_ms: 300_000, ..Default::default() })
                 .unwrap();
-        client.complete(&RemoteRequest { prompt, params: &params, blend }).unwrap()
+        client.complete(&RemoteRequest { prompt, params: &params, blend, exemplars: None }).unwrap()
     };
     let blend = Some((device_pool, weights));
     let mut worst = 0.0f32;
@@ -193,4 +193,74 @@ fn the_server_pool_on_llama_server_blends_as_crayond_merges_it() {
     // weights in float32: a few hundredths of a nat apart (0.08 at most here), far below what the blend
     // moves (about 1 nat).
     assert!(worst < 0.2, "llama-server vs crayond: max |logprob diff| {worst}");
+}
+
+/// A server that cannot apply the device's blend — a llama.cpp server without adapters for the device's
+/// pool, or any plain OpenAI-compatible server — is steered by exemplars instead: the device puts a few
+/// of its pool's public exemplars, drawn by the blend weights (`[pool] exemplars`), in front of the
+/// question. A recording proxy shows what each server receives.
+#[test]
+fn exemplars_steer_a_server_that_cannot_apply_the_blend() {
+    use common::daemon::{Fault, FaultServer};
+    let Some(fleet) = fleet() else { return };
+    let llama = llama_server(&fleet, "tiny.gguf", "tiny-server-pool"); // adapters for tiny-pool only
+    let proxy = FaultServer::start(Fault::Record(llama.url.clone()));
+    let pool = common::repo().join("models/tiny-task-pool");
+    let manifest: Value = serde_json::from_str(&std::fs::read_to_string(pool.join("pool.json")).unwrap()).unwrap();
+    let names: Vec<&str> =
+        manifest["adapters"].as_array().unwrap().iter().map(|a| a["name"].as_str().unwrap()).collect();
+    let dir = tempfile::tempdir().unwrap();
+    let bank = dir.path().join("exemplars.json");
+    let clusters: Vec<Value> = (0..names.len())
+        .map(|k| json!([{"input": format!("Question: What does okapi number {k} eat?\nAnswer:"), "output": " leaves"}]))
+        .collect();
+    let bank_json = json!({"format": "crayon-exemplars/1", "pool_id": manifest["pool_id"], "adapters": names, "clusters": clusters});
+    std::fs::write(&bank, bank_json.to_string()).unwrap();
+    let question = "Question: What do fish breathe with?\nAnswer:";
+    let last_sent = || -> Value { serde_json::from_str(proxy.requests.lock().unwrap().last().unwrap()).unwrap() };
+
+    for kind in ["llama-server", "openai"] {
+        let state = tempfile::tempdir().unwrap();
+        let dev = Daemon::start(&tiny_config(
+            Some(&pool),
+            state.path(),
+            &format!(
+                "exemplars = {bank:?}\n[router]\nmode = \"server_only\"\n[remote]\nurl = \"{}\"\nkind = \"{kind}\"\n",
+                proxy.url
+            ),
+        ));
+        let examples = json!([{"input": "Question: What do birds eat?\nAnswer:", "output": " seeds"},
+                              {"input": "Question: What do cows eat?\nAnswer:", "output": " grass"}]);
+        let (status, made) = dev.post("/v1/crayon/adapters", &json!({"name": "animals", "examples": examples}));
+        assert_eq!(status, 200, "{made}");
+        let ask = |model: Option<&str>| {
+            let mut body = json!({"prompt": question, "max_tokens": 4, "temperature": 0});
+            if let Some(m) = model {
+                body["model"] = json!(m);
+            }
+            let (status, out) = dev.post("/v1/completions", &body);
+            assert_eq!(status, 200, "{out}");
+            assert_eq!(out["crayon"]["answered_by"], "server", "{out}");
+            out
+        };
+        let steered = ask(Some("animals"));
+        assert_eq!(steered["crayon"]["server_blend"], true, "{kind}: steered by exemplars: {steered}");
+        let sent = last_sent();
+        let prompt = sent["prompt"].as_str().unwrap();
+        assert!(prompt.contains("okapi number") && prompt.ends_with(question), "{kind}: {prompt:?}");
+        assert!(sent.get("crayon").is_none(), "{kind}: {sent}");
+        match kind {
+            "llama-server" => {
+                let lora = sent["lora"].as_array().unwrap_or_else(|| panic!("{sent}"));
+                assert!(
+                    !lora.is_empty() && lora.iter().all(|l| l["scale"] == 0.0),
+                    "other pools' adapters off: {sent}"
+                );
+            }
+            _ => assert!(sent.get("lora").is_none(), "{sent}"),
+        }
+        let plain = ask(None);
+        assert_eq!(plain["crayon"]["server_blend"], false, "{plain}");
+        assert_eq!(last_sent()["prompt"], question, "{kind}: a plain request is sent as it is");
+    }
 }

@@ -220,6 +220,8 @@ struct Plan {
     thresholds: Thresholds,
     scope: Option<f32>,
     blend: Option<(String, Vec<f32>)>,
+    /// The prompt with the blend's exemplars in front, for a server that cannot apply the blend itself.
+    exemplars: Option<Prompt>,
 }
 
 pub struct Router {
@@ -281,7 +283,7 @@ impl Router {
         let guard = engine.lock(client, cancel)?;
         let queue_ms = ms(t0.elapsed());
         let t = Instant::now();
-        let plan = self.plan(&guard, req)?;
+        let plan = self.plan(&guard, req, remote)?;
         let routing_ms = ms(t.elapsed());
         let mut turn = Some(guard);
         let mut route = Route {
@@ -299,16 +301,16 @@ impl Router {
 
         // Decisions that need no local answer first: the server is asked before the device works.
         let early = match (mode, remote) {
-            (RouteMode::ServerOnly, Some(r)) => Some((r, Reason::ServerOnly, plan.blend.clone())),
+            (RouteMode::ServerOnly, Some(r)) => Some((r, Reason::ServerOnly, Some(&plan))),
             (RouteMode::Hybrid, Some(r)) if plan.scope.is_some_and(|s| s < plan.thresholds.min_scope) => {
                 Some((r, Reason::OutOfScope, None))
             }
             _ => None,
         };
-        if let Some((r, reason, blend)) = early {
+        if let Some((r, reason, blended)) = early {
             drop(turn.take()); // others use the model while the server answers
             route.reason = reason;
-            match self.offload(r, req, blend, cancel, &mut route) {
+            match self.offload(r, req, blended, cancel, &mut route) {
                 Ok(a) => return Ok(finish_remote(a, req, route, t0, on_text)),
                 Err(e) => route.fallback = Some(e.to_string()),
             }
@@ -337,7 +339,7 @@ impl Router {
             let low = route.confidence.is_some_and(|c| c.value < threshold_for(&c, &plan.thresholds));
             route.reason = if low { Reason::LowConfidence } else { Reason::Confident };
             if let (true, Some(r)) = (low, remote) {
-                match self.offload(r, req, plan.blend.clone(), cancel, &mut route) {
+                match self.offload(r, req, Some(&plan), cancel, &mut route) {
                     Ok(a) => return Ok(finish_remote(a, req, route, t0, on_text)),
                     Err(e) => route.fallback = Some(e.to_string()),
                 }
@@ -361,7 +363,7 @@ impl Router {
         })
     }
 
-    fn plan(&self, engine: &Engine, req: &Request) -> Result<Plan> {
+    fn plan(&self, engine: &Engine, req: &Request, remote: Option<&RemoteClient>) -> Result<Plan> {
         let mut thresholds = self.config.thresholds;
         let mut scope_value = None;
         let mut blend = None;
@@ -382,14 +384,27 @@ impl Router {
         thresholds.min_choice_confidence = o.min_choice_confidence.unwrap_or(thresholds.min_choice_confidence);
         thresholds.min_token_prob = o.min_token_prob.unwrap_or(thresholds.min_token_prob);
         thresholds.validate("request").map_err(Error::InvalidRequest)?;
-        Ok(Plan { thresholds, scope: scope_value, blend })
+        let exemplars = match (&blend, remote) {
+            (Some((pool_id, weights)), Some(r)) if r.wants_exemplars() => {
+                match engine.exemplar_prompt(pool_id, weights, &req.prompt) {
+                    Some(Ok((prompt, _))) => Some(prompt),
+                    Some(Err(e)) => {
+                        tracing::warn!(error = %e, "no exemplars for this blend; a server that cannot apply it answers plainly");
+                        None
+                    }
+                    None => None,
+                }
+            }
+            _ => None,
+        };
+        Ok(Plan { thresholds, scope: scope_value, blend, exemplars })
     }
 
     fn offload(
         &self,
         remote: &RemoteClient,
         req: &Request,
-        blend: Option<(String, Vec<f32>)>,
+        blended: Option<&Plan>,
         cancel: &CancelToken,
         route: &mut Route,
     ) -> std::result::Result<RemoteAnswer, RemoteError> {
@@ -397,7 +412,13 @@ impl Router {
             release();
         }
         let t = Instant::now();
-        let r = RemoteRequest { prompt: &req.prompt, params: &req.params, blend };
+        // `blended`: the plan's blend (and exemplars) go along; otherwise the server's plain model is asked.
+        let r = RemoteRequest {
+            prompt: &req.prompt,
+            params: &req.params,
+            blend: blended.and_then(|p| p.blend.clone()),
+            exemplars: blended.and_then(|p| p.exemplars.as_ref()),
+        };
         let out = remote.complete_cancellable(&r, Some(cancel));
         route.latency.remote_ms = ms(t.elapsed());
         if let Err(e) = &out {

@@ -58,6 +58,9 @@ pub struct RemoteRequest<'a> {
     pub params: &'a GenerationParams,
     /// Device pool id and blend weights, for customized requests.
     pub blend: Option<(String, Vec<f32>)>,
+    /// The prompt with exemplars of the blend's clusters in front (the device pool's public exemplar
+    /// bank, `[pool] exemplars`): what a server that cannot apply the blend itself is asked instead.
+    pub exemplars: Option<&'a Prompt>,
 }
 
 #[derive(Debug, Clone)]
@@ -135,6 +138,13 @@ impl RemoteClient {
         &self.base
     }
 
+    /// Whether a customized request may need the device's exemplars: the server cannot apply a blend
+    /// itself (a plain OpenAI server), or may not hold adapters for the device's pool (a llama.cpp
+    /// server). A Crayon server uses its own exemplar bank.
+    pub fn wants_exemplars(&self) -> bool {
+        self.cfg.send_blend && matches!(self.cfg.kind, RemoteKind::Openai | RemoteKind::LlamaServer)
+    }
+
     /// Asks the server, within `remote.timeout_ms` in all.
     pub fn complete(&self, req: &RemoteRequest) -> std::result::Result<RemoteAnswer, RemoteError> {
         self.complete_cancellable(req, None)
@@ -148,7 +158,10 @@ impl RemoteClient {
         cancel: Option<&CancelToken>,
     ) -> std::result::Result<RemoteAnswer, RemoteError> {
         let cancelled = || cancel.is_some_and(CancelToken::is_cancelled);
-        let (path, body) = self.body(req)?;
+        // A plain OpenAI server cannot apply a blend: exemplars drawn by it steer the server instead.
+        let steered = self.cfg.kind == RemoteKind::Openai && self.cfg.send_blend && req.blend.is_some();
+        let prompt = req.exemplars.filter(|_| steered).unwrap_or(req.prompt);
+        let (path, body) = self.body(req, prompt)?;
         self.check_breaker()?;
         let url = format!("{}{path}", self.base);
         let budget = Duration::from_millis(self.cfg.timeout_ms);
@@ -162,7 +175,8 @@ impl RemoteClient {
             let left = deadline.saturating_duration_since(Instant::now());
             let sent = match self.cfg.kind {
                 RemoteKind::LlamaServer => self.with_lora_scales(&body, req, left),
-                _ => Ok((std::borrow::Cow::Borrowed(&body), None)),
+                RemoteKind::Openai => Ok((std::borrow::Cow::Borrowed(&body), Some(!std::ptr::eq(prompt, req.prompt)))),
+                RemoteKind::Crayon => Ok((std::borrow::Cow::Borrowed(&body), None)),
             };
             let attempt = sent.and_then(|(body, applied)| {
                 let mut a = self.attempt(&url, &body, deadline.saturating_duration_since(Instant::now()))?;
@@ -206,7 +220,7 @@ impl RemoteClient {
         result
     }
 
-    fn body(&self, req: &RemoteRequest) -> std::result::Result<(&'static str, Value), RemoteError> {
+    fn body(&self, req: &RemoteRequest, prompt: &Prompt) -> std::result::Result<(&'static str, Value), RemoteError> {
         let p = req.params;
         let model = if self.cfg.model.is_empty() { "default" } else { self.cfg.model.as_str() };
         let mut body = json!({
@@ -216,7 +230,7 @@ impl RemoteClient {
             "top_p": p.sampling.top_p,
             "stream": false,
         });
-        let path = match req.prompt {
+        let path = match prompt {
             Prompt::Chat(messages) => {
                 body["messages"] =
                     json!(messages.iter().map(|m| json!({"role": m.role, "content": m.content})).collect::<Vec<_>>());
@@ -266,7 +280,8 @@ impl RemoteClient {
 
     /// The request body with a llama.cpp server's adapter scales: the device's normalized blend weights on
     /// the adapters that serve its pool and zero on every other one (a plain request must not get the
-    /// adapters a server applies by default), and whether the blend was applied.
+    /// adapters a server applies by default), and whether the blend was applied. A server without
+    /// adapters for the pool is asked with the exemplar prompt instead, when there is one.
     fn with_lora_scales<'b>(
         &self,
         body: &'b Value,
@@ -276,16 +291,24 @@ impl RemoteClient {
         let loras = self.lora_listing(left)?;
         let blend = req.blend.as_ref().filter(|_| self.cfg.send_blend);
         let (scales, applied) = lora_scales(&loras, blend.map(|(p, w)| (p.as_str(), w.as_slice())));
-        if let (Some((pool_id, _)), false) = (blend, applied) {
+        let exemplars = req.exemplars.filter(|_| blend.is_some() && !applied);
+        if let (Some((pool_id, _)), false, None) = (blend, applied, exemplars) {
             tracing::warn!(server = %self.base, pool = %pool_id,
-                "the llama.cpp server has no full set of adapters for this pool; asking its plain model");
+                "the llama.cpp server has no full set of adapters for this pool and the device no exemplar bank \
+                 for it; asking its plain model");
         }
+        let mut body = match exemplars {
+            Some(p) => std::borrow::Cow::Owned(
+                self.body(req, p).map_err(|e| AttemptError { msg: e.to_string(), retry: false, status: None })?.1,
+            ),
+            None => std::borrow::Cow::Borrowed(body),
+        };
         if scales.is_empty() {
-            return Ok((std::borrow::Cow::Borrowed(body), Some(false)));
+            return Ok((body, Some(applied || exemplars.is_some())));
         }
-        let mut body = body.clone();
-        body["lora"] = json!(scales.iter().map(|(id, scale)| json!({"id": id, "scale": scale})).collect::<Vec<_>>());
-        Ok((std::borrow::Cow::Owned(body), Some(applied)))
+        body.to_mut()["lora"] =
+            json!(scales.iter().map(|(id, scale)| json!({"id": id, "scale": scale})).collect::<Vec<_>>());
+        Ok((body, Some(applied || exemplars.is_some())))
     }
 
     /// The llama.cpp server's loaded adapters (`GET /lora-adapters`), cached for [`LORA_LISTING_TTL`].

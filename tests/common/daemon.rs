@@ -248,17 +248,29 @@ fn serve_one(mut conn: TcpStream, fault: Fault, requests: Arc<Mutex<Vec<String>>
             }
         }
         Fault::Record(target) => {
-            requests.lock().unwrap().push(body.clone());
+            // Request bodies are recorded; GETs (a llama.cpp server's adapter listing) only forwarded.
+            let get = head.starts_with("GET ");
+            if !get {
+                requests.lock().unwrap().push(body.clone());
+            }
             let path = head.split_whitespace().nth(1).unwrap_or("/").to_string();
             let auth = head
                 .lines()
                 .find_map(|l| l.strip_prefix("Authorization: ").or_else(|| l.strip_prefix("authorization: ")))
                 .map(|s| s.trim().to_string());
-            let mut req = agent().post(&format!("{target}{path}")).header("Content-Type", "application/json");
-            if let Some(a) = auth {
-                req = req.header("Authorization", a);
-            }
-            match req.send(body.as_bytes()) {
+            let url = format!("{target}{path}");
+            let sent = match (get, auth) {
+                (true, None) => agent().get(&url).call(),
+                (true, Some(a)) => agent().get(&url).header("Authorization", a).call(),
+                (false, auth) => {
+                    let mut req = agent().post(&url).header("Content-Type", "application/json");
+                    if let Some(a) = auth {
+                        req = req.header("Authorization", a);
+                    }
+                    req.send(body.as_bytes())
+                }
+            };
+            match sent {
                 Ok(mut r) => {
                     let status = r.status().as_u16();
                     let text = r.body_mut().read_to_string().unwrap_or_default();
