@@ -431,6 +431,41 @@ impl Crayon1 {
         self.service.status()["rejected_busy"].as_u64().unwrap_or(0)
     }
 
+    /// Requests the server failed and the device answered itself.
+    #[zbus(property)]
+    async fn fallbacks(&self) -> u64 {
+        self.service.status()["fallbacks"].as_u64().unwrap_or(0)
+    }
+
+    /// Requests that ended in an error (the `Failed` signal is per request).
+    #[zbus(property)]
+    async fn failed_requests(&self) -> u64 {
+        self.service.status()["failed"].as_u64().unwrap_or(0)
+    }
+
+    #[zbus(property)]
+    async fn cancelled_requests(&self) -> u64 {
+        self.service.status()["cancelled"].as_u64().unwrap_or(0)
+    }
+
+    /// Requests waiting for the model.
+    #[zbus(property)]
+    async fn queued(&self) -> u64 {
+        self.service.status()["queued"].as_u64().unwrap_or(0)
+    }
+
+    /// Whether the circuit breaker currently sends everything to the device.
+    #[zbus(property)]
+    async fn breaker_open(&self) -> bool {
+        self.service.status()["breaker_open"].as_bool().unwrap_or(false)
+    }
+
+    /// The daemon's resident memory, in bytes (0 where /proc is not available).
+    #[zbus(property)]
+    async fn resident_bytes(&self) -> u64 {
+        crate::metrics::resident_bytes().map_or(0, |b| b as u64)
+    }
+
     #[zbus(signal)]
     async fn token(emitter: &SignalEmitter<'_>, id: u64, text: &str) -> zbus::Result<()>;
 

@@ -292,7 +292,7 @@ fn clamp_i64(v: usize) -> i64 {
 }
 
 /// Resident set size from /proc/self/statm (Linux); None elsewhere.
-fn resident_bytes() -> Option<usize> {
+pub fn resident_bytes() -> Option<usize> {
     let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
     let pages: usize = statm.split_whitespace().nth(1)?.parse().ok()?;
     // SAFETY: sysconf has no preconditions.

@@ -437,6 +437,21 @@ fn readme_dbus_send_and_busctl_lines_work() {
     let (rc, out, err) =
         run(busctl(&bus).args(["get-property", DEST, PATH, DEST, "Model", "ExecutionProvider", "Requests"]));
     assert_eq!((rc, out.as_str()), (0, "s \"tiny\"\ns \"cpu\"\nt 2\n"), "{err}");
+    let (rc, out, err) = run(busctl(&bus).args([
+        "get-property",
+        DEST,
+        PATH,
+        DEST,
+        "Fallbacks",
+        "FailedRequests",
+        "CancelledRequests",
+        "Queued",
+        "BreakerOpen",
+        "ResidentBytes",
+    ]));
+    assert_eq!(rc, 0, "{err}");
+    let rss = out.strip_prefix("t 0\nt 0\nt 0\nt 0\nb false\nt ").unwrap_or_else(|| panic!("{out}"));
+    assert!(rss.trim().parse::<u64>().unwrap() > 1 << 20, "resident memory in bytes: {out}");
     let (rc, _, err) = run(dbus_send(&bus).args(["org.crayon.Crayon1.RemoveAdapter", "string:math"]));
     assert_eq!(rc, 0, "{err}");
     // Errors have names and messages.

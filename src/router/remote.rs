@@ -324,7 +324,12 @@ impl RemoteClient {
         let url = format!("{}/lora-adapters", self.base);
         let r = self.agent.get(&url).config().timeout_global(Some(left)).build();
         let text = self.exchange(self.authorized(r).call()).map_err(|mut e| {
-            e.msg = format!("GET /lora-adapters (is remote.kind = \"llama-server\" right?): {}", e.msg);
+            // A server that answers but has no such endpoint is likely not a llama.cpp server.
+            let hint = match e.status {
+                Some(400..=499) => " (is remote.kind = \"llama-server\" right?)",
+                _ => "",
+            };
+            e.msg = format!("GET /lora-adapters{hint}: {}", e.msg);
             e
         })?;
         let loras = parse_lora_listing(&text)
