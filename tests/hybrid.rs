@@ -375,7 +375,6 @@ fn http_api_rejects_bad_requests_precisely_and_keeps_serving() {
         ),
         (json!({"messages": [{"role": "user", "content": "x"}], "stop": [""]}), 400, "stop"),
         (json!({"messages": [{"role": "user", "content": "x"}], "n": 5}), 400, "server.max_n"),
-        (json!({"messages": [{"role": "user", "content": "x"}], "n": 2, "stream": true}), 400, "'stream'"),
         (json!({"messages": [{"role": "user", "content": "x"}], "n": 0}), 400, "at least 1"),
         // Fields that would change the answer are refused by name, never silently ignored.
         (json!({"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]}), 400, "'tools'"),
@@ -1037,6 +1036,7 @@ fn the_official_openai_client_works_against_crayond() {
     let tokens: Vec<&str> = seen["completion_tokens"].as_array().unwrap().iter().map(|t| t.as_str().unwrap()).collect();
     assert_eq!(tokens.concat(), seen["completion_text"].as_str().unwrap(), "{seen}");
     assert_eq!(seen["n"], json!([0, 1]), "{seen}");
+    assert_eq!(seen["n_stream_texts"], seen["n_texts"], "n = 2 streamed: the same two answers: {seen}");
     assert_eq!(seen["models"][0], "tiny");
     assert_eq!(seen["retrieved"], "tiny");
     assert_eq!(seen["missing_model"], 404);
@@ -1096,8 +1096,26 @@ fn a_completions_request_may_carry_several_prompts() {
     let (status, r) = d.post("/v1/completions", &json!({"prompt": ["a", "b", "c"], "max_tokens": 1, "n": 2}));
     assert_eq!(status, 400, "{r}");
     assert!(r["error"]["message"].as_str().unwrap().contains("3 prompts x n = 2 is 6 answers"), "{r}");
-    let (status, r) = d.post("/v1/completions", &json!({"prompt": ["a", "b"], "max_tokens": 1, "stream": true}));
-    assert_eq!(status, 400, "{r}");
+    // Streamed: each chunk names its answer (`index`), each answer ends with its own finish chunk.
+    let mut streamed = common::daemon::agent()
+        .post(&format!("{}/v1/completions", d.url))
+        .send_json(json!({"prompt": ["The sky is", "Two and two make"], "max_tokens": 3, "temperature": 0, "n": 2,
+                          "stream": true}))
+        .unwrap();
+    let body = streamed.body_mut().read_to_string().unwrap();
+    let chunks: Vec<Value> =
+        body.lines().filter_map(|l| l.strip_prefix("data: ").and_then(|l| serde_json::from_str(l).ok())).collect();
+    let mut by_index = vec![String::new(); 4];
+    let mut finished = vec![0; 4];
+    for c in &chunks {
+        let choice = &c["choices"][0];
+        let i = choice["index"].as_u64().unwrap() as usize;
+        by_index[i] += choice["text"].as_str().unwrap_or("");
+        finished[i] += usize::from(choice["finish_reason"].is_string());
+    }
+    assert_eq!(by_index, vec![a.clone(), a.clone(), b.clone(), b.clone()], "{body}");
+    assert_eq!(finished, vec![1; 4], "one finish chunk per answer: {body}");
+    assert!(body.trim_end().ends_with("data: [DONE]"), "{body}");
     let (status, _) = d.post("/v1/completions", &json!({"prompt": [], "max_tokens": 1}));
     assert_eq!(status, 400);
 }

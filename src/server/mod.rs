@@ -248,7 +248,7 @@ impl Service {
             .inspect_err(|e| self.metrics.request(interface, Operation::generate, e.kind().into()))?;
         let mut job = job;
         job.on_offload = Some(slot.releaser());
-        let done = self.execute_all(interface, client, &job, cancel, on_text)?;
+        let done = self.execute_all(interface, client, &job, cancel, &mut |_, t| on_text(t))?;
         Ok(full_response(endpoint, &job.model, job.n, &done))
     }
 
@@ -401,7 +401,7 @@ impl Service {
         client: &str,
         job: &Job,
         cancel: &CancelToken,
-        on_text: &mut dyn FnMut(&str) -> ControlFlow<()>,
+        on_text: &mut dyn FnMut(usize, &str) -> ControlFlow<()>,
     ) -> Result<Vec<Done>> {
         let prompts = std::iter::once(&job.prompt).chain(&job.more_prompts);
         let mut all = Vec::with_capacity(job.n * (1 + job.more_prompts.len()));
@@ -411,7 +411,10 @@ impl Service {
                 one.prompt = prompt.clone();
                 one.more_prompts.clear();
                 one.params.sampling.seed = job.params.sampling.seed.map(|s| s.wrapping_add(i as u64));
-                all.push(self.execute_counted(interface, client, &one, cancel, on_text)?);
+                let index = all.len();
+                all.push(self.execute_counted(interface, client, &one, cancel, &mut |t| on_text(index, t))?);
+                // An empty text ends answer `index` (its held-back log-probabilities can be sent).
+                let _ = on_text(index, "");
             }
         }
         Ok(all)
@@ -922,8 +925,12 @@ struct Job {
 /// What a blocking generation reports back to the async side: text, then every answer (one unless
 /// the request asked for `n`).
 enum Msg {
-    /// Streamed text, with the log-probabilities of the tokens sampled since the last one (when asked).
-    Text(String, Vec<crate::generate::TokenLogprob>),
+    /// Streamed text of answer `.0` (the choice index), with the log-probabilities of the tokens
+    /// sampled since the last one (when asked).
+    Text(usize, String, Vec<crate::generate::TokenLogprob>),
+    /// A streamed answer has ended (its finish reason, usage and `crayon` go in its last chunk).
+    Finished(usize, Box<Done>),
+    /// Every answer, for a response that is not streamed.
     Done(Vec<Done>),
     Failed(Error),
 }
@@ -1057,41 +1064,49 @@ async fn run_job(s: Arc<Service>, client: HttpClient, job: Job, permit: Slot) ->
     tokio::task::spawn_blocking(move || {
         let tx2 = tx.clone();
         let drain = || sink.as_ref().map(|s| std::mem::take(&mut *s.lock().unwrap_or_else(|p| p.into_inner())));
-        let mut sent_logprobs = false;
-        let mut on_text = |t: &str| {
-            if !stream || t.is_empty() {
+        // Which answers had log-probabilities streamed (a server's answer has them only at its end).
+        let mut streamed_logprobs = vec![false; n * (1 + job.more_prompts.len())];
+        let mut on_text = |index: usize, t: &str| {
+            if !stream {
                 return ControlFlow::Continue(());
             }
             let lps = drain().unwrap_or_default();
-            sent_logprobs |= !lps.is_empty();
-            match tx2.send(Msg::Text(t.to_string(), lps)) {
+            if t.is_empty() && lps.is_empty() {
+                return ControlFlow::Continue(());
+            }
+            if let Some(sent) = streamed_logprobs.get_mut(index) {
+                *sent |= !lps.is_empty();
+            }
+            match tx2.send(Msg::Text(index, t.to_string(), lps)) {
                 Ok(()) => ControlFlow::Continue(()),
                 Err(_) => ControlFlow::Break(()), // the client is gone
             }
         };
-        let msg = match worker.execute_all(Interface::http, &client.0, &job, &cancel, &mut on_text) {
-            Ok(done) => {
-                // What is left: the last tokens', or a server's answer's (it does not stream them).
-                let mut rest = drain().unwrap_or_default();
-                if rest.is_empty() && !sent_logprobs && sink.is_some() {
-                    rest = done.first().map(|d| d.answer.logprobs.clone()).unwrap_or_default();
-                }
-                if !rest.is_empty() {
-                    let _ = tx.send(Msg::Text(String::new(), rest));
-                }
-                Msg::Done(done)
-            }
-            Err(e) => Msg::Failed(e),
-        };
+        let result = worker.execute_all(Interface::http, &client.0, &job, &cancel, &mut on_text);
         drop(permit); // free the slot before the client can see the end of its request
-        let _ = tx.send(msg);
+        match result {
+            Ok(done) if stream => {
+                for (i, d) in done.into_iter().enumerate() {
+                    if sink.is_some() && !streamed_logprobs.get(i).copied().unwrap_or(true) {
+                        let _ = tx.send(Msg::Text(i, String::new(), d.answer.logprobs.clone()));
+                    }
+                    let _ = tx.send(Msg::Finished(i, Box::new(d)));
+                }
+            }
+            Ok(done) => {
+                let _ = tx.send(Msg::Done(done));
+            }
+            Err(e) => {
+                let _ = tx.send(Msg::Failed(e));
+            }
+        }
     });
 
     if !stream {
         let _guard = guard;
         loop {
             match rx.recv().await {
-                Some(Msg::Text(..)) => continue,
+                Some(Msg::Text(..) | Msg::Finished(..)) => continue,
                 Some(Msg::Done(d)) => return axum::Json(full_response(endpoint, &model, n, &d)).into_response(),
                 Some(Msg::Failed(e)) => return error_response(&e),
                 None => return fail(StatusCode::INTERNAL_SERVER_ERROR, "the request was dropped", "server_error"),
@@ -1107,25 +1122,26 @@ async fn run_job(s: Arc<Service>, client: HttpClient, job: Job, permit: Slot) ->
     let id = completion_id();
     let created = now_unix();
     let head = chunk(endpoint, &id, created, &model, Some(""), None, true);
+    let mut introduced = 1; // the head chunk opens answer 0; each further answer opens with its first chunk
     let events = futures_stream(first, rx, guard, move |m: Msg| match m {
-        Msg::Text(t, lps) => {
-            let mut c = chunk(endpoint, &id, created, &model, Some(&t), None, false);
+        Msg::Text(index, t, lps) => {
+            let mut c = chunk(endpoint, &id, created, &model, Some(&t), None, index >= introduced);
+            introduced = introduced.max(index + 1);
+            c["choices"][0]["index"] = json!(index);
             if !lps.is_empty() {
                 c["choices"][0]["logprobs"] = openai::logprobs_json(endpoint == Endpoint::Chat, &lps);
             }
             c
         }
-        // A streamed request has one answer (`n` > 1 is refused with `stream`).
-        Msg::Done(all) => match all.first() {
-            Some(d) => {
-                let finish = openai::finish_reason(d.answer.finish_reason);
-                let mut last = chunk(endpoint, &id, created, &model, None, Some(finish), false);
-                last["usage"] = openai::usage(&d.answer);
-                last["crayon"] = extension(d);
-                last
-            }
-            None => json!({"error": {"message": "no answer", "type": "server_error"}}),
-        },
+        Msg::Finished(index, d) => {
+            let finish = openai::finish_reason(d.answer.finish_reason);
+            let mut last = chunk(endpoint, &id, created, &model, None, Some(finish), false);
+            last["choices"][0]["index"] = json!(index);
+            last["usage"] = openai::usage(&d.answer);
+            last["crayon"] = extension(&d);
+            last
+        }
+        Msg::Done(_) => json!({"error": {"message": "no streamed answer", "type": "server_error"}}),
         Msg::Failed(e) => json!({"error": {"message": e.to_string(), "type": "server_error"}}),
     });
     let head_event = Event::default().data(head.to_string());

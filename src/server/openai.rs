@@ -198,10 +198,6 @@ impl Common {
                 Err(format!("{prompts} prompts x n = {n} is {answers} answers; the limit is {max_n} (server.max_n)"))
             }
             _ if answers > max_n => Err(format!("n = {n} is over the limit of {max_n} (server.max_n)")),
-            _ if answers > 1 && self.stream => Err(
-                "several answers (n > 1 or several prompts) with 'stream' are not supported yet: ask without streaming"
-                    .into(),
-            ),
             n => Ok(n),
         }
     }

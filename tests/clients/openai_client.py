@@ -35,6 +35,15 @@ out["completion_stream_text"] = "".join(c.choices[0].text for c in pieces if c.c
 several = client.chat.completions.create(
     model="default", messages=[{"role": "user", "content": "Say hi"}], max_tokens=4, temperature=1.0, seed=3, n=2)
 out["n"] = [c.index for c in several.choices]
+out["n_texts"] = [c.message.content for c in several.choices]
+streamed = client.chat.completions.create(
+    model="default", messages=[{"role": "user", "content": "Say hi"}], max_tokens=4, temperature=1.0, seed=3, n=2,
+    stream=True)
+texts = {}
+for c in streamed:
+    for choice in c.choices:
+        texts[choice.index] = texts.get(choice.index, "") + (choice.delta.content or "")
+out["n_stream_texts"] = [texts.get(i) for i in range(2)]
 
 out["models"] = [m.id for m in client.models.list()]
 out["retrieved"] = client.models.retrieve(out["models"][0]).id
