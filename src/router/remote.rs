@@ -673,6 +673,38 @@ mod tests {
         assert!(!lora_scales(&twice, Some(("dev", &[1.0, 1.0]))).1);
     }
 
+    proptest::proptest! {
+        /// Whatever a server lists and whatever the device's weights: no panic, every listed adapter gets
+        /// exactly one finite scale in [0, 1], and either the blend is applied (its pool's scales sum to 1)
+        /// or every scale is 0.
+        #[test]
+        fn lora_scales_are_a_normalized_blend_or_all_zero(
+            files in proptest::collection::vec((0usize..3, 0usize..5), 0..8),
+            weights in proptest::collection::vec(-0.5f32..2.0, 0..5),
+        ) {
+            let pools = ["dev", "other", "x.y"];
+            let names: Vec<String> = files.iter().map(|(p, i)| format!("/a/{}.{i:02}.c{i}.gguf", pools[*p])).collect();
+            let l = listing(&names.iter().map(String::as_str).collect::<Vec<_>>());
+            let (scales, applied) = lora_scales(&l, Some(("dev", &weights)));
+            proptest::prop_assert_eq!(scales.len(), l.len());
+            proptest::prop_assert!(scales.iter().all(|(_, s)| s.is_finite() && (0.0..=1.0).contains(s)));
+            let total: f32 = scales.iter().map(|(_, s)| s).sum();
+            if applied {
+                proptest::prop_assert!((total - 1.0).abs() < 1e-4, "{scales:?}");
+            } else {
+                proptest::prop_assert_eq!(total, 0.0);
+            }
+        }
+
+        /// Any bytes as a listing or an answer: parsed or refused, never a panic.
+        #[test]
+        fn server_replies_of_any_shape_parse_or_are_refused(body in ".{0,200}") {
+            let _ = parse_lora_listing(&body);
+            let _ = parse_answer(&body);
+            let _ = lora_slot(&body);
+        }
+    }
+
     #[test]
     fn answers_without_text_are_malformed() {
         for bad in ["", "{", r#"{"choices":[]}"#, r#"{"choices":[{"message":{"content":null}}]}"#, r#"{"error":"x"}"#] {
