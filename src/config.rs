@@ -103,6 +103,9 @@ pub enum RemoteKind {
     /// llama.cpp's `llama-server` with the server pool loaded as GGUF LoRA adapters
     /// (`scripts/build-llama-server`): the blend travels as per-request adapter scales.
     LlamaServer,
+    /// vLLM with Crayon's LoRA resolver plugin (`onnx-export/crayon_pool/vllm_blend.py`): the blend is
+    /// named in `model` (`crayon-blend.<pool id>.<weights>`) and materialized on the vLLM host.
+    Vllm,
 }
 
 /// The server a device offloads to: any OpenAI-compatible `/v1/chat/completions` endpoint; a Crayon
@@ -113,7 +116,7 @@ pub enum RemoteKind {
 pub struct RemoteConfig {
     /// Base URL, e.g. "https://llm.example.com" or "http://127.0.0.1:8090"; empty: no server.
     pub url: String,
-    /// The server's kind: "crayon" (default), "openai" or "llama-server".
+    /// The server's kind: "crayon" (default), "openai", "llama-server" or "vllm".
     pub kind: RemoteKind,
     /// File holding the bearer token (first line); empty: no Authorization header.
     pub token_file: PathBuf,

@@ -17,8 +17,9 @@ no embedding of its own (the device computes the weights) and records the device
     python -m crayon_pool build --model ../models/qwen2.5-coder-0.5b-instruct \
         --pair-with ../pools/smollm2-135m-instruct --out ../pools/qwen2.5-coder-0.5b-instruct
 
-`gguf-lora` converts a pool's adapters to GGUF LoRA files for llama.cpp's server (gguf_lora.py), and
-`exemplars` writes a server's exemplar bank for a device pool's clusters.
+`gguf-lora` converts a pool's adapters to GGUF LoRA files for llama.cpp's server (gguf_lora.py),
+`vllm-adapter` writes one blend as a PEFT adapter for vLLM (vllm_blend.py, also a vLLM resolver plugin),
+and `exemplars` writes a server's exemplar bank for a device pool's clusters.
 """
 
 from __future__ import annotations
@@ -242,7 +243,16 @@ def main(argv=None):
     g.add_argument("--base", type=Path, required=True, help="its model folder (config.json)")
     g.add_argument("--out", type=Path, required=True)
     g.add_argument("--llama-cpp", type=Path, help="llama.cpp source folder (default: $CRAYON_LLAMA_CPP_SRC)")
+    v = sub.add_parser("vllm-adapter", help="write one blend of a server pool as a PEFT adapter (what the vLLM resolver does)")
+    v.add_argument("--pool", type=Path, required=True, help="the server pool folder")
+    v.add_argument("--weights", required=True, help="comma-separated blend weights, one per adapter")
+    v.add_argument("--out", type=Path, required=True)
     args = ap.parse_args(argv)
+    if args.cmd == "vllm-adapter":
+        from . import vllm_blend
+
+        vllm_blend.main(args)
+        return
     if args.cmd == "exemplars":
         exemplars(args)
         return

@@ -13,7 +13,8 @@
 //! llama.cpp server (`llama-server`) as per-request LoRA scales (`lora: [{id, scale}]`) of the GGUF
 //! adapters it has loaded, which it lists at `GET /lora-adapters` under names that say which device
 //! pool they serve (`<device pool id>.<index>.<adapter>.gguf`, written by `crayon_pool gguf-lora`); a
-//! plain OpenAI-compatible server gets no blend.
+//! vLLM server with Crayon's resolver plugin gets it as the model name (`crayon-blend.<pool>.<weights>`);
+//! a plain OpenAI-compatible server gets exemplars drawn by it (when the device has its pool's bank).
 
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -176,6 +177,7 @@ impl RemoteClient {
             let sent = match self.cfg.kind {
                 RemoteKind::LlamaServer => self.with_lora_scales(&body, req, left),
                 RemoteKind::Openai => Ok((std::borrow::Cow::Borrowed(&body), Some(!std::ptr::eq(prompt, req.prompt)))),
+                RemoteKind::Vllm => Ok((std::borrow::Cow::Borrowed(&body), Some(body["model"] != self.model_name()))),
                 RemoteKind::Crayon => Ok((std::borrow::Cow::Borrowed(&body), None)),
             };
             let attempt = sent.and_then(|(body, applied)| {
@@ -222,9 +224,12 @@ impl RemoteClient {
 
     fn body(&self, req: &RemoteRequest, prompt: &Prompt) -> std::result::Result<(&'static str, Value), RemoteError> {
         let p = req.params;
-        let model = if self.cfg.model.is_empty() { "default" } else { self.cfg.model.as_str() };
+        let blend_model = match (&req.blend, self.cfg.kind, self.cfg.send_blend) {
+            (Some((pool_id, weights)), RemoteKind::Vllm, true) => vllm_blend_name(pool_id, weights),
+            _ => None,
+        };
         let mut body = json!({
-            "model": model,
+            "model": blend_model.as_deref().unwrap_or(self.model_name()),
             "max_tokens": p.max_new_tokens,
             "temperature": p.sampling.temperature,
             "top_p": p.sampling.top_p,
@@ -309,6 +314,11 @@ impl RemoteClient {
         body.to_mut()["lora"] =
             json!(scales.iter().map(|(id, scale)| json!({"id": id, "scale": scale})).collect::<Vec<_>>());
         Ok((body, Some(applied || exemplars.is_some())))
+    }
+
+    /// `model` for plain requests: `remote.model`, or "default".
+    fn model_name(&self) -> &str {
+        if self.cfg.model.is_empty() { "default" } else { self.cfg.model.as_str() }
     }
 
     /// The llama.cpp server's loaded adapters (`GET /lora-adapters`), cached for [`LORA_LISTING_TTL`].
@@ -456,6 +466,20 @@ fn lora_slot(path: &str) -> Option<(String, usize)> {
         return None;
     }
     Some((pool.to_string(), index.parse().ok()?))
+}
+
+/// A blend as a vLLM model name for Crayon's resolver plugin: `crayon-blend.<pool id>.<weights>`, the
+/// weights normalized to sum 1 in 4 hex digits each (`floor(w * 65535 + 0.5)`, as
+/// `onnx-export/crayon_pool/vllm_blend.py` writes and reads them). `None` for weights no blend can have.
+fn vllm_blend_name(pool_id: &str, weights: &[f32]) -> Option<String> {
+    let total: f64 = weights.iter().map(|w| f64::from(*w)).sum();
+    let valid_pool = !pool_id.is_empty() && pool_id.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
+    if !valid_pool || weights.is_empty() || weights.iter().any(|w| !w.is_finite() || *w < 0.0) || total <= 0.0 {
+        return None;
+    }
+    let digits: String =
+        weights.iter().map(|w| format!("{:04x}", (f64::from(*w) / total * 65535.0 + 0.5).floor() as u32)).collect();
+    Some(format!("crayon-blend.{pool_id}.{digits}"))
 }
 
 /// Per-adapter scales for one request: every adapter at 0 except, when `blend` is given and the server
@@ -671,6 +695,17 @@ mod tests {
         // An index twice: the listing is not one pool's set.
         let twice = listing(&["dev.00.c00.gguf", "dev.00.c00.gguf", "dev.01.c01.gguf"]);
         assert!(!lora_scales(&twice, Some(("dev", &[1.0, 1.0]))).1);
+    }
+
+    #[test]
+    fn a_vllm_blend_is_named_by_its_pool_and_normalized_weights() {
+        assert_eq!(vllm_blend_name("dev-k2.x", &[1.0, 3.0]).as_deref(), Some("crayon-blend.dev-k2.x.4000bfff"));
+        assert_eq!(vllm_blend_name("p", &[0.0, 2.0, 0.0]).as_deref(), Some("crayon-blend.p.0000ffff0000"));
+        for (pool, w) in
+            [("p", &[0.0f32, 0.0][..]), ("p", &[]), ("p", &[1.0, -1.0]), ("p", &[f32::NAN]), ("a/b", &[1.0])]
+        {
+            assert_eq!(vllm_blend_name(pool, w), None, "{pool} {w:?}");
+        }
     }
 
     proptest::proptest! {

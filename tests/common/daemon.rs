@@ -148,6 +148,9 @@ pub enum Fault {
     Hang,
     /// Records each request body and forwards it to this base URL.
     Record(String),
+    /// Records each request body and answers 200 with this JSON (a stand-in for a server that cannot
+    /// run here).
+    Answer(String),
 }
 
 pub struct FaultServer {
@@ -246,6 +249,10 @@ fn serve_one(mut conn: TcpStream, fault: Fault, requests: Arc<Mutex<Vec<String>>
             while !stop.load(Ordering::SeqCst) {
                 std::thread::sleep(Duration::from_millis(100));
             }
+        }
+        Fault::Answer(json) => {
+            requests.lock().unwrap().push(body.clone());
+            reply(&mut conn, "200 OK", &json);
         }
         Fault::Record(target) => {
             // Request bodies are recorded; GETs (a llama.cpp server's adapter listing) only forwarded.
