@@ -367,13 +367,13 @@ pub fn catalyst_scores(
         for t in 0..t_count {
             let row = &mut logits[t * cols..t * cols + len + t + 1];
             let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            let mut sum = 0f32;
+            // Separate passes (exp, sum in eight lanes, accumulate) so each one vectorizes.
             for l in row.iter_mut() {
-                *l = (*l - max).exp();
-                sum += *l;
+                *l = exp_approx(*l - max);
             }
+            let inv = 1.0 / sum8(row);
             for (acc, l) in scores[kv].iter_mut().zip(&row[..len]) {
-                *acc += l / sum;
+                *acc += l * inv;
             }
         }
     }
@@ -389,6 +389,19 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
     for (x, y) in ca.zip(cb) {
         for i in 0..8 {
             acc[i] += x[i] * y[i];
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
+/// Sum in eight independent lanes (vectorizable, unlike one running sum).
+fn sum8(v: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let chunks = v.chunks_exact(8);
+    let tail: f32 = chunks.remainder().iter().sum();
+    for c in chunks {
+        for i in 0..8 {
+            acc[i] += c[i];
         }
     }
     acc.iter().sum::<f32>() + tail
