@@ -7,6 +7,8 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
+// Subsystems own their sections; this module composes them.
+pub use crate::runtime::RuntimeConfig;
 
 /// Where the service looks when no `--config` / `CRAYON_CONFIG` is given.
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/crayon/crayon.toml";
@@ -341,38 +343,6 @@ impl Default for ModelConfig {
 
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
-pub struct RuntimeConfig {
-    /// Path of `libonnxruntime.so`. Empty: `$ORT_DYLIB_PATH`, then `libonnxruntime.so.1` on the loader path.
-    pub ort_library: PathBuf,
-    /// Execution providers, tried in order; CPU is always the last resort.
-    /// Known: "tensorrt", "cuda", "qnn", "openvino", "xnnpack", "cpu".
-    pub providers: Vec<String>,
-    /// Threads inside one operator. 0: ONNX Runtime's default (one per physical core).
-    pub intra_threads: usize,
-    /// Graph optimization level: "disable", "basic", "extended" or "all".
-    pub optimization: String,
-    /// Path prefix for an ONNX Runtime per-operator profile (JSON); empty: off. For diagnosis only.
-    pub profile: PathBuf,
-    /// One copy of the model's weights (mapped from the file) and of their packed form for the base
-    /// model and every ready blend; off: each session holds its own (docs/benchmarks.md, "Memory").
-    pub share_weights: bool,
-}
-
-impl Default for RuntimeConfig {
-    fn default() -> Self {
-        RuntimeConfig {
-            ort_library: PathBuf::new(),
-            providers: vec!["cpu".into()],
-            intra_threads: 0,
-            optimization: "all".into(),
-            profile: PathBuf::new(),
-            share_weights: true,
-        }
-    }
-}
-
-#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
-#[serde(deny_unknown_fields, default)]
 pub struct GenerationConfig {
     /// Tokens generated at most when a request does not say.
     pub max_new_tokens: usize,
@@ -498,14 +468,6 @@ impl Config {
         if g.stop.iter().any(String::is_empty) {
             return Err("generation.stop must not contain empty strings".into());
         }
-        for p in &self.runtime.providers {
-            if crate::runtime::Provider::parse(p).is_none() {
-                return Err(format!(
-                    "runtime.providers: unknown provider '{p}' (known: {})",
-                    crate::runtime::Provider::NAMES.join(", ")
-                ));
-            }
-        }
         self.blend.validate()?;
         self.router.thresholds.validate("router")?;
         let r = &self.remote;
@@ -547,12 +509,6 @@ impl Config {
         }
         if !self.dbus.bus.is_empty() && zbus::names::WellKnownName::try_from(self.dbus.name.as_str()).is_err() {
             return Err(format!("dbus.name '{}' is not a valid well-known bus name", self.dbus.name));
-        }
-        if crate::runtime::parse_optimization(&self.runtime.optimization).is_none() {
-            return Err(format!(
-                "runtime.optimization must be one of disable, basic, extended, all; got '{}'",
-                self.runtime.optimization
-            ));
         }
         Ok(())
     }

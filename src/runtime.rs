@@ -6,9 +6,64 @@ use std::sync::{Arc, Mutex, OnceLock};
 
 use ort::environment::Environment;
 use ort::session::builder::{GraphOptimizationLevel, SessionBuilder};
+use serde::{Deserialize, Serialize};
 
-use crate::config::RuntimeConfig;
 use crate::error::{Error, Result};
+
+/// `[runtime]`: the ONNX Runtime library and how sessions are built.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct RuntimeConfig {
+    /// Path of `libonnxruntime.so`. Empty: `$ORT_DYLIB_PATH`, then `libonnxruntime.so.1` on the loader path.
+    pub ort_library: PathBuf,
+    /// Execution providers, tried in order; CPU is always the last resort. An unknown name is refused
+    /// when the config is read (serde lists the known ones).
+    pub providers: Vec<Provider>,
+    /// Threads inside one operator. 0: ONNX Runtime's default (one per physical core).
+    pub intra_threads: usize,
+    /// Graph optimization level.
+    pub optimization: Optimization,
+    /// Path prefix for an ONNX Runtime per-operator profile (JSON); empty: off. For diagnosis only.
+    pub profile: PathBuf,
+    /// One copy of the model's weights (mapped from the file) and of their packed form for the base
+    /// model and every ready blend; off: each session holds its own (docs/benchmarks.md, "Memory").
+    pub share_weights: bool,
+}
+
+impl Default for RuntimeConfig {
+    fn default() -> Self {
+        RuntimeConfig {
+            ort_library: PathBuf::new(),
+            providers: vec![Provider::Cpu],
+            intra_threads: 0,
+            optimization: Optimization::All,
+            profile: PathBuf::new(),
+            share_weights: true,
+        }
+    }
+}
+
+/// ONNX Runtime's graph optimization levels, by their names in the config.
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Optimization {
+    Disable,
+    Basic,
+    Extended,
+    #[default]
+    All,
+}
+
+impl Optimization {
+    fn level(self) -> GraphOptimizationLevel {
+        match self {
+            Optimization::Disable => GraphOptimizationLevel::Disable,
+            Optimization::Basic => GraphOptimizationLevel::Level1,
+            Optimization::Extended => GraphOptimizationLevel::Level2,
+            Optimization::All => GraphOptimizationLevel::All,
+        }
+    }
+}
 
 /// The ONNX Runtime library loaded into this process. ONNX Runtime allows one environment per
 /// process, so there is exactly one `Runtime`, created on first use.
@@ -60,8 +115,9 @@ impl Runtime {
     /// Returns the builder and the provider that will run the graph.
     pub fn session_builder(&self, cfg: &RuntimeConfig) -> Result<(SessionBuilder, Provider)> {
         let mut b = ort::session::Session::builder(&self.env).map_err(Error::ort("creating a session builder"))?;
-        let level = parse_optimization(&cfg.optimization).unwrap_or(GraphOptimizationLevel::All);
-        b = b.with_optimization_level(level).map_err(Error::ort("setting the optimization level"))?;
+        b = b
+            .with_optimization_level(cfg.optimization.level())
+            .map_err(Error::ort("setting the optimization level"))?;
         if !cfg.profile.as_os_str().is_empty() {
             b = b.with_profiling(&cfg.profile).map_err(Error::ort("enabling profiling"))?;
         }
@@ -69,10 +125,7 @@ impl Runtime {
             b = b.with_intra_threads(cfg.intra_threads).map_err(Error::ort("setting intra-op threads"))?;
         }
         let mut chosen = Provider::Cpu;
-        for name in &cfg.providers {
-            let Some(p) = Provider::parse(name) else {
-                continue;
-            };
+        for &p in &cfg.providers {
             if p == Provider::Cpu {
                 break;
             }
@@ -92,16 +145,6 @@ impl Runtime {
     }
 }
 
-pub(crate) fn parse_optimization(s: &str) -> Option<GraphOptimizationLevel> {
-    Some(match s {
-        "disable" => GraphOptimizationLevel::Disable,
-        "basic" => GraphOptimizationLevel::Level1,
-        "extended" => GraphOptimizationLevel::Level2,
-        "all" => GraphOptimizationLevel::All,
-        _ => return None,
-    })
-}
-
 fn library_path(cfg: &RuntimeConfig) -> PathBuf {
     if !cfg.ort_library.as_os_str().is_empty() {
         return cfg.ort_library.clone();
@@ -112,8 +155,9 @@ fn library_path(cfg: &RuntimeConfig) -> PathBuf {
     }
 }
 
-/// An execution provider Crayon knows how to register.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// An execution provider Crayon knows how to register, by its name in the config.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Provider {
     TensorRt,
     Cuda,
@@ -125,18 +169,6 @@ pub enum Provider {
 
 impl Provider {
     pub const NAMES: [&'static str; 6] = ["tensorrt", "cuda", "qnn", "openvino", "xnnpack", "cpu"];
-
-    pub fn parse(s: &str) -> Option<Provider> {
-        Some(match s.to_ascii_lowercase().as_str() {
-            "tensorrt" => Provider::TensorRt,
-            "cuda" => Provider::Cuda,
-            "qnn" => Provider::Qnn,
-            "openvino" => Provider::OpenVino,
-            "xnnpack" => Provider::Xnnpack,
-            "cpu" => Provider::Cpu,
-            _ => return None,
-        })
-    }
 
     pub fn name(self) -> &'static str {
         Provider::NAMES[self as usize]
