@@ -245,10 +245,7 @@ impl Engine {
         cancel: &CancelToken,
         on_text: &mut dyn FnMut(&str) -> ControlFlow<()>,
     ) -> Result<Generation> {
-        params.sampling.validate()?;
-        if params.stop.iter().any(String::is_empty) {
-            return Err(Error::InvalidRequest("stop strings must not be empty".into()));
-        }
+        params.validate()?;
         let ids = self.prompt_ids(prompt)?;
         if ids.is_empty() {
             return Err(Error::InvalidRequest("the prompt is empty".into()));

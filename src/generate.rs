@@ -56,6 +56,16 @@ pub type LogprobSink = std::sync::Arc<std::sync::Mutex<Vec<TokenLogprob>>>;
 pub const MAX_TOP_LOGPROBS: usize = 20;
 
 impl GenerationParams {
+    /// The request-level rules every interface shares, checked before any work: sampling values in
+    /// range, no empty stop string, answer options well formed (`choices::validate`).
+    pub fn validate(&self) -> Result<()> {
+        self.sampling.validate()?;
+        if self.stop.iter().any(String::is_empty) {
+            return Err(Error::InvalidRequest("stop strings must not be empty".into()));
+        }
+        choices::validate(&self.choices)
+    }
+
     pub fn from_config(g: &GenerationConfig) -> GenerationParams {
         GenerationParams {
             max_new_tokens: g.max_new_tokens,

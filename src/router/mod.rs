@@ -206,15 +206,6 @@ fn query_text(prompt: &Prompt) -> Option<&str> {
     }
 }
 
-/// Checks a request can be served before anything is sent anywhere.
-pub fn check_request(p: &GenerationParams) -> Result<()> {
-    p.sampling.validate()?;
-    if p.stop.iter().any(String::is_empty) {
-        return Err(Error::InvalidRequest("stop strings must not be empty".into()));
-    }
-    crate::choices::validate(&p.choices)
-}
-
 /// What the device knows before generating: thresholds in force, scope, and the blend to send.
 struct Plan {
     thresholds: Thresholds,
@@ -260,7 +251,7 @@ impl Router {
         on_text: &mut dyn FnMut(&str) -> ControlFlow<()>,
     ) -> Result<Answer> {
         let t0 = Instant::now();
-        check_request(&req.params)?;
+        req.params.validate()?; // before anything is sent anywhere
         let mode = req.overrides.mode.unwrap_or(self.config.mode);
         if self.config.mode == RouteMode::DeviceOnly && mode != RouteMode::DeviceOnly {
             return Err(Error::InvalidRequest(format!(

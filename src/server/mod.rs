@@ -1017,7 +1017,7 @@ fn parse_job(s: &Service, bytes: &[u8], endpoint: Endpoint) -> std::result::Resu
     if blend.is_some() && params.adapter.is_some() {
         return Err("give either an adapter or a blend (crayon.pool_id + weights), not both".into());
     }
-    router::check_request(&params).map_err(|e| match e {
+    params.validate().map_err(|e| match e {
         Error::InvalidRequest(msg) => msg, // wrapped again by the caller: say "invalid request" once
         other => other.to_string(),
     })?;
