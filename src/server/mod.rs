@@ -811,11 +811,7 @@ async fn customize(State(s): State<Arc<Service>>, client: HttpClient, headers: H
             );
         }
     };
-    if req.calibrate {
-        if let Err(e) = router::check_calibration(&req.examples, &req.choices) {
-            return error_response(&e);
-        }
-    }
+    // Validation (calibration included) happens once, in `Service::customize_request`, as for every interface.
     let permit = match s.try_slot(Interface::http, &client.0) {
         Ok(p) => p,
         Err(e) => return Service::busy(&e),
