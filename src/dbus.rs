@@ -81,6 +81,11 @@ pub struct Crayon1 {
 }
 
 impl Crayon1 {
+    /// A counter or gauge of the service status, 0 when absent.
+    fn counter(&self, key: &str) -> u64 {
+        self.service.status()[key].as_u64().unwrap_or(0)
+    }
+
     /// Root, the service user, or a member of `dbus.group` (by the bus's own view of the caller);
     /// returns who it is, for ownership of customizations.
     async fn authorize(&self, conn: &Connection, hdr: &Header<'_>, what: &str) -> DResult<Identity> {
@@ -413,12 +418,12 @@ impl Crayon1 {
 
     #[zbus(property)]
     async fn requests(&self) -> u64 {
-        self.service.status()["requests"].as_u64().unwrap_or(0)
+        self.counter("requests")
     }
 
     #[zbus(property)]
     async fn offloaded(&self) -> u64 {
-        self.service.status()["offloaded"].as_u64().unwrap_or(0)
+        self.counter("offloaded")
     }
 
     #[zbus(property)]
@@ -428,30 +433,30 @@ impl Crayon1 {
 
     #[zbus(property)]
     async fn rejected_busy(&self) -> u64 {
-        self.service.status()["rejected_busy"].as_u64().unwrap_or(0)
+        self.counter("rejected_busy")
     }
 
     /// Requests the server failed and the device answered itself.
     #[zbus(property)]
     async fn fallbacks(&self) -> u64 {
-        self.service.status()["fallbacks"].as_u64().unwrap_or(0)
+        self.counter("fallbacks")
     }
 
     /// Requests that ended in an error (the `Failed` signal is per request).
     #[zbus(property)]
     async fn failed_requests(&self) -> u64 {
-        self.service.status()["failed"].as_u64().unwrap_or(0)
+        self.counter("failed")
     }
 
     #[zbus(property)]
     async fn cancelled_requests(&self) -> u64 {
-        self.service.status()["cancelled"].as_u64().unwrap_or(0)
+        self.counter("cancelled")
     }
 
     /// Requests waiting for the model.
     #[zbus(property)]
     async fn queued(&self) -> u64 {
-        self.service.status()["queued"].as_u64().unwrap_or(0)
+        self.counter("queued")
     }
 
     /// Whether the circuit breaker currently sends everything to the device.

@@ -248,7 +248,9 @@ impl Service {
             .inspect_err(|e| self.metrics.request(interface, Operation::generate, e.kind().into()))?;
         let mut job = job;
         job.on_offload = Some(slot.releaser());
-        let done = self.execute_all(interface, client, &job, cancel, &mut |_, t| on_text(t))?;
+        // Empty texts mark the end of an answer (for HTTP's streamed `n`); these interfaces need no marker.
+        let mut text_only = |_, t: &str| if t.is_empty() { ControlFlow::Continue(()) } else { on_text(t) };
+        let done = self.execute_all(interface, client, &job, cancel, &mut text_only)?;
         Ok(full_response(endpoint, &job.model, job.n, &done))
     }
 
