@@ -18,14 +18,17 @@
 
 #include <stddef.h>
 #include <stdint.h>
-#define CRAYON_VERSION "0.1.0"
+#define CRAYON_VERSION "0.2.0"
 
 /**
- * Major version of libcrayon (source and binary compatibility within one major version).
+ * Major version of libcrayon: the SONAME is `libcrayon.so.<major>`. Within one major version the ABI
+ * only grows (new functions; new option fields at the end, read by `struct_size`), so an app built
+ * against an older header runs with a newer library. (0.2.0 added `struct_size`; 0.1 was never
+ * released with a SONAME.)
  */
 #define CRAYON_VERSION_MAJOR 0
 
-#define CRAYON_VERSION_MINOR 1
+#define CRAYON_VERSION_MINOR 2
 
 #define CRAYON_VERSION_PATCH 0
 
@@ -95,9 +98,16 @@ typedef enum crayon_status {
 typedef struct crayon_client crayon_client;
 
 /**
- * Options of `crayon_generate`. Initialize with `crayon_generate_options_init`, then set fields.
+ * Options of `crayon_generate` and `crayon_choose`. Initialize with `crayon_generate_options_init`
+ * (which sets `struct_size`), then set fields.
  */
 typedef struct crayon_generate_options {
+  /**
+   * `sizeof(crayon_generate_options)` as the app was compiled, set by
+   * `crayon_generate_options_init`. Later versions add fields only at the end and read only the
+   * fields an app's size covers, so an app built against an older header keeps working.
+   */
+  size_t struct_size;
   /**
    * Tokens to generate at most; 0: the service's default.
    */
@@ -135,7 +145,7 @@ extern "C" {
 #endif // __cplusplus
 
 /**
- * The library version, e.g. "0.1.0" (static storage).
+ * The library version, e.g. "0.2.0" (static storage).
  */
 const char *crayon_version(void);
 
@@ -146,9 +156,11 @@ const char *crayon_version(void);
 const char *crayon_last_error(void);
 
 /**
- * A short name for a status code, e.g. "CRAYON_ERR_BUSY" (static storage).
+ * A short name for a status code, e.g. "CRAYON_ERR_BUSY" (static storage); "CRAYON_ERR_UNKNOWN" for a
+ * value that is no `crayon_status` (e.g. one from a newer libcrayon). Takes an `int` so that any
+ * value an app passes is defined behaviour.
  */
-const char *crayon_status_name(enum crayon_status status);
+const char *crayon_status_name(int status);
 
 /**
  * Connects to crayond. `socket_path` NULL: `$CRAYON_SOCKET`, else /run/crayon/crayon.sock.
@@ -177,10 +189,11 @@ enum crayon_status crayon_client_set_timeout(struct crayon_client *client, uint3
 void crayon_client_free(struct crayon_client *client);
 
 /**
- * Fills `options` with defaults (every field "use the service's default").
+ * Fills `options` with defaults (every field "use the service's default") and sets its
+ * `struct_size`.
  *
  * # Safety
- * `options` must be valid for a write.
+ * `options` must be valid for a write of `sizeof(crayon_generate_options)` bytes.
  */
 void crayon_generate_options_init(struct crayon_generate_options *options);
 

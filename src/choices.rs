@@ -37,10 +37,7 @@ use crate::generate::{CancelToken, TokenInfo};
 use crate::model::{Decoder, KvCache};
 use ort::session::RunOptions;
 
-/// Upper bound on the options of one choice question.
-pub const MAX_CHOICES: usize = 26;
-/// Upper bound on one option's text (bytes): options are answers, not documents.
-pub const MAX_CHOICE_BYTES: usize = 2048;
+pub use crayon_client::limits::{MAX_CHOICE_BYTES, MAX_CHOICES};
 /// Option tokens scored per forward pass: bounds the logits held at once (rows × vocabulary).
 const CHUNK_TOKENS: usize = 32;
 

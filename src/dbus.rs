@@ -182,6 +182,13 @@ pub fn chat_body(prompt: &str, options: &HashMap<String, String>) -> Result<Valu
     Ok(body)
 }
 
+/// What a streamed request sends its caller, in order: the signals `Token`, then `Finished` or `Failed`.
+enum Streamed {
+    Token(String),
+    Finished(Value),
+    Failed { name: String, message: String },
+}
+
 /// The pieces of a chat result a D-Bus caller gets: the text, and everything else as JSON.
 fn split_result(v: &Value) -> (String, String) {
     let text = v["choices"][0]["message"]["content"].as_str().unwrap_or_default().to_string();
@@ -231,31 +238,22 @@ impl Crayon1 {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed) + 1;
         let cancel = CancelToken::new();
         lock(&self.running).insert(id, Running { sender: sender.clone(), cancel: cancel.clone() });
-        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(&'static str, Value)>();
-        // Signals go out in order from one task; the model thread never waits on the bus.
-        let conn = conn.clone();
-        let dest = sender.clone();
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Streamed>();
+        // Signals go out in order from one task, unicast to the caller through the interface's
+        // generated signal methods; the model thread never waits on the bus.
+        let emitter = SignalEmitter::new(conn, OBJECT_PATH)
+            .map_err(|e| DbusError::Failed(e.to_string()))?
+            .set_destination(BusName::try_from(sender.clone()).map_err(|e| DbusError::Failed(e.to_string()))?)
+            .to_owned();
         tokio::spawn(async move {
-            while let Some((name, v)) = rx.recv().await {
-                let r = match name {
-                    "Token" => {
-                        conn.emit_signal(
-                            Some(dest.as_str()),
-                            OBJECT_PATH,
-                            INTERFACE,
-                            name,
-                            &(id, v.as_str().unwrap_or("")),
-                        )
-                        .await
-                    }
-                    "Finished" => {
+            while let Some(event) = rx.recv().await {
+                let r = match event {
+                    Streamed::Token(text) => Crayon1::token(&emitter, id, &text).await,
+                    Streamed::Finished(v) => {
                         let (text, info) = split_result(&v);
-                        conn.emit_signal(Some(dest.as_str()), OBJECT_PATH, INTERFACE, name, &(id, text, info)).await
+                        Crayon1::finished(&emitter, id, &text, &info).await
                     }
-                    _ => {
-                        let (err, msg) = (v[0].as_str().unwrap_or(""), v[1].as_str().unwrap_or(""));
-                        conn.emit_signal(Some(dest.as_str()), OBJECT_PATH, INTERFACE, name, &(id, err, msg)).await
-                    }
+                    Streamed::Failed { name, message } => Crayon1::failed(&emitter, id, &name, &message).await,
                 };
                 if let Err(e) = r {
                     tracing::debug!(error = %e, "dbus: signal not sent");
@@ -268,7 +266,7 @@ impl Crayon1 {
         tokio::task::spawn_blocking(move || {
             let mut on_text = |t: &str| {
                 if !t.is_empty() {
-                    let _ = tx.send(("Token", json!(t)));
+                    let _ = tx.send(Streamed::Token(t.to_string()));
                 }
                 ControlFlow::Continue(())
             };
@@ -283,10 +281,10 @@ impl Crayon1 {
             lock(&running).remove(&id);
             drop(permit); // free the slot before the caller can see the end
             let _ = match r {
-                Ok(v) => tx.send(("Finished", v)),
+                Ok(v) => tx.send(Streamed::Finished(v)),
                 Err(e) => {
-                    let msg = e.to_string();
-                    tx.send(("Failed", json!([error_name(&DbusError::from(e)), msg])))
+                    let message = e.to_string();
+                    tx.send(Streamed::Failed { name: error_name(&DbusError::from(e)), message })
                 }
             };
         });
@@ -391,82 +389,86 @@ impl Crayon1 {
         self.service.metrics_text()
     }
 
-    #[zbus(property)]
+    // Properties: the version never changes while the daemon runs ("const"); the model, provider,
+    // pool and route mode change on a reload (SIGHUP) and the counters with every request, all read
+    // on demand, so they announce no change signal ("false") and caching clients such as GDBus fetch
+    // them instead of showing stale values.
+    #[zbus(property(emits_changed_signal = "const"))]
     async fn version(&self) -> String {
         crate::VERSION.to_string()
     }
 
-    #[zbus(property)]
+    #[zbus(property(emits_changed_signal = "false"))]
     async fn model(&self) -> String {
         str_field(&self.service.status(), "model")
     }
 
-    #[zbus(property)]
+    #[zbus(property(emits_changed_signal = "false"))]
     async fn execution_provider(&self) -> String {
         str_field(&self.service.status(), "provider")
     }
 
-    #[zbus(property)]
+    #[zbus(property(emits_changed_signal = "false"))]
     async fn pool_id(&self) -> String {
         str_field(&self.service.status(), "pool_id")
     }
 
-    #[zbus(property)]
+    #[zbus(property(emits_changed_signal = "false"))]
     async fn route_mode(&self) -> String {
         str_field(&self.service.status(), "route_mode")
     }
 
-    #[zbus(property)]
+    #[zbus(property(emits_changed_signal = "false"))]
     async fn requests(&self) -> u64 {
         self.counter("requests")
     }
 
-    #[zbus(property)]
+    #[zbus(property(emits_changed_signal = "false"))]
     async fn offloaded(&self) -> u64 {
         self.counter("offloaded")
     }
 
-    #[zbus(property)]
+    #[zbus(property(emits_changed_signal = "false"))]
     async fn in_flight(&self) -> u64 {
         self.service.in_flight() as u64
     }
 
-    #[zbus(property)]
+    #[zbus(property(emits_changed_signal = "false"))]
     async fn rejected_busy(&self) -> u64 {
         self.counter("rejected_busy")
     }
 
     /// Requests the server failed and the device answered itself.
-    #[zbus(property)]
+    #[zbus(property(emits_changed_signal = "false"))]
     async fn fallbacks(&self) -> u64 {
         self.counter("fallbacks")
     }
 
     /// Requests that ended in an error (the `Failed` signal is per request).
-    #[zbus(property)]
+    #[zbus(property(emits_changed_signal = "false"))]
     async fn failed_requests(&self) -> u64 {
         self.counter("failed")
     }
 
-    #[zbus(property)]
+    #[zbus(property(emits_changed_signal = "false"))]
     async fn cancelled_requests(&self) -> u64 {
         self.counter("cancelled")
     }
 
     /// Requests waiting for the model.
-    #[zbus(property)]
+    #[zbus(property(emits_changed_signal = "false"))]
     async fn queued(&self) -> u64 {
         self.counter("queued")
     }
 
     /// Whether the circuit breaker currently sends everything to the device.
-    #[zbus(property)]
+    #[zbus(property(emits_changed_signal = "false"))]
     async fn breaker_open(&self) -> bool {
         self.service.status()["breaker_open"].as_bool().unwrap_or(false)
     }
 
     /// The daemon's resident memory, in bytes (0 where /proc is not available).
-    #[zbus(property)]
+    #[zbus(property(emits_changed_signal = "false"))]
     async fn resident_bytes(&self) -> u64 {
         crate::metrics::resident_bytes().map_or(0, |b| b as u64)
     }

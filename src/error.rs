@@ -77,28 +77,8 @@ pub enum Error {
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
-/// The one classification of failures: every interface derives what it reports from it (HTTP status,
-/// socket code, D-Bus error name, CLI exit status), so the same failure gives the same answer
-/// everywhere.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ErrorKind {
-    /// The request or the configuration is wrong; fix it (HTTP 400, `invalid_request`,
-    /// `Error.InvalidRequest`, exit 2).
-    Invalid,
-    /// No such adapter, or one that cannot be used any more (404, `not_found`, `Error.NotFound`, exit 2).
-    NotFound,
-    /// At an admission limit; retry later (429, `busy`, `Error.Busy`, exit 1).
-    Busy,
-    /// Not this caller's to change (403, `permission_denied`, `Error.AccessDenied`, exit 1).
-    Forbidden,
-    /// Stopped by its client (408, `cancelled`, `Error.Cancelled`, exit 130).
-    Cancelled,
-    /// Something the service needs is missing or broken: model, runtime library, tokenizer, a file
-    /// (503, `internal`, `Error.Failed`, exit 1).
-    Unavailable,
-    /// A failure inside the service (500, `internal`, `Error.Failed`, exit 1).
-    Internal,
-}
+/// The one classification of failures (defined with the socket protocol, which carries it to clients).
+pub use crayon_client::ErrorKind;
 
 impl Error {
     /// How this failure is reported on every interface.

@@ -433,3 +433,53 @@ fn non_finite_adapter_tensors_are_refused() {
     });
     assert!(e.contains("c01") && e.contains("non-finite value"), "{e}");
 }
+
+/// The pool tool's embeddings of a few prompts (`embedding-reference.json`, written by `crayon_pool
+/// build` or `embed-reference` with the Python embedder that placed the centroids).
+fn embedding_reference(pool: &Path) -> Vec<(String, Vec<u32>, Vec<f32>)> {
+    let path = pool.join("embedding-reference.json");
+    let text = fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e} (run scripts/setup)", path.display()));
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(v["method"], "q_proj_mean");
+    let rows = v["prompts"].as_array().unwrap();
+    assert!(rows.len() >= 5, "{}", path.display());
+    rows.iter()
+        .map(|r| {
+            let ids = r["ids"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect();
+            let emb = r["embedding"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect();
+            (r["text"].as_str().unwrap().to_string(), ids, emb)
+        })
+        .collect()
+}
+
+/// Rust↔Python parity of the task embedding (issue #13): the engine tokenizes and embeds each prompt
+/// as the pool tool did when it placed the centroids — same ids, same vector — for the tiny pool and
+/// the shipped real pool on the float32 model it was built on, and on the 4-bit model the device runs
+/// (its blocks are the GGUF's own, which the float32 export decodes: the same numbers).
+#[test]
+fn task_embedding_matches_the_pool_tools() {
+    let real = repo().join("pools/smollm2-135m-instruct");
+    for (model, pool, min_cos) in [
+        ("tiny", repo().join("models/tiny-pool"), 0.999_99),
+        ("smollm2-135m-instruct", real.clone(), 0.999_99),
+        ("smollm2-135m-instruct-q4", real, 0.999_99),
+    ] {
+        let mut cfg = config_for(&model_dir(model));
+        cfg.pool.dir = pool.clone();
+        let state = tempfile::tempdir().unwrap();
+        cfg.adapters.state_dir = state.path().to_path_buf();
+        let engine = Engine::load(&cfg).unwrap();
+        let mut lowest = f32::INFINITY;
+        for (text, ids, want) in embedding_reference(&pool) {
+            assert_eq!(engine.tokenizer().encode(&text).unwrap(), ids, "{model}: token ids of {text:?}");
+            let got = engine.task_embedding(&text).unwrap().expect("the pool has an embedding");
+            assert_eq!(got.len(), want.len(), "{model}");
+            let cos = crayon::pool::embed::cosine(&got, &want);
+            assert!(cos >= min_cos, "{model}: {text:?} cosine {cos} < {min_cos}");
+            lowest = lowest.min(cos);
+            let diff = max_abs_diff(&got, &want);
+            assert!(diff < 1e-5, "{model}: {text:?} max |diff| {diff}");
+        }
+        eprintln!("{model}: lowest cosine to the pool tool's embeddings {lowest:.6}");
+    }
+}

@@ -13,7 +13,7 @@ use std::sync::{Arc, Barrier};
 use std::time::Duration;
 
 use common::daemon::PATIENCE;
-use common::service::{Bus, Service, is_root, run};
+use common::service::{Bus, Service, require_root, run};
 use crayon::socket::client::{Client, ClientError};
 use crayon::socket::proto::Code;
 use serde_json::{Value, json};
@@ -467,6 +467,20 @@ fn readme_dbus_send_and_busctl_lines_work() {
     for m in ["GenerateStreamed", "Cancel", "Chat", "StatusJson", "AdaptersJson", "Token", "Finished", "Failed"] {
         assert!(out.contains(m), "{m} missing from introspection:\n{out}");
     }
+    // No property advertises change signals the daemon never sends (caching clients would show stale
+    // counters): each says "false", except the version, which is "const".
+    let (rc, xml, err) = run(dbus_send(&bus).arg("org.freedesktop.DBus.Introspectable.Introspect"));
+    assert_eq!(rc, 0, "{err}");
+    let iface = xml.split("<interface name=\"org.crayon.Crayon1\">").nth(1).expect("interface in the XML");
+    let iface = iface.split("</interface>").next().unwrap_or_default();
+    let properties: Vec<&str> = iface.split("<property ").skip(1).collect();
+    assert!(properties.len() >= 15, "{iface}");
+    for p in properties {
+        let p = p.split("</property>").next().unwrap_or_default();
+        let expected = if p.starts_with("name=\"Version\"") { "const" } else { "false" };
+        let annotation = format!("name=\"org.freedesktop.DBus.Property.EmitsChangedSignal\" value=\"{expected}\"");
+        assert!(p.contains(&annotation), "property without EmitsChangedSignal={expected}: <property {p}");
+    }
 }
 
 #[test]
@@ -538,8 +552,7 @@ fn dbus_streams_tokens_as_signals_to_the_caller_only() {
 
 #[test]
 fn bus_policy_denies_callers_outside_root_the_service_user_and_its_group() {
-    if !is_root() {
-        eprintln!("skipped: needs root to run a caller as another user");
+    if !require_root("to run a caller as another user") {
         return;
     }
     let bus = Bus::start();
@@ -558,8 +571,7 @@ fn bus_policy_denies_callers_outside_root_the_service_user_and_its_group() {
 /// others in the service group use it read-only; root may change everything.
 #[test]
 fn an_app_cannot_change_or_remove_another_apps_customization() {
-    if !is_root() {
-        eprintln!("skipped: needs root to run clients as other users");
+    if !require_root("to run clients as other users") {
         return;
     }
     let s = Service::start(None, "[socket]\ngroup = \"users\"\n");

@@ -14,21 +14,23 @@
 #![allow(non_camel_case_types)]
 
 use std::cell::RefCell;
-use std::ffi::{CStr, CString, c_char, c_void};
+use std::ffi::{CStr, CString, c_char, c_int, c_void};
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::PathBuf;
 use std::ptr;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use crayon_core::choices::MAX_CHOICES;
-use crayon_core::socket::client::{Canceller, Client, ClientError, DEFAULT_TIMEOUT, default_path};
-use crayon_core::socket::proto::Code;
+use ::crayon_client::limits::MAX_CHOICES;
+use ::crayon_client::{Canceller, Client, ClientError, Code, DEFAULT_TIMEOUT, default_path};
 use serde_json::{Value, json};
 
-/// Major version of libcrayon (source and binary compatibility within one major version).
+/// Major version of libcrayon: the SONAME is `libcrayon.so.<major>`. Within one major version the ABI
+/// only grows (new functions; new option fields at the end, read by `struct_size`), so an app built
+/// against an older header runs with a newer library. (0.2.0 added `struct_size`; 0.1 was never
+/// released with a SONAME.)
 pub const CRAYON_VERSION_MAJOR: u32 = 0;
-pub const CRAYON_VERSION_MINOR: u32 = 1;
+pub const CRAYON_VERSION_MINOR: u32 = 2;
 pub const CRAYON_VERSION_PATCH: u32 = 0;
 /// Version of the socket protocol this library speaks.
 pub const CRAYON_PROTOCOL_VERSION: u32 = 1;
@@ -72,10 +74,15 @@ pub struct crayon_client {
     canceller: Canceller,
 }
 
-/// Options of `crayon_generate`. Initialize with `crayon_generate_options_init`, then set fields.
+/// Options of `crayon_generate` and `crayon_choose`. Initialize with `crayon_generate_options_init`
+/// (which sets `struct_size`), then set fields.
 #[repr(C)]
 #[derive(Debug, Clone, Copy)]
 pub struct crayon_generate_options {
+    /// `sizeof(crayon_generate_options)` as the app was compiled, set by
+    /// `crayon_generate_options_init`. Later versions add fields only at the end and read only the
+    /// fields an app's size covers, so an app built against an older header keeps working.
+    pub struct_size: usize,
     /// Tokens to generate at most; 0: the service's default.
     pub max_tokens: u32,
     /// Sampling temperature (0 = greedy); negative: the service's default.
@@ -88,6 +95,50 @@ pub struct crayon_generate_options {
     pub adapter: *const c_char,
     /// System prompt; NULL: none.
     pub system: *const c_char,
+}
+
+impl crayon_generate_options {
+    /// Every field "use the service's default".
+    const DEFAULT: crayon_generate_options = crayon_generate_options {
+        struct_size: size_of::<crayon_generate_options>(),
+        max_tokens: 0,
+        temperature: -1.0,
+        top_p: -1.0,
+        seed: 0,
+        adapter: ptr::null(),
+        system: ptr::null(),
+    };
+
+    /// The smallest `struct_size` this library accepts: the size of the first layout that had the
+    /// field (every field of this version; fields added later get their defaults when an older app's
+    /// size does not cover them).
+    const MIN_SIZE: usize = size_of::<crayon_generate_options>();
+
+    /// Reads an app's options: the fields its `struct_size` covers, defaults for the rest.
+    unsafe fn read(p: *const crayon_generate_options) -> Fallible<crayon_generate_options> {
+        let mut options = Self::DEFAULT;
+        if p.is_null() {
+            return Ok(options);
+        }
+        let size = unsafe { ptr::read_unaligned(p.cast::<usize>()) };
+        if size < Self::MIN_SIZE {
+            return Err(invalid(format!(
+                "options.struct_size is {size}, expected {}: initialize the options with crayon_generate_options_init",
+                Self::MIN_SIZE
+            )));
+        }
+        if size > size_of::<crayon_generate_options>() {
+            return Err(invalid(format!(
+                "options.struct_size is {size}: the app was built against a newer crayon.h than this libcrayon                  ({}, whose options have {} bytes); upgrade libcrayon",
+                env!("CARGO_PKG_VERSION"),
+                size_of::<crayon_generate_options>()
+            )));
+        }
+        // Copy only the bytes the app's struct has (equal today; the rule for later versions).
+        unsafe { ptr::copy_nonoverlapping(p.cast::<u8>(), (&raw mut options).cast::<u8>(), size) };
+        options.struct_size = size;
+        Ok(options)
+    }
 }
 
 /// Receives streamed text (UTF-8, `len` bytes, also NUL-terminated) on the calling thread. Return 0
@@ -197,7 +248,7 @@ fn token_sink(cb: crayon_token_fn, user_data: *mut c_void) -> impl FnMut(&str) -
     }
 }
 
-/// The library version, e.g. "0.1.0" (static storage).
+/// The library version, e.g. "0.2.0" (static storage).
 #[unsafe(no_mangle)]
 pub extern "C" fn crayon_version() -> *const c_char {
     concat!(env!("CARGO_PKG_VERSION"), "\0").as_ptr().cast()
@@ -210,25 +261,49 @@ pub extern "C" fn crayon_last_error() -> *const c_char {
     LAST_ERROR.with(|e| e.borrow().as_ptr())
 }
 
-/// A short name for a status code, e.g. "CRAYON_ERR_BUSY" (static storage).
+/// A short name for a status code, e.g. "CRAYON_ERR_BUSY" (static storage); "CRAYON_ERR_UNKNOWN" for a
+/// value that is no `crayon_status` (e.g. one from a newer libcrayon). Takes an `int` so that any
+/// value an app passes is defined behaviour.
 #[unsafe(no_mangle)]
-pub extern "C" fn crayon_status_name(status: crayon_status) -> *const c_char {
-    let s: &'static str = match status {
-        CRAYON_OK => "CRAYON_OK\0",
-        CRAYON_ERR_INVALID_ARGUMENT => "CRAYON_ERR_INVALID_ARGUMENT\0",
-        CRAYON_ERR_CONNECT => "CRAYON_ERR_CONNECT\0",
-        CRAYON_ERR_IO => "CRAYON_ERR_IO\0",
-        CRAYON_ERR_TIMEOUT => "CRAYON_ERR_TIMEOUT\0",
-        CRAYON_ERR_PROTOCOL => "CRAYON_ERR_PROTOCOL\0",
-        CRAYON_ERR_INVALID_REQUEST => "CRAYON_ERR_INVALID_REQUEST\0",
-        CRAYON_ERR_NOT_FOUND => "CRAYON_ERR_NOT_FOUND\0",
-        CRAYON_ERR_BUSY => "CRAYON_ERR_BUSY\0",
-        CRAYON_ERR_CANCELLED => "CRAYON_ERR_CANCELLED\0",
-        CRAYON_ERR_PERMISSION_DENIED => "CRAYON_ERR_PERMISSION_DENIED\0",
-        CRAYON_ERR_UNAVAILABLE => "CRAYON_ERR_UNAVAILABLE\0",
-        CRAYON_ERR_INTERNAL => "CRAYON_ERR_INTERNAL\0",
+pub extern "C" fn crayon_status_name(status: c_int) -> *const c_char {
+    let s: &'static str = match status_from_int(status) {
+        Some(CRAYON_OK) => "CRAYON_OK\0",
+        Some(CRAYON_ERR_INVALID_ARGUMENT) => "CRAYON_ERR_INVALID_ARGUMENT\0",
+        Some(CRAYON_ERR_CONNECT) => "CRAYON_ERR_CONNECT\0",
+        Some(CRAYON_ERR_IO) => "CRAYON_ERR_IO\0",
+        Some(CRAYON_ERR_TIMEOUT) => "CRAYON_ERR_TIMEOUT\0",
+        Some(CRAYON_ERR_PROTOCOL) => "CRAYON_ERR_PROTOCOL\0",
+        Some(CRAYON_ERR_INVALID_REQUEST) => "CRAYON_ERR_INVALID_REQUEST\0",
+        Some(CRAYON_ERR_NOT_FOUND) => "CRAYON_ERR_NOT_FOUND\0",
+        Some(CRAYON_ERR_BUSY) => "CRAYON_ERR_BUSY\0",
+        Some(CRAYON_ERR_CANCELLED) => "CRAYON_ERR_CANCELLED\0",
+        Some(CRAYON_ERR_PERMISSION_DENIED) => "CRAYON_ERR_PERMISSION_DENIED\0",
+        Some(CRAYON_ERR_UNAVAILABLE) => "CRAYON_ERR_UNAVAILABLE\0",
+        Some(CRAYON_ERR_INTERNAL) => "CRAYON_ERR_INTERNAL\0",
+        None => "CRAYON_ERR_UNKNOWN\0",
     };
     s.as_ptr().cast()
+}
+
+/// The status an `int` names, if any (never transmuted: an out-of-range enum value is undefined
+/// behaviour in Rust).
+fn status_from_int(v: c_int) -> Option<crayon_status> {
+    const ALL: [crayon_status; 13] = [
+        CRAYON_OK,
+        CRAYON_ERR_INVALID_ARGUMENT,
+        CRAYON_ERR_CONNECT,
+        CRAYON_ERR_IO,
+        CRAYON_ERR_TIMEOUT,
+        CRAYON_ERR_PROTOCOL,
+        CRAYON_ERR_INVALID_REQUEST,
+        CRAYON_ERR_NOT_FOUND,
+        CRAYON_ERR_BUSY,
+        CRAYON_ERR_CANCELLED,
+        CRAYON_ERR_PERMISSION_DENIED,
+        CRAYON_ERR_UNAVAILABLE,
+        CRAYON_ERR_INTERNAL,
+    ];
+    ALL.into_iter().find(|&s| s as c_int == v)
 }
 
 /// Connects to crayond. `socket_path` NULL: `$CRAYON_SOCKET`, else /run/crayon/crayon.sock.
@@ -283,23 +358,15 @@ pub unsafe extern "C" fn crayon_client_free(client: *mut crayon_client) {
     }
 }
 
-/// Fills `options` with defaults (every field "use the service's default").
+/// Fills `options` with defaults (every field "use the service's default") and sets its
+/// `struct_size`.
 ///
 /// # Safety
-/// `options` must be valid for a write.
+/// `options` must be valid for a write of `sizeof(crayon_generate_options)` bytes.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn crayon_generate_options_init(options: *mut crayon_generate_options) {
     if !options.is_null() {
-        unsafe {
-            *options = crayon_generate_options {
-                max_tokens: 0,
-                temperature: -1.0,
-                top_p: -1.0,
-                seed: 0,
-                adapter: ptr::null(),
-                system: ptr::null(),
-            }
-        };
+        unsafe { *options = crayon_generate_options::DEFAULT };
     }
 }
 
@@ -335,26 +402,24 @@ unsafe fn chat_body(prompt: *const c_char, options: *const crayon_generate_optio
     let prompt = unsafe { arg_str(prompt, "prompt") }?;
     let mut messages = Vec::new();
     let mut body = json!({});
-    if !options.is_null() {
-        let o = unsafe { &*options };
-        if let Some(system) = unsafe { opt_str(o.system, "options.system") }? {
-            messages.push(json!({"role": "system", "content": system}));
-        }
-        if o.max_tokens > 0 {
-            body["max_tokens"] = json!(o.max_tokens);
-        }
-        if o.temperature >= 0.0 {
-            body["temperature"] = json!(o.temperature);
-        }
-        if o.top_p >= 0.0 {
-            body["top_p"] = json!(o.top_p);
-        }
-        if o.seed != 0 {
-            body["seed"] = json!(o.seed);
-        }
-        if let Some(a) = unsafe { opt_str(o.adapter, "options.adapter") }? {
-            body["crayon"] = json!({"adapter": a});
-        }
+    let o = unsafe { crayon_generate_options::read(options) }?;
+    if let Some(system) = unsafe { opt_str(o.system, "options.system") }? {
+        messages.push(json!({"role": "system", "content": system}));
+    }
+    if o.max_tokens > 0 {
+        body["max_tokens"] = json!(o.max_tokens);
+    }
+    if o.temperature >= 0.0 {
+        body["temperature"] = json!(o.temperature);
+    }
+    if o.top_p >= 0.0 {
+        body["top_p"] = json!(o.top_p);
+    }
+    if o.seed != 0 {
+        body["seed"] = json!(o.seed);
+    }
+    if let Some(a) = unsafe { opt_str(o.adapter, "options.adapter") }? {
+        body["crayon"] = json!({"adapter": a});
     }
     messages.push(json!({"role": "user", "content": prompt}));
     body["messages"] = json!(messages);

@@ -37,3 +37,19 @@ fn version_macro_matches_the_crate_version() {
     let line = format!("#define CRAYON_VERSION \"{}\"", env!("CARGO_PKG_VERSION"));
     assert!(header.contains(&line), "CRAYON_VERSION in libcrayon/src/lib.rs differs from Cargo.toml's version");
 }
+
+/// The numeric version macros follow Cargo.toml's version and the protocol macro the socket protocol
+/// the client crate speaks: an app comparing `CRAYON_VERSION_MINOR` or the protocol must see the truth.
+#[test]
+fn version_numbers_and_protocol_match_the_crates() {
+    let header = generate();
+    for (name, value) in [
+        ("CRAYON_VERSION_MAJOR", env!("CARGO_PKG_VERSION_MAJOR").to_string()),
+        ("CRAYON_VERSION_MINOR", env!("CARGO_PKG_VERSION_MINOR").to_string()),
+        ("CRAYON_VERSION_PATCH", env!("CARGO_PKG_VERSION_PATCH").to_string()),
+        ("CRAYON_PROTOCOL_VERSION", crayon_client::PROTOCOL_VERSION.to_string()),
+    ] {
+        let line = format!("#define {name} {value}\n");
+        assert!(header.contains(&line), "crayon.h lacks `{}`: libcrayon/src/lib.rs is out of step", line.trim());
+    }
+}

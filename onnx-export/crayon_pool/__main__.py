@@ -42,7 +42,7 @@ from tqdm import tqdm
 from . import POOL_FORMAT
 from .data import TASKS, balanced_mixture, load_task
 from .data import digest as data_digest
-from .embed import METHOD, Embedder, kmeans, normalize
+from .embed import METHOD, Embedder, kmeans, normalize, write_parity_reference
 from .train import blend_reference, device, train_adapter
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -141,6 +141,8 @@ def build(args) -> None:
     }
     save_file(ref, str(out / "reference.safetensors"))
     (out / "reference.safetensors").chmod(0o644)
+    if center is not None:
+        write_parity_reference(embedder, center, out / "embedding-reference.json")
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
     pool = {
         "format": POOL_FORMAT,
@@ -232,6 +234,9 @@ def main(argv=None):
                         "task: one adapter per training dataset (--k is the number of datasets)")
     b.add_argument("--pair-with", type=Path, help="train on the clusters of this pool's assignments.jsonl (server pool)")
     b.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
+    e = sub.add_parser("embed-reference", help="write a pool's embedding-reference.json (the Rust parity check)")
+    e.add_argument("--pool", type=Path, required=True, help="the device pool (pool.json with an embedding)")
+    e.add_argument("--model", type=Path, required=True, help="the model folder the pool was built on")
     x = sub.add_parser("exemplars", help="write a server's exemplar bank for a device pool's clusters")
     x.add_argument("--pool", type=Path, required=True, help="the device pool (pool.json + assignments.jsonl)")
     x.add_argument("--out", type=Path, required=True)
@@ -255,6 +260,13 @@ def main(argv=None):
         return
     if args.cmd == "exemplars":
         exemplars(args)
+        return
+    if args.cmd == "embed-reference":
+        pool = json.loads((args.pool / "pool.json").read_text())
+        if not pool.get("embedding"):
+            sys.exit(f"[crayon-pool] error: {args.pool} has no embedding (a paired server pool)")
+        write_parity_reference(Embedder(args.model), np.array(pool["embedding"]["center"]), args.pool / "embedding-reference.json")
+        log(f"wrote {args.pool / 'embedding-reference.json'}")
         return
     if args.cmd == "gguf-lora":
         from . import gguf_lora

@@ -33,6 +33,32 @@ class Embedder:
         return (x @ self.wq.T.astype(np.float64)).mean(axis=0)
 
 
+# Prompts the Rust side must embed exactly as this module does (tests/pool.rs compares): plain
+# English, an olmes-style question, digits and symbols, code, non-ASCII text and a single token.
+PARITY_PROMPTS = [
+    "What is the capital of France?",
+    "Question: Which gas do plants take in from the air?\nAnswer:",
+    "Compute 17 * 23 - (4 + 5) = ?",
+    "def add(a, b):\n    return a + b  # sum",
+    "Ünïcödé: naïve café, 東京, emoji 🙂",
+    "yes",
+]
+
+
+def write_parity_reference(embedder: "Embedder", center: np.ndarray, out: Path) -> None:
+    """Writes `embedding-reference.json` beside a pool's reference logits: for each parity prompt its
+    token ids, raw embedding and pool embedding (centered by `center`, L2-normalized), so the Rust
+    engine's task embedding can be checked against this implementation without Python."""
+    rows = []
+    for text in PARITY_PROMPTS:
+        ids = embedder.tok.encode(text, add_special_tokens=False).ids
+        raw = embedder.raw(text)
+        rows.append({"text": text, "ids": ids, "raw": [float(v) for v in raw],
+                     "embedding": [float(v) for v in normalize(raw - center)]})
+    out.write_text(json.dumps({"method": METHOD, "prompts": rows}) + "\n")
+    out.chmod(0o644)
+
+
 def normalize(v: np.ndarray) -> np.ndarray:
     n = np.linalg.norm(v, axis=-1, keepdims=True)
     return v / np.maximum(n, 1e-12)

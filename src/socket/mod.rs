@@ -7,8 +7,9 @@
 //! replies pass [`MAX_PENDING_OUTPUT`] is cancelled and closed. A connection that goes away cancels
 //! its requests (waiting ones leave the queue, running ones stop at the next token).
 
-pub mod client;
-pub mod proto;
+/// The protocol and the blocking client live in the `crayon-client` crate (what libcrayon links);
+/// re-exported here so the daemon and its clients name them the same way.
+pub use crayon_client::{proto, socket as client};
 
 use std::collections::HashMap;
 use std::io::{self, Read, Write};
@@ -567,7 +568,7 @@ impl Loop {
             .unwrap_or_else(|_| Err(Error::Internal("the request handler panicked".into())));
             let last = match result {
                 Ok(v) => json!({"id": rid, "event": "done", "result": v}),
-                Err(e) => error_event(Some(rid), Code::of(&e), &e.to_string()),
+                Err(e) => error_event(Some(rid), code_of(&e), &e.to_string()),
             };
             // Free the slot before the client can see the end, so that its next request finds it.
             drop(permit);
@@ -706,5 +707,38 @@ fn run_request(
         Op::Status | Op::Metrics | Op::Adapters | Op::Cancel { .. } => {
             Err(Error::Internal("answered by the event loop".into()))
         }
+    }
+}
+
+/// The socket code of a failure, from its [`crate::ErrorKind`] (the one classification).
+pub fn code_of(e: &Error) -> Code {
+    Code::from_kind(e.kind())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ErrorKind;
+
+    /// One classification (issue #13): each failure's socket code reports the same kind the CLI's
+    /// exit status, HTTP status and D-Bus error name derive from.
+    #[test]
+    fn socket_codes_carry_the_error_kind() {
+        let cases = [
+            (Error::InvalidRequest("x".into()), ErrorKind::Invalid, 2),
+            (Error::Template("bad role".into()), ErrorKind::Invalid, 2),
+            (Error::Adapter { name: "a".into(), msg: "no such adapter".into() }, ErrorKind::NotFound, 2),
+            (Error::Busy("full".into()), ErrorKind::Busy, 1),
+            (Error::Cancelled, ErrorKind::Cancelled, 130),
+            (Error::Internal("bug".into()), ErrorKind::Internal, 1),
+        ];
+        for (e, kind, exit) in cases {
+            assert_eq!(e.kind(), kind, "{e}");
+            assert_eq!(code_of(&e).kind(), kind, "{e}");
+            assert_eq!(crate::cli::exit_code(&e), exit, "{e}");
+        }
+        let missing = Error::Model { path: "/m".into(), msg: "missing".into() };
+        assert_eq!(missing.kind(), ErrorKind::Unavailable);
+        assert_eq!(code_of(&missing), Code::Internal);
     }
 }

@@ -162,6 +162,22 @@ pub fn is_root() -> bool {
     unsafe { libc::geteuid() == 0 }
 }
 
+/// Whether a test that needs root may run. Without root it is skipped with a note — unless
+/// `CRAYON_REQUIRE_ROOT` is set (CI runs as root and sets it in .ci/run), where a missing
+/// precondition must fail loudly rather than pass silently.
+pub fn require_root(why: &str) -> bool {
+    if is_root() {
+        return true;
+    }
+    assert!(
+        std::env::var_os("CRAYON_REQUIRE_ROOT").is_none(),
+        "CRAYON_REQUIRE_ROOT is set but this test runs as uid {}: it needs root {why}",
+        unsafe { libc::geteuid() }
+    );
+    eprintln!("skipped: needs root {why} (set CRAYON_REQUIRE_ROOT to make this a failure)");
+    false
+}
+
 /// libcrayon as built by cargo (`cargo build -p libcrayon`, done by scripts/test).
 pub fn libcrayon_dir() -> PathBuf {
     let dir = std::env::var_os("CARGO_TARGET_DIR")

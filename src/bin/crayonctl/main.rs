@@ -260,7 +260,7 @@ fn run(cli: &Cli) -> crayon::Result<()> {
 
 fn run_remote(cli: &Cli, path: &str) -> Result<(), remote::RemoteError> {
     let path = match path.is_empty() {
-        true => crayon::socket::client::default_path(),
+        true => crayon_client::default_path(),
         false => std::path::PathBuf::from(path),
     };
     let mut daemon = remote::Remote::connect(&path, std::time::Duration::from_secs(cli.socket_timeout.max(1)))?;

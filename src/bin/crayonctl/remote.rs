@@ -5,8 +5,8 @@ use std::io::Write;
 use std::path::Path;
 use std::time::Duration;
 
-use crayon::socket::client::{Client, ClientError};
-use crayon::socket::proto::Code;
+use crayon_client::Code;
+use crayon_client::{Client, ClientError};
 use serde_json::{Value, json};
 
 use super::{CustomizeArgs, GenerateArgs, Limit, print_adapter_line, read_examples, read_prompt};
@@ -26,7 +26,7 @@ impl RemoteError {
         match self {
             RemoteError::Local(e) => crayon::cli::exit_code(e),
             // The daemon's code carries the failure's kind: the same exit status as in-process.
-            RemoteError::Client { err, .. } => err.code().and_then(Code::kind).map_or(1, crayon::cli::exit_code_of),
+            RemoteError::Client { err, .. } => err.code().map(Code::kind).map_or(1, crayon::cli::exit_code_of),
         }
     }
 }

@@ -1,4 +1,4 @@
-//! The local socket's wire format (docs/socket.md), shared by the daemon and the client.
+//! The local socket's wire format (docs/socket.md), shared by the daemon and its clients.
 //!
 //! A frame is a 4-byte big-endian payload length followed by that many bytes of one UTF-8 JSON
 //! object. Both sides refuse frames over their limit. The first frame each way is the handshake
@@ -7,6 +7,8 @@
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
+
+use crate::ErrorKind;
 
 /// Version of this protocol; the handshake refuses any other.
 pub const PROTOCOL_VERSION: u32 = 1;
@@ -114,10 +116,10 @@ pub enum Code {
 }
 
 impl Code {
-    /// The code of a failure, from its [`crate::ErrorKind`] (the one classification).
-    pub fn of(e: &crate::Error) -> Code {
-        use crate::ErrorKind as K;
-        match e.kind() {
+    /// The code reporting a failure of this kind (the one classification, [`ErrorKind`]).
+    pub fn from_kind(kind: ErrorKind) -> Code {
+        use ErrorKind as K;
+        match kind {
             K::Invalid => Code::InvalidRequest,
             K::NotFound => Code::NotFound,
             K::Busy => Code::Busy,
@@ -128,9 +130,9 @@ impl Code {
     }
 
     /// The kind of failure a code reports (what a client's exit status derives from).
-    pub fn kind(self) -> Option<crate::ErrorKind> {
-        use crate::ErrorKind as K;
-        Some(match self {
+    pub fn kind(self) -> ErrorKind {
+        use ErrorKind as K;
+        match self {
             Code::Malformed | Code::FrameTooLarge | Code::Version | Code::InvalidRequest => K::Invalid,
             Code::NotFound => K::NotFound,
             Code::Busy => K::Busy,
@@ -138,7 +140,7 @@ impl Code {
             Code::PermissionDenied => K::Forbidden,
             Code::ShuttingDown => K::Unavailable,
             Code::Internal => K::Internal,
-        })
+        }
     }
 }
 
@@ -176,26 +178,12 @@ mod tests {
         assert!(serde_json::from_value::<Request>(json!({"id": 1, "op": "reboot"})).is_err());
     }
 
-    /// One classification (issue #13): each failure's socket code reports the same kind the CLI's
-    /// exit status, HTTP status and D-Bus error name derive from.
     #[test]
-    fn socket_codes_carry_the_error_kind() {
-        use crate::{Error, ErrorKind};
-        let cases = [
-            (Error::InvalidRequest("x".into()), ErrorKind::Invalid, 2),
-            (Error::Template("bad role".into()), ErrorKind::Invalid, 2),
-            (Error::Adapter { name: "a".into(), msg: "no such adapter".into() }, ErrorKind::NotFound, 2),
-            (Error::Busy("full".into()), ErrorKind::Busy, 1),
-            (Error::Cancelled, ErrorKind::Cancelled, 130),
-            (Error::Internal("bug".into()), ErrorKind::Internal, 1),
-        ];
-        for (e, kind, exit) in cases {
-            assert_eq!(e.kind(), kind, "{e}");
-            assert_eq!(Code::of(&e).kind(), Some(kind), "{e}");
-            assert_eq!(crate::cli::exit_code(&e), exit, "{e}");
+    fn codes_and_kinds_round_trip() {
+        use ErrorKind as K;
+        for kind in [K::Invalid, K::NotFound, K::Busy, K::Forbidden, K::Cancelled, K::Internal] {
+            assert_eq!(Code::from_kind(kind).kind(), kind);
         }
-        let missing = Error::Model { path: "/m".into(), msg: "missing".into() };
-        assert_eq!(missing.kind(), ErrorKind::Unavailable);
-        assert_eq!(Code::of(&missing), Code::Internal);
+        assert_eq!(Code::from_kind(K::Unavailable), Code::Internal);
     }
 }

@@ -1,4 +1,5 @@
-//! A blocking client of the local socket (docs/socket.md): what libcrayon and tests use.
+//! A blocking client of the local socket (docs/socket.md): what libcrayon, `crayonctl --socket` and the
+//! tests use.
 //!
 //! One call at a time per [`Client`]; [`Canceller`] (cloneable, any thread) stops the call in progress.
 //! Every read waits at most the client's timeout for the next frame, so a daemon that stops
@@ -13,7 +14,7 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 
-use super::proto::{self, Code, PROTOCOL_VERSION, Split, frame, split_frame};
+use crate::proto::{self, Code, PROTOCOL_VERSION, Split, frame, split_frame};
 
 /// Where clients look when given no path: `$CRAYON_SOCKET`, else the service's usual place.
 pub const DEFAULT_PATH: &str = "/run/crayon/crayon.sock";
