@@ -18,12 +18,14 @@ use zbus::names::{BusName, UniqueName};
 use zbus::object_server::SignalEmitter;
 use zbus::{Connection, fdo, interface};
 
-use crate::adapters::Identity;
+use crate::adapters::{Example, Identity};
+use crate::chat::Message;
 use crate::config::DbusConfig;
 use crate::error::{Error, Result};
-use crate::generate::CancelToken;
-use crate::metrics::Interface;
-use crate::server::{Endpoint, Service, Slot};
+use crate::generate::{CancelToken, GenerationParams, Prompt};
+use crate::metrics::{Interface, Operation};
+use crate::openai;
+use crate::service::{CustomizeRequest, Endpoint, Reply, Request, Service, Slot};
 
 pub const OBJECT_PATH: &str = "/org/crayon/Crayon1";
 pub const INTERFACE: &str = "org.crayon.Crayon1";
@@ -106,6 +108,14 @@ impl Crayon1 {
         }
     }
 
+    /// The typed request of a `Generate` call, within the input budget; a refusal is counted as the
+    /// service counts its own.
+    fn typed_request(&self, prompt: &str, options: &HashMap<String, String>) -> DResult<Request> {
+        self.service.check_size(Interface::dbus, Operation::generate, prompt.len() + option_bytes(options))?;
+        let r = request_from_options(prompt, options, self.service.defaults());
+        Ok(r.inspect_err(|e| self.service.refused(Interface::dbus, Operation::generate, e.kind()))?)
+    }
+
     /// Runs `f(service, slot, client)` on a blocking thread with a slot of `client` (the caller's bus
     /// connection, [`client_key`]); a panic becomes an error.
     async fn blocking<T: Send + 'static>(
@@ -123,82 +133,87 @@ impl Crayon1 {
     }
 }
 
-/// Builds an OpenAI chat body from a prompt and `a{ss}` options (see docs/dbus.md for the keys).
-pub fn chat_body(prompt: &str, options: &HashMap<String, String>) -> Result<Value> {
+/// The option keys of `Generate` and `GenerateStreamed` (docs/dbus.md).
+const OPTION_KEYS: &str = "system, max_tokens, temperature, top_p, top_k, seed, adapter, choices, normalization, \
+                           calibration, confidence, route, context, pot_tokens, keep_tokens";
+
+/// The typed request of a `Generate` / `GenerateStreamed` call: the prompt as one user message and
+/// the `a{ss}` options straight into the parameters, over `defaults`. The service checks the result
+/// as it checks every interface's requests.
+pub fn request_from_options(
+    prompt: &str,
+    options: &HashMap<String, String>,
+    defaults: GenerationParams,
+) -> Result<Request> {
     let mut messages = Vec::new();
     if let Some(system) = options.get("system") {
-        messages.push(json!({"role": "system", "content": system}));
+        messages.push(Message::new("system", system.as_str()));
     }
-    messages.push(json!({"role": "user", "content": prompt}));
-    let mut body = json!({"messages": messages});
-    let mut ext = serde_json::Map::new();
+    messages.push(Message::new("user", prompt));
+    let mut r = Request::new(Endpoint::Chat, Prompt::Chat(messages), defaults);
     for (k, v) in options {
         let bad = |what: &str| Error::InvalidRequest(format!("option {k}='{v}': {what}"));
+        let count = || v.parse::<u64>().map_err(|_| bad("not a non-negative integer"));
+        let size = || count().map(|n| usize::try_from(n).unwrap_or(usize::MAX));
+        let number = || v.parse::<f32>().ok().filter(|x| x.is_finite()).ok_or_else(|| bad("not a finite number"));
+        let p = &mut r.params;
         match k.as_str() {
             "system" => {}
-            "max_tokens" | "top_k" | "seed" => {
-                body[k] = json!(v.parse::<u64>().map_err(|_| bad("not a non-negative integer"))?);
-            }
-            "temperature" | "top_p" => {
-                // JSON has no NaN or infinity: they would silently become the default.
-                let x = v.parse::<f64>().ok().filter(|x| x.is_finite()).ok_or_else(|| bad("not a finite number"))?;
-                body[k] = json!(x);
-            }
-            "adapter" => {
-                ext.insert("adapter".into(), json!(v));
-            }
+            "max_tokens" => p.max_new_tokens = size()?,
+            "top_k" => p.sampling.top_k = size()?,
+            "seed" => p.sampling.seed = Some(count()?),
+            "temperature" => p.sampling.temperature = number()?,
+            "top_p" => p.sampling.top_p = number()?,
+            "adapter" => p.adapter = Some(v.clone()),
+            // A JSON array of strings for options that contain '|', else '|'-separated.
             "choices" => {
-                // A JSON array of strings for options that contain '|', else '|'-separated.
-                let list: Vec<String> = match v.trim_start().starts_with('[') {
+                p.choices = match v.trim_start().starts_with('[') {
                     true => serde_json::from_str(v).map_err(|_| bad("not a JSON array of strings"))?,
                     false => v.split('|').map(|c| c.trim().to_string()).collect(),
-                };
-                ext.insert("choices".into(), json!(list));
-            }
-            "normalization" | "calibration" | "confidence" => {
-                let scoring = ext.entry("choice_scoring").or_insert_with(|| json!({}));
-                scoring[k] = json!(v);
-            }
-            "route" => {
-                ext.insert("route".into(), json!({"mode": v}));
-            }
-            "context" | "pot_tokens" | "keep_tokens" => {
-                let context = ext.entry("context").or_insert_with(|| json!({}));
-                match k.as_str() {
-                    "context" => context["policy"] = json!(v),
-                    _ => context[k] = json!(v.parse::<u64>().map_err(|_| bad("not a non-negative integer"))?),
                 }
             }
-            _ => {
-                return Err(Error::InvalidRequest(format!(
-                    "unknown option '{k}' (known: system, max_tokens, temperature, top_p, top_k, seed, adapter, choices, normalization, calibration, route, context, pot_tokens, keep_tokens)"
-                )));
-            }
+            "normalization" => p.choice_scoring.normalization = Some(named(v).map_err(|e| bad(&e))?),
+            "calibration" => p.choice_scoring.calibration = Some(named(v).map_err(|e| bad(&e))?),
+            "confidence" => p.choice_scoring.confidence = Some(named(v).map_err(|e| bad(&e))?),
+            "context" => p.context.policy = Some(named(v).map_err(|e| bad(&e))?),
+            "pot_tokens" => p.context.pot_tokens = Some(size()?),
+            "keep_tokens" => p.context.keep_tokens = Some(size()?),
+            "route" => r.overrides.mode = Some(named(v).map_err(|e| bad(&e))?),
+            _ => return Err(Error::InvalidRequest(format!("unknown option '{k}' (known: {OPTION_KEYS})"))),
         }
     }
-    if !ext.is_empty() {
-        body["crayon"] = Value::Object(ext);
-    }
-    Ok(body)
+    Ok(r)
+}
+
+/// One of a setting's names (`"mean"`, `"device_only"`...), as the config and the HTTP API spell them.
+fn named<T: serde::de::DeserializeOwned>(v: &str) -> std::result::Result<T, String> {
+    serde_json::from_value(Value::String(v.to_string())).map_err(|e| e.to_string())
+}
+
+/// The bytes a call's arguments hold (the input budget, [`Service::check_size`]).
+fn option_bytes(options: &HashMap<String, String>) -> usize {
+    options.iter().map(|(k, v)| k.len() + v.len()).sum()
 }
 
 /// What a streamed request sends its caller, in order: the signals `Token`, then `Finished` or `Failed`.
 enum Streamed {
     Token(String),
-    Finished(Value),
+    Finished(Box<Reply>),
     Failed { name: String, message: String },
 }
 
-/// The pieces of a chat result a D-Bus caller gets: the text, and everything else as JSON.
-fn split_result(v: &Value) -> (String, String) {
-    let text = v["choices"][0]["message"]["content"].as_str().unwrap_or_default().to_string();
+/// The pieces of an answer a D-Bus caller gets: the text, and everything else as JSON (finish reason,
+/// usage, the `crayon` object, the model).
+fn split_reply(reply: &Reply) -> (String, String) {
+    let Some(first) = reply.first() else { return (String::new(), "{}".into()) };
+    let a = &first.answer;
     let info = json!({
-        "finish_reason": v["choices"][0]["finish_reason"],
-        "usage": v["usage"],
-        "crayon": v["crayon"],
-        "model": v["model"],
+        "finish_reason": openai::finish_reason(a.finish_reason),
+        "usage": openai::usage(a),
+        "crayon": openai::extension(first),
+        "model": reply.model,
     });
-    (text, info.to_string())
+    (a.text.clone(), info.to_string())
 }
 
 #[interface(name = "org.crayon.Crayon1")]
@@ -210,16 +225,14 @@ impl Crayon1 {
         prompt: String,
         options: HashMap<String, String>,
     ) -> std::result::Result<(String, String), DbusError> {
-        let body = serde_json::to_vec(&chat_body(&prompt, &options)?).map_err(|e| DbusError::Failed(e.to_string()))?;
+        let request = self.typed_request(&prompt, &options)?;
         let client = client_key(&hdr);
-        let v = self
+        let reply = self
             .blocking(client, move |s, slot, client| {
-                s.answer_blocking(slot, Endpoint::Chat, client, &body, &CancelToken::new(), &mut |_| {
-                    ControlFlow::Continue(())
-                })
+                s.answer(slot, client, request, &CancelToken::new(), &mut |_, _| ControlFlow::Continue(()))
             })
             .await?;
-        Ok(split_result(&v))
+        Ok(split_reply(&reply))
     }
 
     /// GenerateStreamed(prompt, options a{ss}) -> request id. The answer arrives as `Token(id, text)`
@@ -232,7 +245,7 @@ impl Crayon1 {
         prompt: String,
         options: HashMap<String, String>,
     ) -> std::result::Result<u64, DbusError> {
-        let body = serde_json::to_vec(&chat_body(&prompt, &options)?).map_err(|e| DbusError::Failed(e.to_string()))?;
+        let request = self.typed_request(&prompt, &options)?;
         let sender = hdr.sender().map(|s| s.to_string()).ok_or_else(|| DbusError::Failed("no sender".into()))?;
         let permit = self.service.try_slot(Interface::dbus, &client_key(&hdr))?;
         let id = self.next_id.fetch_add(1, Ordering::Relaxed) + 1;
@@ -249,8 +262,8 @@ impl Crayon1 {
             while let Some(event) = rx.recv().await {
                 let r = match event {
                     Streamed::Token(text) => Crayon1::token(&emitter, id, &text).await,
-                    Streamed::Finished(v) => {
-                        let (text, info) = split_result(&v);
+                    Streamed::Finished(reply) => {
+                        let (text, info) = split_reply(&reply);
                         Crayon1::finished(&emitter, id, &text, &info).await
                     }
                     Streamed::Failed { name, message } => Crayon1::failed(&emitter, id, &name, &message).await,
@@ -264,14 +277,14 @@ impl Crayon1 {
         let running = self.running.clone();
         let client = client_key(&hdr);
         tokio::task::spawn_blocking(move || {
-            let mut on_text = |t: &str| {
+            let mut on_text = |_: usize, t: &str| {
                 if !t.is_empty() {
                     let _ = tx.send(Streamed::Token(t.to_string()));
                 }
                 ControlFlow::Continue(())
             };
             let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                service.answer_blocking(&permit, Endpoint::Chat, &client, &body, &cancel, &mut on_text)
+                service.answer(&permit, &client, request, &cancel, &mut on_text)
             }))
             .unwrap_or_else(|_| Err(Error::Internal("the request handler panicked".into())));
             let r = match r {
@@ -281,7 +294,7 @@ impl Crayon1 {
             lock(&running).remove(&id);
             drop(permit); // free the slot before the caller can see the end
             let _ = match r {
-                Ok(v) => tx.send(Streamed::Finished(v)),
+                Ok(reply) => tx.send(Streamed::Finished(Box::new(reply))),
                 Err(e) => {
                     let message = e.to_string();
                     tx.send(Streamed::Failed { name: error_name(&DbusError::from(e)), message })
@@ -305,15 +318,19 @@ impl Crayon1 {
     /// Chat(request JSON) -> response JSON: the full OpenAI chat-completions body with the `crayon`
     /// extension (docs/http.md), for callers that need every option.
     async fn chat(&self, #[zbus(header)] hdr: Header<'_>, request: String) -> std::result::Result<String, DbusError> {
+        // The OpenAI body becomes the service's typed request here, as HTTP's does.
+        self.service.check_size(Interface::dbus, Operation::generate, request.len())?;
+        let parsed =
+            openai::parse_request(Endpoint::Chat, openai::Body::Bytes(request.as_bytes()), self.service.defaults());
+        let (typed, _) =
+            parsed.inspect_err(|e| self.service.refused(Interface::dbus, Operation::generate, e.kind()))?;
         let client = client_key(&hdr);
-        let v = self
+        let reply = self
             .blocking(client, move |s, slot, client| {
-                s.answer_blocking(slot, Endpoint::Chat, client, request.as_bytes(), &CancelToken::new(), &mut |_| {
-                    ControlFlow::Continue(())
-                })
+                s.answer(slot, client, typed, &CancelToken::new(), &mut |_, _| ControlFlow::Continue(()))
             })
             .await?;
-        Ok(v.to_string())
+        Ok(openai::full_response(&reply).to_string())
     }
 
     /// Customize(name, inputs as, outputs as) -> (adapter name, weights a{sd} by pool adapter).
@@ -334,12 +351,14 @@ impl Crayon1 {
                 outputs.len()
             )));
         }
-        let examples: Vec<Value> = inputs.iter().zip(&outputs).map(|(i, o)| json!({"input": i, "output": o})).collect();
-        let body = serde_json::to_vec(&json!({"name": name, "examples": examples})).unwrap_or_default();
+        let size = name.len() + inputs.iter().chain(&outputs).map(String::len).sum::<usize>();
+        self.service.check_size(Interface::dbus, Operation::customize, size)?;
+        let examples = inputs.into_iter().zip(outputs).map(|(input, output)| Example { input, output }).collect();
+        let request = CustomizeRequest { name, examples, calibrate: false, choices: Vec::new() };
         let client = client_key(&hdr);
         let v = self
             .blocking(client, move |s, _, client| {
-                s.customize_blocking(Interface::dbus, &identity, client, &body, &CancelToken::new())
+                s.customize(Interface::dbus, &identity, client, request, &CancelToken::new())
             })
             .await?;
         let a = &v["adapter"];
@@ -373,7 +392,7 @@ impl Crayon1 {
         let identity = self.authorize(conn, &hdr, "RemoveAdapter").await?;
         let client = client_key(&hdr);
         self.blocking(client, move |s, _, client| {
-            s.remove_blocking(Interface::dbus, &identity, client, &name, &CancelToken::new())
+            s.remove(Interface::dbus, &identity, client, &name, &CancelToken::new())
         })
         .await?;
         Ok(())
@@ -681,13 +700,34 @@ mod tests {
         pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
     }
 
+    fn request(pairs: &[(&str, &str)]) -> Result<Request> {
+        let defaults = GenerationParams::from_config(&crate::config::GenerationConfig::default());
+        request_from_options("hi", &options(pairs), defaults)
+    }
+
+    /// `a{ss}` options go straight into the typed request's parameters (no JSON body in between).
     #[test]
-    fn context_options_become_the_crayon_context_object() {
-        let body =
-            chat_body("hi", &options(&[("context", "infinipot"), ("pot_tokens", "1024"), ("keep_tokens", "512")]))
-                .unwrap();
-        assert_eq!(body["crayon"]["context"], json!({"policy": "infinipot", "pot_tokens": 1024, "keep_tokens": 512}));
-        let err = chat_body("hi", &options(&[("pot_tokens", "lots")])).unwrap_err();
-        assert!(err.to_string().contains("pot_tokens='lots'"), "{err}");
+    fn options_become_the_requests_parameters() {
+        use crate::context::ContextPolicy;
+        let r = request(&[("context", "infinipot"), ("pot_tokens", "1024"), ("keep_tokens", "512")]).unwrap();
+        assert_eq!(r.params.context.policy, Some(ContextPolicy::Infinipot));
+        assert_eq!((r.params.context.pot_tokens, r.params.context.keep_tokens), (Some(1024), Some(512)));
+        let r = request(&[("max_tokens", "7"), ("temperature", "0"), ("choices", "A|B"), ("route", "device_only")])
+            .unwrap();
+        assert_eq!(r.params.max_new_tokens, 7);
+        assert_eq!(r.params.sampling.temperature, 0.0);
+        assert_eq!(r.params.choices, ["A", "B"]);
+        assert_eq!(r.overrides.mode, Some(crate::config::RouteMode::DeviceOnly));
+        let r = request(&[("system", "Be brief."), ("normalization", "mean")]).unwrap();
+        assert!(matches!(&r.prompts[0], Prompt::Chat(m) if m.len() == 2));
+        for (k, v, says) in [
+            ("pot_tokens", "lots", "pot_tokens='lots'"),
+            ("temperature", "NaN", "not a finite number"),
+            ("route", "sideways", "route='sideways'"),
+            ("colour", "red", "unknown option 'colour'"),
+        ] {
+            let err = request(&[(k, v)]).err().unwrap_or_else(|| panic!("{k}={v} accepted"));
+            assert!(err.to_string().contains(says), "{err}");
+        }
     }
 }

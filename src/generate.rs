@@ -52,6 +52,9 @@ pub struct GenerationParams {
 /// Token log-probabilities as they are generated (see [`GenerationParams::logprob_sink`]).
 pub type LogprobSink = std::sync::Arc<std::sync::Mutex<Vec<TokenLogprob>>>;
 
+/// Most stop strings one request may give.
+pub const MAX_STOP_STRINGS: usize = 16;
+
 /// Most alternatives per token `logprobs` may ask for (OpenAI's limit).
 pub const MAX_TOP_LOGPROBS: usize = 20;
 
@@ -62,6 +65,9 @@ impl GenerationParams {
         self.sampling.validate()?;
         if self.stop.iter().any(String::is_empty) {
             return Err(Error::InvalidRequest("stop strings must not be empty".into()));
+        }
+        if self.stop.len() > MAX_STOP_STRINGS {
+            return Err(Error::InvalidRequest(format!("at most {MAX_STOP_STRINGS} stop strings")));
         }
         choices::validate(&self.choices)
     }

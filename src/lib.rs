@@ -1,6 +1,8 @@
 //! Crayon: an on-device LLM service. Data flows through the modules in this order:
 //! `config` -> `runtime` / `model` -> `tokenizer` / `chat` / `sampler` -> `pool` (embed, blend,
-//! merge) / `adapters` (customizations) -> `generate` (the engine).
+//! merge) / `adapters` (customizations) -> `generate` (the engine) -> `router` (device or server) ->
+//! `service` (the typed core every interface calls) -> the interfaces, each translating its wire
+//! format at its edge: `http` (OpenAI, via `openai`), `socket`, `dbus`, `cli`, and libcrayon (C).
 
 pub mod adapters;
 pub mod chat;
@@ -12,14 +14,16 @@ pub mod dbus;
 pub mod engine;
 pub mod error;
 pub mod generate;
+pub mod http;
 pub mod metrics;
 pub mod model;
+pub mod openai;
 pub mod pool;
 pub mod queue;
 pub mod router;
 pub mod runtime;
 pub mod sampler;
-pub mod server;
+pub mod service;
 pub mod socket;
 pub mod tokenizer;
 pub mod weights;

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use clap::Parser;
 use crayon::cli::{CommonArgs, exit_code};
 use crayon::config::Config;
-use crayon::server::Service;
+use crayon::service::Service;
 use crayon::{CancelToken, Engine, Message, Prompt};
 use tokio::signal::unix::{SignalKind, signal};
 
@@ -120,7 +120,7 @@ fn serve(cli: &Cli) -> crayon::Result<()> {
     }
     let http_addr = match cfg.server.listen.as_str() {
         "" => None,
-        l => Some(crayon::server::check_listen(l, &cfg)?),
+        l => Some(crayon::http::check_listen(l, &cfg)?),
     };
     let t0 = Instant::now();
     let engine = Engine::load(&cfg)?;
@@ -167,36 +167,33 @@ async fn run(
         Some(d)
     };
     let http_stop = Arc::new(tokio::sync::Notify::new());
-    let http =
-        match http_addr {
-            None => None,
-            Some(addr) => {
-                let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| crayon::Error::Io {
-                    what: "HTTP listener",
-                    path: cfg.server.listen.clone().into(),
-                    source: e,
-                })?;
-                let bound = listener.local_addr().map_err(|e| io("HTTP listener", e))?;
-                let remote = &cfg.remote.url;
-                // One line on stdout, for scripts and tests that start us on port 0.
-                announce!(
-                    "crayond: serving HTTP on http://{bound} (route mode {}{})",
-                    cfg.router.mode.name(),
-                    if remote.is_empty() { String::new() } else { format!(", server {remote}") }
-                );
-                status.push(format!("HTTP {bound}"));
-                let stop = http_stop.clone();
-                let app = crayon::server::app(service.clone());
-                let limits = crayon::server::listen::ConnectionLimits {
-                    max_connections: cfg.server.max_connections,
-                    header_timeout: Duration::from_millis(cfg.server.header_timeout_ms),
-                };
-                // Peer addresses (ConnectInfo) tell HTTP clients apart in the engine queue's round-robin.
-                Some(tokio::spawn(crayon::server::listen::serve(listener, app, limits, async move {
-                    stop.notified().await
-                })))
-            }
-        };
+    let http = match http_addr {
+        None => None,
+        Some(addr) => {
+            let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| crayon::Error::Io {
+                what: "HTTP listener",
+                path: cfg.server.listen.clone().into(),
+                source: e,
+            })?;
+            let bound = listener.local_addr().map_err(|e| io("HTTP listener", e))?;
+            let remote = &cfg.remote.url;
+            // One line on stdout, for scripts and tests that start us on port 0.
+            announce!(
+                "crayond: serving HTTP on http://{bound} (route mode {}{})",
+                cfg.router.mode.name(),
+                if remote.is_empty() { String::new() } else { format!(", server {remote}") }
+            );
+            status.push(format!("HTTP {bound}"));
+            let stop = http_stop.clone();
+            let app = crayon::http::app(service.clone());
+            let limits = crayon::http::listen::ConnectionLimits {
+                max_connections: cfg.server.max_connections,
+                header_timeout: Duration::from_millis(cfg.server.header_timeout_ms),
+            };
+            // Peer addresses (ConnectInfo) tell HTTP clients apart in the engine queue's round-robin.
+            Some(tokio::spawn(crayon::http::listen::serve(listener, app, limits, async move { stop.notified().await })))
+        }
+    };
     let status = format!("serving {}", status.join(", "));
     announce!("crayond: ready");
     notify(&[sd_notify::NotifyState::Ready, sd_notify::NotifyState::Status(&status)]);

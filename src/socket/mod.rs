@@ -13,6 +13,7 @@ pub use crayon_client::{proto, socket as client};
 
 use std::collections::HashMap;
 use std::io::{self, Read, Write};
+use std::ops::ControlFlow;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -28,8 +29,9 @@ use serde_json::{Value, json};
 use crate::config::SocketConfig;
 use crate::error::{Error, Result};
 use crate::generate::CancelToken;
-use crate::metrics::Interface;
-use crate::server::{Endpoint, Service};
+use crate::metrics::{Interface, Operation};
+use crate::openai;
+use crate::service::{CustomizeRequest, Endpoint, Service};
 use proto::{Code, Op, PROTOCOL_VERSION, Split, error_event, frame, split_frame};
 
 const LISTENER: Token = Token(0);
@@ -493,10 +495,11 @@ impl Loop {
                 return;
             }
         };
-        self.dispatch(id, req);
+        self.dispatch(id, req, payload.len());
     }
 
-    fn dispatch(&mut self, id: usize, req: proto::Request) {
+    /// Starts request `req` of connection `id`, whose frame had `size` bytes.
+    fn dispatch(&mut self, id: usize, req: proto::Request, size: usize) {
         let Some(conn) = self.conns.get_mut(&id) else { return };
         let rid = req.id;
         // Answered here, at once: no model involved.
@@ -563,7 +566,7 @@ impl Loop {
             };
             let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                 let caller = Caller { identity: &identity, slot: &permit, client: &client };
-                run_request(&service, &caller, rid, req.op, &cancel, &|v| reply(Event::Reply(id, frame(&v))))
+                run_request(&service, &caller, rid, req.op, size, &cancel, &|v| reply(Event::Reply(id, frame(&v))))
             }))
             .unwrap_or_else(|_| Err(Error::Internal("the request handler panicked".into())));
             let last = match result {
@@ -662,7 +665,7 @@ impl Loop {
 /// Who a request is for: its identity (ownership), its admission place and its queue key.
 struct Caller<'a> {
     identity: &'a crate::adapters::Identity,
-    slot: &'a crate::server::Slot,
+    slot: &'a crate::service::Slot,
     client: &'a str,
 }
 
@@ -671,43 +674,44 @@ fn run_request(
     caller: &Caller,
     rid: u64,
     op: Op,
+    size: usize,
     cancel: &CancelToken,
     emit: &dyn Fn(Value),
 ) -> Result<Value> {
-    let endpoint = match op {
-        Op::Complete { .. } => Endpoint::Completion,
-        _ => Endpoint::Chat,
+    // The frame's OpenAI or customize body becomes the service's typed request here, at the edge;
+    // what is refused here is counted as the service counts its own refusals.
+    let refused = |operation: Operation, e: Error| {
+        service.refused(Interface::socket, operation, e.kind());
+        e
     };
-    match op {
-        Op::Chat { body, stream } | Op::Complete { body, stream } => {
-            let bytes = serde_json::to_vec(&body).map_err(|e| Error::InvalidRequest(e.to_string()))?;
-            let mut on_text = |t: &str| {
-                if stream && !t.is_empty() {
-                    emit(json!({"id": rid, "event": "token", "text": t}));
-                }
-                if cancel.is_cancelled() {
-                    std::ops::ControlFlow::Break(())
-                } else {
-                    std::ops::ControlFlow::Continue(())
-                }
-            };
-            let v = service.answer_blocking(caller.slot, endpoint, caller.client, &bytes, cancel, &mut on_text)?;
-            if cancel.is_cancelled() {
-                return Err(Error::Cancelled);
-            }
-            Ok(v)
-        }
+    let (endpoint, body, stream) = match op {
+        Op::Chat { body, stream } => (Endpoint::Chat, body, stream),
+        Op::Complete { body, stream } => (Endpoint::Completion, body, stream),
         Op::Customize { body } => {
-            let bytes = serde_json::to_vec(&body).map_err(|e| Error::InvalidRequest(e.to_string()))?;
-            service.customize_blocking(Interface::socket, caller.identity, caller.client, &bytes, cancel)
+            service.check_size(Interface::socket, Operation::customize, size)?;
+            let req = CustomizeRequest::from_json(body).map_err(|e| refused(Operation::customize, e))?;
+            return service.customize(Interface::socket, caller.identity, caller.client, req, cancel);
         }
-        Op::Remove { name } => {
-            service.remove_blocking(Interface::socket, caller.identity, caller.client, &name, cancel)
-        }
+        Op::Remove { name } => return service.remove(Interface::socket, caller.identity, caller.client, &name, cancel),
         Op::Status | Op::Metrics | Op::Adapters | Op::Cancel { .. } => {
-            Err(Error::Internal("answered by the event loop".into()))
+            return Err(Error::Internal("answered by the event loop".into()));
         }
+    };
+    service.check_size(Interface::socket, Operation::generate, size)?;
+    let (request, _) = openai::parse_request(endpoint, openai::Body::Json(body), service.defaults())
+        .map_err(|e| refused(Operation::generate, e))?;
+    let mut on_text = |_: usize, t: &str| {
+        // Empty texts end an answer (HTTP's streamed `n` needs the marker); the socket does not.
+        if stream && !t.is_empty() {
+            emit(json!({"id": rid, "event": "token", "text": t}));
+        }
+        if cancel.is_cancelled() { ControlFlow::Break(()) } else { ControlFlow::Continue(()) }
+    };
+    let reply = service.answer(caller.slot, caller.client, request, cancel, &mut on_text)?;
+    if cancel.is_cancelled() {
+        return Err(Error::Cancelled);
     }
+    Ok(openai::full_response(&reply))
 }
 
 /// The socket code of a failure, from its [`crate::ErrorKind`] (the one classification).

@@ -1,18 +1,26 @@
-//! OpenAI-compatible request and response bodies (`/v1/chat/completions`, `/v1/completions`), plus
-//! the `crayon` extension object (`docs/http.md`). Known OpenAI fields this server does not implement
+//! The OpenAI wire format (`/v1/chat/completions`, `/v1/completions`, with the `crayon` extension
+//! object of `docs/http.md`), translated to and from the service core's typed [`Request`] and
+//! [`Reply`]. HTTP speaks it, and so do the socket protocol's `chat` / `complete` bodies and D-Bus's
+//! `Chat` method, so all of them convert here. Known OpenAI fields this server does not implement
 //! (tools, response_format, logit_bias, penalties, ...) are refused with a 400 naming the
 //! field when set to anything but their no-op value — never silently ignored; other unknown top-level
 //! fields (`user`, `metadata`, ...) are ignored, as OpenAI clients send many. Unknown fields *inside*
 //! `crayon` are rejected (a typo there changes routing).
 
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
 use crate::chat::Message;
 use crate::choices::{OptionScore, ScoringOverrides};
 use crate::context::{ContextOverrides, ContextReport};
+use crate::error::{Error, Result};
 use crate::generate::{FinishReason, GenerationParams, Prompt, TokenLogprob};
 use crate::router::{Answer, Route, RouteOverrides};
+use crate::service::{Answered, Endpoint, Reply, Request};
 
 #[derive(Debug, Deserialize)]
 pub struct ChatRequest {
@@ -186,22 +194,6 @@ impl CompletionRequest {
 }
 
 impl Common {
-    /// How many answers the request asks for (`n`), within `max_n` (`server.max_n`).
-    /// Answers per prompt (`n`) for `prompts` prompts: all of them together within `max_n`
-    /// (`server.max_n`), bounding the work one request can ask for.
-    pub fn n(&self, prompts: usize, max_n: usize) -> Result<usize, String> {
-        let n = self.n.unwrap_or(1);
-        let answers = n.saturating_mul(prompts);
-        match n {
-            0 => Err("n must be at least 1".into()),
-            _ if answers > max_n && prompts > 1 => {
-                Err(format!("{prompts} prompts x n = {n} is {answers} answers; the limit is {max_n} (server.max_n)"))
-            }
-            _ if answers > max_n => Err(format!("n = {n} is over the limit of {max_n} (server.max_n)")),
-            n => Ok(n),
-        }
-    }
-
     /// How many alternatives per token `logprobs` asks for: chat's `logprobs: true` + `top_logprobs`,
     /// or completions' `logprobs: k`; `None` when not asked.
     fn logprobs(&self) -> Result<Option<usize>, String> {
@@ -234,17 +226,12 @@ impl Common {
         }
     }
 
-    /// Generation parameters: the request's values over the config defaults, within `max_tokens_limit`.
-    pub fn params(&self, defaults: GenerationParams, max_tokens_limit: usize) -> Result<GenerationParams, String> {
+    /// The request's values over `p` (the service's defaults); the service checks the result.
+    pub fn apply(&self, p: &mut GenerationParams) -> std::result::Result<(), String> {
         self.check_unsupported()?;
-        let mut p = defaults;
         if let Some(m) = self.max_completion_tokens.or(self.max_tokens) {
-            if m == 0 {
-                return Err("max_tokens must be at least 1".into());
-            }
-            p.max_new_tokens = m; // capped below, as OpenAI clients often ask for more than any model has
+            p.max_new_tokens = m;
         }
-        p.max_new_tokens = p.max_new_tokens.min(max_tokens_limit);
         if let Some(t) = self.temperature {
             p.sampling.temperature = t;
         }
@@ -259,7 +246,6 @@ impl Common {
         }
         match &self.stop {
             Some(Stop::One(s)) => p.stop = vec![s.clone()],
-            Some(Stop::Many(v)) if v.len() > 16 => return Err("at most 16 stop strings".into()),
             Some(Stop::Many(v)) => p.stop = v.clone(),
             None => {}
         }
@@ -267,13 +253,71 @@ impl Common {
             p.choices = ext.choices.clone();
             p.choice_scoring = ext.choice_scoring;
             p.context = ext.context;
+            p.adapter = ext.adapter.clone();
         }
         p.logprobs = self.logprobs()?;
         if p.logprobs.is_some_and(|k| k > 0) && !p.choices.is_empty() {
             return Err("'top_logprobs' with crayon.choices is not supported: options are scored, not sampled".into());
         }
-        Ok(p)
+        Ok(())
     }
+}
+
+/// Where an OpenAI body comes from: the bytes of an HTTP body, or a JSON value (a socket frame's
+/// `body`, D-Bus's `Chat` argument).
+pub enum Body<'a> {
+    Bytes(&'a [u8]),
+    Json(Value),
+}
+
+impl Body<'_> {
+    fn decode<T: DeserializeOwned>(self) -> std::result::Result<T, String> {
+        let r = match self {
+            Body::Bytes(b) => serde_json::from_slice(b),
+            Body::Json(v) => serde_json::from_value(v),
+        };
+        r.map_err(|e| format!("malformed JSON body: {e}"))
+    }
+}
+
+/// An OpenAI request body of `endpoint`'s kind as the service's typed [`Request`], over `defaults`
+/// ([`crate::service::Service::defaults`]), and whether it asks to be streamed. The service checks
+/// the rest (limits, model, blend rules) when it answers.
+pub fn parse_request(endpoint: Endpoint, body: Body, defaults: GenerationParams) -> Result<(Request, bool)> {
+    parse(endpoint, body, defaults).map_err(Error::InvalidRequest)
+}
+
+fn parse(endpoint: Endpoint, body: Body, defaults: GenerationParams) -> std::result::Result<(Request, bool), String> {
+    let (model, prompts, common): (String, Vec<Prompt>, Common) = match endpoint {
+        Endpoint::Chat => {
+            let r: ChatRequest = body.decode()?;
+            let p = r.prompt()?;
+            (r.model, vec![p], r.common)
+        }
+        Endpoint::Completion => {
+            let r: CompletionRequest = body.decode()?;
+            let p = r.prompts()?;
+            (r.model, p, r.common)
+        }
+    };
+    let mut params = defaults;
+    common.apply(&mut params)?;
+    let ext = common.crayon.unwrap_or_default();
+    let blend = match (ext.pool_id, ext.weights) {
+        (Some(p), Some(w)) => Some((p, w)),
+        (None, None) => None,
+        _ => return Err("crayon.pool_id and crayon.weights go together".into()),
+    };
+    let request = Request {
+        endpoint,
+        prompts,
+        params,
+        model,
+        n: common.n.unwrap_or(1),
+        overrides: ext.route.unwrap_or_default(),
+        blend,
+    };
+    Ok((request, common.stream))
 }
 
 /// `choices[].logprobs` in the endpoint's OpenAI shape: chat's `{"content": [...]}`, or the legacy
@@ -339,4 +383,112 @@ pub fn usage(a: &Answer) -> Value {
 /// An OpenAI error body.
 pub fn error_body(message: &str, kind: &str, code: Option<&str>) -> Value {
     json!({"error": {"message": message, "type": kind, "param": null, "code": code}})
+}
+
+/// The `crayon` object of one answer.
+pub fn extension(d: &Answered) -> Value {
+    let a = &d.answer;
+    serde_json::to_value(ResponseExtension {
+        route: &a.route,
+        adapter: d.adapter.as_deref(),
+        blend: d.blend.as_deref(),
+        blend_error: d.blend_error.as_deref(),
+        choice: a.choice.as_deref(),
+        choice_probs: &a.choice_probs,
+        choice_scores: &a.choice_scores,
+        context: a.context,
+    })
+    .unwrap_or(Value::Null)
+}
+
+/// The OpenAI response for every answer of a request (`choices[i]`); usage counts each prompt once and
+/// every answer's tokens; the `crayon` object describes the first answer (each answer's own route is
+/// in `crayon.choices_routes` when there are several).
+pub fn full_response(reply: &Reply) -> Value {
+    let (endpoint, all) = (reply.endpoint, &reply.answers);
+    let choices: Vec<Value> = all
+        .iter()
+        .enumerate()
+        .map(|(i, d)| {
+            let a = &d.answer;
+            let finish = finish_reason(a.finish_reason);
+            let logprobs = match a.logprobs.is_empty() {
+                true => Value::Null,
+                false => logprobs_json(endpoint == Endpoint::Chat, &a.logprobs),
+            };
+            match endpoint {
+                Endpoint::Chat => json!({"index": i, "message": {"role": "assistant", "content": a.text},
+                                         "finish_reason": finish, "logprobs": logprobs}),
+                Endpoint::Completion => {
+                    json!({"index": i, "text": a.text, "finish_reason": finish, "logprobs": logprobs})
+                }
+            }
+        })
+        .collect();
+    let Some(first) = all.first() else {
+        return error_body("no answer", "server_error", None);
+    };
+    let mut usage = usage(&first.answer);
+    if all.len() > 1 {
+        // Each prompt counts once, however many answers it got.
+        let prompt: usize = all.iter().step_by(reply.n.max(1)).map(|d| d.answer.prompt_tokens).sum();
+        let completion: usize = all.iter().map(|d| d.answer.completion_tokens).sum();
+        usage["prompt_tokens"] = json!(prompt);
+        usage["completion_tokens"] = json!(completion);
+        usage["total_tokens"] = json!(prompt.saturating_add(completion));
+    }
+    let mut ext = extension(first);
+    if all.len() > 1 {
+        ext["choices_routes"] = json!(all.iter().map(extension).collect::<Vec<_>>());
+    }
+    json!({
+        "id": completion_id(),
+        "object": if endpoint == Endpoint::Chat { "chat.completion" } else { "text_completion" },
+        "created": now_unix(),
+        "model": reply.model,
+        "choices": choices,
+        "usage": usage,
+        "crayon": ext,
+    })
+}
+
+/// One server-sent event of a streamed response.
+pub fn chunk(
+    endpoint: Endpoint,
+    id: &str,
+    created: u64,
+    model: &str,
+    text: Option<&str>,
+    finish: Option<&str>,
+    first: bool,
+) -> Value {
+    let choice = match endpoint {
+        Endpoint::Chat => {
+            let mut delta = json!({});
+            if first {
+                delta["role"] = json!("assistant");
+            }
+            if let Some(t) = text {
+                delta["content"] = json!(t);
+            }
+            json!({"index": 0, "delta": delta, "finish_reason": finish})
+        }
+        Endpoint::Completion => json!({"index": 0, "text": text.unwrap_or(""), "finish_reason": finish}),
+    };
+    json!({
+        "id": id,
+        "object": if endpoint == Endpoint::Chat { "chat.completion.chunk" } else { "text_completion" },
+        "created": created,
+        "model": model,
+        "choices": [choice],
+    })
+}
+
+pub fn completion_id() -> String {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    format!("crayon-{:x}-{}", now_unix(), NEXT.fetch_add(1, Ordering::Relaxed))
+}
+
+pub fn now_unix() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
