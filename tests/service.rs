@@ -613,6 +613,61 @@ fn an_app_cannot_change_or_remove_another_apps_customization() {
     assert_eq!(code, 0, "{err}");
 }
 
+/// Every key path of a JSON value (arrays stand for their elements): its schema, values aside.
+fn schema(v: &Value, at: &str, out: &mut std::collections::BTreeSet<String>) {
+    match v {
+        Value::Object(m) => {
+            for (k, x) in m {
+                let path = format!("{at}/{k}");
+                out.insert(path.clone());
+                schema(x, &path, out);
+            }
+        }
+        Value::Array(a) => a.iter().for_each(|x| schema(x, &format!("{at}[]"), out)),
+        _ => {}
+    }
+}
+
+/// `crayonctl --json` prints one schema (issue #13): running the model itself and asking crayond over
+/// the socket give the same keys for generate (chat and --raw), customize and adapters.
+#[test]
+fn crayonctl_json_is_one_schema_in_process_and_over_the_socket() {
+    let s = Service::start(None, "");
+    // In-process crayonctl: the daemon's config with a state directory of its own.
+    let config = std::fs::read_to_string(s.config_path()).unwrap();
+    let state = s.dir.path().join("state").display().to_string();
+    let local_state = s.dir.path().join("local-state").display().to_string();
+    assert!(config.contains(&state), "{config}");
+    let local_config = s.dir.path().join("local.toml");
+    std::fs::write(&local_config, config.replace(&state, &local_state)).unwrap();
+    let examples = s.dir.path().join("examples.jsonl");
+    std::fs::write(&examples, "{\"input\": \"Question: 2 + 2?\\nAnswer:\", \"output\": \" 4\"}\n").unwrap();
+    let json_of = |mode: &str, args: &[&str]| -> Value {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_crayonctl"));
+        match mode {
+            "socket" => cmd.arg(format!("--socket={}", s.socket.display())),
+            _ => cmd.arg("--config").arg(&local_config),
+        };
+        let (code, out, err) = run(cmd.args(args).env_remove("CRAYON_CONFIG"));
+        assert_eq!(code, 0, "{mode} {args:?}: {err}");
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("{mode} {args:?}: {e}: {out}"))
+    };
+    let ex = examples.to_str().unwrap();
+    for args in [
+        &["generate", "-n", "3", "--json", "Name a colour."][..],
+        &["generate", "--raw", "-n", "3", "--json", "The sky is"],
+        &["customize", "sums", "-e", ex, "--json"],
+        &["adapters", "--json"],
+        &["generate", "-a", "sums", "-n", "2", "--json", "Question: 3 + 3?"],
+    ] {
+        let (local, remote) = (json_of("local", args), json_of("socket", args));
+        let (mut a, mut b) = (Default::default(), Default::default());
+        schema(&local, "", &mut a);
+        schema(&remote, "", &mut b);
+        assert_eq!(a, b, "{args:?}: in-process {local}\nsocket {remote}");
+    }
+}
+
 /// `crayonctl --socket` is a client of the running daemon: the same answer as a socket client gets,
 /// customization, listing, status and removal in the daemon, and precise errors with exit codes.
 #[test]

@@ -124,6 +124,43 @@ pub struct Request {
     pub on_offload: Option<OnOffload>,
 }
 
+impl Answer {
+    /// The device's answer: its generation's text, scores and counts, with the route it took.
+    pub fn from_device(g: Generation, choices: &[String], route: Route) -> Answer {
+        Answer {
+            choice: best_choice(choices, &g.choice_probs),
+            text: g.text,
+            finish_reason: g.finish_reason,
+            choice_probs: g.choice_probs,
+            choice_scores: g.choice_scores,
+            prompt_tokens: g.prompt_tokens,
+            completion_tokens: g.tokens.len(),
+            logprobs: g.logprobs,
+            context: g.context,
+            route,
+        }
+    }
+}
+
+impl Route {
+    /// The route of an answer the device gave because it was to answer itself (`device_only`: a
+    /// device's blend served on a server, `crayonctl` without a daemon), with its confidence.
+    pub fn device_only(confidence: Option<Confidence>, latency: Latency) -> Route {
+        Route {
+            answered_by: AnsweredBy::Device,
+            reason: Reason::DeviceOnly,
+            mode: RouteMode::DeviceOnly,
+            scope: None,
+            confidence,
+            thresholds: Thresholds::default(),
+            fallback: None,
+            server_blend: false,
+            server_model: None,
+            latency,
+        }
+    }
+}
+
 /// See [`Request::on_offload`].
 pub type OnOffload = std::sync::Arc<dyn Fn() + Send + Sync>;
 
@@ -344,18 +381,7 @@ impl Router {
             let _ = on_text(&local.text);
         }
         route.latency.total_ms = ms(t0.elapsed());
-        Ok(Answer {
-            choice: best_choice(&req.params.choices, &local.choice_probs),
-            text: local.text,
-            finish_reason: local.finish_reason,
-            choice_probs: local.choice_probs,
-            choice_scores: local.choice_scores,
-            prompt_tokens: local.prompt_tokens,
-            completion_tokens: local.tokens.len(),
-            logprobs: local.logprobs,
-            context: local.context,
-            route,
-        })
+        Ok(Answer::from_device(local, &req.params.choices, route))
     }
 
     fn plan(&self, engine: &Engine, req: &Request, remote: Option<&RemoteClient>) -> Result<Plan> {

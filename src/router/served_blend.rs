@@ -6,8 +6,7 @@
 use std::ops::ControlFlow;
 use std::time::Instant;
 
-use super::{Answer, AnsweredBy, Latency, Reason, Route, best_choice, confidence, ms};
-use crate::config::RouteMode;
+use super::{Answer, Latency, Route, confidence, ms};
 use crate::error::Result;
 use crate::generate::{CancelToken, GenerationParams, Prompt};
 use crate::queue::EngineQueue;
@@ -68,29 +67,8 @@ pub fn answer_served_blend(
     let t1 = Instant::now();
     let g = engine.generate(exemplar_prompt.as_ref().unwrap_or(prompt), &params, cancel, on_text)?;
     let local_ms = ms(t1.elapsed());
-    let route = Route {
-        answered_by: AnsweredBy::Device,
-        reason: Reason::DeviceOnly,
-        mode: RouteMode::DeviceOnly,
-        scope: None,
-        confidence: confidence(&g),
-        thresholds: Default::default(),
-        fallback: None,
-        server_blend: false,
-        server_model: None,
-        latency: Latency { queue_ms, routing_ms, local_ms, remote_ms: 0.0, total_ms: ms(t0.elapsed()) },
-    };
-    let answer = Answer {
-        choice: best_choice(&params.choices, &g.choice_probs),
-        text: g.text,
-        finish_reason: g.finish_reason,
-        choice_probs: g.choice_probs,
-        choice_scores: g.choice_scores,
-        prompt_tokens: g.prompt_tokens,
-        completion_tokens: g.tokens.len(),
-        logprobs: g.logprobs,
-        context: g.context,
-        route,
-    };
+    let latency = Latency { queue_ms, routing_ms, local_ms, remote_ms: 0.0, total_ms: ms(t0.elapsed()) };
+    let route = Route::device_only(confidence(&g), latency);
+    let answer = Answer::from_device(g, &params.choices, route);
     Ok(ServedBlend { answer, applied, error })
 }

@@ -15,9 +15,9 @@ use std::time::Instant;
 use serde_json::{Value, json};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-use crate::adapters::Identity;
+use crate::adapters::{Customization, Identity};
 use crate::config::{Config, RouteMode};
-use crate::engine::Engine;
+use crate::engine::{CustomizeReport, Engine};
 use crate::error::{Error, Result};
 use crate::generate::{CancelToken, GenerationParams, Prompt};
 use crate::metrics::{AnswerTiming, Interface, Metrics, Operation, Outcome};
@@ -66,13 +66,9 @@ struct Shared {
 
 impl Shared {
     fn new(engine: &Engine, config: &Config) -> Result<Shared> {
-        let model_id = match config.server.model_id.as_str() {
-            "" => engine.files().dir.file_name().map_or("crayon".into(), |n| n.to_string_lossy().into_owned()),
-            id => id.to_string(),
-        };
         let pool = engine.pool();
         Ok(Shared {
-            model_id,
+            model_id: model_id(engine, config),
             provider: engine.provider().to_string(),
             pool_id: pool.map(|p| p.id.clone()),
             paired_with: pool.and_then(|p| p.paired_with.clone()),
@@ -372,14 +368,7 @@ impl Service {
             None
         };
         let c = engine.adapter(&req.name)?.clone();
-        Ok(json!({
-            "adapter": adapter_json(&c),
-            "embed_ms": report.embed_ms,
-            "merge_ms": report.merge_ms,
-            "session_ms": report.session_ms,
-            "total_ms": report.total_ms,
-            "calibration": calibration,
-        }))
+        Ok(customize_reply(&c, &report, calibration.as_ref()))
     }
 
     /// The one input budget of every interface: a request (its prompt, system text, examples and
@@ -633,8 +622,34 @@ impl Service {
     }
 }
 
+/// The model id replies and `/v1/models` name the base model by: `server.model_id`, else the model
+/// folder's name.
+pub fn model_id(engine: &Engine, config: &Config) -> String {
+    match config.server.model_id.as_str() {
+        "" => engine.files().dir.file_name().map_or("crayon".into(), |n| n.to_string_lossy().into_owned()),
+        id => id.to_string(),
+    }
+}
+
+/// What every interface (and `crayonctl --json`) shows of a finished customization: the adapter, the
+/// time each step took, the calibration when one was asked for.
+pub fn customize_reply(
+    c: &Customization,
+    report: &CustomizeReport,
+    calibration: Option<&router::Calibration>,
+) -> Value {
+    json!({
+        "adapter": adapter_json(c),
+        "embed_ms": report.embed_ms,
+        "merge_ms": report.merge_ms,
+        "session_ms": report.session_ms,
+        "total_ms": report.total_ms,
+        "calibration": calibration,
+    })
+}
+
 /// What the API shows of a customization (not the example embeddings).
-pub fn adapter_json(c: &crate::adapters::Customization) -> Value {
+pub fn adapter_json(c: &Customization) -> Value {
     json!({
         "name": c.name,
         "pool_id": c.pool_id,

@@ -46,7 +46,7 @@ enum Command {
     Customize(CustomizeArgs),
     /// List the customized adapters
     Adapters {
-        /// Print JSON
+        /// Print JSON (the daemon's adapter objects, with or without --socket)
         #[arg(long)]
         json: bool,
     },
@@ -73,7 +73,7 @@ struct CustomizeArgs {
     /// JSON Lines file of examples, one {"input": "...", "output": "..."} per line ("-": standard input)
     #[arg(long, short = 'e')]
     examples: std::path::PathBuf,
-    /// Print the result as JSON
+    /// Print the result as JSON (the daemon's customize reply, with or without --socket)
     #[arg(long)]
     json: bool,
 }
@@ -106,7 +106,8 @@ struct GenerateArgs {
     /// Stop when this string appears (repeatable; adds to generation.stop)
     #[arg(long)]
     stop: Vec<String>,
-    /// Print the whole result as JSON (text, tokens with log-probabilities, timings) instead of streaming
+    /// Print the whole answer as JSON instead of streaming: the OpenAI response with the `crayon` object
+    /// (route, scores, latency), the same schema with or without --socket
     #[arg(long)]
     json: bool,
     /// Print prompt/decode speed to standard error at the end
@@ -279,10 +280,8 @@ fn customize(cfg: crayon::Config, args: &CustomizeArgs) -> crayon::Result<()> {
     let mut engine = Engine::load(&cfg)?;
     let report = engine.customize(&args.name, &examples)?;
     if args.json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&report).map_err(|e| crayon::Error::InvalidRequest(e.to_string()))?
-        );
+        // The daemon's reply schema (`crayonctl --socket customize --json` prints the same).
+        println!("{}", pretty(&crayon::service::customize_reply(&report.customization, &report, None)));
         return Ok(());
     }
     let c = &report.customization;
@@ -308,7 +307,8 @@ fn list_adapters(cfg: crayon::Config, json: bool) -> crayon::Result<()> {
     let engine = Engine::load(&cfg)?;
     let list = engine.adapters();
     if json {
-        println!("{}", serde_json::to_string_pretty(&list).map_err(|e| crayon::Error::InvalidRequest(e.to_string()))?);
+        let shown: Vec<_> = list.iter().map(|c| crayon::service::adapter_json(c)).collect();
+        println!("{}", pretty(&serde_json::Value::Array(shown)));
         return Ok(());
     }
     if list.is_empty() {
@@ -402,6 +402,7 @@ fn generate(cfg: crayon::Config, args: &GenerateArgs) -> crayon::Result<()> {
     });
     let stream = !args.json;
     let mut stdout = std::io::stdout().lock();
+    let started = std::time::Instant::now();
     let result = engine.generate(&prompt, &params, &cancel, &mut |text| {
         if stream && (stdout.write_all(text.as_bytes()).is_err() || stdout.flush().is_err()) {
             return ControlFlow::Break(()); // stdout closed (e.g. piped into `head`): stop working
@@ -409,8 +410,8 @@ fn generate(cfg: crayon::Config, args: &GenerateArgs) -> crayon::Result<()> {
         ControlFlow::Continue(())
     })?;
     if args.json {
-        let json = serde_json::to_string_pretty(&result).map_err(|e| crayon::Error::InvalidRequest(e.to_string()))?;
-        let _ = writeln!(stdout, "{json}");
+        let reply = in_process_reply(&cfg, &engine, args, &params, result.clone(), started);
+        let _ = writeln!(stdout, "{}", pretty(&crayon::openai::full_response(&reply)));
     } else {
         let _ = writeln!(stdout);
     }
@@ -452,6 +453,38 @@ fn generate(cfg: crayon::Config, args: &GenerateArgs) -> crayon::Result<()> {
         return Err(crayon::Error::Cancelled); // exit 130, as documented: the partial answer is above
     }
     Ok(())
+}
+
+/// An in-process answer as the daemon would reply: `--json` prints one schema whether crayonctl runs
+/// the model itself or asks crayond (`--socket`): the OpenAI response with the `crayon` object.
+fn in_process_reply(
+    cfg: &crayon::Config,
+    engine: &Engine,
+    args: &GenerateArgs,
+    params: &crayon::GenerationParams,
+    g: crayon::Generation,
+    started: std::time::Instant,
+) -> crayon::service::Reply {
+    use crayon::router::{Answer, Latency, Route, confidence};
+    let ms = started.elapsed().as_secs_f64() * 1e3;
+    let latency = Latency { local_ms: ms, total_ms: ms, ..Latency::default() };
+    let route = Route::device_only(confidence(&g), latency);
+    let answer = Answer::from_device(g, &params.choices, route);
+    crayon::service::Reply {
+        endpoint: if args.raw { crayon::service::Endpoint::Completion } else { crayon::service::Endpoint::Chat },
+        model: params.adapter.clone().unwrap_or_else(|| crayon::service::model_id(engine, cfg)),
+        n: 1,
+        answers: vec![crayon::service::Answered {
+            answer,
+            adapter: params.adapter.clone(),
+            blend: None,
+            blend_error: None,
+        }],
+    }
+}
+
+fn pretty(v: &serde_json::Value) -> String {
+    serde_json::to_string_pretty(v).unwrap_or_else(|_| v.to_string())
 }
 
 fn read_prompt(arg: Option<&str>, limit: Limit) -> crayon::Result<String> {

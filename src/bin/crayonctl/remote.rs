@@ -9,7 +9,7 @@ use crayon_client::Code;
 use crayon_client::{Client, ClientError};
 use serde_json::{Value, json};
 
-use super::{CustomizeArgs, GenerateArgs, Limit, print_adapter_line, read_examples, read_prompt};
+use super::{CustomizeArgs, GenerateArgs, Limit, pretty, print_adapter_line, read_examples, read_prompt};
 
 /// What can go wrong talking to the daemon: its own error replies keep their code.
 pub enum RemoteError {
@@ -249,8 +249,4 @@ impl Remote {
         );
         Ok(())
     }
-}
-
-fn pretty(v: &Value) -> String {
-    serde_json::to_string_pretty(v).unwrap_or_else(|_| v.to_string())
 }
