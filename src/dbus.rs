@@ -20,12 +20,12 @@ use zbus::{Connection, fdo, interface};
 
 use crate::adapters::{Example, Identity};
 use crate::chat::Message;
-use crate::config::DbusConfig;
 use crate::error::{Error, Result};
 use crate::generate::{CancelToken, GenerationParams, Prompt};
 use crate::metrics::{Interface, Operation};
 use crate::openai;
 use crate::service::{CustomizeRequest, Endpoint, Reply, Request, Service, Slot};
+use serde::{Deserialize, Serialize};
 
 pub const OBJECT_PATH: &str = "/org/crayon/Crayon1";
 pub const INTERFACE: &str = "org.crayon.Crayon1";
@@ -83,11 +83,6 @@ pub struct Crayon1 {
 }
 
 impl Crayon1 {
-    /// A counter or gauge of the service status, 0 when absent.
-    fn counter(&self, key: &str) -> u64 {
-        self.service.status()[key].as_u64().unwrap_or(0)
-    }
-
     /// Root, the service user, or a member of `dbus.group` (by the bus's own view of the caller);
     /// returns who it is, for ownership of customizations.
     async fn authorize(&self, conn: &Connection, hdr: &Header<'_>, what: &str) -> DResult<Identity> {
@@ -96,7 +91,7 @@ impl Crayon1 {
         let creds = proxy.get_connection_credentials(BusName::Unique(sender.clone())).await?;
         let uid = creds.unix_user_id();
         let groups = creds.unix_group_ids().cloned().unwrap_or_default();
-        let ok = uid == Some(0) || uid == Some(self.own_uid) || self.group_gid.is_some_and(|g| groups.contains(&g));
+        let ok = uid.is_some_and(|u| crate::access::may_use(u, &groups, self.own_uid, self.group_gid));
         if let (true, Some(uid)) = (ok, uid) {
             Ok(Identity::of_uid(uid, self.own_uid))
         } else {
@@ -400,7 +395,7 @@ impl Crayon1 {
 
     /// StatusJson() -> everything `Status` properties hold and more, as JSON.
     async fn status_json(&self) -> String {
-        self.service.status().to_string()
+        serde_json::to_string(&self.service.status()).unwrap_or_default()
     }
 
     /// Metrics() -> the OpenMetrics exposition, as HTTP `GET /metrics` serves it.
@@ -419,32 +414,32 @@ impl Crayon1 {
 
     #[zbus(property(emits_changed_signal = "false"))]
     async fn model(&self) -> String {
-        str_field(&self.service.status(), "model")
+        self.service.status().model
     }
 
     #[zbus(property(emits_changed_signal = "false"))]
     async fn execution_provider(&self) -> String {
-        str_field(&self.service.status(), "provider")
+        self.service.status().provider
     }
 
     #[zbus(property(emits_changed_signal = "false"))]
     async fn pool_id(&self) -> String {
-        str_field(&self.service.status(), "pool_id")
+        self.service.status().pool_id.unwrap_or_default()
     }
 
     #[zbus(property(emits_changed_signal = "false"))]
     async fn route_mode(&self) -> String {
-        str_field(&self.service.status(), "route_mode")
+        self.service.status().route_mode.to_string()
     }
 
     #[zbus(property(emits_changed_signal = "false"))]
     async fn requests(&self) -> u64 {
-        self.counter("requests")
+        self.service.status().requests
     }
 
     #[zbus(property(emits_changed_signal = "false"))]
     async fn offloaded(&self) -> u64 {
-        self.counter("offloaded")
+        self.service.status().offloaded
     }
 
     #[zbus(property(emits_changed_signal = "false"))]
@@ -454,36 +449,36 @@ impl Crayon1 {
 
     #[zbus(property(emits_changed_signal = "false"))]
     async fn rejected_busy(&self) -> u64 {
-        self.counter("rejected_busy")
+        self.service.status().rejected_busy
     }
 
     /// Requests the server failed and the device answered itself.
     #[zbus(property(emits_changed_signal = "false"))]
     async fn fallbacks(&self) -> u64 {
-        self.counter("fallbacks")
+        self.service.status().fallbacks
     }
 
     /// Requests that ended in an error (the `Failed` signal is per request).
     #[zbus(property(emits_changed_signal = "false"))]
     async fn failed_requests(&self) -> u64 {
-        self.counter("failed")
+        self.service.status().failed
     }
 
     #[zbus(property(emits_changed_signal = "false"))]
     async fn cancelled_requests(&self) -> u64 {
-        self.counter("cancelled")
+        self.service.status().cancelled
     }
 
     /// Requests waiting for the model.
     #[zbus(property(emits_changed_signal = "false"))]
     async fn queued(&self) -> u64 {
-        self.counter("queued")
+        self.service.status().queued as u64
     }
 
     /// Whether the circuit breaker currently sends everything to the device.
     #[zbus(property(emits_changed_signal = "false"))]
     async fn breaker_open(&self) -> bool {
-        self.service.status()["breaker_open"].as_bool().unwrap_or(false)
+        self.service.status().breaker_open
     }
 
     /// The daemon's resident memory, in bytes (0 where /proc is not available).
@@ -500,10 +495,6 @@ impl Crayon1 {
 
     #[zbus(signal)]
     async fn failed(emitter: &SignalEmitter<'_>, id: u64, error: &str, message: &str) -> zbus::Result<()>;
-}
-
-fn str_field(v: &Value, k: &str) -> String {
-    v[k].as_str().unwrap_or_default().to_string()
 }
 
 fn error_name(e: &DbusError) -> String {
@@ -689,6 +680,35 @@ impl DbusServer {
     /// Streamed requests still running.
     pub fn running(&self) -> usize {
         lock(&self.running).len()
+    }
+}
+
+/// The D-Bus interface `org.crayon.Crayon1` (`docs/dbus.md`).
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct DbusConfig {
+    /// "system", "session", a bus address ("unix:path=..."), or empty: no D-Bus (`crayond --dbus`).
+    pub bus: String,
+    /// Well-known name to own.
+    pub name: String,
+    /// Group whose members may call state-changing methods (Customize, RemoveAdapter) besides root
+    /// and the service's own user. The bus policy is the first gate; this check is the second.
+    pub group: String,
+}
+
+impl Default for DbusConfig {
+    fn default() -> Self {
+        DbusConfig { bus: String::new(), name: "org.crayon.Crayon1".into(), group: "crayon".into() }
+    }
+}
+
+impl DbusConfig {
+    /// Checks the section on its own (the config file reports the first problem).
+    pub fn validate(&self) -> std::result::Result<(), String> {
+        if !self.bus.is_empty() && zbus::names::WellKnownName::try_from(self.name.as_str()).is_err() {
+            return Err(format!("dbus.name '{}' is not a valid well-known bus name", self.name));
+        }
+        Ok(())
     }
 }
 

@@ -4,6 +4,7 @@
 //! `service` (the typed core every interface calls) -> the interfaces, each translating its wire
 //! format at its edge: `http` (OpenAI, via `openai`), `socket`, `dbus`, `cli`, and libcrayon (C).
 
+pub mod access;
 pub mod adapters;
 pub mod chat;
 pub mod choices;

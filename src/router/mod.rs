@@ -25,7 +25,6 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 
 use crate::choices::OptionScore;
-use crate::config::{RouteMode, RouterConfig, Thresholds};
 use crate::engine::Engine;
 use crate::error::{Error, Result};
 use crate::generate::{CancelToken, FinishReason, Generation, GenerationParams, Prompt};
@@ -478,6 +477,83 @@ fn finish_remote(
 
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
+}
+
+/// How a request chooses between the device model and the server (`docs/routing.md`).
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum RouteMode {
+    /// Never leave the device (the default: nothing is sent anywhere unless asked for).
+    #[default]
+    DeviceOnly,
+    /// Scope and confidence decide (needs `[remote] url`).
+    Hybrid,
+    /// Always ask the server; the device answers only when the server fails.
+    ServerOnly,
+}
+
+/// Routing thresholds (each overridable per request, and calibratable per adapter from its examples).
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Thresholds {
+    /// Scope below this (cosine of the query to its nearest example, in [-1, 1]): out of scope.
+    pub min_scope: f32,
+    /// Choice questions: a confidence (`[choices] confidence`: consensus probability of the chosen
+    /// option by default, or the probability margin) below this is low confidence. `min_margin` is
+    /// read as an alias (configurations and stored adapters before the consensus measure).
+    #[serde(alias = "min_margin")]
+    pub min_choice_confidence: f32,
+    /// Free text: a geometric-mean token probability below this is low confidence.
+    pub min_token_prob: f32,
+}
+
+impl Default for Thresholds {
+    fn default() -> Self {
+        Thresholds { min_scope: 0.2, min_choice_confidence: 0.3, min_token_prob: 0.5 }
+    }
+}
+
+impl Thresholds {
+    pub fn validate(&self, section: &str) -> std::result::Result<(), String> {
+        let in_range = |v: f32, lo: f32| v.is_finite() && (lo..=1.0).contains(&v);
+        if !in_range(self.min_scope, -1.0) {
+            return Err(format!("{section}.min_scope must be in [-1, 1], got {}", self.min_scope));
+        }
+        if !in_range(self.min_choice_confidence, 0.0) || !in_range(self.min_token_prob, 0.0) {
+            return Err(format!(
+                "{section}.min_choice_confidence and min_token_prob must be in [0, 1], got {} and {}",
+                self.min_choice_confidence, self.min_token_prob
+            ));
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct RouterConfig {
+    pub mode: RouteMode,
+    #[serde(flatten)]
+    pub thresholds: Thresholds,
+    /// Use an adapter's thresholds calibrated from its examples (`customize --calibrate`) when it has them.
+    pub use_calibrated: bool,
+}
+
+impl RouteMode {
+    pub fn name(self) -> &'static str {
+        match self {
+            RouteMode::DeviceOnly => "device_only",
+            RouteMode::Hybrid => "hybrid",
+            RouteMode::ServerOnly => "server_only",
+        }
+    }
+}
+
+impl RouterConfig {
+    /// Checks the section on its own.
+    pub fn validate(&self) -> std::result::Result<(), String> {
+        self.thresholds.validate("router")
+    }
 }
 
 #[cfg(test)]

@@ -16,13 +16,13 @@
 //! vLLM server with Crayon's resolver plugin gets it as the model name (`crayon-blend.<pool>.<weights>`);
 //! a plain OpenAI-compatible server gets exemplars drawn by it (when the device has its pool's bank).
 
+use std::path::PathBuf;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
-use crate::config::{RemoteConfig, RemoteKind};
 use crate::error::{Error, Result};
 use crate::generate::{CancelToken, FinishReason, GenerationParams, Prompt};
 
@@ -620,6 +620,91 @@ fn parse_answer(body: &str) -> std::result::Result<RemoteAnswer, String> {
         logprobs,
         attempts: 0,
     })
+}
+
+/// What kind of server a device offloads to, which decides how a customized request's blend travels
+/// (`docs/routing.md`).
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum RemoteKind {
+    /// A server `crayond`: the `crayon` extension carries pool id, blend weights and answer options.
+    #[default]
+    Crayon,
+    /// Any OpenAI-compatible server: plain requests, no blend.
+    Openai,
+    /// llama.cpp's `llama-server` with the server pool loaded as GGUF LoRA adapters
+    /// (`scripts/build-llama-server`): the blend travels as per-request adapter scales.
+    LlamaServer,
+    /// vLLM with Crayon's LoRA resolver plugin (`onnx-export/crayon_pool/vllm_blend.py`): the blend is
+    /// named in `model` (`crayon-blend.<pool id>.<weights>`) and materialized on the vLLM host.
+    Vllm,
+}
+
+/// The server a device offloads to: any OpenAI-compatible `/v1/chat/completions` endpoint; a Crayon
+/// server also understands the `crayon` extension (pool id and blend weights), a llama.cpp server
+/// per-request LoRA scales.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct RemoteConfig {
+    /// Base URL, e.g. "https://llm.example.com" or "http://127.0.0.1:8090"; empty: no server.
+    pub url: String,
+    /// The server's kind: "crayon" (default), "openai", "llama-server" or "vllm".
+    pub kind: RemoteKind,
+    /// File holding the bearer token (first line); empty: no Authorization header.
+    pub token_file: PathBuf,
+    /// PEM file of the CA(s) to trust for an https:// server instead of the built-in web roots.
+    pub ca_file: PathBuf,
+    /// `model` sent to the server; empty: "default".
+    pub model: String,
+    /// Send the blend for customized requests (as the kind says); off: every request asks the plain model.
+    pub send_blend: bool,
+    pub connect_timeout_ms: u64,
+    /// Hard limit on the whole request, retries included, from connecting to the last byte of the
+    /// body (a slow drip ends here); past it the device answers itself.
+    pub timeout_ms: u64,
+    /// Further attempts after a failed one (connection errors, timeouts, 5xx, bad bodies).
+    pub retries: u32,
+    pub retry_backoff_ms: u64,
+    /// Consecutive failed requests that open the circuit breaker (0: never open).
+    pub breaker_failures: u32,
+    /// How long an open breaker sends everything to the device before trying the server again.
+    pub breaker_cooldown_ms: u64,
+    /// Largest response body accepted.
+    pub max_response_bytes: u64,
+}
+
+impl Default for RemoteConfig {
+    fn default() -> Self {
+        RemoteConfig {
+            url: String::new(),
+            kind: RemoteKind::Crayon,
+            token_file: PathBuf::new(),
+            ca_file: PathBuf::new(),
+            model: String::new(),
+            send_blend: true,
+            connect_timeout_ms: 2000,
+            timeout_ms: 60_000,
+            retries: 1,
+            retry_backoff_ms: 200,
+            breaker_failures: 3,
+            breaker_cooldown_ms: 30_000,
+            max_response_bytes: 4 << 20,
+        }
+    }
+}
+
+impl RemoteConfig {
+    /// Checks the section on its own (the config file reports the first problem).
+    pub fn validate(&self) -> std::result::Result<(), String> {
+        let r = self;
+        if !(r.url.is_empty() || r.url.starts_with("http://") || r.url.starts_with("https://")) {
+            return Err(format!("remote.url must start with http:// or https://, got '{}'", r.url));
+        }
+        if r.connect_timeout_ms == 0 || r.timeout_ms == 0 || r.max_response_bytes == 0 {
+            return Err("remote.connect_timeout_ms, timeout_ms and max_response_bytes must be positive".into());
+        }
+        Ok(())
+    }
 }
 
 #[cfg(test)]

@@ -8,10 +8,12 @@
 mod request;
 
 use std::ops::ControlFlow;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Instant;
 
+use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
@@ -180,34 +182,35 @@ impl Service {
         self.catalog.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
-    /// Service status: model, provider, routing, queue and counters.
-    pub fn status(&self) -> Value {
+    /// Service status: model, provider, routing, queue and counters — what `/health`, the socket's
+    /// `status`, D-Bus's properties and `StatusJson()` all report.
+    pub fn status(&self) -> Status {
         let c = &self.counters;
         let sh = self.shared();
-        let q = self.queue.stats();
-        json!({
-            "status": "ok",
-            "version": crate::VERSION,
-            "model": sh.model_id,
-            "provider": sh.provider,
-            "pool_id": sh.pool_id,
-            "paired_with": sh.paired_with,
-            "route_mode": sh.router.mode().name(),
-            "server": sh.router.remote().map(|r| r.url()),
-            "breaker_open": sh.router.remote().is_some_and(|r| r.breaker_open()),
-            "in_flight": self.in_flight(),
-            "max_concurrent": self.max_concurrent,
-            "queued": q.waiting,
-            "requests": c.requests.load(Ordering::Relaxed),
-            "offloaded": c.offloaded.load(Ordering::Relaxed),
-            "fallbacks": c.fallbacks.load(Ordering::Relaxed),
-            "rejected_busy": c.rejected_busy.load(Ordering::Relaxed),
-            "failed": c.failed.load(Ordering::Relaxed),
-            "cancelled": c.cancelled.load(Ordering::Relaxed),
-            "reloads": c.reloads.load(Ordering::Relaxed),
-            "adapters": self.catalog.read().unwrap_or_else(|p| p.into_inner()).len(),
-            "uptime_s": self.started.elapsed().as_secs(),
-        })
+        let load = |n: &AtomicU64| n.load(Ordering::Relaxed);
+        Status {
+            status: "ok",
+            version: crate::VERSION,
+            model: sh.model_id.clone(),
+            provider: sh.provider.clone(),
+            pool_id: sh.pool_id.clone(),
+            paired_with: sh.paired_with.clone(),
+            route_mode: sh.router.mode().name(),
+            server: sh.router.remote().map(|r| r.url().to_string()),
+            breaker_open: sh.router.remote().is_some_and(|r| r.breaker_open()),
+            in_flight: self.in_flight(),
+            max_concurrent: self.max_concurrent,
+            queued: self.queue.stats().waiting,
+            requests: load(&c.requests),
+            offloaded: load(&c.offloaded),
+            fallbacks: load(&c.fallbacks),
+            rejected_busy: load(&c.rejected_busy),
+            failed: load(&c.failed),
+            cancelled: load(&c.cancelled),
+            reloads: load(&c.reloads),
+            adapters: self.catalog.read().unwrap_or_else(|p| p.into_inner()).len(),
+            uptime_s: self.started.elapsed().as_secs(),
+        }
     }
 
     /// The generation parameters a request starts from (`[generation]`), before its own values.
@@ -565,6 +568,40 @@ struct One<'a> {
     job: &'a Job,
 }
 
+/// The service's state and counters ([`Service::status`]), one typed record for every interface.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Status {
+    pub status: &'static str,
+    pub version: &'static str,
+    /// The base model's id ([`model_id`]).
+    pub model: String,
+    /// The execution provider the engine runs on.
+    pub provider: String,
+    pub pool_id: Option<String>,
+    /// A server pool's device pool.
+    pub paired_with: Option<String>,
+    pub route_mode: &'static str,
+    /// The server this device routes to, if any.
+    pub server: Option<String>,
+    /// Whether the circuit breaker currently sends everything to the device.
+    pub breaker_open: bool,
+    pub in_flight: usize,
+    pub max_concurrent: usize,
+    /// Requests waiting for the model.
+    pub queued: usize,
+    pub requests: u64,
+    pub offloaded: u64,
+    /// Requests the server failed and the device answered itself.
+    pub fallbacks: u64,
+    pub rejected_busy: u64,
+    pub failed: u64,
+    pub cancelled: u64,
+    pub reloads: u64,
+    /// Saved customizations.
+    pub adapters: usize,
+    pub uptime_s: u64,
+}
+
 /// The wording of the input budget's refusal, the same on every interface.
 pub fn body_too_large(limit: usize) -> String {
     format!("request over {limit} bytes (server.max_body_bytes)")
@@ -661,4 +698,73 @@ pub fn adapter_json(c: &Customization) -> Value {
         "created": c.created_unix,
         "calibrated": c.calibrated,
     })
+}
+
+/// `crayond`'s HTTP endpoint (OpenAI-compatible, `docs/http.md`).
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// Address to serve HTTP on, e.g. "127.0.0.1:8090"; empty: no HTTP (`crayond --listen` overrides).
+    pub listen: String,
+    /// File holding the bearer token clients must send; empty: no authentication (loopback only).
+    pub token_file: PathBuf,
+    /// Allow a non-loopback `listen` without a token (not recommended).
+    pub allow_unauthenticated_remote: bool,
+    /// Largest request body, in bytes.
+    pub max_body_bytes: usize,
+    /// Requests admitted at once (running + waiting for the model); more get HTTP 429.
+    pub max_concurrent: usize,
+    /// Requests one client (a socket uid, a D-Bus connection, an HTTP peer address) may have in flight
+    /// of the `max_concurrent`, so that one busy app cannot take every place.
+    pub max_concurrent_per_client: usize,
+    /// Largest `max_tokens` a request may ask for.
+    pub max_tokens_limit: usize,
+    /// Largest OpenAI `n` (answers per request, generated one after another in the request's turns).
+    pub max_n: usize,
+    /// HTTP connections open at once; one more gets 503 and is closed.
+    pub max_connections: usize,
+    /// A client must send its request headers within this many ms of connecting (and between
+    /// keep-alive requests); then the connection is closed.
+    pub header_timeout_ms: u64,
+    /// Name reported in `/v1/models` and responses; empty: the model folder's name.
+    pub model_id: String,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            listen: String::new(),
+            token_file: PathBuf::new(),
+            allow_unauthenticated_remote: false,
+            max_body_bytes: 1 << 20,
+            max_concurrent: 16,
+            max_tokens_limit: 2048,
+            max_n: 4,
+            max_concurrent_per_client: 8,
+            max_connections: 256,
+            header_timeout_ms: 10_000,
+            model_id: String::new(),
+        }
+    }
+}
+
+impl ServerConfig {
+    /// Checks the section on its own (the config file reports the first problem).
+    pub fn validate(&self) -> std::result::Result<(), String> {
+        let s = self;
+        if s.max_concurrent == 0
+            || s.max_body_bytes == 0
+            || s.max_tokens_limit == 0
+            || s.max_connections == 0
+            || s.header_timeout_ms == 0
+            || s.max_concurrent_per_client == 0
+            || s.max_n == 0
+        {
+            return Err(
+                "server.max_concurrent, max_concurrent_per_client, max_body_bytes, max_tokens_limit, max_n, max_connections and header_timeout_ms must be positive"
+                    .into(),
+            );
+        }
+        Ok(())
+    }
 }

@@ -24,9 +24,9 @@ use std::time::{Duration, Instant};
 
 use mio::net::{UnixListener, UnixStream};
 use mio::{Events, Interest, Poll, Token, Waker};
+use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
-use crate::config::SocketConfig;
 use crate::error::{Error, Result};
 use crate::generate::CancelToken;
 use crate::metrics::{Interface, Operation};
@@ -222,9 +222,11 @@ fn peer_groups(stream: &UnixStream) -> Vec<u32> {
     }
 }
 
-/// Root, the service's own user, and members of the configured group may use the service.
+/// Whether a peer may use the service ([`crate::access::may_use`], the rule D-Bus applies too).
 pub fn peer_allowed(peer: &Peer, own_uid: u32, allowed_gid: Option<u32>) -> bool {
-    peer.uid == 0 || peer.uid == own_uid || allowed_gid.is_some_and(|g| peer.gid == g || peer.groups.contains(&g))
+    let mut groups = peer.groups.clone();
+    groups.push(peer.gid);
+    crate::access::may_use(peer.uid, &groups, own_uid, allowed_gid)
 }
 
 /// What worker threads send back to the loop.
@@ -474,7 +476,7 @@ impl Loop {
                     self.send(
                         id,
                         &json!({"crayon": PROTOCOL_VERSION, "server": format!("crayond {}", crate::VERSION),
-                                "model": status["model"], "max_frame_bytes": self.limits.max_frame_bytes}),
+                                "model": status.model, "max_frame_bytes": self.limits.max_frame_bytes}),
                     );
                 }
                 other => {
@@ -717,6 +719,62 @@ fn run_request(
 /// The socket code of a failure, from its [`crate::ErrorKind`] (the one classification).
 pub fn code_of(e: &Error) -> Code {
     Code::from_kind(e.kind())
+}
+
+/// The local socket libcrayon talks to (`docs/socket.md`).
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct SocketConfig {
+    /// Unix socket path, e.g. "/run/crayon/crayon.sock"; empty: no socket (`crayond --socket` overrides).
+    pub path: PathBuf,
+    /// Group allowed to connect besides root and the service's own user (socket file group, mode
+    /// 0660, and a peer-credential check on every connection); empty or absent group: nobody else.
+    pub group: String,
+    /// Largest frame, in bytes, either way.
+    pub max_frame_bytes: usize,
+    /// Connections served at once; more are refused.
+    pub max_connections: usize,
+    /// Connections one uid may hold at once (so one app cannot take all of `max_connections`).
+    pub max_connections_per_uid: usize,
+    /// A connection must complete its handshake, and a started frame must arrive whole, within this
+    /// many ms; then it is closed (clients that connect and say nothing cannot hold places).
+    pub handshake_timeout_ms: u64,
+    /// Requests one connection may have in flight.
+    pub max_requests_per_connection: usize,
+}
+
+impl Default for SocketConfig {
+    fn default() -> Self {
+        SocketConfig {
+            path: PathBuf::new(),
+            group: "crayon".into(),
+            max_frame_bytes: crate::socket::proto::DEFAULT_MAX_FRAME,
+            max_connections: 64,
+            max_connections_per_uid: 16,
+            handshake_timeout_ms: 5000,
+            max_requests_per_connection: 8,
+        }
+    }
+}
+
+impl SocketConfig {
+    /// Checks the section on its own (the config file reports the first problem).
+    pub fn validate(&self) -> std::result::Result<(), String> {
+        let k = self;
+        if k.max_frame_bytes < 64 || k.max_frame_bytes > u32::MAX as usize {
+            return Err(format!("socket.max_frame_bytes must be in 64..=4294967295, got {}", k.max_frame_bytes));
+        }
+        if k.max_connections == 0 || k.max_requests_per_connection == 0 || k.max_connections_per_uid == 0 {
+            return Err(
+                "socket.max_connections, max_connections_per_uid and max_requests_per_connection must be positive"
+                    .into(),
+            );
+        }
+        if k.handshake_timeout_ms == 0 {
+            return Err("socket.handshake_timeout_ms must be positive".into());
+        }
+        Ok(())
+    }
 }
 
 #[cfg(test)]
