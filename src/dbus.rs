@@ -351,20 +351,14 @@ impl Crayon1 {
         let examples = inputs.into_iter().zip(outputs).map(|(input, output)| Example { input, output }).collect();
         let request = CustomizeRequest { name, examples, calibrate: false, choices: Vec::new() };
         let client = client_key(&hdr);
-        let v = self
+        let done = self
             .blocking(client, move |s, _, client| {
                 s.customize(Interface::dbus, &identity, client, request, &CancelToken::new())
             })
             .await?;
-        let a = &v["adapter"];
-        let weights = a["adapters"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .zip(a["weights"].as_array().into_iter().flatten())
-            .filter_map(|(n, w)| Some((n.as_str()?.to_string(), w.as_f64()?)))
-            .collect();
-        Ok((a["name"].as_str().unwrap_or_default().to_string(), weights))
+        let c = done.customization;
+        let weights = c.adapters.into_iter().zip(c.weights.iter().map(|&w| f64::from(w))).collect();
+        Ok((c.name, weights))
     }
 
     /// ListAdapters() -> names of the saved adapters.

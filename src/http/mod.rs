@@ -308,7 +308,7 @@ async fn customize(State(s): State<Arc<Service>>, client: HttpClient, headers: H
     })
     .await;
     match joined {
-        Ok(Ok(v)) => axum::Json(v).into_response(),
+        Ok(Ok(done)) => axum::Json(done.to_json()).into_response(),
         Ok(Err(e)) => error_response(&e),
         Err(_) => fail(StatusCode::INTERNAL_SERVER_ERROR, "internal error while customizing", "server_error"),
     }

@@ -332,7 +332,7 @@ impl Service {
         client: &str,
         req: CustomizeRequest,
         cancel: &CancelToken,
-    ) -> Result<Value> {
+    ) -> Result<Customized> {
         let result = self.customize_unrecorded(identity, client, req, cancel);
         self.metrics.request(interface, Operation::customize, outcome(&result));
         result
@@ -344,7 +344,7 @@ impl Service {
         client: &str,
         req: CustomizeRequest,
         cancel: &CancelToken,
-    ) -> Result<Value> {
+    ) -> Result<Customized> {
         if req.calibrate {
             router::check_calibration(&req.examples, &req.choices)?;
         }
@@ -370,8 +370,8 @@ impl Service {
         } else {
             None
         };
-        let c = engine.adapter(&req.name)?.clone();
-        Ok(customize_reply(&c, &report, calibration.as_ref()))
+        let customization = engine.adapter(&req.name)?.clone();
+        Ok(Customized { customization, report, calibration })
     }
 
     /// The one input budget of every interface: a request (its prompt, system text, examples and
@@ -665,6 +665,21 @@ pub fn model_id(engine: &Engine, config: &Config) -> String {
     match config.server.model_id.as_str() {
         "" => engine.files().dir.file_name().map_or("crayon".into(), |n| n.to_string_lossy().into_owned()),
         id => id.to_string(),
+    }
+}
+
+/// A finished customization: the adapter as saved (with its calibration, if asked for), and the time
+/// each step took.
+pub struct Customized {
+    pub customization: Customization,
+    pub report: CustomizeReport,
+    pub calibration: Option<router::Calibration>,
+}
+
+impl Customized {
+    /// As every interface shows it ([`customize_reply`]).
+    pub fn to_json(&self) -> Value {
+        customize_reply(&self.customization, &self.report, self.calibration.as_ref())
     }
 }
 

@@ -692,7 +692,9 @@ fn run_request(
         Op::Customize { body } => {
             service.check_size(Interface::socket, Operation::customize, size)?;
             let req = CustomizeRequest::from_json(body).map_err(|e| refused(Operation::customize, e))?;
-            return service.customize(Interface::socket, caller.identity, caller.client, req, cancel);
+            return service
+                .customize(Interface::socket, caller.identity, caller.client, req, cancel)
+                .map(|d| d.to_json());
         }
         Op::Remove { name } => return service.remove(Interface::socket, caller.identity, caller.client, &name, cancel),
         Op::Status | Op::Metrics | Op::Adapters | Op::Cancel { .. } => {
