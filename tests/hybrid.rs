@@ -736,6 +736,51 @@ fn raw_http(url: &str, method: &str, path: &str, headers: &[(&str, &str)], body:
 /// Without a token, HTTP is a local mode that a web page in a browser on the board must not reach
 /// (issue #14): a foreign `Host` (DNS rebinding), a foreign `Origin` (CSRF) and a non-JSON adapter write
 /// are refused with 403 and change nothing; local clients (curl, the OpenAI clients) are served.
+/// Tokenless local HTTP names a loopback client by its uid, from the kernel's socket table, as the
+/// socket does from SO_PEERCRED (issue #14): an app cannot change or remove another app's
+/// customization over HTTP either, while root (an admin) can; each app owns what it makes.
+#[test]
+fn local_http_names_each_app_by_its_uid_for_ownership() {
+    if !common::service::require_root("to run HTTP clients as other users") {
+        return;
+    }
+    let state = tempfile::tempdir().unwrap();
+    let pool = common::repo().join("models/tiny-pool");
+    let d = Daemon::start(&tiny_config(Some(&pool), state.path(), ""));
+    let curl = |uid: Option<u32>, method: &str, path: &str, body: &str| -> (String, String) {
+        let mut cmd = std::process::Command::new(if uid.is_some() { "setpriv" } else { "curl" });
+        if let Some(u) = uid {
+            cmd.args([format!("--reuid={u}"), format!("--regid={u}"), "--clear-groups".into(), "curl".into()]);
+        }
+        cmd.args(["-s", "-o", "-", "-w", "\n%{http_code}", "-X", method, "-H", "Content-Type: application/json"]);
+        if !body.is_empty() {
+            cmd.args(["--data", body]);
+        }
+        let out = cmd.arg(format!("{}{path}", d.url)).output().unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let (body, code) = text.rsplit_once('\n').unwrap_or(("", ""));
+        (code.to_string(), body.to_string())
+    };
+    let ex = |name: &str| format!(r#"{{"name": "{name}", "examples": [{{"input": "2+2?", "output": "4"}}]}}"#);
+    let app = Some(65534);
+    assert_eq!(curl(app, "POST", "/v1/crayon/adapters", &ex("theirs")).0, "200", "an app customizes for itself");
+    assert_eq!(curl(None, "POST", "/v1/crayon/adapters", &ex("roots")).0, "200");
+    let (code, body) = curl(app, "DELETE", "/v1/crayon/adapters/roots", "");
+    assert_eq!(code, "403", "another app's customization: {body}");
+    assert!(body.contains("belongs to") && body.contains("uid:65534"), "{body}");
+    let (code, body) = curl(app, "POST", "/v1/crayon/adapters", &ex("roots"));
+    assert_eq!(code, "403", "nor replace it: {body}");
+    let (code, body) = curl(
+        app,
+        "POST",
+        "/v1/chat/completions",
+        r#"{"model": "roots", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}"#,
+    );
+    assert_eq!(code, "200", "but use it: {body}");
+    assert_eq!(curl(app, "DELETE", "/v1/crayon/adapters/theirs", "").0, "200", "its own it may remove");
+    assert_eq!(curl(None, "DELETE", "/v1/crayon/adapters/roots", "").0, "200", "root is an admin");
+}
+
 #[test]
 fn a_tokenless_http_api_refuses_what_a_web_page_could_send() {
     let state = tempfile::tempdir().unwrap();

@@ -20,6 +20,11 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tower::ServiceExt;
 
+/// The uid of a loopback client's process ([`super::peer::loopback_peer_uid`]), on every request of
+/// its connection; `None` for a remote client or one the kernel's table does not name.
+#[derive(Debug, Clone, Copy)]
+pub struct PeerUid(pub Option<u32>);
+
 /// What every HTTP connection is held to.
 #[derive(Debug, Clone, Copy)]
 pub struct ConnectionLimits {
@@ -52,8 +57,12 @@ pub async fn serve(listener: TcpListener, app: axum::Router, limits: ConnectionL
             continue;
         };
         let app = app.clone();
+        // A loopback client's uid, looked up once per connection (a small read of the kernel's table).
+        let local = stream.local_addr().ok();
+        let uid = local.and_then(|local| super::peer::loopback_peer_uid(peer, local));
         let service = hyper::service::service_fn(move |mut req: hyper::Request<Incoming>| {
             req.extensions_mut().insert(ConnectInfo(peer));
+            req.extensions_mut().insert(PeerUid(uid));
             app.clone().oneshot(req)
         });
         let mut builder = hyper::server::conn::http1::Builder::new();

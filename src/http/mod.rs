@@ -9,6 +9,7 @@
 //! its generation at the next token.
 
 pub mod listen;
+mod peer;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -62,11 +63,13 @@ async fn read_body(s: &Service, body: Body) -> std::result::Result<axum::body::B
 }
 
 /// The identity of an HTTP client for ownership: the token holder is an admin (a server's operator);
-/// without a token (local mode) every local process is the same `http:local`.
-fn identity(s: &Service) -> Identity {
-    match s.token() {
-        Some(_) => Identity::Admin,
-        None => Identity::Client("http:local".into()),
+/// without a token (local mode) a loopback client is its uid, as on the socket and D-Bus (root and the
+/// service's own user are admins), and one the kernel does not name is `http:local`.
+fn identity(s: &Service, client: &HttpClient) -> Identity {
+    match (s.token(), client.uid) {
+        (Some(_), _) => Identity::Admin,
+        (None, Some(uid)) => Identity::of_uid(uid, unsafe { libc::geteuid() }),
+        (None, None) => Identity::Client("http:local".into()),
     }
 }
 
@@ -82,10 +85,14 @@ fn over_limit(e: &axum::Error) -> bool {
     false
 }
 
-/// Who is asking over HTTP, for the queue's round-robin: the peer's IP address (every connection of
-/// one device is one client, so a device flooding the server waits its turn behind the others).
-/// `"http"` when the server was not started with peer addresses (an embedding app's own router).
-struct HttpClient(String);
+/// Who is asking over HTTP, for admission shares and the queue's round-robin: a loopback client's
+/// uid (`uid:N`, the same app as on the socket), else the peer's IP address (every connection of one
+/// device is one client, so a device flooding the server waits its turn behind the others). `"http"`
+/// when the server was not started with peer addresses (an embedding app's own router).
+struct HttpClient {
+    key: String,
+    uid: Option<u32>,
+}
 
 impl<S: Send + Sync> axum::extract::FromRequestParts<S> for HttpClient {
     type Rejection = Infallible;
@@ -94,8 +101,13 @@ impl<S: Send + Sync> axum::extract::FromRequestParts<S> for HttpClient {
         parts: &mut axum::http::request::Parts,
         _: &S,
     ) -> std::result::Result<Self, Infallible> {
+        let uid = parts.extensions.get::<listen::PeerUid>().and_then(|p| p.0);
         let peer = parts.extensions.get::<axum::extract::ConnectInfo<SocketAddr>>();
-        Ok(HttpClient(peer.map_or_else(|| "http".into(), |c| format!("http:{}", c.0.ip()))))
+        let key = match uid {
+            Some(uid) => format!("uid:{uid}"),
+            None => peer.map_or_else(|| "http".into(), |c| format!("http:{}", c.0.ip())),
+        };
+        Ok(HttpClient { key, uid })
     }
 }
 
@@ -295,7 +307,7 @@ async fn customize(State(s): State<Arc<Service>>, client: HttpClient, headers: H
         }
     };
     // Validation (calibration included) happens once, in `Service::customize`, as for every interface.
-    let permit = match s.try_slot(Interface::http, &client.0) {
+    let permit = match s.try_slot(Interface::http, &client.key) {
         Ok(p) => p,
         Err(e) => return busy(&e),
     };
@@ -304,7 +316,7 @@ async fn customize(State(s): State<Arc<Service>>, client: HttpClient, headers: H
     let _guard = CancelOnDrop(cancel.clone());
     let joined = tokio::task::spawn_blocking(move || {
         let _permit = permit;
-        worker.customize(Interface::http, &identity(&worker), &client.0, req, &cancel)
+        worker.customize(Interface::http, &identity(&worker, &client), &client.key, req, &cancel)
     })
     .await;
     match joined {
@@ -323,14 +335,14 @@ async fn remove_adapter(
     if let Some(r) = unauthorized(&s, &headers) {
         return r;
     }
-    let permit = match s.try_slot(Interface::http, &client.0) {
+    let permit = match s.try_slot(Interface::http, &client.key) {
         Ok(p) => p,
         Err(e) => return busy(&e),
     };
     let worker = s.clone();
     let removed = tokio::task::spawn_blocking(move || {
         let _permit = permit;
-        worker.remove(Interface::http, &identity(&worker), &client.0, &name, &CancelToken::new())
+        worker.remove(Interface::http, &identity(&worker, &client), &client.key, &name, &CancelToken::new())
     });
     match removed.await {
         Ok(Ok(v)) => axum::Json(v).into_response(),
@@ -408,7 +420,7 @@ async fn handle(s: Arc<Service>, client: HttpClient, headers: HeaderMap, body: B
             return error_response(&e);
         }
     };
-    let permit = match s.try_slot(Interface::http, &client.0) {
+    let permit = match s.try_slot(Interface::http, &client.key) {
         Ok(p) => p,
         Err(e) => return busy(&e),
     };
@@ -460,7 +472,7 @@ async fn run_request(s: Arc<Service>, client: HttpClient, request: Request, stre
                 Err(_) => ControlFlow::Break(()), // the client is gone
             }
         };
-        let result = worker.answer(&permit, &client.0, request, &cancel, &mut on_text);
+        let result = worker.answer(&permit, &client.key, request, &cancel, &mut on_text);
         drop(permit); // free the slot before the client can see the end of its request
         match result {
             Ok(reply) if stream => {
