@@ -738,7 +738,8 @@ fn raw_http(url: &str, method: &str, path: &str, headers: &[(&str, &str)], body:
 /// are refused with 403 and change nothing; local clients (curl, the OpenAI clients) are served.
 /// Tokenless local HTTP names a loopback client by its uid, from the kernel's socket table, as the
 /// socket does from SO_PEERCRED (issue #14): an app cannot change or remove another app's
-/// customization over HTTP either, while root (an admin) can; each app owns what it makes.
+/// customization over HTTP either, while root (an admin) can; each app owns what it makes; a user the
+/// socket would refuse (outside `socket.group`) is refused over HTTP too.
 #[test]
 fn local_http_names_each_app_by_its_uid_for_ownership() {
     if !common::service::require_root("to run HTTP clients as other users") {
@@ -746,7 +747,8 @@ fn local_http_names_each_app_by_its_uid_for_ownership() {
     }
     let state = tempfile::tempdir().unwrap();
     let pool = common::repo().join("models/tiny-pool");
-    let d = Daemon::start(&tiny_config(Some(&pool), state.path(), ""));
+    // nobody (65534, primary group nogroup) is admitted as a member of socket.group; daemon (uid 1) is not.
+    let d = Daemon::start(&tiny_config(Some(&pool), state.path(), "[socket]\ngroup = \"nogroup\"\n"));
     let curl = |uid: Option<u32>, method: &str, path: &str, body: &str| -> (String, String) {
         let mut cmd = std::process::Command::new(if uid.is_some() { "setpriv" } else { "curl" });
         if let Some(u) = uid {
@@ -779,6 +781,15 @@ fn local_http_names_each_app_by_its_uid_for_ownership() {
     assert_eq!(code, "200", "but use it: {body}");
     assert_eq!(curl(app, "DELETE", "/v1/crayon/adapters/theirs", "").0, "200", "its own it may remove");
     assert_eq!(curl(None, "DELETE", "/v1/crayon/adapters/roots", "").0, "200", "root is an admin");
+    // As on the socket, a user outside socket.group may not use the service at all.
+    let (code, body) = curl(
+        Some(1),
+        "POST",
+        "/v1/chat/completions",
+        r#"{"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}"#,
+    );
+    assert_eq!(code, "403", "{body}");
+    assert!(body.contains("uid 1 may not use this service"), "{body}");
 }
 
 #[test]

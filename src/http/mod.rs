@@ -85,10 +85,11 @@ fn over_limit(e: &axum::Error) -> bool {
     false
 }
 
-/// Who is asking over HTTP, for admission shares and the queue's round-robin: a loopback client's
-/// uid (`uid:N`, the same app as on the socket), else the peer's IP address (every connection of one
-/// device is one client, so a device flooding the server waits its turn behind the others). `"http"`
-/// when the server was not started with peer addresses (an embedding app's own router).
+/// Who is asking over HTTP, for admission shares and the queue's round-robin: the peer's IP address
+/// (every connection of one device is one client, so a device flooding the server waits its turn
+/// behind the others) and, for a loopback client, its uid (two apps on the board take turns, rather
+/// than sharing one). `"http"` when the server was not started with peer addresses (an embedding
+/// app's own router).
 struct HttpClient {
     key: String,
     uid: Option<u32>,
@@ -103,9 +104,10 @@ impl<S: Send + Sync> axum::extract::FromRequestParts<S> for HttpClient {
     ) -> std::result::Result<Self, Infallible> {
         let uid = parts.extensions.get::<listen::PeerUid>().and_then(|p| p.0);
         let peer = parts.extensions.get::<axum::extract::ConnectInfo<SocketAddr>>();
-        let key = match uid {
-            Some(uid) => format!("uid:{uid}"),
-            None => peer.map_or_else(|| "http".into(), |c| format!("http:{}", c.0.ip())),
+        let key = match (peer, uid) {
+            (Some(c), Some(uid)) => format!("http:{}:uid{uid}", c.0.ip()),
+            (Some(c), None) => format!("http:{}", c.0.ip()),
+            (None, _) => "http".into(),
         };
         Ok(HttpClient { key, uid })
     }
@@ -159,8 +161,9 @@ pub fn app(service: Arc<Service>) -> HttpRouter {
 /// `Host` must be `localhost` or an IP address, an `Origin` (browsers send it on every cross-site
 /// write) must be a page on this machine's loopback, and writes to the adapters must say
 /// `Content-Type: application/json` (which a page cannot send cross-site without a CORS preflight,
-/// and this server answers none). With a token, the token is the protection (browsers do not attach
-/// it cross-site).
+/// and this server answers none). A loopback client's user must also be one the socket admits (root,
+/// the service's user, members of `socket.group`). With a token, the token is the protection (browsers
+/// do not attach it cross-site).
 async fn local_guard(
     State(s): State<Arc<Service>>,
     req: axum::extract::Request,
@@ -170,6 +173,16 @@ async fn local_guard(
         if let Some(why) = browser_refusal(req.method(), req.uri().path(), req.headers()) {
             tracing::warn!(reason = %why, "http: request refused");
             return fail(StatusCode::FORBIDDEN, &why, "invalid_request_error");
+        }
+        // A loopback client is held to the socket's rule by its uid.
+        if let Some(uid) = req.extensions().get::<listen::PeerUid>().and_then(|p| p.0) {
+            if !s.local_caller_allowed(uid) {
+                tracing::warn!(uid, "http: local caller not allowed (socket.group)");
+                let why = format!(
+                    "uid {uid} may not use this service: root, its own user or members of socket.group only (or set server.token_file)"
+                );
+                return fail(StatusCode::FORBIDDEN, &why, "permission_error");
+            }
         }
     }
     next.run(req).await
