@@ -98,14 +98,15 @@ typedef enum crayon_status {
 typedef struct crayon_client crayon_client;
 
 /**
- * Options of `crayon_generate` and `crayon_choose`. Initialize with `crayon_generate_options_init`
- * (which sets `struct_size`), then set fields.
+ * Options of `crayon_generate` and `crayon_choose`. Initialize with
+ * `crayon_generate_options_init(&opts, sizeof opts)` (which sets `struct_size`), then set fields.
  */
 typedef struct crayon_generate_options {
   /**
-   * `sizeof(crayon_generate_options)` as the app was compiled, set by
-   * `crayon_generate_options_init`. Later versions add fields only at the end and read only the
-   * fields an app's size covers, so an app built against an older header keeps working.
+   * `sizeof(crayon_generate_options)` as the app was compiled, recorded by
+   * `crayon_generate_options_init(&opts, sizeof opts)`. Later versions add fields only at the end and
+   * read (and initialize) only the fields an app's size covers, so an app built against an older
+   * header keeps working.
    */
   size_t struct_size;
   /**
@@ -189,13 +190,17 @@ enum crayon_status crayon_client_set_timeout(struct crayon_client *client, uint3
 void crayon_client_free(struct crayon_client *client);
 
 /**
- * Fills `options` with defaults (every field "use the service's default") and sets its
- * `struct_size`.
+ * Fills `options` with defaults (every field "use the service's default") and records `struct_size`,
+ * the size of the struct as the app was compiled: pass `sizeof(crayon_generate_options)` (or `sizeof
+ * opts`). Only that many bytes are written, so an app built against an older, smaller header is never
+ * written past; fields this library does not know (a newer header) are left to the app and the
+ * options are then refused by the calls that read them.
  *
  * # Safety
- * `options` must be valid for a write of `sizeof(crayon_generate_options)` bytes.
+ * `options` must be valid for a write of `struct_size` bytes.
  */
-void crayon_generate_options_init(struct crayon_generate_options *options);
+void crayon_generate_options_init(struct crayon_generate_options *options,
+                                  size_t struct_size);
 
 /**
  * Generates an answer to `prompt` (one user message). Text streams to `on_token` (may be NULL) as

@@ -231,6 +231,14 @@ impl Config {
         if g.stop.iter().any(String::is_empty) {
             return Err("generation.stop must not contain empty strings".into());
         }
+        if g.stop.len() > crate::generate::MAX_STOP_STRINGS {
+            // Every request starts from these and is held to the same bound (GenerationParams::validate).
+            return Err(format!(
+                "generation.stop has {} strings; at most {}",
+                g.stop.len(),
+                crate::generate::MAX_STOP_STRINGS
+            ));
+        }
         self.blend.validate()?;
         self.router.validate()?;
         self.remote.validate()?;
@@ -288,6 +296,8 @@ mod tests {
         assert!(Config::parse("[generation]\nstop = [\"\"]", Path::new(".")).unwrap_err().contains("stop"));
         assert!(Config::parse("[router]\nmin_scope = 2", Path::new(".")).unwrap_err().contains("min_scope"));
         assert!(Config::parse("[router]\nmode = \"hybrid\"", Path::new(".")).unwrap_err().contains("remote.url"));
+        let stops = format!("[generation]\nstop = [{}]", vec!["\"x\""; 17].join(", "));
+        assert!(Config::parse(&stops, Path::new(".")).unwrap_err().contains("at most 16"));
         assert!(Config::parse("[router]\nmode = \"cloud\"", Path::new(".")).unwrap_err().contains("cloud"));
         assert!(Config::parse("[remote]\nurl = \"ftp://x\"", Path::new(".")).unwrap_err().contains("remote.url"));
         assert!(Config::parse("[server]\nmax_concurrent = 0", Path::new(".")).unwrap_err().contains("max_concurrent"));

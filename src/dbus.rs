@@ -24,7 +24,7 @@ use crate::error::{Error, Result};
 use crate::generate::{CancelToken, GenerationParams, Prompt};
 use crate::metrics::{Interface, Operation};
 use crate::openai;
-use crate::service::{CustomizeRequest, Endpoint, Reply, Request, Service, Slot};
+use crate::service::{Admitted, CustomizeRequest, Endpoint, Reply, Request, Service, Slot};
 use serde::{Deserialize, Serialize};
 
 pub const OBJECT_PATH: &str = "/org/crayon/Crayon1";
@@ -103,12 +103,13 @@ impl Crayon1 {
         }
     }
 
-    /// The typed request of a `Generate` call, within the input budget; a refusal is counted as the
-    /// service counts its own.
-    fn typed_request(&self, prompt: &str, options: &HashMap<String, String>) -> DResult<Request> {
+    /// The typed, admitted request of a `Generate` call, within the input budget; a refusal is counted
+    /// as the service counts its own.
+    fn typed_request(&self, prompt: &str, options: &HashMap<String, String>) -> DResult<Admitted> {
         self.service.check_size(Interface::dbus, Operation::generate, prompt.len() + option_bytes(options))?;
         let r = request_from_options(prompt, options, self.service.defaults());
-        Ok(r.inspect_err(|e| self.service.refused(Interface::dbus, Operation::generate, e.kind()))?)
+        let r = r.inspect_err(|e| self.service.refused(Interface::dbus, Operation::generate, e.kind()))?;
+        Ok(self.service.admit(Interface::dbus, r)?)
     }
 
     /// Runs `f(service, slot, client)` on a blocking thread with a slot of `client` (the caller's bus
@@ -242,17 +243,17 @@ impl Crayon1 {
     ) -> std::result::Result<u64, DbusError> {
         let request = self.typed_request(&prompt, &options)?;
         let sender = hdr.sender().map(|s| s.to_string()).ok_or_else(|| DbusError::Failed("no sender".into()))?;
-        let permit = self.service.try_slot(Interface::dbus, &client_key(&hdr))?;
-        let id = self.next_id.fetch_add(1, Ordering::Relaxed) + 1;
-        let cancel = CancelToken::new();
-        lock(&self.running).insert(id, Running { sender: sender.clone(), cancel: cancel.clone() });
-        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Streamed>();
         // Signals go out in order from one task, unicast to the caller through the interface's
         // generated signal methods; the model thread never waits on the bus.
         let emitter = SignalEmitter::new(conn, OBJECT_PATH)
             .map_err(|e| DbusError::Failed(e.to_string()))?
             .set_destination(BusName::try_from(sender.clone()).map_err(|e| DbusError::Failed(e.to_string()))?)
             .to_owned();
+        let permit = self.service.try_slot(Interface::dbus, &client_key(&hdr))?;
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed) + 1;
+        let cancel = CancelToken::new();
+        lock(&self.running).insert(id, Running { sender: sender.clone(), cancel: cancel.clone() });
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Streamed>();
         tokio::spawn(async move {
             while let Some(event) = rx.recv().await {
                 let r = match event {
@@ -319,6 +320,7 @@ impl Crayon1 {
             openai::parse_request(Endpoint::Chat, openai::Body::Bytes(request.as_bytes()), self.service.defaults());
         let (typed, _) =
             parsed.inspect_err(|e| self.service.refused(Interface::dbus, Operation::generate, e.kind()))?;
+        let typed = self.service.admit(Interface::dbus, typed)?;
         let client = client_key(&hdr);
         let reply = self
             .blocking(client, move |s, slot, client| {

@@ -120,8 +120,9 @@ fn peers_outside_root_the_service_user_and_its_group_are_refused() {
 }
 
 /// The ABI can evolve (issue #13): libcrayon.so carries the SONAME libcrayon.so.0 and apps record it;
-/// options are read by their `struct_size` (zero or a newer header's size is refused with a message
-/// that says what to do); `crayon_status_name` takes any int.
+/// options are initialized and read by the app's `struct_size` (zero, or a newer header's size, is
+/// refused with a message that says what to do; the newer app's extra field is left untouched);
+/// `crayon_status_name` takes any int.
 #[test]
 fn the_abi_has_a_soname_sized_options_and_total_status_names() {
     let s = Service::start(None, "");
@@ -140,7 +141,7 @@ fn the_abi_has_a_soname_sized_options_and_total_status_names() {
     let lines: Vec<&str> = out.lines().collect();
     assert_eq!(lines[0], "names: CRAYON_OK CRAYON_ERR_BUSY CRAYON_ERR_UNKNOWN CRAYON_ERR_UNKNOWN", "{out}");
     assert!(lines[1].starts_with("zero size: CRAYON_ERR_INVALID_ARGUMENT options.struct_size is 0"), "{out}");
-    assert!(lines[1].contains("crayon_generate_options_init"), "{out}");
+    assert!(lines[1].contains("crayon_generate_options_init(&opts, sizeof opts)"), "{out}");
     assert!(lines[2].starts_with("newer header: CRAYON_ERR_INVALID_ARGUMENT options.struct_size is"), "{out}");
     assert!(lines[2].contains("upgrade libcrayon"), "{out}");
     assert!(lines[3].starts_with("initialized: CRAYON_OK "), "{out}");
@@ -167,12 +168,12 @@ int main(int argc, char **argv) {
     crayon_status st = crayon_generate(client, "Hi", &opts, NULL, NULL, &text);
     printf("zero size: %s %s\n", crayon_status_name(st), crayon_last_error());
     newer_options newer;
-    crayon_generate_options_init(&newer.base);
-    newer.base.struct_size = sizeof newer;
-    newer.added_later = 0;
+    newer.added_later = 12345; /* a newer app's field: init must leave it alone */
+    crayon_generate_options_init(&newer.base, sizeof newer); /* writes only the fields it knows */
     st = crayon_generate(client, "Hi", &newer.base, NULL, NULL, &text);
     printf("newer header: %s %s\n", crayon_status_name(st), crayon_last_error());
-    crayon_generate_options_init(&opts);
+    if (newer.added_later != 12345) { fprintf(stderr, "init wrote past the fields it knows\n"); return 1; }
+    crayon_generate_options_init(&opts, sizeof opts);
     opts.max_tokens = 2;
     st = crayon_generate(client, "Hi", &opts, NULL, NULL, &text);
     printf("initialized: %s %s\n", crayon_status_name(st), text ? "text" : "none");

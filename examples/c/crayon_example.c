@@ -52,7 +52,7 @@ int main(int argc, char **argv)
 
     /* 1. The base model, streamed. */
     crayon_generate_options opts;
-    crayon_generate_options_init(&opts);
+    crayon_generate_options_init(&opts, sizeof opts);
     opts.max_tokens = max_tokens;
     opts.temperature = 0.0f; /* greedy: the same answer every run */
     size_t tokens = 0;

@@ -74,14 +74,15 @@ pub struct crayon_client {
     canceller: Canceller,
 }
 
-/// Options of `crayon_generate` and `crayon_choose`. Initialize with `crayon_generate_options_init`
-/// (which sets `struct_size`), then set fields.
+/// Options of `crayon_generate` and `crayon_choose`. Initialize with
+/// `crayon_generate_options_init(&opts, sizeof opts)` (which sets `struct_size`), then set fields.
 #[repr(C)]
 #[derive(Debug, Clone, Copy)]
 pub struct crayon_generate_options {
-    /// `sizeof(crayon_generate_options)` as the app was compiled, set by
-    /// `crayon_generate_options_init`. Later versions add fields only at the end and read only the
-    /// fields an app's size covers, so an app built against an older header keeps working.
+    /// `sizeof(crayon_generate_options)` as the app was compiled, recorded by
+    /// `crayon_generate_options_init(&opts, sizeof opts)`. Later versions add fields only at the end and
+    /// read (and initialize) only the fields an app's size covers, so an app built against an older
+    /// header keeps working.
     pub struct_size: usize,
     /// Tokens to generate at most; 0: the service's default.
     pub max_tokens: u32,
@@ -123,7 +124,8 @@ impl crayon_generate_options {
         let size = unsafe { ptr::read_unaligned(p.cast::<usize>()) };
         if size < Self::MIN_SIZE {
             return Err(invalid(format!(
-                "options.struct_size is {size}, expected {}: initialize the options with crayon_generate_options_init",
+                "options.struct_size is {size}, expected {}: initialize the options with \
+                 crayon_generate_options_init(&opts, sizeof opts)",
                 Self::MIN_SIZE
             )));
         }
@@ -358,15 +360,25 @@ pub unsafe extern "C" fn crayon_client_free(client: *mut crayon_client) {
     }
 }
 
-/// Fills `options` with defaults (every field "use the service's default") and sets its
-/// `struct_size`.
+/// Fills `options` with defaults (every field "use the service's default") and records `struct_size`,
+/// the size of the struct as the app was compiled: pass `sizeof(crayon_generate_options)` (or `sizeof
+/// opts`). Only that many bytes are written, so an app built against an older, smaller header is never
+/// written past; fields this library does not know (a newer header) are left to the app and the
+/// options are then refused by the calls that read them.
 ///
 /// # Safety
-/// `options` must be valid for a write of `sizeof(crayon_generate_options)` bytes.
+/// `options` must be valid for a write of `struct_size` bytes.
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn crayon_generate_options_init(options: *mut crayon_generate_options) {
-    if !options.is_null() {
-        unsafe { *options = crayon_generate_options::DEFAULT };
+pub unsafe extern "C" fn crayon_generate_options_init(options: *mut crayon_generate_options, struct_size: usize) {
+    if options.is_null() || struct_size < size_of::<usize>() {
+        return;
+    }
+    let defaults = crayon_generate_options::DEFAULT;
+    let n = struct_size.min(size_of::<crayon_generate_options>());
+    // SAFETY: the app vouches for `struct_size` writable bytes; `n` is no more than that nor than ours.
+    unsafe {
+        ptr::copy_nonoverlapping((&raw const defaults).cast::<u8>(), options.cast::<u8>(), n);
+        ptr::write_unaligned(options.cast::<usize>(), struct_size);
     }
 }
 

@@ -21,7 +21,7 @@ use tokio::sync::Semaphore;
 use tower::ServiceExt;
 
 /// The uid of a loopback client's process ([`super::peer::loopback_peer_uid`]), on every request of
-/// its connection; `None` for a remote client or one the kernel's table does not name.
+/// its connection; `None` for a remote client or a loopback one the kernel's table does not name.
 #[derive(Debug, Clone, Copy)]
 pub struct PeerUid(pub Option<u32>);
 
@@ -57,19 +57,26 @@ pub async fn serve(listener: TcpListener, app: axum::Router, limits: ConnectionL
             continue;
         };
         let app = app.clone();
-        // A loopback client's uid, looked up once per connection (a small read of the kernel's table).
-        let local = stream.local_addr().ok();
-        let uid = local.and_then(|local| super::peer::loopback_peer_uid(peer, local));
-        let service = hyper::service::service_fn(move |mut req: hyper::Request<Incoming>| {
-            req.extensions_mut().insert(ConnectInfo(peer));
-            req.extensions_mut().insert(PeerUid(uid));
-            app.clone().oneshot(req)
-        });
-        let mut builder = hyper::server::conn::http1::Builder::new();
-        builder.timer(TokioTimer::new()).header_read_timeout(limits.header_timeout);
-        let connection = graceful.watch(builder.serve_connection(TokioIo::new(stream), service));
+        let watcher = graceful.watcher();
         tokio::spawn(async move {
-            if let Err(e) = connection.await {
+            // A loopback client's uid, looked up once per connection off the accept loop (the
+            // kernel's table grows with the connections open).
+            let local = stream.local_addr().ok();
+            let uid = match (local, super::peer::is_loopback(peer)) {
+                (Some(local), true) => tokio::task::spawn_blocking(move || super::peer::loopback_peer_uid(peer, local))
+                    .await
+                    .ok()
+                    .flatten(),
+                _ => None,
+            };
+            let service = hyper::service::service_fn(move |mut req: hyper::Request<Incoming>| {
+                req.extensions_mut().insert(ConnectInfo(peer));
+                req.extensions_mut().insert(PeerUid(uid));
+                app.clone().oneshot(req)
+            });
+            let mut builder = hyper::server::conn::http1::Builder::new();
+            builder.timer(TokioTimer::new()).header_read_timeout(limits.header_timeout);
+            if let Err(e) = watcher.watch(builder.serve_connection(TokioIo::new(stream), service)).await {
                 tracing::debug!(error = %e, %peer, "http: connection ended");
             }
             drop(permit);

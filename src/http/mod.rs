@@ -32,7 +32,7 @@ use crate::error::{Error, Result};
 use crate::generate::CancelToken;
 use crate::metrics::{Interface, Operation};
 use crate::openai::{self, error_body};
-use crate::service::{Answered, CustomizeRequest, Endpoint, Reply, Request, Service, Slot};
+use crate::service::{Admitted, Answered, CustomizeRequest, Endpoint, Reply, Service, Slot};
 
 /// HTTP 429 with `Retry-After` for a refused slot ([`Service::try_slot`] counted it).
 fn busy(e: &Error) -> Response {
@@ -174,18 +174,36 @@ async fn local_guard(
             tracing::warn!(reason = %why, "http: request refused");
             return fail(StatusCode::FORBIDDEN, &why, "invalid_request_error");
         }
-        // A loopback client is held to the socket's rule by its uid.
-        if let Some(uid) = req.extensions().get::<listen::PeerUid>().and_then(|p| p.0) {
-            if !s.local_caller_allowed(uid) {
-                tracing::warn!(uid, "http: local caller not allowed (socket.group)");
-                let why = format!(
-                    "uid {uid} may not use this service: root, its own user or members of socket.group only (or set server.token_file)"
-                );
-                return fail(StatusCode::FORBIDDEN, &why, "permission_error");
-            }
+        if let Some(why) = local_caller_refusal(&s, &req) {
+            tracing::warn!(reason = %why, "http: local caller refused");
+            return fail(StatusCode::FORBIDDEN, &why, "permission_error");
         }
     }
     next.run(req).await
+}
+
+/// Why a loopback client may not use the service, if it may not: held to the socket's rule by its uid
+/// (root, the service's user, members of `socket.group`); one whose uid the kernel's table does not
+/// show (e.g. it closed the connection already) is refused rather than guessed. `/health` and
+/// `/metrics` (counts, no content) stay open.
+fn local_caller_refusal(s: &Service, req: &axum::extract::Request) -> Option<String> {
+    if matches!(req.uri().path(), "/health" | "/metrics") {
+        return None;
+    }
+    let peer = req.extensions().get::<axum::extract::ConnectInfo<SocketAddr>>()?.0;
+    if !peer::is_loopback(peer) {
+        return None;
+    }
+    match req.extensions().get::<listen::PeerUid>().and_then(|p| p.0) {
+        Some(uid) if s.local_caller_allowed(uid) => None,
+        Some(uid) => Some(format!(
+            "uid {uid} may not use this service: root, its own user or members of socket.group only (or set server.token_file)"
+        )),
+        None => Some(
+            "cannot tell which user this loopback connection belongs to (the kernel's socket table does not show it established); use the socket, or set server.token_file"
+                .into(),
+        ),
+    }
 }
 
 /// Why a tokenless request looks like a browser's cross-site one, if it does.
@@ -433,11 +451,16 @@ async fn handle(s: Arc<Service>, client: HttpClient, headers: HeaderMap, body: B
             return error_response(&e);
         }
     };
+    // Checked before taking a place: a bad request is a 400 even when the service is busy.
+    let admitted = match s.admit(Interface::http, request) {
+        Ok(a) => a,
+        Err(e) => return error_response(&e),
+    };
     let permit = match s.try_slot(Interface::http, &client.key) {
         Ok(p) => p,
         Err(e) => return busy(&e),
     };
-    run_request(s, client, request, stream, permit).await
+    run_request(s, client, admitted, stream, permit).await
 }
 
 /// Cancels the generation when the HTTP side goes away (client disconnect drops the handler).
@@ -449,21 +472,22 @@ impl Drop for CancelOnDrop {
     }
 }
 
-async fn run_request(s: Arc<Service>, client: HttpClient, request: Request, stream: bool, permit: Slot) -> Response {
+async fn run_request(s: Arc<Service>, client: HttpClient, admitted: Admitted, stream: bool, permit: Slot) -> Response {
     // Unbounded (the text is bounded by max_tokens): the generating thread holds the engine and must
     // never wait on a slow reader.
     let (tx, mut rx) = mpsc::unbounded_channel::<Msg>();
     let cancel = CancelToken::new();
     let guard = CancelOnDrop(cancel.clone());
     let worker = s.clone();
-    let endpoint = request.endpoint;
-    let model = s.model_id_for(&request.model);
-    let answers = request.n.saturating_mul(request.prompts.len()).min(1 << 16);
-    let mut request = request;
+    let r = admitted.request();
+    let endpoint = r.endpoint;
+    let model = admitted.model().to_string();
+    let answers = r.n.saturating_mul(r.prompts.len());
     // Streamed log-probabilities travel with the text they belong to (or just before it, while the
     // text of a token is held back: an incomplete character, a possible stop string).
-    let sink = (stream && request.params.logprobs.is_some()).then(crate::generate::LogprobSink::default);
-    request.params.logprob_sink = sink.clone();
+    let sink = (stream && r.params.logprobs.is_some()).then(crate::generate::LogprobSink::default);
+    let mut admitted = admitted;
+    admitted.set_logprob_sink(sink.clone());
     tokio::task::spawn_blocking(move || {
         let tx2 = tx.clone();
         let drain = || sink.as_ref().map(|s| std::mem::take(&mut *s.lock().unwrap_or_else(|p| p.into_inner())));
@@ -485,7 +509,7 @@ async fn run_request(s: Arc<Service>, client: HttpClient, request: Request, stre
                 Err(_) => ControlFlow::Break(()), // the client is gone
             }
         };
-        let result = worker.answer(&permit, &client.key, request, &cancel, &mut on_text);
+        let result = worker.answer(&permit, &client.key, admitted, &cancel, &mut on_text);
         drop(permit); // free the slot before the client can see the end of its request
         match result {
             Ok(reply) if stream => {

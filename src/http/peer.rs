@@ -6,20 +6,27 @@
 
 use std::net::{IpAddr, SocketAddr};
 
+/// Whether `peer` is on this machine's loopback (also as an IPv4-mapped IPv6 address).
+pub fn is_loopback(peer: SocketAddr) -> bool {
+    peer.ip().to_canonical().is_loopback()
+}
+
 /// The uid owning the client end of the loopback connection from `peer` to `local`; `None` when the
-/// peer is not on loopback or the kernel's table cannot tell (no /proc, another network namespace).
+/// peer is not on loopback or the kernel's table does not show the connection established (no
+/// /proc, another network namespace, or a client that already closed: its row is then in TIME_WAIT,
+/// which reports uid 0 and must never be read as root).
 pub fn loopback_peer_uid(peer: SocketAddr, local: SocketAddr) -> Option<u32> {
-    if !peer.ip().is_loopback() && !is_mapped_loopback(peer.ip()) {
+    if !is_loopback(peer) {
         return None;
     }
+    // The client's own socket has its own family: an IPv4 client of a dual-stack listener is seen here
+    // as ::ffff:127.0.0.1 but listed in /proc/net/tcp in IPv4 form.
+    let canonical = |a: SocketAddr| SocketAddr::new(a.ip().to_canonical(), a.port());
+    let (peer, local) = (canonical(peer), canonical(local));
     ["/proc/net/tcp", "/proc/net/tcp6"].iter().find_map(|table| {
         let text = std::fs::read_to_string(table).ok()?;
         find_uid(&text, &encode(peer), &encode(local))
     })
-}
-
-fn is_mapped_loopback(ip: IpAddr) -> bool {
-    matches!(ip, IpAddr::V6(v6) if v6.to_ipv4_mapped().is_some_and(|v4| v4.is_loopback()))
 }
 
 /// An address as the kernel's table writes it: each 32-bit word of the address in host byte order,
@@ -33,12 +40,17 @@ fn encode(addr: SocketAddr) -> String {
     format!("{ip}:{:04X}", addr.port())
 }
 
-/// The uid column of the row whose local end is `client` and remote end `server`.
+/// TCP_ESTABLISHED in the table's `st` column.
+const ESTABLISHED: &str = "01";
+
+/// The uid column of the established row (with a socket inode) whose local end is `client` and
+/// remote end `server`.
 fn find_uid(table: &str, client: &str, server: &str) -> Option<u32> {
     table.lines().skip(1).find_map(|line| {
         let f: Vec<&str> = line.split_whitespace().collect();
-        let (local, remote, uid) = (f.get(1)?, f.get(2)?, f.get(7)?);
-        (local.eq_ignore_ascii_case(client) && remote.eq_ignore_ascii_case(server)).then(|| uid.parse().ok())?
+        let (local, remote, state, uid, inode) = (f.get(1)?, f.get(2)?, f.get(3)?, f.get(7)?, f.get(9)?);
+        let ours = local.eq_ignore_ascii_case(client) && remote.eq_ignore_ascii_case(server);
+        (ours && *state == ESTABLISHED && *inode != "0").then(|| uid.parse().ok())?
     })
 }
 
@@ -61,8 +73,11 @@ mod tests {
         let table = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode\n\
              0: 0100007F:1F9A 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 1 1\n\
              1: 0100007F:1F9A 0100007F:C350 01 00000000:00000000 00:00000000 00000000     0        0 2 1\n\
-             2: 0100007F:C350 0100007F:1F9A 01 00000000:00000000 00:00000000 00000000  1001        0 3 1\n";
+             2: 0100007F:C350 0100007F:1F9A 01 00000000:00000000 00:00000000 00000000  1001        0 3 1\n\
+             3: 0100007F:C351 0100007F:1F9A 06 00000000:00000000 03:00001770 00000000     0        0 0 3\n";
         assert_eq!(find_uid(table, "0100007F:C350", "0100007F:1F9A"), Some(1001));
+        assert_eq!(find_uid(table, "0100007F:C352", "0100007F:1F9A"), None);
+        // A closed client's TIME_WAIT row says uid 0 and has no inode: never root.
         assert_eq!(find_uid(table, "0100007F:C351", "0100007F:1F9A"), None);
     }
 
@@ -75,5 +90,18 @@ mod tests {
         assert_eq!(peer, client.local_addr().unwrap());
         let uid = loopback_peer_uid(peer, listener.local_addr().unwrap());
         assert_eq!(uid, Some(unsafe { libc::geteuid() }));
+    }
+
+    /// An IPv4 client of a dual-stack listener: the server sees ::ffff:127.0.0.1, the table lists the
+    /// client's socket in IPv4 form.
+    #[test]
+    fn a_mapped_ipv4_client_of_a_dual_stack_listener_is_found() {
+        let Ok(listener) = std::net::TcpListener::bind("[::]:0") else { return };
+        let port = listener.local_addr().unwrap().port();
+        let Ok(_client) = std::net::TcpStream::connect(("127.0.0.1", port)) else { return };
+        let (conn, peer) = listener.accept().unwrap();
+        assert!(is_loopback(peer), "{peer}");
+        let uid = loopback_peer_uid(peer, conn.local_addr().unwrap());
+        assert_eq!(uid, Some(unsafe { libc::geteuid() }), "{peer}");
     }
 }

@@ -221,28 +221,38 @@ impl Service {
         self.shared().defaults.clone()
     }
 
-    /// Answers `request` on the calling thread, for `client`'s turn in the queue: every interface's
-    /// one entry point. The request is checked first (the rules and limits every interface shares:
-    /// [`Service::admit`]); text streams to `on_text(answer index, text)`, an empty text ending each
-    /// answer. The caller holds `slot` ([`Service::try_slot`]); its place among
+    /// Checks `request` as every interface's requests are checked ([`Service::check`]) and makes it
+    /// answerable; a refusal is counted (requests, metrics) for `interface`. Interfaces admit at their
+    /// edge, before taking an admission place, so a bad request is refused as bad even when the
+    /// service is busy.
+    pub fn admit(&self, interface: Interface, request: Request) -> Result<Admitted> {
+        let mut request = request;
+        match self.check(&mut request) {
+            Ok(model) => Ok(Admitted { request, model }),
+            Err(e) => {
+                self.refused(interface, Operation::generate, e.kind());
+                Err(e)
+            }
+        }
+    }
+
+    /// Answers an admitted request on the calling thread, for `client`'s turn in the queue: every
+    /// interface's one entry point. Text streams to `on_text(answer index, text)`, an empty text
+    /// ending each answer. The caller holds `slot` ([`Service::try_slot`]); its place among
     /// `server.max_concurrent` is given back if the request goes to the server.
     pub fn answer(
         &self,
         slot: &Slot,
         client: &str,
-        request: Request,
+        admitted: Admitted,
         cancel: &CancelToken,
         on_text: &mut dyn FnMut(usize, &str) -> ControlFlow<()>,
     ) -> Result<Reply> {
         self.counters.requests.fetch_add(1, Ordering::Relaxed);
-        let interface = slot.interface;
-        let mut request = request;
-        let model = self
-            .admit(&mut request)
-            .inspect_err(|e| self.metrics.request(interface, Operation::generate, e.kind().into()))?;
+        let Admitted { request, model } = admitted;
         let large = job_input_bytes(&request) >= LARGE_INPUT_BYTES;
         let job = Job { request, on_offload: Some(slot.releaser()) };
-        let answers = self.execute_all(interface, client, &job, cancel, on_text);
+        let answers = self.execute_all(slot.interface, client, &job, cancel, on_text);
         if large {
             // Tokenizing and reading a long input leaves its buffers freed but resident (~117 MB after
             // five 900 KB prompts on the real model): give them back, so memory returns after a peak.
@@ -260,16 +270,6 @@ impl Service {
         self.metrics.request(interface, operation, kind.into());
     }
 
-    /// The model id a reply names for the model a request asked for (`""`, `"default"` and the base
-    /// model's id mean the base model).
-    pub fn model_id_for(&self, requested: &str) -> String {
-        let sh = self.shared();
-        match self.is_base(&sh, requested) {
-            true => sh.model_id.clone(),
-            false => requested.to_string(),
-        }
-    }
-
     fn is_base(&self, sh: &Shared, requested: &str) -> bool {
         requested.is_empty() || requested == sh.model_id || requested == "default"
     }
@@ -284,7 +284,7 @@ impl Service {
     /// the model name resolved to the base model or an adapter, a device's blend only on a server
     /// crayond and never with an adapter, and the parameters' own rules
     /// ([`GenerationParams::validate`]). Returns the model id the reply names.
-    fn admit(&self, r: &mut Request) -> Result<String> {
+    fn check(&self, r: &mut Request) -> Result<String> {
         let invalid = |msg: String| Error::InvalidRequest(msg);
         if r.prompts.is_empty() {
             return Err(invalid("prompt must not be empty".into()));
@@ -567,6 +567,31 @@ impl Service {
         };
         let answer = self.shared().router.answer(&self.queue, client, &req, cancel, on_text)?;
         Ok(Answered { answer, adapter: one.params.adapter.clone(), blend: None, blend_error: None })
+    }
+}
+
+/// A request the service has checked ([`Service::admit`]): the only kind [`Service::answer`] takes, so
+/// no interface can skip the checks or run them twice.
+pub struct Admitted {
+    request: Request,
+    /// The model id the reply names.
+    model: String,
+}
+
+impl Admitted {
+    /// The model id the reply will name.
+    pub fn model(&self) -> &str {
+        &self.model
+    }
+
+    pub fn request(&self) -> &Request {
+        &self.request
+    }
+
+    /// Where each token's log-probability also goes as it is sampled (a streaming interface's
+    /// concern, not a checked parameter).
+    pub fn set_logprob_sink(&mut self, sink: Option<crate::generate::LogprobSink>) {
+        self.request.params.logprob_sink = sink;
     }
 }
 

@@ -704,6 +704,7 @@ fn run_request(
     service.check_size(Interface::socket, Operation::generate, size)?;
     let (request, _) = openai::parse_request(endpoint, openai::Body::Json(body), service.defaults())
         .map_err(|e| refused(Operation::generate, e))?;
+    let admitted = service.admit(Interface::socket, request)?;
     let mut on_text = |_: usize, t: &str| {
         // Empty texts end an answer (HTTP's streamed `n` needs the marker); the socket does not.
         if stream && !t.is_empty() {
@@ -711,7 +712,7 @@ fn run_request(
         }
         if cancel.is_cancelled() { ControlFlow::Break(()) } else { ControlFlow::Continue(()) }
     };
-    let reply = service.answer(caller.slot, caller.client, request, cancel, &mut on_text)?;
+    let reply = service.answer(caller.slot, caller.client, admitted, cancel, &mut on_text)?;
     if cancel.is_cancelled() {
         return Err(Error::Cancelled);
     }
