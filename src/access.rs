@@ -10,6 +10,12 @@ pub fn may_use(uid: u32, groups: &[u32], own_uid: u32, group: Option<u32>) -> bo
     uid == 0 || uid == own_uid || group.is_some_and(|g| groups.contains(&g))
 }
 
+/// [`may_use`] for a caller known by its uid alone (a loopback HTTP client): its groups come from the
+/// user database, looked up only when the uid itself does not already decide.
+pub fn may_use_by_uid(uid: u32, own_uid: u32, group: Option<u32>) -> bool {
+    may_use(uid, &[], own_uid, None) || (group.is_some() && may_use(uid, &groups_of(uid), own_uid, group))
+}
+
 /// The groups (primary and supplementary) the user database gives `uid`, for a caller whose process
 /// groups nobody reported (a loopback HTTP client is known by its uid only). Empty when `uid` has no
 /// entry.

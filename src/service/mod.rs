@@ -69,6 +69,11 @@ struct Shared {
 }
 
 impl Shared {
+    /// Whether a requested model name means the base model: empty, `"default"` or its id.
+    fn is_base(&self, requested: &str) -> bool {
+        requested.is_empty() || requested == self.model_id || requested == "default"
+    }
+
     fn new(engine: &Engine, config: &Config) -> Result<Shared> {
         let pool = engine.pool();
         Ok(Shared {
@@ -270,10 +275,6 @@ impl Service {
         self.metrics.request(interface, operation, kind.into());
     }
 
-    fn is_base(&self, sh: &Shared, requested: &str) -> bool {
-        requested.is_empty() || requested == sh.model_id || requested == "default"
-    }
-
     /// The input budget every interface applies (`server.max_body_bytes`).
     pub fn max_body_bytes(&self) -> usize {
         self.max_body_bytes
@@ -310,7 +311,7 @@ impl Service {
         // Capped, not refused: OpenAI clients often ask for more than any model has.
         r.params.max_new_tokens = r.params.max_new_tokens.min(self.max_tokens_limit);
         let sh = self.shared();
-        let is_base = self.is_base(&sh, &r.model);
+        let is_base = sh.is_base(&r.model);
         if r.params.adapter.is_none() && !is_base {
             r.params.adapter = Some(r.model.clone());
         }
@@ -427,8 +428,7 @@ impl Service {
     /// Whether a local caller with `uid` may use the service: root, the service's own user, members of
     /// `socket.group` ([`crate::access::may_use`], the socket's and D-Bus's rule).
     pub fn local_caller_allowed(&self, uid: u32) -> bool {
-        let own = unsafe { libc::geteuid() };
-        uid == 0 || uid == own || crate::access::may_use(uid, &crate::access::groups_of(uid), own, self.local_group)
+        crate::access::may_use_by_uid(uid, unsafe { libc::geteuid() }, self.local_group)
     }
 
     /// The bearer token HTTP requires on `/v1/*` (`server.token_file`), if any.
