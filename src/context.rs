@@ -339,6 +339,7 @@ pub fn catalyst_scores(
     capacity: usize,
     len: usize,
 ) -> Vec<Vec<f32>> {
+    use ndarray::{Array2, ArrayView2, linalg::general_mat_mul};
     let d = h.head_dim;
     let t_count = queries.len() / q_stride.max(1);
     let group = (h.q_heads / h.kv_heads.max(1)).max(1);
@@ -347,51 +348,41 @@ pub fn catalyst_scores(
     // The catalyst's positions, the same for every head: one turn each.
     let turns: Vec<Vec<(f32, f32)>> = (0..t_count).map(|t| rope.turn((len + t) as f64)).collect();
     let mut scores = vec![vec![0f32; len]; h.kv_heads];
-    let mut q = vec![0f32; t_count * d];
-    let mut logits = vec![0f32; t_count * cols];
-    for g in 0..h.q_heads {
-        let kv = g / group;
-        for (t, turn) in turns.iter().enumerate() {
-            let row = &mut q[t * d..(t + 1) * d];
-            row.copy_from_slice(&queries[t * q_stride + g * d..][..d]);
-            rope.apply(row, turn);
-        }
-        // Each key is read once for every catalyst query that sees it (causal: query t sees len + t + 1).
-        let head_keys = &keys[kv * capacity * d..];
-        for s in 0..cols {
-            let k = &head_keys[s * d..][..d];
-            for t in s.saturating_sub(len)..t_count {
-                logits[t * cols + s] = dot(&q[t * d..(t + 1) * d], k) * scale;
+    // Per KV head, the rotated queries of every query head sharing it ([group * t, d], head-major) times
+    // its keys ([cols, d]) as one matrix product: a blocked, vectorized GEMM (matrixmultiply, with the
+    // CPU's AVX/FMA chosen at run time) reads each key once for all of them. Rows past a query's causal
+    // limit are computed and ignored (the catalyst's own upper triangle, a few hundred values).
+    let mut q = Array2::<f32>::zeros((group * t_count, d));
+    let mut logits = Array2::<f32>::zeros((group * t_count, cols));
+    for (kv, kv_scores) in scores.iter_mut().enumerate() {
+        for j in 0..group {
+            let g = kv * group + j;
+            for (t, turn) in turns.iter().enumerate() {
+                let mut row = q.row_mut(j * t_count + t);
+                let row = row.as_slice_mut().expect("rows of a standard-layout array are contiguous");
+                row.copy_from_slice(&queries[t * q_stride + g * d..][..d]);
+                rope.apply(row, turn);
             }
         }
-        for t in 0..t_count {
-            let row = &mut logits[t * cols..t * cols + len + t + 1];
+        let head_keys = ArrayView2::from_shape((cols, d), &keys[kv * capacity * d..][..cols * d])
+            .expect("a KV head's first cols entries are cols x head_dim values");
+        general_mat_mul(scale, &q, &head_keys.t(), 0.0, &mut logits);
+        for (r, mut row) in logits.rows_mut().into_iter().enumerate() {
+            let row = row.as_slice_mut().expect("rows of a standard-layout array are contiguous");
+            // Query t sees the cache and the catalyst up to itself.
+            let row = &mut row[..len + r % t_count + 1];
             let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
             // Separate passes (exp, sum in eight lanes, accumulate) so each one vectorizes.
             for l in row.iter_mut() {
                 *l = exp_approx(*l - max);
             }
             let inv = 1.0 / sum8(row);
-            for (acc, l) in scores[kv].iter_mut().zip(&row[..len]) {
+            for (acc, l) in kv_scores.iter_mut().zip(&row[..len]) {
                 *acc += l * inv;
             }
         }
     }
     scores
-}
-
-/// Dot product in eight independent sums (so the compiler can vectorize it: a single running sum
-/// cannot be reordered).
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0f32; 8];
-    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
-    let tail: f32 = ca.remainder().iter().zip(cb.remainder()).map(|(x, y)| x * y).sum();
-    for (x, y) in ca.zip(cb) {
-        for i in 0..8 {
-            acc[i] += x[i] * y[i];
-        }
-    }
-    acc.iter().sum::<f32>() + tail
 }
 
 /// Sum in eight independent lanes (vectorizable, unlike one running sum).
