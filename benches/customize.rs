@@ -382,7 +382,12 @@ fn memory(cfg: &Config, examples: &[Example], summary: &mut Summary) -> anyhow::
     println!("## Resident memory (VmRSS) with cached blends\n");
     println!("| cached blends | RSS MB | per cached blend MB |\n|---|---|---|");
     let base = rss_mb();
-    println!("| 0 (base model loaded; process before loading: {before:.0}) | {base:.0} | |");
+    let mb = |f: &str| common::status_mb(f).unwrap_or(f64::NAN);
+    println!(
+        "| 0 (base model loaded; process before loading: {before:.0}; anonymous {:.0}, file-backed {:.0}) | {base:.0} | |",
+        mb("RssAnon"),
+        mb("RssFile")
+    );
     let mut per_blend = 0.0;
     for i in 0..4 {
         engine.customize(&format!("m{i}"), &examples[..=i])?;

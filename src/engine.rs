@@ -110,7 +110,7 @@ impl Engine {
         } else {
             Some(Customizer {
                 pool: Pool::open(&config.pool.dir, &files)?,
-                embedder: TaskEmbedder::new(&files)?,
+                embedder: TaskEmbedder::new(&files, Arc::clone(&weights))?,
                 base_weights: Arc::clone(&weights),
             })
         };
@@ -154,6 +154,7 @@ impl Engine {
             (Some(c), Some(_)) => {
                 let f = merge::PoolFactors::new(&c.pool, &files, merge_threads(&config.adapters))?;
                 tracing::info!(factors_mb = f.shared.bytes() >> 20, "pool factors shared by every blend");
+                c.pool.release_resident_pages();
                 Some(f)
             }
             _ => None,

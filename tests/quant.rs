@@ -272,3 +272,55 @@ fn four_bit_folder_without_the_unmerged_graph_still_customizes() {
     let (blend, base) = (e.logits(Some("mix"), &r.input_ids).unwrap(), e.logits(None, &r.input_ids).unwrap());
     assert!(max_abs_diff(&blend, &base) > 1e-3, "the merged 4-bit blend must change the model");
 }
+
+/// Copies a folder tree (a pool: pool.json and one folder per adapter).
+fn copy_tree(src: &std::path::Path, dst: &std::path::Path) {
+    std::fs::create_dir_all(dst).unwrap();
+    for entry in std::fs::read_dir(src).unwrap() {
+        let entry = entry.unwrap();
+        let to = dst.join(entry.file_name());
+        match entry.file_type().unwrap().is_dir() {
+            true => copy_tree(&entry.path(), &to),
+            false => drop(std::fs::copy(entry.path(), to).unwrap()),
+        }
+    }
+}
+
+/// (mapped kB, resident kB) of this process's mappings of files under `dir` (/proc/self/smaps).
+fn mapped_and_resident_kb(dir: &std::path::Path) -> (u64, u64) {
+    let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
+    let (mut ours, mut size, mut rss) = (false, 0, 0);
+    for line in smaps.lines() {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        if fields.first().is_some_and(|f| f.contains('-') && !f.ends_with(':')) {
+            ours = fields.get(5).is_some_and(|p| std::path::Path::new(p).starts_with(dir));
+        } else if ours {
+            let kb = || fields.get(1).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+            match fields.first() {
+                Some(&"Size:") => size += kb(),
+                Some(&"Rss:") => rss += kb(),
+                _ => {}
+            }
+        }
+    }
+    (size, rss)
+}
+
+#[test]
+fn mapped_model_and_pool_files_are_not_resident_after_loading() {
+    // ONNX Runtime keeps packed copies of the 4-bit weights and the engine the pool's concatenated
+    // factors, so the mapped files' pages are dropped from the process once loading is done (they are
+    // read again from the file if used). Copies, so that no other test's engine maps the same files.
+    let model = copy_model(&model_dir("tiny-q4"));
+    let pool = tempfile::tempdir().unwrap();
+    copy_tree(&repo().join("models/tiny-pool"), pool.path());
+    let (mut cfg, _state) = with_pool(config_for(model.path()));
+    cfg.pool.dir = pool.path().to_path_buf();
+    let engine = Engine::load(&cfg).unwrap();
+    for (what, dir) in [("model", model.path()), ("pool", pool.path())] {
+        let (mapped, resident) = mapped_and_resident_kb(&dir.canonicalize().unwrap());
+        assert!(mapped > 0, "the {what} files stay mapped");
+        assert_eq!(resident, 0, "{what}: {resident} of {mapped} kB still resident");
+    }
+    drop(engine);
+}

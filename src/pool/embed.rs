@@ -3,6 +3,8 @@
 //! pool's center, L2-normalized. Costs one embedding gather and a [tokens x hidden] x [hidden x q]
 //! product: well under a millisecond per example on the real model.
 
+use std::sync::Arc;
+
 use crate::error::{Error, Result};
 use crate::model::ModelFiles;
 use crate::weights::WeightFile;
@@ -10,7 +12,9 @@ use crate::weights::WeightFile;
 use super::EmbeddingSpec;
 
 pub struct TaskEmbedder {
-    weights: WeightFile,
+    /// The engine's mapping of the model's weights (one mapping per file, so that releasing its
+    /// resident pages after loading covers what the embedder read).
+    weights: Arc<WeightFile>,
     norm: Vec<f32>,
     wq: Vec<f32>, // [q, hidden]
     hidden: usize,
@@ -19,8 +23,7 @@ pub struct TaskEmbedder {
 }
 
 impl TaskEmbedder {
-    pub fn new(model: &ModelFiles) -> Result<TaskEmbedder> {
-        let weights = WeightFile::open(&model.path(&model.manifest.weights))?;
+    pub fn new(model: &ModelFiles, weights: Arc<WeightFile>) -> Result<TaskEmbedder> {
         let norm = weights.f32("model.layers.0.input_layernorm.weight")?.into_owned();
         let wq = weights.dense("model.layers.0.self_attn.q_proj.weight")?.into_owned();
         let hidden = model.arch.hidden_size;

@@ -109,6 +109,15 @@ pub struct Pool {
 }
 
 impl Pool {
+    /// Drops the adapters' mapped pages from this process's resident memory (they are read again from
+    /// the files if a blend needs them): once the engine holds the pool's concatenated factors, the
+    /// files are only read to build per-blend factors (LoraHub) or merged float32 weights.
+    pub fn release_resident_pages(&self) {
+        for a in &self.adapters {
+            a.weights.release_resident_pages();
+        }
+    }
+
     /// Names of the model weights a blend of this pool replaces (every layer's targeted matrices).
     pub fn blended_weights(&self, model: &ModelFiles) -> std::collections::HashSet<String> {
         let targets: std::collections::BTreeSet<&str> =
